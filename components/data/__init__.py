@@ -1,0 +1,1 @@
+"""Data plane: ingest adapters, manifests, splits, image decoding and preprocessing."""

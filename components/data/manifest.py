@@ -1,0 +1,78 @@
+"""The manifest: one row per image, the table every later step reads.
+
+Columns (all always present):
+    id            stable row id (hash of the source reference)
+    source        file path, or ``<file.npz>::<array>/<index>`` for array datasets
+    format        jpeg | png | dicom | npz | ...
+    label         class name
+    split         train | val | test, or "" before splitting
+    given_split   the split the source declared ("" if none)
+    site          hospital / site name ("" if none)
+    width, height, channels   decoded image geometry (0 when not decodable)
+    sha256        hash of the decoded pixels (mode, size, bytes): identical images share it
+    decode_error  "" when the image decodes, otherwise why not
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+
+from components.errors import DataError
+
+COLUMNS: dict[str, str] = {
+    "id": "string",
+    "source": "string",
+    "format": "string",
+    "label": "string",
+    "split": "string",
+    "given_split": "string",
+    "site": "string",
+    "width": "int64",
+    "height": "int64",
+    "channels": "int64",
+    "sha256": "string",
+    "decode_error": "string",
+}
+SPLITS = ("train", "val", "test")
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+
+
+def conform(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return `frame` with exactly the manifest columns, in order, with their dtypes."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"manifest is missing columns {missing}")
+    out = frame[list(COLUMNS)].copy()
+    for column, dtype in COLUMNS.items():
+        if dtype == "string":
+            out[column] = out[column].fillna("").astype("string")
+        else:
+            out[column] = out[column].fillna(0).astype(dtype)
+    return out.reset_index(drop=True)
+
+
+def row_id(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """A hash of what the model saw: content hashes, labels and splits, order-independent."""
+    rows = sorted(zip(frame["sha256"], frame["label"], frame["split"], strict=True))
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def save(frame: pd.DataFrame, path) -> None:
+    conform(frame).to_parquet(path, index=False)
+
+
+def load(path) -> pd.DataFrame:
+    try:
+        return conform(pd.read_parquet(path))
+    except FileNotFoundError as exc:
+        raise DataError(f"no manifest at {path}; run ingest first") from exc

@@ -1,0 +1,353 @@
+"""Training entry points: `train_classifier` (central, with validation) and `fit_local`
+(a few local epochs on one federated site). Both build the same `ArrayDataModule` and
+`ClassifierModule` and run them with a Lightning `Trainer` — one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from components.data.preprocess import Preprocessing
+from components.errors import ConfigError, ModelError
+from components.training.datamodule import Arrays, ArrayDataModule, Augmentation
+from components.training.module import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_macro_f1"
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `train_classifier`; `model` holds the best weights, in eval mode."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_checkpoint: Path
+    epochs_run: int
+    wall_seconds: float
+    images_per_second: float
+    best_score: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe summary (no model)."""
+        return {
+            "best_epoch": self.best_epoch,
+            "best_score": self.best_score,
+            "epochs_run": self.epochs_run,
+            "wall_seconds": self.wall_seconds,
+            "images_per_second": self.images_per_second,
+            "best_checkpoint": str(self.best_checkpoint),
+            "history": self.history,
+        }
+
+
+class ThroughputTimer(L.Callback):
+    """Time spent in training batches (validation excluded) and images seen."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.images = 0
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def _stop(self) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _num_classes(model: nn.Module) -> int:
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ModelError("model must be built by components.models.build_model (no num_classes)")
+    return num_classes
+
+
+@contextmanager
+def _quiet_lightning():
+    """Silence Lightning's chatter about workers, devices and log intervals for small runs."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+        warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=r".*deterministic.*")
+        for lg in loggers:
+            lg.setLevel(max(lg.level, logging.WARNING))
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _trainer(
+    *,
+    out_dir: Path | None,
+    max_epochs: int,
+    callbacks: list[L.Callback],
+    deterministic: bool,
+    accelerator: str,
+    validate: bool,
+    checkpointing: bool = False,
+    logger: Any = False,
+    steps_per_epoch: int,
+) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(out_dir) if out_dir is not None else None,
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        # "warn": some CUDA kernels (e.g. adaptive pooling backward) have no deterministic version
+        deterministic="warn" if deterministic else False,
+    )
+
+
+def _check_settings(max_epochs: int, batch_size: int, lr: float) -> None:
+    if max_epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError("epochs, batch_size and lr must be positive")
+
+
+def train_classifier(
+    model: nn.Module,
+    train: Arrays,
+    val: Arrays,
+    preprocessing: Preprocessing,
+    *,
+    max_epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    early_stopping_patience: int,
+    imbalance: str,
+    augment: bool | Augmentation,
+    seed: int,
+    out_dir: Path,
+    deterministic: bool = True,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+) -> TrainResult:
+    """Train `model` on `train`, select the epoch with the best validation macro-F1.
+
+    Early stopping watches `val_macro_f1` (mode max, `early_stopping_patience` epochs without
+    improvement); the best epoch's weights are checkpointed under `out_dir/checkpoints`,
+    restored into `model` and returned in eval mode. Per-epoch metrics go to `history` and to
+    `out_dir/metrics.csv`.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    _check_settings(max_epochs, batch_size, lr)
+    if early_stopping_patience < 1:
+        raise ConfigError("early_stopping_patience must be at least 1")
+    num_classes = _num_classes(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    data = ArrayDataModule(
+        train,
+        val,
+        preprocessing,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        imbalance=imbalance,
+        augment=augment,
+        seed=seed,
+        num_workers=num_workers,
+    )
+    module = ClassifierModule(
+        model,
+        num_classes,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_epochs=max_epochs,
+        class_weights=data.class_weights,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best-{epoch:03d}",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+    )
+    stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=early_stopping_patience)
+    timer = ThroughputTimer()
+    trainer = _trainer(
+        out_dir=out_dir,
+        max_epochs=max_epochs,
+        callbacks=[checkpoint, stopper, timer],
+        deterministic=deterministic,
+        accelerator=accelerator,
+        validate=True,
+        checkpointing=True,
+        logger=CSVLogger(out_dir, name="", version=""),
+        steps_per_epoch=-(-data.num_train // batch_size),
+    )
+    start = time.perf_counter()
+    with _quiet_lightning():
+        trainer.fit(module, datamodule=data)
+    wall = time.perf_counter() - start
+
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best_path is None or not best_path.exists():
+        raise ModelError("training produced no checkpoint (no validation epoch completed)")
+    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    model = module.model.cpu().eval()
+    history = module.history
+    scores = [row.get(MONITOR, float("-inf")) for row in history]
+    best_epoch = int(history[max(range(len(scores)), key=scores.__getitem__)]["epoch"])
+    best_score = checkpoint.best_model_score
+    log.info(
+        "trained %d epochs in %.1fs; best epoch %d (%s=%.4f)",
+        len(history),
+        wall,
+        best_epoch,
+        MONITOR,
+        float(best_score) if best_score is not None else float("nan"),
+    )
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best_epoch,
+        best_checkpoint=best_path,
+        epochs_run=len(history),
+        wall_seconds=wall,
+        images_per_second=timer.images_per_second,
+        best_score=float(best_score) if best_score is not None else None,
+    )
+
+
+def fit_local(
+    model: nn.Module,
+    train: Arrays,
+    preprocessing: Preprocessing,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 1e-4,
+    imbalance: str = "none",
+    augment: bool | Augmentation = False,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+    global_params: Iterable[torch.Tensor] | None = None,
+    deterministic: bool = True,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    callbacks: list[L.Callback] | None = None,
+) -> dict[str, Any]:
+    """Train `model` in place for `epochs` epochs on one site's data (no validation).
+
+    The learning-rate schedule spans the `epochs` of this call. With `proximal_mu > 0` the
+    FedProx term pulls the weights toward `global_params` (default: the model's parameters at
+    the start of the call, i.e. the global model the site just received). Use a different
+    `seed` per site and round. Returns JSON-safe metrics: `train_loss` (last epoch),
+    `num_examples`, `epochs`, `wall_seconds`, `images_per_second`, `history`.
+    """
+    _check_settings(epochs, batch_size, lr)
+    num_classes = _num_classes(model)
+    L.seed_everything(seed, workers=True, verbose=False)
+    data = ArrayDataModule(
+        train,
+        None,
+        preprocessing,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        imbalance=imbalance,
+        augment=augment,
+        seed=seed,
+        num_workers=num_workers,
+    )
+    module = ClassifierModule(
+        model,
+        num_classes,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_epochs=epochs,
+        class_weights=data.class_weights,
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+    )
+    timer = ThroughputTimer()
+    trainer = _trainer(
+        out_dir=None,
+        max_epochs=epochs,
+        callbacks=[timer, *(callbacks or [])],
+        deterministic=deterministic,
+        accelerator=accelerator,
+        validate=False,
+        steps_per_epoch=-(-data.num_train // batch_size),
+    )
+    start = time.perf_counter()
+    with _quiet_lightning():
+        trainer.fit(module, train_dataloaders=data.train_dataloader())
+    wall = time.perf_counter() - start
+    module.model.cpu()
+    history = module.history
+    return {
+        "train_loss": float(history[-1]["train_loss"]) if history else float("nan"),
+        "num_examples": data.num_train,
+        "epochs": len(history),
+        "wall_seconds": wall,
+        "images_per_second": timer.images_per_second,
+        "history": history,
+    }
+
+
+def settings_from_config(trainer_conf: Any) -> dict[str, Any]:
+    """Keyword arguments of `train_classifier` from the `trainer` section of the run config."""
+    keys = (
+        "max_epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "early_stopping_patience",
+        "imbalance",
+        "augment",
+        "num_workers",
+        "deterministic",
+    )
+    return {key: trainer_conf[key] for key in keys}

@@ -1,0 +1,215 @@
+"""Lightning data module over in-memory uint8 image arrays.
+
+Images stay uint8 (N, C, H, W) until a batch is formed: training samples are augmented one by
+one on uint8 tensors (torchvision.transforms.v2), then the collate function stacks the batch and
+normalises it with the run's `Preprocessing`, exactly as serving does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from components.data.preprocess import Preprocessing
+from components.errors import ConfigError, DataError
+
+IMBALANCE_MODES = ("none", "weighted_loss", "weighted_sampler")
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random train-time transforms. Turn `hflip` off when left/right carries the label."""
+
+    hflip: bool = True
+    degrees: float = 10.0
+    translate: float = 0.05
+    scale: tuple[float, float] = (0.95, 1.05)
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def build(self):
+        from torchvision.transforms import v2
+
+        steps = []
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if self.degrees or self.translate or self.scale != (1.0, 1.0):
+            steps.append(
+                v2.RandomAffine(
+                    degrees=self.degrees, translate=(self.translate, self.translate), scale=self.scale
+                )
+            )
+        if self.brightness or self.contrast:
+            steps.append(v2.ColorJitter(brightness=self.brightness, contrast=self.contrast))
+        return v2.Compose(steps)
+
+
+def resolve_augmentation(augment: bool | Augmentation | None) -> Augmentation | None:
+    """`True` -> default `Augmentation()`, `False`/`None` -> no augmentation."""
+    if isinstance(augment, Augmentation):
+        return augment
+    return Augmentation() if augment else None
+
+
+def check_arrays(
+    arrays: Arrays, preprocessing: Preprocessing, num_classes: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one split: uint8 (N,C,H,W) matching `preprocessing`, int labels in range."""
+    try:
+        x, y = arrays
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} split must be an (x, y) pair of arrays") from exc
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise DataError(f"{name} images must be uint8 (N, C, H, W); got {x.dtype} {x.shape}")
+    expected = (preprocessing.channels, preprocessing.size, preprocessing.size)
+    if tuple(x.shape[1:]) != expected:
+        raise DataError(
+            f"{name} images have shape {tuple(x.shape[1:])}, preprocessing expects {expected}; "
+            "rebuild the image cache with this preprocessing"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{name} labels must be 1-D with one label per image ({len(x)})")
+    if len(x) == 0:
+        raise DataError(f"{name} split is empty")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name} labels must be integers, got {y.dtype}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"{name} labels must lie in [0, {num_classes}); got {y.min()}..{y.max()}")
+    return x, y.astype(np.int64)
+
+
+def class_counts(y: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(y, minlength=num_classes).astype(np.int64)
+
+
+def inverse_frequency_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class weights n / (K · n_c) (mean weight 1 over samples); 0 for classes absent in `y`.
+
+    An absent class has no sample to weight (common on a federated site), so its weight is moot.
+    """
+    counts = class_counts(y, num_classes)
+    weights = np.zeros(num_classes, dtype=np.float64)
+    present = counts > 0
+    weights[present] = len(y) / (num_classes * counts[present])
+    return weights
+
+
+class ArrayDataset(Dataset):
+    """(uint8 image tensor (C,H,W), int64 label) pairs, optionally augmented per sample."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform=None) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x))
+        self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        image = self.x[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.y[index]
+
+
+class NormaliseCollate:
+    """Stack uint8 samples and normalise the batch (picklable for worker processes)."""
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+
+    def __call__(self, samples):
+        images = torch.stack([image for image, _ in samples])
+        labels = torch.stack([label for _, label in samples])
+        return self.preprocessing.normalise(images), labels
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """Train/validation loaders over arrays, with augmentation and class-imbalance handling.
+
+    `imbalance`: "none"; "weighted_loss" (see `class_weights`, passed to the loss);
+    "weighted_sampler" (a seeded WeightedRandomSampler drawing classes equally often).
+    """
+
+    def __init__(
+        self,
+        train: Arrays,
+        val: Arrays | None,
+        preprocessing: Preprocessing,
+        *,
+        num_classes: int,
+        batch_size: int = 32,
+        imbalance: str = "none",
+        augment: bool | Augmentation | None = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if imbalance not in IMBALANCE_MODES:
+            raise ConfigError(f"imbalance={imbalance!r} is not one of {list(IMBALANCE_MODES)}")
+        if batch_size < 1:
+            raise ConfigError("batch_size must be positive")
+        self.preprocessing = preprocessing
+        self.num_classes = num_classes
+        self.train_x, self.train_y = check_arrays(train, preprocessing, num_classes, "train")
+        self.val_arrays = None
+        if val is not None:
+            self.val_arrays = check_arrays(val, preprocessing, num_classes, "validation")
+        self.batch_size = batch_size
+        self.imbalance = imbalance
+        self.augmentation = resolve_augmentation(augment)
+        self.seed = seed
+        self.num_workers = num_workers
+        self._collate = NormaliseCollate(preprocessing)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency loss weights when imbalance="weighted_loss", else None."""
+        if self.imbalance != "weighted_loss":
+            return None
+        weights = inverse_frequency_weights(self.train_y, self.num_classes)
+        return torch.tensor(weights, dtype=torch.float32)
+
+    def sample_weights(self) -> np.ndarray:
+        """Per-sample draw weights 1 / n_{y_i} (each present class drawn equally often)."""
+        counts = class_counts(self.train_y, self.num_classes)
+        return 1.0 / counts[self.train_y]
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        transform = self.augmentation.build() if self.augmentation else None
+        dataset = ArrayDataset(self.train_x, self.train_y, transform)
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.imbalance == "weighted_sampler":
+            sampler = WeightedRandomSampler(
+                torch.as_tensor(self.sample_weights(), dtype=torch.double),
+                num_samples=len(dataset),
+                replacement=True,
+                generator=generator,
+            )
+            return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_arrays is None:
+            return []  # type: ignore[return-value]
+        return self._loader(ArrayDataset(*self.val_arrays), shuffle=False)

@@ -1,0 +1,138 @@
+"""`ClassifierModule`: the one LightningModule that trains every classifier (central or per site)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy (optionally class-weighted) with AdamW and a per-epoch cosine schedule.
+
+    Logs `train_loss` (task loss) per epoch and, when a validation loader is given, `val_loss`,
+    `val_acc` and `val_macro_f1`. With `proximal_mu > 0` the FedProx term
+    mu/2 · ||w - w_global||² is added to the training objective (logged as `train_proximal`),
+    where `global_params` are the trainable parameters of the round's global model (by default
+    a snapshot of the model's own parameters when the module is built).
+
+    `history` holds one dict per completed training epoch (epoch, train_loss and val metrics).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 10,
+        class_weights: torch.Tensor | None = None,
+        proximal_mu: float = 0.0,
+        global_params: Iterable[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if proximal_mu < 0:
+            raise ValueError("proximal_mu must be non-negative")
+        self.model = model
+        self.num_classes = num_classes
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max(1, int(max_epochs))
+        self.proximal_mu = float(proximal_mu)
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.shape != (num_classes,):
+                raise ValueError(f"class_weights must have shape ({num_classes},)")
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self._global: list[torch.Tensor] | None = None
+        if self.proximal_mu > 0:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            source = list(global_params) if global_params is not None else trainable
+            if len(source) != len(trainable):
+                raise ValueError("global_params must match the model's trainable parameters")
+            self._global = [g.detach().clone() for g in source]
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+        self.history: list[dict[str, float]] = []
+        self._train_sum: torch.Tensor | float = 0.0
+        self._train_count = 0
+        self._val_sum: torch.Tensor | float = 0.0
+        self._val_count: torch.Tensor | float = 0
+        self._last_val: dict[str, float] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _proximal(self) -> torch.Tensor:
+        assert self._global is not None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        total = torch.zeros((), device=self.device)
+        for param, ref in zip(trainable, self._global, strict=True):
+            total = total + (param - ref.to(param.device)).pow(2).sum()
+        return 0.5 * self.proximal_mu * total
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sum, self._train_count = 0.0, 0
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights)
+        self._train_sum = self._train_sum + loss.detach() * len(y)
+        self._train_count += len(y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        if self._global is not None:
+            prox = self._proximal()
+            self.log("train_proximal", prox, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + prox
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = 0.0, 0
+        self.val_acc.reset()
+        self.val_f1.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights, reduction="sum")
+        self._val_sum = self._val_sum + loss.detach()
+        if self.class_weights is None:
+            self._val_count = self._val_count + len(y)
+        else:
+            self._val_count = self._val_count + self.class_weights[y].sum()
+        preds = logits.argmax(dim=1)
+        self.val_acc.update(preds, y)
+        self.val_f1.update(preds, y)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not float(self._val_count):
+            return
+        metrics = {
+            "val_loss": float(self._val_sum) / float(self._val_count),
+            "val_acc": float(self.val_acc.compute()),
+            "val_macro_f1": float(self.val_f1.compute()),
+        }
+        self._last_val = metrics
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name != "val_loss")
+
+    def on_train_epoch_end(self) -> None:
+        row: dict[str, float] = {"epoch": int(self.current_epoch)}
+        count = self._train_count
+        row["train_loss"] = float(self._train_sum) / count if count else math.nan
+        row.update(self._last_val)
+        self._last_val = {}
+        self.history.append(row)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

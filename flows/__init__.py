@@ -1,0 +1,1 @@
+"""Prefect flows and the `oncoflow` CLI: compose components into pipelines."""

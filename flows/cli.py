@@ -1,0 +1,105 @@
+"""The `oncoflow` command line. Imports nothing heavy until a subcommand needs it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EPILOG = """examples:
+  oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
+  oncoflow validate dataset=busi
+  oncoflow serve
+  oncoflow demo
+Overrides use Hydra syntax (group=option, key.path=value); see conf/ for every option."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oncoflow",
+        description="Privacy-preserving medical-image diagnosis: train, register and serve.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole training pipeline (Prefect flow)")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=busi")
+
+    validate = sub.add_parser("validate", help="ingest and validate a dataset, no training")
+    validate.add_argument("overrides", nargs="*")
+
+    config = sub.add_parser("config", help="print the composed configuration")
+    config.add_argument("overrides", nargs="*")
+
+    serve = sub.add_parser("serve", help="serve the champion model over HTTP (BentoML)")
+    serve.add_argument("--model", default=None, help="Bento model tag (default: latest import)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+
+    demo = sub.add_parser("demo", help="the main job: train on real data, package and serve")
+    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("--no-serve", action="store_true", help="stop after packaging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from components.errors import OncoflowError
+
+    try:
+        return _dispatch(args)
+    except OncoflowError as exc:
+        print(f"oncoflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oncoflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        from omegaconf import OmegaConf
+
+        from components.config import compose
+
+        print(OmegaConf.to_yaml(compose(args.overrides)))
+        return 0
+    if args.command == "run":
+        from flows.pipeline import run_pipeline
+
+        summary = run_pipeline(args.overrides)
+        _print_summary(summary)
+        return 0
+    if args.command == "validate":
+        from flows.pipeline import run_validation
+
+        summary = run_validation(args.overrides)
+        _print_summary(summary)
+        return 0
+    if args.command == "serve":
+        from serving.launch import serve
+
+        return serve(model_tag=args.model, host=args.host, port=args.port)
+    if args.command == "demo":
+        from flows.demo import demo
+
+        return demo(args.overrides, serve=not args.no_serve)
+    raise AssertionError(args.command)
+
+
+def _print_summary(summary: dict) -> None:
+    import json
+
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

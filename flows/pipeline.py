@@ -1,0 +1,325 @@
+"""The `train_pipeline` Prefect flow: ingest → split → validate → train → evaluate → register → package.
+
+Each task calls one component function and records what it did (logs + Prefect artifacts).
+Splitting runs before validation so the suite can check the final splits for leakage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from components.config import compose, flatten, to_container
+from components.workspace import Workspace
+from flows import artifacts
+from flows.runtime import prepare_environment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What every task needs: the resolved config (as a plain dict) and where to write."""
+
+    cfg: dict[str, Any]
+    workspace: Workspace
+    run_dir: Path
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+def ingest_task(ctx: RunContext):
+    from components.data import manifest as manifest_io
+    from components.data.ingest import ingest
+
+    ds = ctx.cfg["dataset"]
+    if ds["adapter"] == "synthetic":
+        ds = {**ds, "synthetic": {"with_splits": False, **ds.get("synthetic", {})}}
+    frame = ingest(
+        ds["adapter"],
+        ds["root"],
+        classes=list(ds["classes"]),
+        workspace=ctx.workspace,
+        max_per_class=ds.get("max_per_class"),
+        seed=ctx.cfg["seed"],
+        options=ds.get("synthetic") or {},
+    )
+    manifest_io.save(frame, ctx.run_dir / "manifest_raw.parquet")
+    get_run_logger().info("ingested %d images from %s (%s)", len(frame), ds["name"], ds["adapter"])
+    return frame
+
+
+@task(name="split")
+def split_task(ctx: RunContext, frame):
+    from components.data.splits import assign_splits
+
+    split = ctx.cfg["dataset"]["split"]
+    frame, report = assign_splits(
+        frame,
+        keep_given=split["keep_given"],
+        val_fraction=split["val_fraction"],
+        test_fraction=split["test_fraction"],
+        seed=ctx.cfg["seed"],
+    )
+    summary = report.summary()
+    get_run_logger().info("split report: %s", summary)
+    artifacts.write_json(ctx.run_dir / "split_report.json", report.to_dict())
+    artifacts.markdown("split-report", f"# Split report\n\n{summary}")
+    return frame, report.to_dict()
+
+
+@task(name="validate")
+def validate_task(ctx: RunContext, frame):
+    from components.data import manifest as manifest_io
+    from validation import validate_manifest
+
+    ds = ctx.cfg["dataset"]
+    outcome = validate_manifest(
+        frame,
+        list(ds["classes"]),
+        min_side=ds["limits"]["min_side"],
+        max_side=ds["limits"]["max_side"],
+        min_per_class=ctx.cfg["validation"]["min_per_class"],
+        on_failure=ctx.cfg["validation"]["on_failure"],
+        workspace=ctx.workspace,
+    )
+    manifest_io.save(outcome.validated, ctx.run_dir / "manifest.parquet")
+    artifacts.write_json(ctx.run_dir / "validation_report.json", outcome.report)
+    artifacts.markdown("validation-report", f"# Validation\n\n```\n{outcome.summary()}\n```")
+    get_run_logger().info(
+        "validation passed=%s, kept %d rows, quarantined %d",
+        outcome.passed,
+        len(outcome.validated),
+        len(outcome.quarantined),
+    )
+    return outcome.validated, outcome.report, len(outcome.quarantined)
+
+
+@task(name="load-arrays")
+def arrays_task(ctx: RunContext, frame):
+    from components.data.cache import load_split_arrays
+
+    return load_split_arrays(
+        frame, list(ctx.cfg["dataset"]["classes"]), _preprocessing(ctx.cfg), ctx.workspace.cache
+    )
+
+
+@task(name="train")
+def train_task(ctx: RunContext, arrays):
+    from components.models import build_model
+    from components.training.central import train_classifier
+
+    cfg, tr = ctx.cfg, ctx.cfg["trainer"]
+    model = build_model(**_architecture(cfg))
+    result = train_classifier(
+        model,
+        (arrays["train"].x, arrays["train"].y),
+        (arrays["val"].x, arrays["val"].y),
+        _preprocessing(cfg),
+        max_epochs=tr["max_epochs"],
+        batch_size=tr["batch_size"],
+        lr=tr["lr"],
+        weight_decay=tr["weight_decay"],
+        early_stopping_patience=tr["early_stopping_patience"],
+        imbalance=tr["imbalance"],
+        augment=tr["augment"],
+        seed=cfg["seed"],
+        out_dir=ctx.run_dir / "training",
+        deterministic=tr["deterministic"],
+        num_workers=tr["num_workers"],
+    )
+    get_run_logger().info(
+        "trained %d epochs (best %d) in %.1fs, %.0f img/s",
+        result.epochs_run,
+        result.best_epoch,
+        result.wall_seconds,
+        result.images_per_second,
+    )
+    return result
+
+
+@task(name="evaluate")
+def evaluate_task(ctx: RunContext, model, test):
+    from components.evaluation.metrics import evaluate
+    from components.evaluation.plots import confusion_matrix_png
+    from components.evaluation.predict import predict_proba
+
+    classes = list(ctx.cfg["dataset"]["classes"])
+    probs = predict_proba(model, test.x, _preprocessing(ctx.cfg))
+    metrics = evaluate(test.y, probs, classes)
+    png = confusion_matrix_png(metrics["confusion_matrix"], classes, ctx.run_dir / "confusion.png")
+    artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
+    artifacts.metrics_table("test-metrics", metrics)
+    return metrics, png
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+def register_task(ctx: RunContext, bundle_dir: Path, metrics, history, reports, fingerprints):
+    from components.registry import GateConfig, RegistryClient, RunRecord
+
+    reg = ctx.cfg["registry"]
+    client = RegistryClient(
+        reg["tracking_uri"] or ctx.workspace.mlflow_uri, ctx.workspace.mlflow_artifacts
+    )
+    record = RunRecord(
+        run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
+        params=flatten(ctx.cfg),
+        history=history,
+        test_metrics=metrics,
+        bundle_dir=bundle_dir,
+        artifacts=[p for p in ctx.run_dir.glob("*.json")] + [ctx.run_dir / "confusion.png"],
+        tags={"data_fingerprint": fingerprints["data"], "test_fingerprint": fingerprints["test"]},
+    )
+    run_id = client.log_training_run(record)
+    decision = client.register_candidate(
+        run_id,
+        reg["model_name"],
+        metrics,
+        GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"]),
+        test_fingerprint=fingerprints["test"],
+    )
+    get_run_logger().info("registry: %s", decision.reason)
+    return run_id, decision
+
+
+@task(name="package", retries=1)
+def package_task(ctx: RunContext, bundle_dir: Path, model_version: str, build: bool):
+    from serving.packaging import build_bento, import_bundle
+
+    tag = import_bundle(
+        bundle_dir,
+        labels={"registered_model": ctx.cfg["registry"]["model_name"], "version": model_version},
+    )
+    bento = build_bento(Path(__file__).resolve().parent.parent) if build else None
+    get_run_logger().info("packaged model %s, bento %s", tag, bento)
+    return tag, bento
+
+
+def _preprocessing(cfg: dict[str, Any]):
+    from components.data.preprocess import Preprocessing
+
+    channels = cfg["dataset"]["channels"]
+    return Preprocessing(size=cfg["dataset"]["image_size"], channels=channels)
+
+
+def _architecture(cfg: dict[str, Any]) -> dict[str, Any]:
+    m = cfg["model"]
+    return {
+        "name": m["name"],
+        "num_classes": len(cfg["dataset"]["classes"]),
+        "in_channels": cfg["dataset"]["channels"],
+        "norm": m["norm"],
+        "pretrained": m["pretrained"],
+        "small_input": m["small_input"],
+        "width": m["width"],
+    }
+
+
+@flow(name="train_pipeline", log_prints=True)
+def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run one declarative training pipeline; returns a JSON-safe summary."""
+    from components.data.manifest import fingerprint
+    from components.packaging import make_bundle
+
+    started = time.perf_counter()
+    cfg = to_container(compose(overrides or []))
+    workspace = Workspace.from_env(cfg["paths"]["workspace"])
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+
+    raw = ingest_task(ctx)
+    split_frame, split_report = split_task(ctx, raw)
+    frame, validation_report, quarantined = validate_task(ctx, split_frame)
+    arrays = arrays_task(ctx, frame)
+    result = train_task(ctx, arrays)
+    metrics, _ = evaluate_task(ctx, result.model, arrays["test"])
+    fingerprints = {
+        "data": fingerprint(frame),
+        "test": fingerprint(frame[frame["split"] == "test"]),
+    }
+    bundle_dir = make_bundle(
+        result.model,
+        architecture=_architecture(cfg),
+        class_names=list(cfg["dataset"]["classes"]),
+        preprocessing=_preprocessing(cfg),
+        train_x=arrays["train"].x,
+        train_y=arrays["train"].y,
+        metrics=metrics,
+        data_fingerprint=fingerprints["data"],
+        config=cfg,
+        background_size=cfg["serving"]["background_size"],
+        out_dir=run_dir / "bundle",
+    )
+    run_id, decision = register_task(
+        ctx, bundle_dir, metrics, result.history, [split_report, validation_report], fingerprints
+    )
+    packaged = None
+    if decision.promote:
+        packaged = package_task(ctx, bundle_dir, decision.version, cfg["package"]["build_bento"])
+    summary = {
+        "dataset": cfg["dataset"]["name"],
+        "model": cfg["model"]["name"],
+        "images": {s: int(len(arrays[s].y)) for s in ("train", "val", "test")},
+        "quarantined": quarantined,
+        "split_report": split_report,
+        "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},
+        "epochs_run": result.epochs_run,
+        "mlflow_run_id": run_id,
+        "model_version": decision.version,
+        "champion": decision.promote,
+        "gate_reason": decision.reason,
+        "bento_model": packaged[0] if packaged else None,
+        "bento": packaged[1] if packaged else None,
+        "run_dir": str(run_dir),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    artifacts.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
+
+
+@flow(name="validate_data")
+def validate_data(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Ingest, split and validate a dataset without training."""
+    cfg = to_container(compose(overrides or []))
+    workspace = Workspace.from_env(cfg["paths"]["workspace"])
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}-validate"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+    raw = ingest_task(ctx)
+    split_frame, split_report = split_task(ctx, raw)
+    frame, report, quarantined = validate_task(ctx, split_frame)
+    return {
+        "dataset": cfg["dataset"]["name"],
+        "rows": len(frame),
+        "quarantined": quarantined,
+        "split_report": split_report,
+        "validation": report,
+        "run_dir": str(run_dir),
+    }
+
+
+def _workspace_for(overrides: list[str]) -> Workspace:
+    cfg = compose(overrides)
+    return Workspace.from_env(cfg.paths.workspace)
+
+
+def run_pipeline(overrides: list[str]) -> dict[str, Any]:
+    """Entry point for `oncoflow run`: set up the environment, then run the flow."""
+    prepare_environment(_workspace_for(overrides))
+    return train_pipeline(list(overrides))
+
+
+def run_validation(overrides: list[str]) -> dict[str, Any]:
+    prepare_environment(_workspace_for(overrides))
+    return validate_data(list(overrides))

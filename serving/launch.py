@@ -1,0 +1,79 @@
+"""Start the diagnosis service (`oncoflow serve`): checks first, then ``bentoml serve``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from serving.middleware import load_api_keys, max_request_bytes
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "serving.service:DiagnosisService"
+
+
+def serve_command(host: str, port: int) -> list[str]:
+    """The ``bentoml serve`` command line for the diagnosis service."""
+    exe = Path(sys.executable).with_name("bentoml")
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "bentoml"]
+    return [*cli, "serve", SERVICE, "--working-dir", str(PROJECT_ROOT),
+            "--host", host, "--port", str(int(port))]
+
+
+def serve_env(
+    model_tag: str | None,
+    bentoml_home: str | os.PathLike | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for the server process (model tag, Bento home, telemetry off)."""
+    env = dict(os.environ if base is None else base)
+    if model_tag:
+        env["ONCOFLOW_MODEL_TAG"] = model_tag
+    if bentoml_home is not None:
+        env["BENTOML_HOME"] = str(Path(bentoml_home).expanduser().resolve())
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def preflight(env: dict[str, str]) -> str:
+    """Fail fast with the real reason (no keys, no model) instead of a crash-looping worker."""
+    load_api_keys(env)
+    max_request_bytes(env)
+    from serving.packaging import use_bentoml_home
+
+    if env.get("BENTOML_HOME"):
+        use_bentoml_home(env["BENTOML_HOME"])
+    from serving.service import DEFAULT_MODEL_TAG, load_model_ref
+
+    ref = load_model_ref(env.get("ONCOFLOW_MODEL_TAG") or DEFAULT_MODEL_TAG)
+    return str(ref.tag)
+
+
+def serve(
+    model_tag: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    bentoml_home: str | os.PathLike | None = None,
+) -> int:
+    """Run the service in the foreground until interrupted; return the server's exit code."""
+    env = serve_env(model_tag, bentoml_home)
+    tag = preflight(env)
+    env["ONCOFLOW_MODEL_TAG"] = tag  # pin the resolved version: `latest` may move meanwhile
+    log.info("serving %s on http://%s:%d", tag, host, port)
+    process = subprocess.Popen(serve_command(host, port), env=env, cwd=PROJECT_ROOT)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()

@@ -1,0 +1,140 @@
+"""Package a model bundle for serving: BentoML model store import and `bentoml build`.
+
+The Bento model store lives under ``$BENTOML_HOME`` (the workspace sets it to
+``<workspace>/bentoml``); call `use_bentoml_home` before anything imports BentoML, or pass
+`bentoml_home` to the functions here, which run BentoML in a way that honours it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "oncoflow-model"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_SCALAR = (str, int, float, bool)
+
+
+def use_bentoml_home(path: str | os.PathLike) -> Path:
+    """Point BentoML's stores at `path` (env for subprocesses, container if already imported)."""
+    home = Path(path).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(home)
+    if "bentoml" in sys.modules:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        if Path(BentoMLContainer.bentoml_home.get()).resolve() != home:
+            BentoMLContainer.bentoml_home.set(str(home))
+            BentoMLContainer.model_store.reset()
+            BentoMLContainer.bento_store.reset()
+    return home
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def import_bundle(
+    bundle_dir: str | os.PathLike,
+    name: str = DEFAULT_MODEL_NAME,
+    labels: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    bentoml_home: str | os.PathLike | None = None,
+) -> str:
+    """Copy a model bundle into the Bento model store; return the new tag (``name:version``).
+
+    The bundle is loaded and its model built first, so a broken bundle is never packaged.
+    `metadata` may carry ``registered_model`` and ``model_version`` (the MLflow version);
+    the service reports them in every answer.
+    """
+    from components.bundle import ModelBundle
+
+    source = Path(bundle_dir)
+    bundle = ModelBundle.load(source)
+    bundle.build_model()  # raises ModelError when weights and architecture disagree
+    if bentoml_home is not None:
+        use_bentoml_home(bentoml_home)
+    import bentoml
+
+    meta: dict[str, Any] = {
+        "class_names": list(bundle.class_names),
+        "architecture": bundle.architecture,
+        "data_fingerprint": bundle.data_fingerprint,
+        "metrics": _scalar_metrics(bundle.metrics),
+        "registered_model": "",
+        "model_version": "",
+    }
+    for key, value in (metadata or {}).items():
+        if isinstance(value, _SCALAR) or value is None:
+            meta[key] = "" if value is None else value
+        elif isinstance(value, dict):
+            meta[key] = {str(k): v for k, v in value.items() if isinstance(v, _SCALAR)}
+        else:
+            raise ConfigError(f"bento model metadata {key!r} must be a scalar or a flat dict")
+    safe_labels = {str(k): str(v) for k, v in (labels or {}).items()}
+    with bentoml.models.create(name, labels=safe_labels, metadata=meta) as model_ref:
+        shutil.copytree(source, model_ref.path, dirs_exist_ok=True)
+    tag = str(model_ref.tag)
+    log.info("imported bundle into the Bento model store as %s", tag)
+    return tag
+
+
+def _bentoml_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("bentoml")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("bentoml")
+    if found:
+        return [found]
+    raise ConfigError("the bentoml command is not installed in this environment")
+
+
+def build_bento(
+    project_dir: str | os.PathLike = PROJECT_ROOT,
+    bentoml_home: str | os.PathLike | None = None,
+    timeout_s: float = 900,
+) -> str:
+    """Run ``bentoml build`` on `project_dir`'s bentofile.yaml; return the Bento tag.
+
+    The Bento contains the service code and the model(s) named in bentofile.yaml (by default
+    ``oncoflow-model:latest``, i.e. the last `import_bundle`).
+    """
+    project = Path(project_dir).resolve()
+    if not (project / "bentofile.yaml").is_file():
+        raise ConfigError(f"no bentofile.yaml in {project}")
+    env = dict(os.environ)
+    if bentoml_home is not None:
+        env["BENTOML_HOME"] = str(use_bentoml_home(bentoml_home))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), env.get("PYTHONPATH")]))
+    command = [*_bentoml_cli(), "build", str(project), "--output", "tag"]
+    try:
+        done = subprocess.run(
+            command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelError(f"bentoml build did not finish within {timeout_s:.0f} s") from exc
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise ModelError(f"bentoml build failed (exit {done.returncode}):\n{tail}")
+    match = re.search(r"__tag__:(\S+)", done.stdout)
+    if not match:
+        raise ModelError(f"bentoml build printed no tag: {done.stdout.strip()[-500:]}")
+    tag = match.group(1)
+    log.info("built Bento %s", tag)
+    return tag
