@@ -1,0 +1,47 @@
+"""The CLI answers fast and turns user errors into one line without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from flows.cli import main
+
+
+def test_help_lists_commands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    for command in ("run", "validate", "serve", "demo", "config"):
+        assert command in out
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from flows.cli import _parser; _parser();"
+        "heavy = [m for m in ('torch', 'prefect', 'mlflow', 'gradio', 'great_expectations',"
+        " 'bentoml', 'hydra') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_config_command_prints_composed_yaml(capsys):
+    assert main(["config", "dataset=busi", "trainer.max_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "name: busi" in out
+    assert "max_epochs: 2" in out
+
+
+def test_user_error_is_one_line_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "config", "trainer.imbalance=magic"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("oncoflow: error: trainer.imbalance='magic'")
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
