@@ -113,11 +113,17 @@ def _git_commit() -> tuple[str, bool] | None:
     try:
         commit = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -213,13 +219,15 @@ class RegistryClient:
 
     def log_training_run(self, record: TrainingRecord) -> str:
         """Log `record` as one finished MLflow run and return its run id."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         bundle_dir = Path(record.bundle_dir)
         if not (bundle_dir / "bundle.json").is_file():
             raise ConfigError(f"{bundle_dir} is not a saved model bundle (no bundle.json)")
-        tags = {TAG_MANIFEST_FINGERPRINT: record.manifest_fingerprint,
-                TAG_TEST_FINGERPRINT: record.test_fingerprint} | dict(record.tags)
+        tags = {
+            TAG_MANIFEST_FINGERPRINT: record.manifest_fingerprint,
+            TAG_TEST_FINGERPRINT: record.test_fingerprint,
+        } | dict(record.tags)
         git = _git_commit()
         if git:
             tags[TAG_GIT_COMMIT] = git[0]
@@ -301,21 +309,26 @@ class RegistryClient:
         )
         decision = decide(metrics, champion_metrics, gate.metric, gate.mode, gate.min_delta, same)
         if decision.status == "not_comparable" and not fingerprint:
-            decision = replace(decision, reason=decision.reason + " (candidate has no test-set "
-                               "fingerprint)")
+            decision = replace(
+                decision, reason=decision.reason + " (candidate has no test-set fingerprint)"
+            )
         alias = CHAMPION if decision.promote else CHALLENGER
         with _mlflow_errors(f"cannot record the gate decision for {model_name} v{version}"):
-            self.client.set_model_version_tag(model_name, version, TAG_GATE_DECISION,
-                                              decision.status)
-            self.client.set_model_version_tag(model_name, version, TAG_GATE_REASON,
-                                              _truncate(decision.reason, _MAX_TAG_VALUE))
+            self.client.set_model_version_tag(
+                model_name, version, TAG_GATE_DECISION, decision.status
+            )
+            self.client.set_model_version_tag(
+                model_name, version, TAG_GATE_REASON, _truncate(decision.reason, _MAX_TAG_VALUE)
+            )
             if champion is not None:
-                self.client.set_model_version_tag(model_name, version, "compared_with",
-                                                  str(champion.version))
+                self.client.set_model_version_tag(
+                    model_name, version, "compared_with", str(champion.version)
+                )
             self.client.set_registered_model_alias(model_name, alias, version)
             if decision.promote and champion is not None:
-                self.client.set_model_version_tag(model_name, champion.version, "superseded_by",
-                                                  str(version))
+                self.client.set_model_version_tag(
+                    model_name, champion.version, "superseded_by", str(version)
+                )
         log.info("%s v%s -> %s: %s", model_name, version, alias, decision.reason)
         return replace(
             decision,
@@ -330,10 +343,12 @@ class RegistryClient:
             raise ConfigError("a manual promotion needs a reason")
         with _mlflow_errors(f"cannot promote {model_name} v{version}"):
             self.client.get_model_version(model_name, str(version))
-            self.client.set_model_version_tag(model_name, str(version), TAG_GATE_DECISION,
-                                              "promoted_manually")
-            self.client.set_model_version_tag(model_name, str(version), TAG_GATE_REASON,
-                                              _truncate(reason, _MAX_TAG_VALUE))
+            self.client.set_model_version_tag(
+                model_name, str(version), TAG_GATE_DECISION, "promoted_manually"
+            )
+            self.client.set_model_version_tag(
+                model_name, str(version), TAG_GATE_REASON, _truncate(reason, _MAX_TAG_VALUE)
+            )
             self.client.set_registered_model_alias(model_name, CHAMPION, str(version))
 
     def _ensure_registered_model(self, name: str) -> None:
@@ -353,25 +368,32 @@ class RegistryClient:
         self, metrics: dict[str, float], fingerprint: str, run_id: str, gate: GateConfig
     ) -> dict[str, str]:
         tags = {_safe_name(f"{METRIC_PREFIX}{k}"): repr(v) for k, v in metrics.items()}
-        tags |= {TAG_TEST_FINGERPRINT: fingerprint, TAG_RUN_ID: run_id,
-                 TAG_GATE_METRIC: f"{gate.metric} ({gate.mode}, min_delta={gate.min_delta:g})"}
+        tags |= {
+            TAG_TEST_FINGERPRINT: fingerprint,
+            TAG_RUN_ID: run_id,
+            TAG_GATE_METRIC: f"{gate.metric} ({gate.mode}, min_delta={gate.min_delta:g})",
+        }
         return tags
 
     def _champion_version(self, model_name: str):
-        from mlflow.exceptions import MlflowException
-
         try:
-            return self.client.get_model_version_by_alias(model_name, CHAMPION)
-        except MlflowException as exc:
-            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
+            return self._resolve(model_name, CHAMPION)
+        except NotFound:
+            return None
 
     def _resolve(self, model_name: str, ref: str | int):
-        with _mlflow_errors(f"no version {ref!r} of registered model {model_name!r}"):
+        from mlflow.exceptions import MlflowException
+
+        action = f"no version {ref!r} of registered model {model_name!r}"
+        with _mlflow_errors(action):
             if _is_version(ref):
                 return self.client.get_model_version(model_name, str(ref))
-            return self.client.get_model_version_by_alias(model_name, str(ref))
+            try:
+                return self.client.get_model_version_by_alias(model_name, str(ref))
+            except MlflowException as exc:  # MLflow reports a missing alias as a bad parameter
+                if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
+                    raise NotFound(f"{action}: alias {ref!r} is not set") from exc
+                raise
 
     # ---------------------------------------------------------------- read side
 
@@ -391,7 +413,7 @@ class RegistryClient:
                 )
             if not (Path(local) / "bundle.json").is_file():
                 raise RegistryError(
-                    f"{model_name} v{version.version} does not hold a model bundle ({version.source})"
+                    f"{model_name} v{version.version} holds no model bundle at {version.source}"
                 )
             if dst.exists():
                 dst.rmdir()
@@ -409,15 +431,6 @@ class RegistryClient:
             return self.version_info(model_name, CHAMPION)
         except NotFound:
             return None
-        except RegistryError:
-            with _mlflow_errors(f"cannot read registered model {model_name!r}"):
-                try:
-                    self.client.get_registered_model(model_name)
-                except Exception as exc:  # noqa: BLE001 - missing model means no champion
-                    if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-                        return None
-                    raise
-            raise
 
 
 def _tag_metrics(tags: dict[str, str]) -> dict[str, float]:

@@ -75,11 +75,13 @@ def decide(
             "set registry.gate_metric to one of them"
         )
     if not math.isfinite(cand):
-        return GateDecision(False, f"candidate {metric} is {cand}; a non-finite score never wins",
-                            "rejected")
+        return GateDecision(
+            False, f"candidate {metric} is {cand}; a non-finite score never wins", "rejected"
+        )
     if champion is None:
-        return GateDecision(True, f"no champion yet: first candidate ({metric}={cand:.6g})",
-                            "promoted")
+        return GateDecision(
+            True, f"no champion yet: first candidate ({metric}={cand:.6g})", "promoted"
+        )
     if not same_test_set:
         return GateDecision(
             False,
@@ -100,8 +102,9 @@ def decide(
     direction = "higher" if mode == "max" else "lower"
     summary = f"{metric}: candidate {cand:.6g} vs champion {champ:.6g} ({direction} is better)"
     if gain > min_delta:
-        return GateDecision(True, f"beats the champion by {gain:.6g} > {min_delta:g}; {summary}",
-                            "promoted")
+        return GateDecision(
+            True, f"beats the champion by {gain:.6g} > {min_delta:g}; {summary}", "promoted"
+        )
     return GateDecision(
         False, f"does not beat the champion by more than {min_delta:g}; {summary}", "rejected"
     )
