@@ -124,7 +124,9 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
     """A JSON-safe description of a bundle (no weights)."""
     meta = bundle.metadata()
     meta.pop("config", None)
-    return json.loads(json.dumps(meta, default=str)) | {"has_background": bundle.background is not None}
+    return json.loads(json.dumps(meta, default=str)) | {
+        "has_background": bundle.background is not None
+    }
 
 
 __all__ = ["ModelBundle", "bundle_summary"]

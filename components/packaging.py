@@ -87,4 +87,6 @@ def _thumbnails(x: np.ndarray) -> np.ndarray:
         batch = torch.from_numpy(x[start : start + 512]).float()
         small = F.interpolate(batch, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")
         out.append(small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
+    return (
+        np.concatenate(out) if out else np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
+    )

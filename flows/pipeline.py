@@ -1,4 +1,4 @@
-"""The `train_pipeline` Prefect flow: ingest → split → validate → train → evaluate → register → package.
+"""The `train_pipeline` flow: ingest → split → validate → train → evaluate → register → package.
 
 Each task calls one component function and records what it did (logs + Prefect artifacts).
 Splitting runs before validation so the suite can check the final splits for leakage.
@@ -266,7 +266,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "dataset": cfg["dataset"]["name"],
         "model": cfg["model"]["name"],
-        "images": {s: int(len(arrays[s].y)) for s in ("train", "val", "test")},
+        "images": {s: len(arrays[s].y) for s in ("train", "val", "test")},
         "quarantined": quarantined,
         "split_report": split_report,
         "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},

@@ -44,10 +44,7 @@ class Preprocessing:
         mode = "L" if self.channels == 1 else "RGB"
         resized = image.convert(mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
         array = np.asarray(resized, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[None]
-        else:
-            array = array.transpose(2, 0, 1)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return np.ascontiguousarray(array)
 
     def normalise(self, batch_uint8):

@@ -1,0 +1,166 @@
+"""The whole pipeline on synthetic data through real Prefect, MLflow on SQLite and `bentoml serve`.
+
+One module: run the flow twice (a good model, then a deliberately worse one), check the registry,
+the Bento store and the built Bento, then serve the champion and ask it for a prediction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+ONCOFLOW = [sys.executable, "-m", "flows.cli"]
+SYNTHETIC = [
+    "dataset=synthetic",
+    "dataset.synthetic.n_per_class=40",
+    "model=small_cnn",
+    "trainer.batch_size=16",
+    "validation.min_per_class=5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(args: list[str], env: dict[str, str]) -> dict:
+    proc = subprocess.run(
+        [*ONCOFLOW, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    start = proc.stdout.rfind("\n{\n") + 1
+    return json.loads(proc.stdout[start:])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="module")
+def env(workspace) -> dict[str, str]:
+    return {
+        **os.environ,
+        "ONCOFLOW_WORKSPACE": str(workspace),
+        "BENTOML_HOME": str(workspace / "bentoml"),
+        "PREFECT_HOME": str(workspace / "prefect"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def first_run(env) -> dict:
+    return _run(["run", *SYNTHETIC, "trainer.max_epochs=6", "trainer.lr=0.003"], env)
+
+
+@pytest.fixture(scope="module")
+def second_run(env, first_run) -> dict:
+    # One epoch at a tiny learning rate: a worse model that must not take the alias.
+    return _run(
+        [
+            "run",
+            *SYNTHETIC,
+            "trainer.max_epochs=1",
+            "trainer.lr=0.00001",
+            "package.build_bento=false",
+        ],
+        env,
+    )
+
+
+def test_first_run_trains_registers_and_packages(first_run, workspace):
+    assert first_run["champion"] is True
+    assert first_run["model_version"] == "1"
+    assert first_run["test_metrics"]["accuracy"] >= 0.8
+    assert sum(first_run["images"].values()) == 120
+    assert first_run["bento_model"].startswith("oncoflow-model:")
+    assert first_run["bento"], "bentoml build produced no Bento"
+    run_dir = Path(first_run["run_dir"])
+    for name in (
+        "manifest.parquet",
+        "split_report.json",
+        "validation_report.json",
+        "test_metrics.json",
+        "confusion.png",
+        "summary.json",
+    ):
+        assert (run_dir / name).exists(), name
+    assert (workspace / "mlflow.db").exists()
+
+
+def test_worse_model_does_not_take_the_champion_alias(first_run, second_run, env):
+    assert second_run["model_version"] == "2"
+    assert second_run["champion"] is False
+    assert "champion" in second_run["gate_reason"]
+    code = (
+        "import mlflow, json, sys;"
+        "c = mlflow.MlflowClient(sys.argv[1]);"
+        "print(json.dumps({a: c.get_model_version_by_alias('oncoflow-synthetic', a).version"
+        " for a in ('champion', 'challenger')}))"
+    )
+    uri = f"sqlite:///{env['ONCOFLOW_WORKSPACE']}/mlflow.db"
+    out = subprocess.run(
+        [sys.executable, "-c", code, uri], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"champion": "1", "challenger": "2"}
+
+
+def test_served_champion_answers_predict(first_run, second_run, env, start_server):
+    from components.bundle import ModelBundle
+    from components.data.synthetic import make_synthetic
+
+    port = free_port()
+    key = "integration-test-key"
+    server = start_server(
+        [*ONCOFLOW, "serve", "--port", str(port), "--model", first_run["bento_model"]],
+        {**env, "ONCOFLOW_API_KEYS": key},
+        ROOT,
+    )
+    server.wait_until(f"http://127.0.0.1:{port}/readyz", timeout_s=240)
+
+    data = make_synthetic(n_per_class=2, size=32, seed=999)
+    image = Image.fromarray(data.images[-1])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"http://127.0.0.1:{port}/predict"
+    response = httpx.post(
+        url,
+        files={"image": ("case.png", buffer.getvalue(), "image/png")},
+        headers=headers,
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+
+    bundle = ModelBundle.load(Path(first_run["run_dir"]) / "bundle")
+    model = bundle.build_model()
+    import torch
+
+    with torch.no_grad():
+        expected = torch.softmax(model(bundle.preprocessing.to_tensor(image)[None]), 1)[0]
+    assert body["label"] == bundle.class_names[int(expected.argmax())]
+    for name, p in zip(bundle.class_names, expected.tolist(), strict=True):
+        assert body["probabilities"][name] == pytest.approx(p, abs=1e-4)
+    assert str(body["model"]["version"]) == "1"
+
+    garbage = httpx.post(
+        url, files={"image": ("x.png", b"not an image", "image/png")}, headers=headers, timeout=30
+    )
+    assert 400 <= garbage.status_code < 500
+    assert "error" in garbage.json()
+    assert np.isclose(sum(body["probabilities"].values()), 1.0, atol=1e-4)
