@@ -124,7 +124,7 @@ def load_split_arrays(
         with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
             decoded = list(pool.map(lambda job: _decode(*job, preprocessing), jobs))
         computed = {}
-        for (source, expected), (sha, array) in zip(jobs, decoded, strict=True):
+        for (source, _expected), (sha, array) in zip(jobs, decoded, strict=True):
             store.put(sha, array)
             computed[source] = sha
         store.save()
@@ -133,7 +133,9 @@ def load_split_arrays(
     out = {}
     for split in SPLITS:
         part = rows[rows["split"] == split]
-        shas = [sha or computed[src] for src, sha in zip(part["source"], part["sha256"], strict=True)]
+        shas = [
+            sha or computed[src] for src, sha in zip(part["source"], part["sha256"], strict=True)
+        ]
         x = (
             np.stack([store.get(sha) for sha in shas])
             if shas

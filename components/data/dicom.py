@@ -13,10 +13,13 @@ the list below that a vendor misuses for identifiers survive unless they are pri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import re
 import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,30 @@ from components.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DEIDENTIFICATION_METHOD = "oncoflow basic profile (PS3.15 E.1.1 spirit): X/Z/U, private tags removed"
+
+class _RedactQuotedValues(logging.Filter):
+    """pydicom's warnings quote attribute values (possibly identifiers): redact them."""
+
+    _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._QUOTED.sub("'<redacted>'", record.getMessage())
+        record.args = ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
+
+
+@contextlib.contextmanager
+def _no_value_warnings():
+    """Silence pydicom's UserWarnings, which print attribute values to stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+DEIDENTIFICATION_METHOD = "oncoflow PS3.15 basic profile: X/Z/U, private tags removed"
 
 # Attributes the IOD requires (type 1/2): keep the element, empty its value (action Z).
 BLANK_KEYWORDS: tuple[str, ...] = (
@@ -201,7 +227,7 @@ def _scrub(ds: Dataset) -> None:
             delattr(ds, keyword)
     for keyword in BLANK_KEYWORDS:
         if keyword in ds:
-            ds[keyword].value = None
+            ds[keyword].value = ""
     for keyword in UID_KEYWORDS:
         if keyword in ds and ds[keyword].value:
             value = ds[keyword].value
@@ -248,9 +274,10 @@ def _read(data: bytes) -> Dataset:
 
 
 def read_dicom_bytes(data: bytes) -> tuple[Dataset, Image.Image]:
-    """Parse DICOM bytes, de-identify them first, then render the first image as 8-bit."""
-    ds = deidentify(_read(data))
-    return ds, dataset_to_image(ds)
+    """Parse DICOM bytes, de-identify them first, then render the image as 8-bit."""
+    with _no_value_warnings():
+        ds = deidentify(_read(data))
+        return ds, dataset_to_image(ds)
 
 
 def _window_to_uint8(arr: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -334,8 +361,9 @@ def write_deidentified(src_path: str | Path, out_dir: str | Path) -> Path:
     target = out_dir / f"{content_name(data)}.dcm"
     if target.exists():
         return target
-    ds = deidentify(_read(data))
-    save_dataset(ds, target)
+    with _no_value_warnings():
+        ds = deidentify(_read(data))
+        save_dataset(ds, target)
     return target
 
 

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 ARRAY_SEPARATOR = "::"
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_SIDE = 16384
+SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+}
 
 
 def is_dicom_bytes(data: bytes) -> bool:
@@ -69,21 +79,34 @@ def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     return ((values - low) / (high - low) * 255.0).round().astype(np.uint8)
 
 
-def _decode_pil(stream, max_pixels: int, max_side: int) -> Image.Image:
+def _unidentified(data: bytes, max_side: int) -> InputError:
+    """Why PIL refused `data`: a known signature with a bad header, or not an image at all."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        if width == 0 or height == 0 or width > max_side or height > max_side:
+            return InputError(
+                f"absurd image size {width}x{height}: each side must be between 1 and {max_side}"
+            )
+    for signature, name in SIGNATURES.items():
+        if data.startswith(signature):
+            return InputError(f"corrupt image header: {name} signature but unreadable header")
+    return InputError(
+        "not an image: format not recognised (accepted: JPEG, PNG, BMP, TIFF, WEBP, GIF, DICOM)"
+    )
+
+
+def _decode_pil(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
     """Open, check the header geometry, then decode. Raises InputError with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream, formats=ALLOWED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise InputError(
             f"image too large (decompression bomb guard): {exc}; limit is {max_pixels} pixels"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise InputError(
-            "not an image: format not recognised (accepted: JPEG, PNG, BMP, TIFF, WEBP, GIF, "
-            "DICOM)"
-        ) from exc
+        raise _unidentified(data, max_side) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"corrupt image header: {exc}") from exc
     width, height = image.size
@@ -140,7 +163,7 @@ def decode_bytes(
         raise InputError("empty request body: no image bytes received")
     if is_dicom_bytes(data):
         return _decode_dicom(data, max_pixels, max_side)
-    return _decode_pil(io.BytesIO(data), max_pixels, max_side)
+    return _decode_pil(data, max_pixels, max_side)
 
 
 def parse_array_ref(source: str) -> tuple[str, str, int]:
@@ -220,7 +243,7 @@ def open_image(source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             return _decode_dicom(data, max_pixels, DEFAULT_MAX_SIDE)
         if not data:
             raise InputError("empty file")
-        return _decode_pil(io.BytesIO(data), max_pixels, DEFAULT_MAX_SIDE)
+        return _decode_pil(data, max_pixels, DEFAULT_MAX_SIDE)
     except InputError as exc:
         raise DataError(str(exc)) from exc
 

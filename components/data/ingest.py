@@ -172,9 +172,7 @@ def describe(source: str) -> Description:
     except Exception as exc:  # never let one bad image stop an ingest
         return Description(0, 0, 0, "", f"unexpected decode failure: {exc!r}", format_hint(source))
     fmt = (image.format or format_hint(source)).lower()
-    return Description(
-        image.width, image.height, channels_of(image), content_hash(image), "", fmt
-    )
+    return Description(image.width, image.height, channels_of(image), content_hash(image), "", fmt)
 
 
 def _parallel(func: Callable, items: list, what: str) -> list:
@@ -249,9 +247,7 @@ def _is_hidden(path: Path, base: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(base).parts)
 
 
-def scan_folder(
-    root: str | Path, accept: Callable[[Path], str]
-) -> tuple[list[Candidate], Counter]:
+def scan_folder(root: str | Path, accept: Callable[[Path], str]) -> tuple[list[Candidate], Counter]:
     """Find `<root>/<class>/**` or `<root>/<split>/<class>/**` files.
 
     `accept(path)` returns "" to take a file, or the reason to skip it (counted). Split folder
@@ -353,8 +349,12 @@ def subsample(candidates: list[Candidate], max_per_class: int | None, seed: int)
             chosen = np.sort(rng.choice(len(members), size=max_per_class, replace=False))
             members = [members[i] for i in chosen]
         kept.extend(members)
-    log.info("subsampled %d of %d images (max %d per split/class)",
-             len(kept), len(candidates), max_per_class)
+    log.info(
+        "subsampled %d of %d images (max %d per split/class)",
+        len(kept),
+        len(candidates),
+        max_per_class,
+    )
     return kept
 
 

@@ -184,8 +184,11 @@ def assign_splits(
     # 2. images in several given splits: keep the copies of the highest-precedence split
     rank = good["given_split"].map(PRECEDENCE)
     best = rank.groupby(good["sha256"]).transform("max")
-    splits_per_hash = good.groupby("sha256")["given_split"].agg(lambda s: tuple(sorted(set(s))))
-    multi = splits_per_hash[splits_per_hash.map(len) > 1]
+    splits_per_hash = {
+        sha: tuple(sorted(set(values)))
+        for sha, values in good.groupby("sha256")["given_split"].unique().items()
+    }
+    multi = [splits for splits in splits_per_hash.values() if len(splits) > 1]
     keep_mask = rank == best
     report.cross_split_duplicates = {
         "groups": len(multi),
@@ -207,9 +210,7 @@ def assign_splits(
         if missing:
             train = good[good["split"] == "train"]
             groups = _group_label(train)
-            assignment = _stratified_holdout(
-                list(groups.index), list(groups.values), missing, seed
-            )
+            assignment = _stratified_holdout(list(groups.index), list(groups.values), missing, seed)
             moved = train["sha256"].map(assignment)
             good.loc[moved.index, "split"] = moved
             report.carved = {

@@ -36,20 +36,16 @@ class SyntheticData:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth tissue-like texture plus fine noise, float in about 40..140."""
+    """Smooth tissue-like texture plus fine noise, float mostly within 40..120."""
     coarse = rng.normal(0.0, 1.0, size=(max(2, size // 8),) * 2)
     smooth = np.asarray(
-        Image.fromarray(coarse.astype(np.float32)).resize(
-            (size, size), Image.Resampling.BICUBIC
-        )
+        Image.fromarray(coarse.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC)
     )
     fine = rng.normal(0.0, 1.0, size=(size, size))
-    return 90.0 + 18.0 * smooth + 8.0 * fine
+    return 80.0 + 14.0 * smooth + 8.0 * fine
 
 
-def _lesion(
-    rng: np.random.Generator, size: int, side: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _lesion(rng: np.random.Generator, size: int, side: str) -> tuple[np.ndarray, np.ndarray]:
     """A bright Gaussian blob centred inside the `side` half; returns (intensity, mask)."""
     radius = rng.uniform(size / 10, size / 6)
     margin = radius + 1
@@ -61,8 +57,8 @@ def _lesion(
     cy = rng.uniform(margin, size - margin)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     dist2 = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2
-    blob = np.exp(-dist2 / (2 * (radius / 1.5) ** 2))
-    peak = rng.uniform(90.0, 130.0)
+    blob = np.exp(-dist2 / (2 * radius**2))
+    peak = rng.uniform(100.0, 140.0)
     return peak * blob, dist2 <= radius**2
 
 
