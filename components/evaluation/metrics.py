@@ -100,7 +100,13 @@ def expected_calibration_error(
         else:
             acc = conf = None
         bins.append(
-            {"lower": float(edges[b]), "upper": float(edges[b + 1]), "n": n, "accuracy": acc, "confidence": conf}
+            {
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "n": n,
+                "accuracy": acc,
+                "confidence": conf,
+            }
         )
     return float(ece), bins
 
@@ -112,7 +118,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) 
     k = len(names)
     pred = p.argmax(axis=1)
     cm = confusion_matrix(y, pred, k)
-    n = int(len(y))
+    n = len(y)
     notes: list[str] = []
 
     per_class: dict[str, dict[str, Any]] = {}

@@ -55,7 +55,9 @@ def confusion_matrix_png(
     return out
 
 
-def reliability_png(y_true: np.ndarray, probs: np.ndarray, path: str | Path, n_bins: int = 15) -> Path:
+def reliability_png(
+    y_true: np.ndarray, probs: np.ndarray, path: str | Path, n_bins: int = 15
+) -> Path:
     """Reliability diagram: accuracy vs mean confidence per confidence bin, with the ECE."""
     from components.evaluation.metrics import expected_calibration_error
 

@@ -51,7 +51,9 @@ def predict_proba(
     model: nn.Module, x_uint8: np.ndarray, preprocessing: Preprocessing, batch_size: int = 256
 ) -> np.ndarray:
     """Softmax probabilities (N, K) as float32, computed in eval mode without gradients."""
-    out = _batched(model, lambda t: torch.softmax(model(t), dim=1), x_uint8, preprocessing, batch_size)
+    out = _batched(
+        model, lambda t: torch.softmax(model(t), dim=1), x_uint8, preprocessing, batch_size
+    )
     if out is None:
         return np.zeros((0, int(getattr(model, "num_classes", 0))), dtype=np.float32)
     return out

@@ -39,7 +39,9 @@ def build_model(
     - `width`: base channel count of `small_cnn` (ignored by the other architectures).
     """
     if name not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ConfigError(
+            f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}"
+        )
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if int(num_classes) < 2:

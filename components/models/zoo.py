@@ -135,17 +135,19 @@ def _load_lite0_imagenet(net: nn.Module) -> None:
     log.info("loaded ImageNet weights for efficientnet_lite0 from the installed package")
 
 
-def _replace_stem(net: nn.Module, in_channels: int, stride: int) -> None:
-    """Rebuild the stem conv for `in_channels`/`stride`; RGB weights are summed for grey input."""
-    old = net._conv_stem
+def _adapted_stem(old: nn.Module, in_channels: int, stride: int, pretrained: bool) -> nn.Module:
+    """The stem conv rebuilt for `in_channels` and `stride`.
+
+    RGB filters are kept as they are; for grey input pretrained RGB filters are summed over
+    their input channels (a grey image equals R = G = B); a random stem stays random.
+    """
+    new = type(old)(in_channels, old.out_channels, kernel_size=3, stride=stride, bias=False)
     weight = old.weight.data
-    if in_channels != weight.shape[1]:
-        if in_channels != 1 or weight.shape[1] != 3:
-            raise ModelError(f"cannot adapt a {weight.shape[1]}-channel stem to {in_channels}")
-        weight = weight.sum(dim=1, keepdim=True)
-    new = type(old)(in_channels, old.out_channels, kernel_size=old.kernel_size, stride=stride, bias=False)
-    new.weight.data.copy_(weight)
-    net._conv_stem = new
+    if in_channels == weight.shape[1]:
+        new.weight.data.copy_(weight)
+    elif pretrained:
+        new.weight.data.copy_(weight.sum(dim=1, keepdim=True))
+    return new
 
 
 def efficientnet_lite0(
@@ -169,15 +171,7 @@ def efficientnet_lite0(
     net = EfficientNet.from_name("efficientnet-lite0", in_channels=3, image_size=None)
     if pretrained:
         _load_lite0_imagenet(net)
-    stem_stride = 1 if small_input else 2
-    if in_channels != 3 or small_input:
-        if not pretrained and in_channels != 3:
-            net._conv_stem = type(net._conv_stem)(
-                in_channels, net._conv_stem.out_channels, kernel_size=3, stride=stem_stride,
-                bias=False,
-            )
-        else:
-            _replace_stem(net, in_channels, stem_stride)
+    net._conv_stem = _adapted_stem(net._conv_stem, in_channels, 1 if small_input else 2, pretrained)
     embed_dim = net._bn1.num_features
     dropout = float(net._global_params.dropout_rate or 0.0)
     features = EfficientNetLiteFeatures(net)
