@@ -588,9 +588,13 @@ def ingest(
     max_per_class: int | None = None,
     seed: int = 0,
     *,
-    synthetic: Mapping | None = None,
+    options: Mapping | None = None,
 ) -> pd.DataFrame:
-    """Run the named adapter; the decode cache and DICOM copies live under `workspace.cache`."""
+    """Run the named adapter; the decode cache and DICOM copies live under `workspace.cache`.
+
+    `options` are adapter options; the synthetic adapter reads n_per_class, size, seed,
+    channels and with_splits from them.
+    """
     cache_dir = workspace.cache
     common = {"cache_dir": cache_dir, "max_per_class": max_per_class, "seed": seed}
     started = time.perf_counter()
@@ -603,7 +607,7 @@ def ingest(
     elif adapter == "dicom":
         frame = ingest_dicom(root, cache_dir / "dicom_deidentified", **common)
     elif adapter == "synthetic":
-        frame = ingest_synthetic(root, classes, synthetic, **common)
+        frame = ingest_synthetic(root, classes, options, **common)
     else:
         raise DataError(f"unknown ingest adapter {adapter!r}; choose one of {list(ADAPTERS)}")
     log.info(

@@ -176,13 +176,13 @@ def test_npz_layout_errors(tmp_path):
 def test_synthetic_adapter_generates_once(tmp_path, workspace):
     root = tmp_path / "syn"
     classes = ["healthy", "lesion_left", "lesion_right"]
-    frame = ingest("synthetic", root, classes, workspace, synthetic={"n_per_class": 4, "size": 16})
+    frame = ingest("synthetic", root, classes, workspace, options={"n_per_class": 4, "size": 16})
     assert len(frame) == 12
     assert frame["label"].value_counts().to_dict() == dict.fromkeys(classes, 4)
     assert (root / "masks.npz").exists()
     marker = next(root.rglob("*.png"))
     before = marker.stat().st_mtime_ns
-    again = ingest("synthetic", root, classes, workspace, synthetic={"n_per_class": 9})
+    again = ingest("synthetic", root, classes, workspace, options={"n_per_class": 9})
     assert len(again) == 12 and marker.stat().st_mtime_ns == before
 
 
