@@ -13,7 +13,6 @@ the list below that a vendor misuses for identifiers survive unless they are pri
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -48,12 +47,9 @@ class _RedactQuotedValues(logging.Filter):
 logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
 
 
-@contextlib.contextmanager
-def _no_value_warnings():
-    """Silence pydicom's UserWarnings, which print attribute values to stderr."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+# pydicom also repeats those warnings through `warnings` (to stderr, unredacted): silence them
+# here once (a per-call catch_warnings is not thread-safe); the redacted log record remains.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 DEIDENTIFICATION_METHOD = "oncoflow PS3.15 basic profile: X/Z/U, private tags removed"
@@ -275,9 +271,8 @@ def _read(data: bytes) -> Dataset:
 
 def read_dicom_bytes(data: bytes) -> tuple[Dataset, Image.Image]:
     """Parse DICOM bytes, de-identify them first, then render the image as 8-bit."""
-    with _no_value_warnings():
-        ds = deidentify(_read(data))
-        return ds, dataset_to_image(ds)
+    ds = deidentify(_read(data))
+    return ds, dataset_to_image(ds)
 
 
 def _window_to_uint8(arr: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -361,9 +356,8 @@ def write_deidentified(src_path: str | Path, out_dir: str | Path) -> Path:
     target = out_dir / f"{content_name(data)}.dcm"
     if target.exists():
         return target
-    with _no_value_warnings():
-        ds = deidentify(_read(data))
-        save_dataset(ds, target)
+    ds = deidentify(_read(data))
+    save_dataset(ds, target)
     return target
 
 

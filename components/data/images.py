@@ -27,6 +27,12 @@ from PIL import Image, UnidentifiedImageError
 
 from components.errors import DataError, InputError
 
+# Our own header check (max_pixels) supersedes PIL's warning, so silence that warning (a global
+# filter: a per-call catch_warnings is not thread-safe). PIL still raises DecompressionBombError
+# beyond 2 * Image.MAX_IMAGE_PIXELS (about 179 M pixels), which we report as a bomb too; we never
+# change MAX_IMAGE_PIXELS.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 ARRAY_SEPARATOR = "::"
@@ -98,9 +104,7 @@ def _unidentified(data: bytes, max_side: int) -> InputError:
 def _decode_pil(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
     """Open, check the header geometry, then decode. Raises InputError with the reason."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise InputError(
             f"image too large (decompression bomb guard): {exc}; limit is {max_pixels} pixels"

@@ -90,9 +90,12 @@ def test_decompression_bomb_checked_from_header_before_decoding():
     # 8000x8000 = 64 M pixels: under PIL's own hard limit, over ours. The body holds almost no
     # pixel data, so a decode attempt would fail as "truncated": the size message proves the
     # header was checked first.
+    before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(InputError, match=r"8000x8000 = 64000000 pixels exceeds"):
         decode_bytes(png_header(8000, 8000))
-    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # global untouched
+    with pytest.raises(InputError, match=r"exceeds the 1000 pixel limit"):
+        decode_bytes(png_header(40, 30), max_pixels=1000)
+    assert before == Image.MAX_IMAGE_PIXELS  # PIL's global limit is never changed
 
 
 def test_zero_sized_image():
