@@ -104,7 +104,9 @@ def _feature_from_dict(entry: Mapping, position: int) -> ClinicalFeature:
         raise ConfigError(f"clinical feature {name!r} has unknown keys {unknown}")
     kind = entry.get("type")
     if kind not in FEATURE_TYPES:
-        raise ConfigError(f"clinical feature {name!r} has type {kind!r}; use one of {FEATURE_TYPES}")
+        raise ConfigError(
+            f"clinical feature {name!r} has type {kind!r}; use one of {FEATURE_TYPES}"
+        )
     low, high = entry.get("min"), entry.get("max")
     for bound in (low, high):
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
