@@ -17,7 +17,7 @@ from serving.schemas import ModelCard, PredictResponse
 class ServiceError(Exception):
     """The service answered with an error, or could not be reached (`status` 0)."""
 
-    def __init__(self, status: int, type: str, message: str) -> None:  # noqa: A002
+    def __init__(self, status: int, type: str, message: str) -> None:
         super().__init__(f"{status} {type}: {message}")
         self.status = status
         self.type = type

@@ -21,8 +21,17 @@ def serve_command(host: str, port: int) -> list[str]:
     """The ``bentoml serve`` command line for the diagnosis service."""
     exe = Path(sys.executable).with_name("bentoml")
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "bentoml"]
-    return [*cli, "serve", SERVICE, "--working-dir", str(PROJECT_ROOT),
-            "--host", host, "--port", str(int(port))]
+    return [
+        *cli,
+        "serve",
+        SERVICE,
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+    ]
 
 
 def serve_env(

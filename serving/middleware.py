@@ -1,6 +1,7 @@
 """ASGI middleware of the diagnosis service: JSON error envelope, body-size limit, API keys.
 
-Order (outermost first): `ErrorEnvelope` → `BodySizeLimit` → `ApiKeyAuth` → BentoML's app.
+Order (outermost first): `ErrorEnvelope` → `ApiKeyAuth` → `BodySizeLimit` → `UploadGuard` →
+BentoML's app.
 Every non-2xx answer leaves as ``{"error": {"type": ..., "message": ...}}``; `OncoflowError`s
 map to their `http_status`, anything unexpected to a 500 whose details stay in the server log.
 Nothing here logs request bodies, file names or headers (no patient identifiers in logs).
@@ -86,9 +87,7 @@ def error_body(kind: str, message: str) -> bytes:
     return json.dumps({"error": {"type": kind, "message": message}}).encode()
 
 
-async def send_error(
-    send: Send, status: int, kind: str, message: str, headers: tuple = ()
-) -> None:
+async def send_error(send: Send, status: int, kind: str, message: str, headers: tuple = ()) -> None:
     body = error_body(kind, message)
     await send(
         {
@@ -120,6 +119,8 @@ def _envelope(status: int, body: bytes) -> bytes:
         data = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]  # BentoML wraps some 4xx bodies in a one-element list
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and {"type", "message"} <= error.keys():
@@ -214,47 +215,136 @@ class ErrorEnvelope:
             )
 
 
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read a whole request body, refusing it as soon as it exceeds `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InputError("client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit / (1024 * 1024):g} MB limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that yields `body` once, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
+    return None
+
+
 class BodySizeLimit:
-    """Refuse bodies over `max_bytes` (declared Content-Length or counted while streaming)."""
+    """Refuse bodies over `max_bytes`: by Content-Length, or by reading chunked bodies first."""
 
     def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes if max_bytes is not None else max_request_bytes()
 
-    def _too_large(self) -> PayloadTooLarge:
-        limit_mb = self.max_bytes / (1024 * 1024)
-        return PayloadTooLarge(f"request body exceeds the {limit_mb:g} MB limit")
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError as exc:
-                    raise InputError("invalid Content-Length header") from exc
-                if declared > self.max_bytes:
-                    raise self._too_large()
-        received = 0
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError as exc:
+                raise InputError("invalid Content-Length header") from exc
+            if length > self.max_bytes:
+                limit_mb = self.max_bytes / (1024 * 1024)
+                raise PayloadTooLarge(f"request body exceeds the {limit_mb:g} MB limit")
+        elif _header(scope, b"transfer-encoding") is not None:
+            # No declared length: read (bounded) before the app sees it, so the limit holds
+            # wherever the app reads its body.
+            receive = replay(await read_body(receive, self.max_bytes), receive)
+        await self.app(scope, receive, send)
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
 
-        await self.app(scope, counted, send)
+class UnsupportedMediaType(InputError):
+    http_status = 415
+
+
+class UploadGuard:
+    """Check file-upload endpoints before BentoML parses them.
+
+    For each ``path -> field`` in `uploads`, a POST must be ``multipart/form-data`` with exactly
+    one file part named `field` and nothing else. BentoML would otherwise answer odd forms with
+    500s, and would fetch a URL given as a text field (server-side request forgery).
+    """
+
+    def __init__(self, app: ASGIApp, uploads: dict[str, str], max_bytes: int | None = None):
+        self.app = app
+        self.uploads = dict(uploads)
+        self.max_bytes = max_bytes if max_bytes is not None else max_request_bytes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        field = self.uploads.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if field is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
+        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+            raise UnsupportedMediaType(
+                f"send the image as a multipart/form-data file field {field!r} "
+                f"(got {content_type.split(';')[0] or 'no content type'})"
+            )
+        body = await read_body(receive, self.max_bytes)
+        await self._check_form(scope, body, field)
+        await self.app(scope, replay(body, receive), send)
+
+    @staticmethod
+    async def _check_form(scope: Scope, body: bytes, field: str) -> None:
+        from starlette.datastructures import UploadFile
+        from starlette.exceptions import HTTPException
+        from starlette.formparsers import MultiPartException
+        from starlette.requests import Request
+
+        async def once() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request({**scope, "app": None}, once)
+        try:
+            form = await request.form(max_files=2, max_fields=10)
+        except (MultiPartException, HTTPException, ValueError) as exc:  # ValueError: parser's
+            detail = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc)
+            raise InputError(f"malformed multipart body: {detail}") from exc
+        try:
+            names = list(form.keys())
+            if field not in names:
+                raise InputError(f"missing multipart file field {field!r}")
+            extra = sorted(set(names) - {field})
+            if extra or len(form.getlist(field)) != 1:
+                raise InputError(f"send exactly one file field {field!r} and nothing else")
+            if not isinstance(form[field], UploadFile):
+                raise InputError(f"field {field!r} must be a file upload, not a text value")
+        finally:
+            await form.close()
 
 
 class ApiKeyAuth:
     """Require ``Authorization: Bearer <key>`` on every path except `OPEN_PATHS`."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...] | None | bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...] | bool | None = False) -> None:
         self.app = app
         # `False` means "read the environment now" (at server start, not at import or build).
         resolved = load_api_keys() if keys is False else keys

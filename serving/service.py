@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from components.errors import ConfigError, ModelError, OncoflowError
-from serving.middleware import ApiKeyAuth, BodySizeLimit, ErrorEnvelope
+from serving.middleware import ApiKeyAuth, BodySizeLimit, ErrorEnvelope, UploadGuard
 from serving.schemas import ModelCard, ModelRef, PredictResponse
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,16 @@ def load_model_ref(tag: str) -> bentoml.Model:
         ) from exc
 
 
+def error_response(exc: OncoflowError) -> JSONResponse:
+    """The JSON error envelope for an `OncoflowError`, with its HTTP status."""
+    if exc.http_status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return JSONResponse(
+        {"error": {"type": type(exc).__name__, "message": str(exc)}},
+        status_code=exc.http_status,
+    )
+
+
 async def _model_card(_: Request) -> JSONResponse:
     if _instance is None:
         raise ModelError("the model is not loaded yet")
@@ -109,8 +119,15 @@ class DiagnosisService:
         _instance = self
         log.info(
             "serving %s (%s, %d classes, registry version %s)",
-            self.ref.tag, self.bundle.architecture, len(self.classes), self.ref.version or "-",
+            self.ref.tag,
+            self.bundle.architecture,
+            len(self.classes),
+            self.ref.version or "-",
         )
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz hook: ready only with a loaded model."""
+        return self.model is not None
 
     def _probabilities(self, batch) -> Any:
         import torch
@@ -121,10 +138,16 @@ class DiagnosisService:
     @bentoml.api(route="/predict")
     def predict(self, image: Path) -> PredictResponse:
         """Classify one uploaded image (PNG, JPEG, DICOM, ...) sent as multipart field `image`."""
+        try:
+            return self._predict(image.read_bytes())
+        except OncoflowError as exc:  # BentoML would turn these into opaque 500s
+            return error_response(exc)
+
+    def _predict(self, data: bytes) -> PredictResponse:
         from components.data.images import decode_bytes
 
         started = time.perf_counter()
-        picture = decode_bytes(image.read_bytes(), max_pixels=self.max_pixels)
+        picture = decode_bytes(data, max_pixels=self.max_pixels)
         tensor = self.bundle.preprocessing.to_tensor(picture).unsqueeze(0)
         probs = self._probabilities(tensor)[0].tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
@@ -152,10 +175,11 @@ class DiagnosisService:
         )
 
 
-# Outermost first: error envelope, then the body limit, then authentication.
+# Outermost first: error envelope, authentication (headers only), body limit, upload shape.
 DiagnosisService.add_asgi_middleware(ErrorEnvelope)
-DiagnosisService.add_asgi_middleware(BodySizeLimit)
 DiagnosisService.add_asgi_middleware(ApiKeyAuth)
+DiagnosisService.add_asgi_middleware(BodySizeLimit)
+DiagnosisService.add_asgi_middleware(UploadGuard, uploads={"/predict": "image"})
 DiagnosisService.mount_asgi_app(_extra_routes, path="/", name="oncoflow-extra")
 
-__all__ = ["DiagnosisService", "OncoflowError", "load_model_ref"]
+__all__ = ["DiagnosisService", "error_response", "load_model_ref"]

@@ -40,7 +40,11 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -76,6 +80,12 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
         self._log.close()
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    """A free port for this module's server."""
+    return free_port()
 
 
 @pytest.fixture(scope="module")
