@@ -21,7 +21,7 @@ from torch import nn
 
 from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, ModelError
-from components.training.datamodule import Arrays, ArrayDataModule, Augmentation
+from components.training.datamodule import ArrayDataModule, Arrays, Augmentation
 from components.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def _quiet_lightning():
         warnings.filterwarnings("ignore", message=r".*number of training batches.*")
         warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=r".*deterministic.*")
+        warnings.filterwarnings("ignore", message=r".*have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
         for lg in loggers:
             lg.setLevel(max(lg.level, logging.WARNING))
         try:
@@ -214,19 +216,19 @@ def train_classifier(
     )
     stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=early_stopping_patience)
     timer = ThroughputTimer()
-    trainer = _trainer(
-        out_dir=out_dir,
-        max_epochs=max_epochs,
-        callbacks=[checkpoint, stopper, timer],
-        deterministic=deterministic,
-        accelerator=accelerator,
-        validate=True,
-        checkpointing=True,
-        logger=CSVLogger(out_dir, name="", version=""),
-        steps_per_epoch=-(-data.num_train // batch_size),
-    )
     start = time.perf_counter()
     with _quiet_lightning():
+        trainer = _trainer(
+            out_dir=out_dir,
+            max_epochs=max_epochs,
+            callbacks=[checkpoint, stopper, timer],
+            deterministic=deterministic,
+            accelerator=accelerator,
+            validate=True,
+            checkpointing=True,
+            logger=CSVLogger(out_dir, name="", version=""),
+            steps_per_epoch=-(-data.num_train // batch_size),
+        )
         trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
 
@@ -312,17 +314,17 @@ def fit_local(
         global_params=global_params,
     )
     timer = ThroughputTimer()
-    trainer = _trainer(
-        out_dir=None,
-        max_epochs=epochs,
-        callbacks=[timer, *(callbacks or [])],
-        deterministic=deterministic,
-        accelerator=accelerator,
-        validate=False,
-        steps_per_epoch=-(-data.num_train // batch_size),
-    )
     start = time.perf_counter()
     with _quiet_lightning():
+        trainer = _trainer(
+            out_dir=None,
+            max_epochs=epochs,
+            callbacks=[timer, *(callbacks or [])],
+            deterministic=deterministic,
+            accelerator=accelerator,
+            validate=False,
+            steps_per_epoch=-(-data.num_train // batch_size),
+        )
         trainer.fit(module, train_dataloaders=data.train_dataloader())
     wall = time.perf_counter() - start
     module.model.cpu()

@@ -41,7 +41,9 @@ class Augmentation:
         if self.degrees or self.translate or self.scale != (1.0, 1.0):
             steps.append(
                 v2.RandomAffine(
-                    degrees=self.degrees, translate=(self.translate, self.translate), scale=self.scale
+                    degrees=self.degrees,
+                    translate=(self.translate, self.translate),
+                    scale=self.scale,
                 )
             )
         if self.brightness or self.contrast:

@@ -1,4 +1,4 @@
-"""`ClassifierModule`: the one LightningModule that trains every classifier (central or per site)."""
+"""`ClassifierModule`: the one LightningModule training every classifier, central or per site."""
 
 from __future__ import annotations
 
@@ -135,4 +135,7 @@ class ClassifierModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

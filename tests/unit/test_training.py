@@ -1,0 +1,251 @@
+"""The training loop on a tiny synthetic task: learning, early stopping, seeding, imbalance,
+local (federated) fits with the FedProx term."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.data.preprocess import Preprocessing
+from components.errors import ConfigError, DataError
+from components.evaluation.predict import predict_proba
+from components.models import build_model
+from components.training.central import fit_local, train_classifier
+from components.training.datamodule import (
+    ArrayDataModule,
+    Augmentation,
+    inverse_frequency_weights,
+)
+
+SIZE = 32
+PREP = Preprocessing(size=SIZE, channels=3)
+NO_FLIP = Augmentation(hflip=False)  # the label is the side of the square: never flip
+
+
+def square_task(n: int, seed: int, p_right: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Noise with a bright 8×8 square in the left (class 0) or right (class 1) half."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(60, 20, size=(n, 3, SIZE, SIZE)).clip(0, 255).astype(np.uint8)
+    y = (rng.random(n) < p_right).astype(np.int64)
+    for i in range(n):
+        top = rng.integers(0, SIZE - 8)
+        left = rng.integers(0, SIZE // 2 - 8) + (SIZE // 2 if y[i] else 0)
+        x[i, :, top : top + 8, left : left + 8] = 230
+    return x, y
+
+
+def _model(norm: str = "batch", seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("small_cnn", num_classes=2, width=8, norm=norm)
+
+
+def _train(model, tmp_path, train, val, **overrides):
+    settings = {
+        "max_epochs": 4,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "weight_decay": 1e-4,
+        "early_stopping_patience": 3,
+        "imbalance": "none",
+        "augment": False,
+        "seed": 7,
+        "out_dir": tmp_path / "run",
+    } | overrides
+    return train_classifier(model, train, val, PREP, **settings)
+
+
+def test_learns_the_tiny_task_and_restores_best_weights(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    train, val = square_task(128, seed=1), square_task(48, seed=2)
+    result = _train(_model(), tmp_path, train, val, max_epochs=6)
+
+    assert result.epochs_run == len(result.history) <= 6
+    assert {"train_loss", "val_loss", "val_acc", "val_macro_f1"} <= set(result.history[0])
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    best = result.history[result.best_epoch]
+    assert best["val_macro_f1"] == max(row["val_macro_f1"] for row in result.history)
+    assert best["val_acc"] >= 0.9
+
+    # the returned model carries the best epoch's weights, in eval mode
+    assert not result.model.training
+    probs = predict_proba(result.model, val[0], PREP)
+    accuracy = float((probs.argmax(1) == val[1]).mean())
+    assert accuracy == pytest.approx(best["val_acc"], abs=1e-6)
+
+    assert result.best_checkpoint.is_file()
+    assert result.best_checkpoint.is_relative_to(tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.csv").is_file()
+    assert result.images_per_second > 0 and result.wall_seconds > 0
+    assert list(cwd.iterdir()) == []  # nothing written to the working directory
+
+
+def test_early_stopping_stops_when_the_metric_plateaus(tmp_path):
+    # GroupNorm has no running statistics and lr is negligible: the metric cannot move
+    train, val = square_task(32, seed=3), square_task(16, seed=4)
+    result = _train(
+        _model(norm="group"),
+        tmp_path,
+        train,
+        val,
+        max_epochs=10,
+        lr=1e-12,
+        early_stopping_patience=2,
+    )
+    assert result.epochs_run == 3 < 10
+    assert result.best_epoch == 0
+    assert len({row["val_macro_f1"] for row in result.history}) == 1
+
+
+def test_same_seed_gives_identical_runs(tmp_path):
+    train, val = square_task(48, seed=5), square_task(16, seed=6)
+    runs = [
+        _train(
+            _model(seed=3),
+            tmp_path / str(i),
+            train,
+            val,
+            max_epochs=2,
+            augment=NO_FLIP,
+            imbalance="weighted_sampler",
+            out_dir=tmp_path / str(i) / "run",
+        )
+        for i in range(2)
+    ]
+    assert runs[0].history == runs[1].history
+    for (k0, v0), (k1, v1) in zip(
+        runs[0].model.state_dict().items(), runs[1].model.state_dict().items(), strict=True
+    ):
+        assert k0 == k1 and torch.equal(v0, v1), k0
+
+
+def test_inverse_frequency_weights():
+    y = np.array([0, 0, 0, 1])
+    # n / (K · n_c): 4 / (3 · 3), 4 / (3 · 1), absent class -> 0
+    np.testing.assert_allclose(inverse_frequency_weights(y, 3), [4 / 9, 4 / 3, 0.0])
+
+
+def test_imbalance_options(tmp_path):
+    x, y = square_task(100, seed=8, p_right=0.1)
+    counts = np.bincount(y, minlength=2)
+
+    loss_dm = ArrayDataModule((x, y), None, PREP, num_classes=2, imbalance="weighted_loss")
+    expected = len(y) / (2 * counts)
+    np.testing.assert_allclose(loss_dm.class_weights.numpy(), expected, rtol=1e-6)
+    assert ArrayDataModule((x, y), None, PREP, num_classes=2).class_weights is None
+
+    sampler_dm = ArrayDataModule(
+        (x, y), None, PREP, num_classes=2, imbalance="weighted_sampler", batch_size=50, seed=1
+    )
+    np.testing.assert_allclose(sampler_dm.sample_weights(), 1.0 / counts[y])
+    drawn = np.concatenate(
+        [labels.numpy() for _ in range(10) for _, labels in sampler_dm.train_dataloader()]
+    )
+    assert len(drawn) == 10 * len(y)
+    assert 0.4 < drawn.mean() < 0.6  # minority class drawn about as often as the majority
+
+    # both paths train end to end
+    val = square_task(20, seed=9)
+    for mode in ("weighted_loss", "weighted_sampler"):
+        result = _train(
+            _model(),
+            tmp_path / mode,
+            (x, y),
+            val,
+            max_epochs=1,
+            imbalance=mode,
+            out_dir=tmp_path / mode,
+        )
+        assert result.epochs_run == 1
+
+
+def test_augmented_batches_are_normalised_and_vary():
+    x, y = square_task(8, seed=10)
+    dm = ArrayDataModule((x, y), None, PREP, num_classes=2, augment=True, batch_size=8, seed=0)
+    first = next(iter(dm.train_dataloader()))
+    second = next(iter(dm.train_dataloader()))
+    assert first[0].dtype == torch.float32 and first[0].shape == (8, 3, SIZE, SIZE)
+    assert first[0].min() < 0 < first[0].max()
+    assert torch.equal(first[1], second[1])  # same seeded order ...
+    assert not torch.equal(first[0], second[0])  # ... different random augmentation
+    plain = ArrayDataModule((x, y), None, PREP, num_classes=2, augment=False, batch_size=8)
+    a, b = next(iter(plain.train_dataloader())), next(iter(plain.train_dataloader()))
+    assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize(
+    ("train", "error"),
+    [
+        ((np.zeros((4, 3, SIZE, SIZE), np.float32), np.zeros(4, np.int64)), DataError),
+        ((np.zeros((4, 1, SIZE, SIZE), np.uint8), np.zeros(4, np.int64)), DataError),
+        ((np.zeros((4, 3, SIZE, SIZE), np.uint8), np.array([0, 1, 2, 0])), DataError),
+        ((np.zeros((4, 3, SIZE, SIZE), np.uint8), np.zeros(3, np.int64)), DataError),
+    ],
+)
+def test_bad_training_data_is_refused(train, error):
+    with pytest.raises(error):
+        ArrayDataModule(train, None, PREP, num_classes=2)
+
+
+def test_bad_settings_are_refused(tmp_path):
+    data = square_task(8, seed=11)
+    with pytest.raises(ConfigError):
+        ArrayDataModule(data, None, PREP, num_classes=2, imbalance="oversample")
+    with pytest.raises(ConfigError):
+        _train(_model(), tmp_path, data, data, max_epochs=0)
+
+
+def _distance(model, reference):
+    return sum(
+        float((p.detach() - r).pow(2).sum())
+        for p, r in zip(model.parameters(), reference, strict=True)
+    )
+
+
+def test_fit_local_trains_in_place_and_fedprox_pulls_to_global(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = square_task(48, seed=12)
+    distances = {}
+    for mu in (0.0, 10.0):
+        model = _model(seed=4)
+        start = [p.detach().clone() for p in model.parameters()]
+        metrics = fit_local(
+            model, train, PREP, epochs=2, batch_size=16, lr=3e-3, seed=1, proximal_mu=mu
+        )
+        assert metrics["num_examples"] == 48 and metrics["epochs"] == 2
+        assert np.isfinite(metrics["train_loss"]) and metrics["images_per_second"] > 0
+        distances[mu] = _distance(model, start)
+    assert distances[0.0] > 0
+    assert distances[10.0] < distances[0.0]
+    assert list(tmp_path.iterdir()) == []  # a local fit writes nothing
+
+
+def test_fit_local_accepts_explicit_global_params():
+    train = square_task(16, seed=13)
+    model = _model(seed=5)
+    global_params = [torch.zeros_like(p) for p in model.parameters()]
+    metrics = fit_local(
+        model,
+        train,
+        PREP,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        seed=0,
+        proximal_mu=0.1,
+        global_params=global_params,
+    )
+    assert metrics["epochs"] == 1
+    with pytest.raises(ValueError):
+        fit_local(
+            model,
+            train,
+            PREP,
+            epochs=1,
+            batch_size=8,
+            lr=1e-3,
+            proximal_mu=0.1,
+            global_params=global_params[:-1],
+        )
