@@ -244,7 +244,7 @@ def _parse_number(value: Any) -> float:
 
 
 def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
         return bool(value)
     if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
