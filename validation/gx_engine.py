@@ -174,7 +174,8 @@ def _check_result(result, by_name: dict[str, Check], index_columns: list[str]) -
         rows.append(row)
     details = None
     if "element_count" not in body:  # aggregate expectations report extra keys, not rows
-        details = {k: v for k, v in body.items() if k != "observed_value"} or None
+        extra = {k: v for k, v in body.items() if k != "observed_value"}
+        details = extra.get("details", extra) or None
     count = body.get("unexpected_count")
     if count is None:
         count = len(rows)

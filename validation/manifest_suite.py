@@ -166,7 +166,7 @@ def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
 def class_counts(frame: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, str]:
     """Images per declared class: in the train split once splits exist, else overall."""
     assigned = (frame["split"] != "").any()
-    scope = "train split" if assigned else "all rows"
+    scope = "train split" if assigned else "whole manifest"
     rows = frame[frame["split"] == "train"] if assigned else frame
     labels = rows["label"][rows["label"].isin(classes)].astype(str)
     counts = labels.value_counts()

@@ -135,13 +135,19 @@ def _failure_lines(part: dict) -> list[str]:
             continue
         if entry.get("scope") == "row" or entry.get("offenders"):
             count = entry.get("unexpected_count", 0)
-            text = f"  - {name}{where}: {count} offending row{'s' if count != 1 else ''}"
+            noun = "class" if "class" in (entry.get("offenders") or [{}])[0] else "row"
+            plural = ("es" if noun == "class" else "s") if count != 1 else ""
+            text = f"  - {name}{where}: {count} offending {noun}{plural}"
             examples = [_offender_text(o) for o in entry.get("offenders", [])[:SUMMARY_OFFENDERS]]
             if examples:
                 more = ", …" if count > len(examples) else ""
                 text += ", e.g. " + ", ".join(examples) + more
+        elif entry.get("details"):
+            text = f"  - {name}{where}: {json.dumps(entry['details'], default=str)}"
+        elif entry.get("observed_value") is not None:
+            text = f"  - {name}{where}: observed {entry['observed_value']!r}"
         else:
-            text = f"  - {name}{where}: observed {entry.get('observed_value')!r}"
+            text = f"  - {name}{where}: failed"
         if entry.get("explanation"):
             text += f" ({entry['explanation']})"
         lines.append(text)
