@@ -1,0 +1,130 @@
+"""Multimodal screening model: an image branch from the zoo plus a clinical-record branch.
+
+Late fusion: each branch turns its input into an embedding (the zoo model's pooled features;
+the tabular encoder's last hidden layer), the two are concatenated and a small MLP classifies
+them. `forward(image, tabular)`; Grad-CAM explains the image branch's last stage with the
+record held fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from components.errors import ConfigError, InputError
+from components.models.tabular import TabularEncoder, TabularLayout
+
+FUSION_ARCHITECTURE = "fusion"
+
+
+class FusionModel(nn.Module):
+    """Image branch (zoo `Classifier` without its head) + `TabularEncoder` -> fusion MLP.
+
+    - `forward(image (N,C,H,W), tabular (N,D))` -> logits (N, num_classes);
+    - `embed(image, tabular)` -> fused penultimate features (N, fusion_hidden);
+    - `cam_target_layers()` -> the image branch's last convolutional stage;
+    - `fit_normalisation(rows)` / `impute(rows)` for the clinical branch.
+    """
+
+    architecture = FUSION_ARCHITECTURE
+
+    def __init__(
+        self,
+        num_classes: int,
+        tabular_schema: list[dict],
+        image_architecture: str = "small_cnn",
+        in_channels: int = 3,
+        norm: str = "batch",
+        pretrained: bool = False,
+        small_input: bool = True,
+        width: int = 16,
+        tabular_hidden: Sequence[int] = (32, 16),
+        fusion_hidden: int = 32,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        from components.models import build_model
+
+        if image_architecture == FUSION_ARCHITECTURE:
+            raise ConfigError("the fusion model's image branch must be an image architecture")
+        if int(fusion_hidden) < 1:
+            raise ConfigError(f"fusion_hidden must be positive, got {fusion_hidden}")
+        self.image = build_model(
+            image_architecture,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            norm=norm,
+            pretrained=pretrained,
+            small_input=small_input,
+            width=width,
+        )
+        self.image.head = nn.Identity()  # only the pooled features are used
+        self.tabular = TabularEncoder(tabular_schema, tabular_hidden, dropout)
+        joint = self.image.embed_dim + self.tabular.embed_dim
+        self.fusion = nn.Sequential(
+            nn.Linear(joint, int(fusion_hidden)), nn.ReLU(), nn.Dropout(float(dropout))
+        )
+        self.head = nn.Linear(int(fusion_hidden), int(num_classes))
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.embed_dim = int(fusion_hidden)
+        self.image_architecture = image_architecture
+
+    @property
+    def layout(self) -> TabularLayout:
+        return self.tabular.layout
+
+    def fit_normalisation(self, rows: torch.Tensor) -> None:
+        self.tabular.fit_normalisation(rows)
+
+    def impute(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tabular.impute(rows)
+
+    def embed(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        if image.shape[0] != tabular.shape[0]:
+            raise InputError(
+                f"{image.shape[0]} images but {tabular.shape[0]} clinical records in one batch"
+            )
+        joint = torch.cat([self.image.embed(image), self.tabular(tabular)], dim=1)
+        return self.fusion(joint)
+
+    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(image, tabular))
+
+    def cam_target_layers(self) -> list[nn.Module]:
+        return self.image.cam_target_layers()
+
+
+def build_fusion_model(
+    num_classes: int,
+    tabular_schema: list[dict],
+    image_architecture: str = "small_cnn",
+    in_channels: int = 3,
+    norm: str = "batch",
+    pretrained: bool = False,
+    small_input: bool = True,
+    width: int = 16,
+    tabular_hidden: Sequence[int] = (32, 16),
+    fusion_hidden: int = 32,
+    dropout: float = 0.1,
+) -> FusionModel:
+    """The `fusion` architecture; the kwargs are JSON-safe for a bundle's
+    `architecture_kwargs`."""
+    return FusionModel(
+        num_classes,
+        tabular_schema,
+        image_architecture=image_architecture,
+        in_channels=in_channels,
+        norm=norm,
+        pretrained=pretrained,
+        small_input=small_input,
+        width=width,
+        tabular_hidden=tabular_hidden,
+        fusion_hidden=fusion_hidden,
+        dropout=dropout,
+    )
+
+
+__all__ = ["FUSION_ARCHITECTURE", "FusionModel", "build_fusion_model"]

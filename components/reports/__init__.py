@@ -1,0 +1,3 @@
+"""Human-readable reports for one case (PDF)."""
+
+from __future__ import annotations
