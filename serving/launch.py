@@ -52,16 +52,22 @@ def serve_env(
 
 
 def preflight(env: dict[str, str]) -> str:
-    """Fail fast with the real reason (no keys, no model) instead of a crash-looping worker."""
+    """Check keys, limits and the model; return the resolved model tag.
+
+    `bentoml serve` respawns a worker whose start-up fails, so without this check a
+    misconfigured server would crash-loop instead of exiting with the reason.
+    """
     load_api_keys(env)
     max_request_bytes(env)
     from serving.packaging import use_bentoml_home
 
     if env.get("BENTOML_HOME"):
         use_bentoml_home(env["BENTOML_HOME"])
+    from components.bundle import ModelBundle
     from serving.service import DEFAULT_MODEL_TAG, load_model_ref
 
     ref = load_model_ref(env.get("ONCOFLOW_MODEL_TAG") or DEFAULT_MODEL_TAG)
+    ModelBundle.load(ref.path).build_model()  # the worker would crash-loop on a broken bundle
     return str(ref.tag)
 
 
@@ -77,6 +83,7 @@ def serve(
     env["ONCOFLOW_MODEL_TAG"] = tag  # pin the resolved version: `latest` may move meanwhile
     log.info("serving %s on http://%s:%d", tag, host, port)
     process = subprocess.Popen(serve_command(host, port), env=env, cwd=PROJECT_ROOT)
+    previous = _forward_sigterm(process)
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -86,3 +93,14 @@ def serve(
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _forward_sigterm(process: subprocess.Popen):
+    """Pass SIGTERM on to the server so it never outlives us; returns the old handler."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    except ValueError:  # not the main thread: leave signal handling alone
+        return None

@@ -49,7 +49,9 @@ class PayloadTooLarge(InputError):
     http_status = 413
 
 
-def load_api_keys(environ: MutableMapping[str, str] | None = None) -> tuple[str, ...] | None:
+def load_api_keys(
+    environ: MutableMapping[str, str] | None = None, warn: bool = True
+) -> tuple[str, ...] | None:
     """Keys from ``ONCOFLOW_API_KEYS`` (comma-separated); None only with the explicit opt-out.
 
     Raises ConfigError when no key is configured and ``ONCOFLOW_ALLOW_NO_AUTH=1`` is not set.
@@ -59,6 +61,8 @@ def load_api_keys(environ: MutableMapping[str, str] | None = None) -> tuple[str,
     if keys:
         return keys
     if env.get(ALLOW_NO_AUTH_ENV, "").strip() == "1":
+        if not warn:
+            return None
         log.warning(
             "API-key authentication is DISABLED (%s=1): anyone who can reach this port can "
             "query the model; use this for local development only",
@@ -81,6 +85,15 @@ def max_request_bytes(environ: MutableMapping[str, str] | None = None) -> int:
     if not megabytes > 0:
         raise ConfigError(f"{MAX_REQUEST_MB_ENV} must be positive, not {raw!r}")
     return int(megabytes * 1024 * 1024)
+
+
+def _safe_max_bytes() -> int:
+    """`max_request_bytes`, falling back to the default: middleware must not raise (the
+    service's __init__ performs the strict check and refuses to start)."""
+    try:
+        return max_request_bytes()
+    except ConfigError:
+        return int(DEFAULT_MAX_REQUEST_MB * 1024 * 1024)
 
 
 def error_body(kind: str, message: str) -> bytes:
@@ -258,7 +271,7 @@ class BodySizeLimit:
 
     def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes if max_bytes is not None else max_request_bytes()
+        self.max_bytes = max_bytes if max_bytes is not None else _safe_max_bytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -295,7 +308,7 @@ class UploadGuard:
     def __init__(self, app: ASGIApp, uploads: dict[str, str], max_bytes: int | None = None):
         self.app = app
         self.uploads = dict(uploads)
-        self.max_bytes = max_bytes if max_bytes is not None else max_request_bytes()
+        self.max_bytes = max_bytes if max_bytes is not None else _safe_max_bytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         field = self.uploads.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -346,9 +359,17 @@ class ApiKeyAuth:
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...] | bool | None = False) -> None:
         self.app = app
-        # `False` means "read the environment now" (at server start, not at import or build).
-        resolved = load_api_keys() if keys is False else keys
-        self.keys = tuple(k.encode() for k in resolved) if resolved else None
+        self.misconfigured = False
+        if keys is False:  # read the environment now: at server start, not at import or build
+            try:
+                keys = load_api_keys(warn=False)
+            except ConfigError:
+                # Never raise here: Starlette builds middleware lazily and uvicorn would then
+                # run the app without its start-up hooks. The service's __init__ refuses to
+                # start on the same check; should a request still arrive, it is refused.
+                self.misconfigured = True
+                keys = ()
+        self.keys = tuple(k.encode() for k in keys) if keys is not None else None
 
     def _authorised(self, scope: Scope) -> bool:
         header = b""
@@ -366,6 +387,8 @@ class ApiKeyAuth:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.misconfigured:
+            raise Unauthorized("authentication is misconfigured on the server; no key is valid")
         if (
             scope["type"] == "http"
             and self.keys is not None

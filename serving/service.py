@@ -28,7 +28,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from components.errors import ConfigError, ModelError, OncoflowError
-from serving.middleware import ApiKeyAuth, BodySizeLimit, ErrorEnvelope, UploadGuard
+from serving.middleware import (
+    ApiKeyAuth,
+    BodySizeLimit,
+    ErrorEnvelope,
+    UploadGuard,
+    load_api_keys,
+    max_request_bytes,
+)
 from serving.schemas import ModelCard, ModelRef, PredictResponse
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,10 @@ class DiagnosisService:
         from components.bundle import ModelBundle
 
         global _instance
+        # Settings the middleware reads lazily (at the first request) are checked here, at
+        # start-up, so a misconfigured service never starts instead of failing per request.
+        load_api_keys()
+        max_request_bytes()
         tag = os.environ.get(MODEL_TAG_ENV, "").strip() or DEFAULT_MODEL_TAG
         ref = load_model_ref(tag)
         self.bundle = ModelBundle.load(ref.path)

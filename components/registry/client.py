@@ -294,15 +294,13 @@ class RegistryClient:
         metrics = flatten_metrics(test_metrics)
         with _mlflow_errors(f"cannot register run {run_id} as {model_name!r}"):
             run = self.client.get_run(run_id)
+            bundle_files = {f.path for f in self.client.list_artifacts(run_id, BUNDLE_ARTIFACT)}
+            if f"{BUNDLE_ARTIFACT}/bundle.json" not in bundle_files:
+                raise RegistryError(f"run {run_id} has no model bundle under {BUNDLE_ARTIFACT}/")
             fingerprint = test_fingerprint or run.data.tags.get(TAG_TEST_FINGERPRINT, "")
             self._ensure_registered_model(model_name)
             champion = self._champion_version(model_name)
-            version = self.client.create_model_version(
-                model_name,
-                source=f"{run.info.artifact_uri}/{BUNDLE_ARTIFACT}",
-                run_id=run_id,
-                tags=self._version_tags(metrics, fingerprint, run_id, gate),
-            ).version
+        # Decide before registering: a misconfigured gate (ConfigError) leaves no version behind.
         champion_metrics = _tag_metrics(champion.tags) if champion else None
         same = champion is None or (
             bool(fingerprint) and champion.tags.get(TAG_TEST_FINGERPRINT) == fingerprint
@@ -312,18 +310,20 @@ class RegistryClient:
             decision = replace(
                 decision, reason=decision.reason + " (candidate has no test-set fingerprint)"
             )
+        tags = self._version_tags(metrics, fingerprint, run_id, gate) | {
+            TAG_GATE_DECISION: decision.status,
+            TAG_GATE_REASON: _truncate(decision.reason, _MAX_TAG_VALUE),
+        }
+        if champion is not None:
+            tags["compared_with"] = str(champion.version)
         alias = CHAMPION if decision.promote else CHALLENGER
-        with _mlflow_errors(f"cannot record the gate decision for {model_name} v{version}"):
-            self.client.set_model_version_tag(
-                model_name, version, TAG_GATE_DECISION, decision.status
-            )
-            self.client.set_model_version_tag(
-                model_name, version, TAG_GATE_REASON, _truncate(decision.reason, _MAX_TAG_VALUE)
-            )
-            if champion is not None:
-                self.client.set_model_version_tag(
-                    model_name, version, "compared_with", str(champion.version)
-                )
+        with _mlflow_errors(f"cannot register run {run_id} as {model_name!r}"):
+            version = self.client.create_model_version(
+                model_name,
+                source=f"{run.info.artifact_uri}/{BUNDLE_ARTIFACT}",
+                run_id=run_id,
+                tags=tags,
+            ).version
             self.client.set_registered_model_alias(model_name, alias, version)
             if decision.promote and champion is not None:
                 self.client.set_model_version_tag(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -154,6 +155,28 @@ def test_champion_gate_end_to_end(registry, tmp_path):
     registry.promote(name, 4, "new reference test set after relabelling")
     assert registry.champion_info(name)["version"] == "4"
     assert registry.version_info(name, 4)["gate_decision"] == "promoted_manually"
+
+
+def test_misconfigured_gate_registers_nothing(registry, tmp_path):
+    name = "oncoflow-misconfigured"
+    rec = record(tmp_path, "bad-gate", 0.5)
+    run_id = registry.log_training_run(rec)
+    with pytest.raises(ConfigError, match="macro_f9"):
+        registry.register_candidate(run_id, name, rec.test_metrics, GateConfig("macro_f9"))
+    assert registry.client.search_model_versions(f"name='{name}'") == []
+
+
+def test_nan_metrics_are_logged_and_never_promoted_over_a_champion(registry, tmp_path):
+    name = "oncoflow-nan"
+    first = record(tmp_path, "nan1", 0.5)
+    registry.register_candidate(
+        registry.log_training_run(first), name, first.test_metrics, GateConfig()
+    )
+    nan = record(tmp_path, "nan2", float("nan"))
+    run_id = registry.log_training_run(nan)
+    assert math.isnan(registry.client.get_run(run_id).data.metrics["test_macro_f1"])
+    decision = registry.register_candidate(run_id, name, nan.test_metrics, GateConfig())
+    assert not decision.promote and registry.champion_info(name)["version"] == "1"
 
 
 def test_download_bundle_round_trips_byte_identically(registry, tmp_path):
