@@ -68,6 +68,26 @@ def animated_gif() -> bytes:
     return buffer.getvalue()
 
 
+def dicom_bytes() -> bytes:
+    """A 12-bit MONOCHROME2 DICOM carrying a patient name and id (must never reach the logs)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.PatientName, ds.PatientID, ds.Modality = "ROE^RICHARD", "PID-778899", "MR"
+    pixels = (np.arange(24 * 30, dtype=np.uint16).reshape(24, 30) * 5) % 4000
+    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------- fixtures
 
 
@@ -186,6 +206,14 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
         assert answer.model.tag == model_tag
         assert (answer.model.name, answer.model.version) == ("oncoflow-test", "7")
         assert answer.latency_ms > 0
+
+
+@pytest.mark.integration
+def test_dicom_is_accepted_and_matches_in_process(client, bundle_dir):
+    data = dicom_bytes()
+    answer = client.predict(data, "scan.dcm")
+    expected = in_process_probabilities(bundle_dir, data)
+    assert [answer.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.integration
@@ -323,7 +351,7 @@ def test_unknown_route_is_json_404(server):
 
 
 @pytest.mark.integration
-def test_server_logs_no_file_names(server, client):
+def test_server_logs_no_identifiers(server, client):
     base, proc = server
     client.predict(png_bytes(seed=9), "Doe_John_1970-01-01.png")
     httpx.post(
@@ -332,9 +360,11 @@ def test_server_logs_no_file_names(server, client):
         timeout=30,
         files={"image": ("Doe_Jane_secret.png", b"junk", "image/png")},
     )
+    client.predict(dicom_bytes(), "scan.dcm")
     time.sleep(0.5)
     log = proc.log_path.read_text(errors="replace")
-    assert "Doe_" not in log and KEY not in log
+    for secret in ("Doe_", KEY, "ROE", "RICHARD", "PID-778899"):
+        assert secret not in log, secret
 
 
 # ---------------------------------------------------------------- start-up refusals
