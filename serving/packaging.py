@@ -58,8 +58,8 @@ def import_bundle(
     """Copy a model bundle into the Bento model store; return the new tag (``name:version``).
 
     The bundle is loaded and its model built first, so a broken bundle is never packaged.
-    `metadata` may carry ``registered_model`` and ``model_version`` (the MLflow version);
-    the service reports them in every answer.
+    `metadata` (or `labels`) may carry ``registered_model`` and ``model_version`` (or
+    ``version``), the MLflow coordinates; the service reports them in every answer.
     """
     from components.bundle import ModelBundle
 
@@ -86,6 +86,11 @@ def import_bundle(
         else:
             raise ConfigError(f"bento model metadata {key!r} must be a scalar or a flat dict")
     safe_labels = {str(k): str(v) for k, v in (labels or {}).items()}
+    # The service reports metadata; accept the registry coordinates given as labels too.
+    meta["registered_model"] = meta["registered_model"] or safe_labels.get("registered_model", "")
+    meta["model_version"] = meta["model_version"] or safe_labels.get(
+        "model_version", safe_labels.get("version", "")
+    )
     with bentoml.models.create(name, labels=safe_labels, metadata=meta) as model_ref:
         shutil.copytree(source, model_ref.path, dirs_exist_ok=True)
     tag = str(model_ref.tag)

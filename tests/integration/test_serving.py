@@ -138,8 +138,8 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def model_tag(bundle_dir, bento_home):
     code = (
         "from serving.packaging import import_bundle; print(import_bundle("
-        f"{str(bundle_dir)!r}, metadata={{'registered_model': 'oncoflow-test', "
-        "'model_version': '7'}))"
+        f"{str(bundle_dir)!r}, labels={{'registered_model': 'oncoflow-test', "
+        "'version': '7'}))"
     )
     done = run_python(code, {"BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "true"})
     assert done.returncode == 0, done.stderr
