@@ -172,7 +172,12 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 class RegistryClient:
-    """One experiment and its registered models on one MLflow tracking server or database."""
+    """One experiment and its registered models on one MLflow tracking server or database.
+
+    `artifact_location` (a local directory) is used when creating the experiment for database
+    URIs (default for SQLite: ``mlartifacts/`` next to the database) and ignored for tracking
+    servers, which store artifacts where they are configured to.
+    """
 
     def __init__(
         self,
@@ -187,6 +192,9 @@ class RegistryClient:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             artifact_location = artifact_location or db.parent / "mlartifacts"
+        elif self.tracking_uri.startswith(("http://", "https://", "databricks")):
+            # A tracking server decides where artifacts go; a local path would be wrong there.
+            artifact_location = None
         self.artifact_location = Path(artifact_location).resolve() if artifact_location else None
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.experiment_name = experiment
