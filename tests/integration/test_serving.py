@@ -21,6 +21,8 @@ import pytest
 from components.errors import ConfigError
 from serving.client import DiagnosisClient, ServiceError
 
+pytestmark = pytest.mark.integration
+
 CLASSES = ["benign", "malignant", "normal"]
 KEY = "test-key-123"
 
@@ -186,14 +188,12 @@ def in_process_probabilities(bundle_dir, image: bytes) -> list[float]:
 # ---------------------------------------------------------------- over HTTP
 
 
-@pytest.mark.integration
 def test_probes_are_open(server):
     base, _ = server
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(base + path, timeout=10).status_code == 200, path
 
 
-@pytest.mark.integration
 def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
     for seed in (0, 1):
         image = png_bytes(seed=seed)
@@ -208,7 +208,6 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
         assert answer.latency_ms > 0
 
 
-@pytest.mark.integration
 def test_dicom_is_accepted_and_matches_in_process(client, bundle_dir):
     data = dicom_bytes()
     answer = client.predict(data, "scan.dcm")
@@ -216,7 +215,6 @@ def test_dicom_is_accepted_and_matches_in_process(client, bundle_dir):
     assert [answer.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-5)
 
 
-@pytest.mark.integration
 def test_grayscale_and_jpeg_are_accepted(client):
     from PIL import Image
 
@@ -226,7 +224,6 @@ def test_grayscale_and_jpeg_are_accepted(client):
         assert set(client.predict(image, name).probabilities) == set(CLASSES)
 
 
-@pytest.mark.integration
 def test_auth_is_required(server):
     base, _ = server
     files = {"image": ("x.png", png_bytes(), "image/png")}
@@ -257,7 +254,6 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_images_get_a_4xx_json_error(server, client, case):
     base, _ = server
@@ -275,7 +271,6 @@ def test_bad_images_get_a_4xx_json_error(server, client, case):
     assert client.predict(png_bytes(), "ok.png").label in CLASSES  # still healthy
 
 
-@pytest.mark.integration
 def test_wrong_request_shapes_are_4xx_json(server, client):
     base, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -311,7 +306,6 @@ def test_wrong_request_shapes_are_4xx_json(server, client):
     assert client.predict(png_bytes(), "ok.png").label in CLASSES
 
 
-@pytest.mark.integration
 def test_streamed_oversize_body_without_length_is_refused(server):
     base, _ = server
 
@@ -329,7 +323,6 @@ def test_streamed_oversize_body_without_length_is_refused(server):
     assert response.json()["error"]["type"] == "PayloadTooLarge"
 
 
-@pytest.mark.integration
 def test_model_card(client, model_tag):
     card = client.model_card()
     assert card.classes == CLASSES
@@ -343,14 +336,12 @@ def test_model_card(client, model_tag):
     assert client.ready()
 
 
-@pytest.mark.integration
 def test_unknown_route_is_json_404(server):
     base, _ = server
     response = httpx.get(base + "/nope", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert response.status_code == 404 and response.json()["error"]["type"] == "NotFound"
 
 
-@pytest.mark.integration
 def test_server_logs_no_identifiers(server, client):
     base, proc = server
     client.predict(png_bytes(seed=9), "Doe_John_1970-01-01.png")
