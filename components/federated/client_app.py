@@ -1,0 +1,187 @@
+"""The Flower ClientApp (Message API): one site trains and evaluates on its own data only.
+
+Deployment: `flower-supernode --node-config 'data-dir="/path/to/<site>"'` points the site at
+its partition (written by `write_site`). Simulation: `build_client_app(site_dirs)` maps
+Flower's `partition-id` to a site directory.
+
+train:    load the global weights, train `local_epochs` with `fit_local` (FedProx term when
+          configured), evaluate the local model on the site's validation data, keep the site's
+          best model on the site, reply with the weights and training metrics.
+evaluate: score the global weights on the site's validation data, keep them as the site's best
+          model if they beat it, reply with the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from components.errors import DataError
+from components.federated.runspec import SPEC_KEY, ClientSpec
+
+log = logging.getLogger(__name__)
+
+SITE_RECORD = "site"  # ConfigRecord in every reply naming the site
+TRAIN_KEYS = (
+    "train-loss",
+    "val-examples",
+    "local-val-macro-f1",
+    "local-val-accuracy",
+    "fit-seconds",
+)
+EVAL_KEYS = (
+    "val-loss",
+    "val-accuracy",
+    "val-balanced-accuracy",
+    "val-macro-f1",
+    "best-val-macro-f1",
+)
+
+
+def site_dir_for(context: Context, site_dirs: list[str] | None = None) -> Path:
+    """The site's data directory: node config `data-dir`, else `site_dirs[partition-id]`."""
+    config = context.node_config
+    if "data-dir" in config:
+        return Path(str(config["data-dir"]))
+    if site_dirs is not None and "partition-id" in config:
+        index = int(config["partition-id"])
+        if 0 <= index < len(site_dirs):
+            return Path(site_dirs[index])
+    raise DataError(
+        "this SuperNode has no site data configured; start it with "
+        "--node-config 'data-dir=\"<workspace>/federation/sites/<site>\"'"
+    )
+
+
+def _spec(msg: Message) -> tuple[ClientSpec, int]:
+    config = msg.content["config"]
+    return ClientSpec.from_json(str(config[SPEC_KEY])), int(config["server-round"])
+
+
+def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, Any], site: str) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), SITE_RECORD: ConfigRecord({"name": site})}
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def _validation(model, site, spec) -> dict[str, Any] | None:
+    from components.federated.task import evaluate_model
+
+    if not len(site.y_val):
+        return None
+    return evaluate_model(model, site.x_val, site.y_val, spec.model)
+
+
+def handle_train(msg: Message, site_dir: Path) -> Message:
+    from components.federated.attacks import UPDATE_ATTACKS, poison_labels, poison_update
+    from components.federated.task import (
+        from_record,
+        keep_best,
+        load_arrays,
+        load_site,
+        local_seed,
+        set_threads,
+        state_arrays,
+        to_record,
+        train_local,
+    )
+
+    spec, server_round = _spec(msg)
+    site = load_site(site_dir)
+    set_threads(spec.training.threads)
+    model = spec.model.build()
+    received = from_record(msg.content["arrays"])
+    load_arrays(model, received)
+    attack = spec.attacks.get(site.name)
+    y = site.y_train
+    if attack and attack["behaviour"] == "label_flip":
+        y = poison_labels(y, spec.model.num_classes)
+    seed = local_seed(spec.seed, server_round, site.name)
+    started = time.perf_counter()
+    fit = train_local(model, site.x_train, y, spec.model, spec.training, seed)
+    seconds = time.perf_counter() - started
+    val = _validation(model, site, spec)
+    if val is not None:
+        keep_best(
+            site.directory,
+            model,
+            spec.model,
+            val["macro_f1"],
+            server_round=server_round,
+            source="local",
+            site=site.name,
+            metrics={k: val[k] for k in ("accuracy", "macro_f1", "loss")},
+        )
+    weights = state_arrays(model)
+    if attack and attack["behaviour"] in UPDATE_ATTACKS:
+        weights = poison_update(weights, received, attack, np.random.default_rng(seed))
+    metrics = {
+        "num-examples": int(fit["num_examples"]),
+        "train-loss": float(fit["train_loss"]),
+        "val-examples": len(site.y_val),
+        "local-val-macro-f1": float(val["macro_f1"]) if val else 0.0,
+        "local-val-accuracy": float(val["accuracy"]) if val else 0.0,
+        "fit-seconds": float(seconds),
+    }
+    return _reply(msg, to_record(weights), metrics, site.name)
+
+
+def handle_evaluate(msg: Message, site_dir: Path) -> Message:
+    from components.federated.task import best_score, from_record, keep_best, load_arrays, load_site
+
+    spec, server_round = _spec(msg)
+    site = load_site(site_dir)
+    model = spec.model.build()
+    load_arrays(model, from_record(msg.content["arrays"]))
+    val = _validation(model, site, spec)
+    if val is None:
+        metrics = dict.fromkeys(EVAL_KEYS, 0.0)
+        return _reply(msg, None, {"num-examples": 0, **metrics}, site.name)
+    keep_best(
+        site.directory,
+        model,
+        spec.model,
+        val["macro_f1"],
+        server_round=server_round,
+        source="global",
+        site=site.name,
+        metrics={k: val[k] for k in ("accuracy", "macro_f1", "loss")},
+    )
+    metrics = {
+        "num-examples": len(site.y_val),
+        "val-loss": float(val["loss"]),
+        "val-accuracy": float(val["accuracy"]),
+        "val-balanced-accuracy": float(val["balanced_accuracy"]),
+        "val-macro-f1": float(val["macro_f1"]),
+        "best-val-macro-f1": float(best_score(site.directory) or 0.0),
+    }
+    return _reply(msg, None, metrics, site.name)
+
+
+def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
+    """A ClientApp whose site is `data-dir` from the node config, or `site_dirs[partition-id]`."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, site_dir_for(context, site_dirs))
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, site_dir_for(context, site_dirs))
+
+    return client
+
+
+app = build_client_app()
+
+__all__ = ["app", "build_client_app", "handle_evaluate", "handle_train", "site_dir_for"]

@@ -1,0 +1,225 @@
+"""Prepare a federated run on disk: one directory per site, the server's test split, the spec.
+
+    <root>/
+      federation.json          settings + site report (class histogram per site)
+      sites/<site>/            train.npz, val.npz, site.json  (a SuperNode reads only this)
+                  best_model/  the site's best model (a model bundle), written by the site
+      server/test.npz          the held-out test split (never sent to any site)
+      server/spec.json         the RunSpec the ServerApp reads
+      server/out/              checkpoints/, ledger.jsonl, result.json, final_model.npz
+
+In a real deployment each hospital receives only its own `sites/<site>/` directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.data.preprocess import Preprocessing
+from components.errors import DataError
+from components.federated.attacks import attacker_sites
+from components.federated.partition import (
+    partition_splits,
+    safe_site_name,
+    site_report,
+    site_report_markdown,
+)
+from components.federated.runspec import RunSpec
+from components.federated.settings import FederationSettings, validate_federation
+from components.federated.task import LocalTraining, ModelSpec, write_site, write_split
+
+log = logging.getLogger(__name__)
+
+FEDERATION_FILE = "federation.json"
+
+
+@dataclass
+class FederationLayout:
+    """Where a prepared federated run lives."""
+
+    root: Path
+    settings: FederationSettings
+    spec: RunSpec
+    spec_path: Path
+    sites: dict[str, Path]
+    report: dict[str, Any]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.spec.out_dir)
+
+    @property
+    def report_markdown(self) -> str:
+        return site_report_markdown(self.report)
+
+    @classmethod
+    def open(cls, root: str | Path) -> FederationLayout:
+        """Re-open a layout written by `prepare_federation` (e.g. for `oncoflow fl submit`)."""
+        root = Path(root)
+        try:
+            meta = json.loads((root / FEDERATION_FILE).read_text())
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"{root} holds no prepared federation; run `oncoflow fl prepare` first"
+            ) from exc
+        spec_path = root / "server" / "spec.json"
+        spec = RunSpec.load(spec_path)
+        sites = {name: root / "sites" / d for name, d in meta["site_dirs"].items()}
+        return cls(root, spec.settings, spec, spec_path, sites, meta["report"])
+
+
+def architecture_from_config(cfg: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    """`build_model` keyword arguments from the run config's `model` and `dataset` sections."""
+    m = cfg["model"]
+    return {
+        "name": m["name"],
+        "num_classes": int(num_classes),
+        "in_channels": int(cfg["dataset"]["channels"]),
+        "norm": m.get("norm", "batch"),
+        "pretrained": bool(m.get("pretrained", False)),
+        "small_input": bool(m.get("small_input", True)),
+        "width": int(m.get("width", 16)),
+    }
+
+
+def training_from_config(
+    cfg: Mapping[str, Any], settings: FederationSettings, threads: int | None
+) -> LocalTraining:
+    """Local training settings: the run's `trainer` section, epochs from `federation`."""
+    tr = cfg.get("trainer", {})
+    return LocalTraining(
+        epochs=settings.local_epochs,
+        batch_size=int(tr.get("batch_size", 32)),
+        lr=float(tr.get("lr", 1e-3)),
+        weight_decay=float(tr.get("weight_decay", 1e-4)),
+        imbalance=str(tr.get("imbalance", "none")),
+        augment=bool(tr.get("augment", False)),
+        deterministic=bool(tr.get("deterministic", True)),
+        proximal_mu=settings.proximal_mu,
+        threads=threads,
+    )
+
+
+def _xy(split: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if split is None:
+        raise DataError(f"federated training needs a {name} split")
+    if hasattr(split, "x"):
+        return np.asarray(split.x), np.asarray(split.y)
+    x, y = split
+    return np.asarray(x), np.asarray(y)
+
+
+def _fingerprint(parts: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part.shape).encode())
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare_federation(
+    cfg: Mapping[str, Any],
+    arrays: Mapping[str, Any],
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    root: str | Path,
+    *,
+    site_groups: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> FederationLayout:
+    """Validate, partition and write a federated run under `root`.
+
+    `arrays` maps "train"/"val"/"test" to `SplitArrays` (or (x, y) pairs, x uint8 N,C,H,W).
+    `site_groups` gives, for partition=given, the site of every train/val image
+    ({"train": [...], "val": [...]}, e.g. from `partition.site_column(manifest, ids)`).
+    `threads` caps torch threads per site (default: federation.simulation.threads_per_site
+    on the simulation engine, torch's default elsewhere).
+    """
+    settings = validate_federation(dict(cfg))
+    if threads is None and settings.engine == "simulation":
+        threads = settings.simulation.threads_per_site
+    root = Path(root).resolve()
+    x_train, y_train = _xy(arrays.get("train"), "train")
+    x_val, y_val = _xy(arrays.get("val"), "validation")
+    x_test, y_test = _xy(arrays.get("test"), "test")
+    if not len(y_test):
+        raise DataError("the test split is empty: the server has nothing to evaluate on")
+    groups = site_groups or {}
+    sites = partition_splits(
+        y_train,
+        y_val,
+        settings.partition,
+        settings.num_sites,
+        alpha=settings.alpha,
+        seed=settings.seed,
+        train_groups=groups.get("train"),
+        val_groups=groups.get("val"),
+        num_classes=len(class_names),
+        min_samples=settings.min_site_samples,
+    )
+    report = site_report(
+        sites, y_train, y_val, class_names, scheme=settings.partition, alpha=settings.alpha
+    )
+    attacks = attacker_sites(settings.attack, list(sites))
+    site_dirs: dict[str, Path] = {}
+    used: set[str] = set()
+    fingerprint_parts: list[np.ndarray] = [x_test, y_test]
+    for name, parts in sites.items():
+        dirname = safe_site_name(name)
+        while dirname in used:
+            dirname += "_"
+        used.add(dirname)
+        val_x = np.concatenate([x_val[parts.val], x_train[parts.val_from_train]])
+        val_y = np.concatenate([y_val[parts.val], y_train[parts.val_from_train]])
+        train_x, train_y = x_train[parts.train], y_train[parts.train]
+        site_dirs[name] = write_site(
+            root / "sites" / dirname,
+            name,
+            (train_x, train_y),
+            (val_x, val_y),
+            {"class_names": list(class_names), "histogram": report["sites"][name]},
+        )
+        fingerprint_parts += [train_y, val_y, train_x[:: max(1, len(train_x) // 64)]]
+    server_dir = root / "server"
+    server_dir.mkdir(parents=True, exist_ok=True)
+    write_split(server_dir / "test.npz", x_test, y_test)
+    spec = RunSpec(
+        settings=settings,
+        model=ModelSpec(
+            architecture=architecture_from_config(cfg, len(class_names)),
+            preprocessing=preprocessing.to_dict(),
+            class_names=list(class_names),
+        ),
+        training=training_from_config(cfg, settings, threads),
+        test_path=str(server_dir / "test.npz"),
+        out_dir=str(server_dir / "out"),
+        sites=list(sites),
+        attacks=attacks,
+        data_fingerprint=_fingerprint(fingerprint_parts),
+    )
+    spec_path = spec.save(server_dir / "spec.json")
+    meta = {
+        "settings": settings.to_dict(),
+        "report": report,
+        "site_dirs": {n: p.name for n, p in site_dirs.items()},
+        "attackers": attacks,
+    }
+    (root / FEDERATION_FILE).write_text(json.dumps(meta, indent=1))
+    log.info("prepared %d sites under %s\n%s", len(sites), root, site_report_markdown(report))
+    return FederationLayout(root, settings, spec, spec_path, site_dirs, report)
+
+
+__all__ = [
+    "FederationLayout",
+    "architecture_from_config",
+    "prepare_federation",
+    "training_from_config",
+]

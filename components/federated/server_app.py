@@ -1,0 +1,372 @@
+"""The Flower ServerApp (Message API) and the round driver shared by every engine.
+
+`run_federation(grid, spec)` runs the rounds with a `flwr.serverapp.strategy` rule:
+per round it sends the global weights to the sites (`configure_train`), screens the replies
+(`hygiene`), aggregates the accepted ones (`aggregate_train`), asks the sites to evaluate the
+new global model, evaluates it on the held-out test split on the server, then checkpoints the
+global model and the server state and appends a line to the ledger. A restarted run resumes
+after its last checkpoint. Results go to `spec.out_dir` (`result.json`, `final_model.npz`).
+
+Deployment loads the module attribute `app` (spec path in the run config `spec-file`);
+the simulation engines build a ServerApp around a `RunSpec` with `build_server_app`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from components.errors import ConfigError, DataError
+from components.federated.checkpoint import LEDGER, CheckpointStore, append_ledger
+from components.federated.client_app import SITE_RECORD
+from components.federated.hygiene import Rejection, screen_updates
+from components.federated.runspec import SPEC_KEY, RunSpec
+from components.federated.settings import FederationSettings
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+FINAL_WEIGHTS = "final_model.npz"
+CHECKPOINT_DIR = "checkpoints"
+SPEC_FILE_KEY = "spec-file"  # run-config key of the deployment ServerApp
+
+
+def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
+    node = msg.metadata.src_node_id
+    if not msg.has_error() and SITE_RECORD in msg.content.config_records:
+        name = str(msg.content.config_records[SITE_RECORD]["name"])
+        node_sites[node] = name
+        return name
+    return node_sites.get(node, f"node-{node}")
+
+
+def await_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> int:
+    """Wait until `expected` sites are connected (or `minimum` once `timeout` has passed).
+
+    Raises `DataError` when fewer than `minimum` sites are connected after `timeout`, instead
+    of blocking forever as sampling would.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= expected:
+            return connected
+        if time.monotonic() >= deadline:
+            if connected >= minimum:
+                log.warning(
+                    "%d of %d sites connected; going on without the others", connected, expected
+                )
+                return connected
+            raise DataError(
+                f"only {connected} of {expected} sites connected after {timeout:.0f}s, fewer than "
+                f"federation.min_available_sites={minimum}; start the missing SuperNodes or "
+                "lower federation.min_available_sites"
+            )
+        time.sleep(0.5)
+
+
+class _TestSet:
+    """The server's held-out test split and a model to score global weights on it."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        from components.federated.task import read_split
+
+        self.spec = spec
+        self.x, self.y = read_split(Path(spec.test_path))
+        self.model = spec.model.build()
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        from components.federated.task import evaluate_model, load_arrays
+
+        load_arrays(self.model, arrays)
+        return evaluate_model(self.model, self.x, self.y, self.spec.model)
+
+
+def _initial_arrays(spec: RunSpec) -> dict[str, np.ndarray]:
+    import torch
+
+    from components.federated.task import state_arrays
+
+    torch.manual_seed(spec.settings.seed)
+    return state_arrays(spec.model.build())
+
+
+def _set_multikrum_selection(strategy: Any, settings: FederationSettings, n: int) -> None:
+    """Multi-Krum averages n - f updates of the replies actually received (unless configured)."""
+    if settings.strategy == "multikrum" and settings.multikrum_select is None:
+        strategy.num_nodes_to_select = settings.selected_by_multikrum(n)
+
+
+def _round_train(
+    strategy: Any,
+    grid: Grid,
+    spec: RunSpec,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    node_sites: dict[int, str],
+) -> tuple[dict[str, np.ndarray] | None, dict[str, dict], list[Rejection], list[str]]:
+    """One training step: send, screen, aggregate. Returns (new arrays or None, per-site rows,
+    rejections, notes)."""
+    from components.federated.task import from_record, match_dtypes, to_record
+
+    settings = spec.settings
+    config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
+    messages = list(strategy.configure_train(server_round, to_record(arrays), config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    sites: dict[str, dict] = {}
+    rejections: list[Rejection] = []
+    notes: list[str] = []
+    updates, good = [], []
+    for msg in replies:
+        site = _site_of(msg, node_sites)
+        if msg.has_error():
+            reason = f"no update: {msg.error.reason}"
+            rejections.append(Rejection(server_round, site, reason, msg.metadata.src_node_id))
+            sites[site] = {"status": "failed"}
+            log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+            continue
+        if site in sites:
+            reason = (
+                "a second reply from the same site in this round (two SuperNodes share a site?)"
+            )
+            rejections.append(Rejection(server_round, site, reason, msg.metadata.src_node_id))
+            log.warning("round %d: ignored %s", server_round, reason)
+            continue
+        records = msg.content.array_records
+        weights = from_record(records["arrays"]) if "arrays" in records else {}
+        updates.append((site, msg.metadata.src_node_id, weights))
+        good.append(msg)
+        metrics = dict(msg.content.metric_records["metrics"])
+        sites[site] = {
+            "status": "accepted",
+            "num_examples": int(metrics.get("num-examples", 0)),
+            "train_loss": float(metrics.get("train-loss", float("nan"))),
+            "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
+            "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
+        }
+    missing = len(messages) - len(replies)
+    if missing > 0:
+        notes.append(f"{missing} site(s) did not answer within {settings.round_timeout:.0f}s")
+    accepted, rejected, norms = screen_updates(server_round, updates, arrays, settings.hygiene)
+    rejections.extend(rejected)
+    for r in rejected:
+        sites[r.site]["status"] = "rejected"
+    for site, norm in norms.items():
+        sites[site]["update_norm"] = norm
+    chosen = sorted((good[i] for i in accepted), key=lambda m: _site_of(m, node_sites))
+    if not chosen:
+        notes.append("no acceptable update: the global model is unchanged")
+        return None, sites, rejections, notes
+    _set_multikrum_selection(strategy, settings, len(chosen))
+    try:
+        aggregated, _ = strategy.aggregate_train(server_round, chosen)
+    except Exception as exc:  # a rule refusing this set of replies must not end the run
+        notes.append(f"aggregation failed ({type(exc).__name__}: {exc}); model unchanged")
+        return None, sites, rejections, notes
+    if aggregated is None:
+        notes.append(
+            f"{settings.strategy} skipped aggregation with {len(chosen)} update(s); model unchanged"
+        )
+        return None, sites, rejections, notes
+    new = match_dtypes(from_record(aggregated), arrays)
+    if not all(np.all(np.isfinite(v)) for v in new.values() if np.issubdtype(v.dtype, np.floating)):
+        notes.append("the aggregate is not finite; model unchanged")
+        return None, sites, rejections, notes
+    return new, sites, rejections, notes
+
+
+def _round_evaluate(
+    strategy: Any,
+    grid: Grid,
+    spec: RunSpec,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    node_sites: dict[int, str],
+    sites: dict[str, dict],
+) -> dict[str, float]:
+    """Ask the sites to evaluate the global model; fill per-site rows, return the aggregate."""
+    from components.federated.task import to_record
+
+    if not spec.settings.evaluate_sites:
+        return {}
+    config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
+    messages = list(strategy.configure_evaluate(server_round, to_record(arrays), config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=spec.settings.round_timeout))
+    usable = []
+    for msg in replies:
+        site = _site_of(msg, node_sites)
+        row = sites.setdefault(site, {"status": "evaluated only"})
+        if msg.has_error():
+            row["eval_error"] = msg.error.reason
+            continue
+        metrics = dict(msg.content.metric_records["metrics"])
+        if int(metrics.get("num-examples", 0)) > 0:
+            usable.append(msg)
+            row.update(
+                {
+                    "val_examples": int(metrics["num-examples"]),
+                    "val_loss": float(metrics["val-loss"]),
+                    "val_accuracy": float(metrics["val-accuracy"]),
+                    "val_balanced_accuracy": float(metrics["val-balanced-accuracy"]),
+                    "val_macro_f1": float(metrics["val-macro-f1"]),
+                    "best_val_macro_f1": float(metrics["best-val-macro-f1"]),
+                }
+            )
+    if not usable:
+        return {}
+    aggregate = strategy.aggregate_evaluate(server_round, usable)
+    return {k.replace("-", "_"): float(v) for k, v in dict(aggregate or {}).items()}
+
+
+def _write_result(spec: RunSpec, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / FINAL_WEIGHTS, **arrays)
+    path = out / RESULT_FILE
+    tmp = out / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, default=float))
+    tmp.replace(path)
+    return path
+
+
+def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
+    """Run (or resume) the federated rounds of `spec` over `grid`; return the result dict."""
+    from components.federated.strategies import build_strategy, strategy_state
+    from components.federated.task import headline
+
+    settings = spec.settings
+    out = Path(spec.out_dir)
+    store = CheckpointStore(out / CHECKPOINT_DIR, spec.fingerprint(), settings.keep_checkpoints)
+    strategy = build_strategy(settings)
+    test = _TestSet(spec)
+    started = time.perf_counter()
+
+    checkpoint = store.latest() if settings.resume else None
+    if not settings.resume:
+        store.clear()
+    if checkpoint is not None:
+        arrays = checkpoint.arrays
+        state = checkpoint.state
+        history: list[dict[str, Any]] = state["history"]
+        rejected: list[dict[str, Any]] = state["rejected"]
+        node_sites = {int(k): v for k, v in state.get("node_sites", {}).items()}
+        first = checkpoint.round + 1
+        log.info("resuming after round %d from %s", checkpoint.round, checkpoint.path)
+    else:
+        arrays, history, rejected, node_sites, first = _initial_arrays(spec), [], [], {}, 1
+    resumed_from = first - 1
+
+    for server_round in range(first, settings.rounds + 1):
+        t0 = time.perf_counter()
+        await_sites(
+            grid,
+            expected=len(spec.sites) if server_round == first else settings.min_available_sites,
+            minimum=settings.min_available_sites,
+            timeout=settings.connect_timeout,
+        )
+        new, sites, rejections, notes = _round_train(
+            strategy, grid, spec, server_round, arrays, node_sites
+        )
+        if new is not None:
+            arrays = new
+        federated_eval = _round_evaluate(
+            strategy, grid, spec, server_round, arrays, node_sites, sites
+        )
+        server_metrics = headline(test.evaluate(arrays))
+        seconds = time.perf_counter() - t0
+        row = {
+            "round": server_round,
+            "step": server_round,
+            "server": server_metrics,
+            "sites_eval": federated_eval,
+            "sites": sites,
+            "accepted": sum(1 for s in sites.values() if s.get("status") == "accepted"),
+            "rejected": sum(1 for s in sites.values() if s.get("status") == "rejected"),
+            "failed": sum(1 for s in sites.values() if s.get("status") == "failed"),
+            "aggregated": new is not None,
+            "notes": notes,
+            "round_seconds": seconds,
+        }
+        history.append(row)
+        rejected.extend(r.to_dict() for r in rejections)
+        for note in notes:
+            log.warning("round %d: %s", server_round, note)
+        log.info(
+            "round %d/%d: %d accepted, %d rejected, %d failed; test macro-F1 %.4f (%.1fs)",
+            server_round,
+            settings.rounds,
+            row["accepted"],
+            row["rejected"],
+            row["failed"],
+            server_metrics.get("macro_f1", float("nan")),
+            seconds,
+        )
+        store.save(
+            server_round,
+            arrays,
+            {
+                "history": history,
+                "rejected": rejected,
+                "node_sites": {str(k): v for k, v in node_sites.items()},
+                "strategy": strategy_state(settings),
+            },
+        )
+        append_ledger(out / LEDGER, {k: v for k, v in row.items() if k != "step"})
+
+    final_metrics = test.evaluate(arrays)
+    result = {
+        "status": "completed",
+        "rounds": settings.rounds,
+        "resumed_from": resumed_from,
+        "strategy": settings.strategy,
+        "sites": list(spec.sites),
+        "history": history,
+        "rejected": rejected,
+        "test_metrics": final_metrics,
+        "wall_seconds": time.perf_counter() - started,
+        "checkpoint_dir": str(store.directory),
+    }
+    _write_result(spec, arrays, result)
+    return result
+
+
+def build_server_app(spec: RunSpec) -> ServerApp:
+    """A ServerApp bound to `spec` (simulation engines pass it in memory)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, spec)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the run config names the run spec written by `prepare_federation`."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec_file = context.run_config.get(SPEC_FILE_KEY)
+    if not spec_file:
+        raise ConfigError(f"the run config has no {SPEC_FILE_KEY!r}; submit with submit_run()")
+    run_federation(grid, RunSpec.load(str(spec_file)))
+
+
+__all__ = [
+    "FINAL_WEIGHTS",
+    "RESULT_FILE",
+    "app",
+    "await_sites",
+    "build_server_app",
+    "run_federation",
+]

@@ -1,0 +1,388 @@
+"""Federation settings: parse and validate `cfg["federation"]` before anything starts.
+
+`validate_federation(cfg)` turns the `federation` section of the run configuration into a frozen
+`FederationSettings` or raises `ConfigError` with a message that says how to fix the config.
+Checks that need the data (sites of a `given` split, class counts) live in `partition.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from components.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "krum", "multikrum", "trimmed_mean", "median", "bulyan")
+ROBUST = frozenset({"krum", "multikrum", "trimmed_mean", "median", "bulyan"})
+PARTITIONS = ("given", "iid", "dirichlet")
+ENGINES = ("simulation", "deployment", "inline")
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "nan")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """Byzantine experiment: `sites` (a count k, or explicit site names) behave as `behaviour`.
+
+    - sign_flip: send w_g - scale·Δ (Δ = honest local update)
+    - scale:     send w_g + scale·Δ
+    - gaussian:  send the honest weights plus N(0, noise_std²) noise
+    - label_flip: train on labels y -> K-1-y, send the result honestly
+    - nan:       send NaN weights
+    With a count k, the first k sites in sorted order attack.
+    """
+
+    behaviour: str = "none"
+    sites: int | tuple[str, ...] = 0
+    scale: float = 10.0
+    noise_std: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.behaviour != "none"
+
+
+@dataclass(frozen=True)
+class HygieneSettings:
+    """Server-side rejection of absurd updates (before any aggregation rule sees them).
+
+    An update (local weights minus global weights, floating-point tensors only) is rejected
+    when its L2 norm exceeds `max_norm` (absolute, null = no cap) or `max_norm_ratio` times the
+    median norm of the round's updates (needs >= 3 updates; null = off). Non-finite values and
+    wrong keys or shapes are always rejected.
+    """
+
+    max_norm_ratio: float | None = 50.0
+    max_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """Flower simulation engine (Ray) resources on one machine."""
+
+    cpus_per_site: float = 1.0
+    total_cpus: int | None = None  # null -> all cores Ray sees
+    threads_per_site: int = 1  # torch threads inside each simulated site
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Everything the federated training step needs besides the data and the model."""
+
+    strategy: str = "fedavg"
+    engine: str = "simulation"
+    num_sites: int | None = 5
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    min_site_samples: int = 2
+    rounds: int = 3
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    min_fit_sites: int = 2
+    min_available_sites: int = 2
+    evaluate_sites: bool = True
+    num_malicious: int = 0
+    multikrum_select: int | None = None
+    trim_fraction: float = 0.2
+    proximal_mu: float = 0.0
+    round_timeout: float = 600.0
+    connect_timeout: float = 120.0
+    resume: bool = True
+    keep_checkpoints: int = 2
+    seed: int = 42
+    hygiene: HygieneSettings = field(default_factory=HygieneSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        sites = data["attack"]["sites"]
+        data["attack"]["sites"] = list(sites) if isinstance(sites, tuple) else sites
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederationSettings:
+        """Rebuild validated settings from `to_dict()` output (e.g. a run spec on disk)."""
+        return _parse(data, seed=int(data.get("seed", 42)))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what a round computes (not timeouts or engine)."""
+        data = self.to_dict()
+        for volatile in ("engine", "round_timeout", "connect_timeout", "resume", "rounds"):
+            data.pop(volatile)
+        data.pop("simulation")
+        text = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def robust(self) -> bool:
+        return self.strategy in ROBUST
+
+    def selected_by_multikrum(self, n: int) -> int:
+        """Number of updates Multi-Krum averages among `n` (default n - f)."""
+        return self.multikrum_select or max(1, n - self.num_malicious)
+
+
+_NESTED = {"hygiene": HygieneSettings, "attack": AttackSettings, "simulation": SimulationSettings}
+
+
+def _section(cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The federation section and the run seed, from a full run config or the section alone."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("the federation configuration must be a mapping")
+    if "federation" in cfg:
+        section = cfg["federation"] or {}
+        seed = cfg.get("seed", 42)
+    else:
+        section, seed = cfg, cfg.get("seed", 42)
+    if not isinstance(section, dict):
+        raise ConfigError("federation must be a mapping (pick one with federation=fedavg|krum|...)")
+    return dict(section), int(seed if seed is not None else 42)
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(extra)} in {where}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _nested(name: str, value: Any):
+    cls = _NESTED[name]
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"federation.{name} must be a mapping")
+    allowed = [f.name for f in fields(cls)]
+    _unknown(value, allowed, f"federation.{name}")
+    data = dict(value)
+    if name == "attack" and isinstance(data.get("sites"), list | tuple):
+        data["sites"] = tuple(str(s) for s in data["sites"])
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"federation.{name}: {exc}") from exc
+
+
+def _parse(section: dict[str, Any], seed: int) -> FederationSettings:
+    allowed = [f.name for f in fields(FederationSettings)]
+    section.pop("_target_", None)
+    _unknown(section, allowed, "federation")
+    data = {k: v for k, v in section.items() if v is not None or k in _NULLABLE}
+    data.setdefault("seed", seed)
+    for name in _NESTED:
+        data[name] = _nested(name, section.get(name))
+    num_sites = data.get("num_sites", FederationSettings.num_sites)
+    # min_* default to "tolerate one missing site" (never below 2, never above num_sites)
+    if isinstance(num_sites, int) and num_sites >= 1:
+        tolerant = max(min(2, num_sites), num_sites - 1)
+        data.setdefault("min_fit_sites", tolerant)
+        data.setdefault("min_available_sites", data["min_fit_sites"])
+    try:
+        settings = FederationSettings(**data)
+    except TypeError as exc:
+        raise ConfigError(f"federation: {exc}") from exc
+    _check(settings)
+    return settings
+
+
+_NULLABLE = {"num_sites", "multikrum_select"}
+
+
+def validate_federation(cfg: dict[str, Any]) -> FederationSettings:
+    """Validate the federation config (full run config or its `federation` section).
+
+    Raises `ConfigError` naming the offending key and the fix; nothing is started.
+    """
+    section, seed = _section(cfg)
+    return _parse(section, seed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(s: FederationSettings) -> None:
+    if s.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"unknown federation.strategy {s.strategy!r}; choose one of {', '.join(STRATEGIES)} "
+            "(e.g. federation=krum or federation.strategy=median)"
+        )
+    if s.engine not in ENGINES:
+        raise ConfigError(f"federation.engine={s.engine!r}; choose one of {', '.join(ENGINES)}")
+    if s.partition not in PARTITIONS:
+        raise ConfigError(
+            f"federation.partition={s.partition!r}; choose one of {', '.join(PARTITIONS)}"
+        )
+    if s.num_sites is None:
+        if s.partition != "given":
+            raise ConfigError(
+                f"federation.num_sites is required for partition={s.partition} (e.g. 5)"
+            )
+    elif not _is_int(s.num_sites) or s.num_sites < 2:
+        raise ConfigError(f"federation.num_sites must be an integer >= 2, got {s.num_sites!r}")
+    if s.partition == "dirichlet" and not (
+        isinstance(s.alpha, int | float) and math.isfinite(s.alpha) and s.alpha > 0
+    ):
+        raise ConfigError(
+            f"federation.alpha must be > 0 for a Dirichlet split, got {s.alpha!r} "
+            "(small values like 0.1 give strongly skewed sites, 100 is nearly IID)"
+        )
+    if not _is_int(s.min_site_samples) or s.min_site_samples < 1:
+        raise ConfigError("federation.min_site_samples must be an integer >= 1")
+    for key in ("rounds", "local_epochs"):
+        value = getattr(s, key)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"federation.{key} must be an integer >= 1, got {value!r}")
+    if not 0 < s.fraction_train <= 1:
+        raise ConfigError(f"federation.fraction_train must be in (0, 1], got {s.fraction_train}")
+    _check_minimums(s)
+    if not _is_int(s.num_malicious) or s.num_malicious < 0:
+        raise ConfigError("federation.num_malicious (f) must be an integer >= 0")
+    _check_strategy(s)
+    if s.proximal_mu < 0:
+        raise ConfigError("federation.proximal_mu must be >= 0")
+    if s.strategy == "fedprox" and s.proximal_mu <= 0:
+        raise ConfigError(
+            "strategy=fedprox needs federation.proximal_mu > 0 (e.g. 0.01); 0 is plain FedAvg"
+        )
+    if s.strategy != "fedprox" and s.proximal_mu > 0:
+        raise ConfigError(
+            f"federation.proximal_mu={s.proximal_mu} is only used by strategy=fedprox; "
+            "set federation=fedprox or proximal_mu=0"
+        )
+    if s.round_timeout <= 0 or s.connect_timeout <= 0:
+        raise ConfigError("federation.round_timeout and connect_timeout must be positive seconds")
+    if not _is_int(s.keep_checkpoints) or s.keep_checkpoints < 1:
+        raise ConfigError("federation.keep_checkpoints must be an integer >= 1")
+    _check_hygiene(s.hygiene)
+    _check_attack(s)
+    sim = s.simulation
+    if sim.cpus_per_site <= 0 or sim.threads_per_site < 1:
+        raise ConfigError("federation.simulation.cpus_per_site and threads_per_site must be > 0")
+    if sim.total_cpus is not None and (not _is_int(sim.total_cpus) or sim.total_cpus < 1):
+        raise ConfigError("federation.simulation.total_cpus must be null or an integer >= 1")
+
+
+def _check_minimums(s: FederationSettings) -> None:
+    for key in ("min_fit_sites", "min_available_sites"):
+        value = getattr(s, key)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"federation.{key} must be an integer >= 1, got {value!r}")
+        if s.num_sites is not None and value > s.num_sites:
+            raise ConfigError(
+                f"federation.{key}={value} exceeds num_sites={s.num_sites}; a round could never "
+                f"start. Set {key} <= {s.num_sites}"
+            )
+    if s.min_available_sites < s.min_fit_sites:
+        raise ConfigError(
+            f"federation.min_available_sites={s.min_available_sites} is below "
+            f"min_fit_sites={s.min_fit_sites}; set min_available_sites >= min_fit_sites"
+        )
+
+
+def required_sites(strategy: str, f: int) -> int:
+    """Smallest number of sites a robust rule needs to tolerate `f` Byzantine sites."""
+    if strategy in ("krum", "multikrum"):
+        return 2 * f + 3
+    if strategy == "bulyan":
+        return 4 * f + 3
+    if strategy == "median":
+        return 2 * f + 1
+    if strategy == "trimmed_mean":
+        return 2 * f + 1
+    return 1
+
+
+def _check_strategy(s: FederationSettings) -> None:
+    f, n = s.num_malicious, s.num_sites
+    if s.strategy in ("krum", "multikrum", "bulyan") and n is not None:
+        need = required_sites(s.strategy, f)
+        if n < need:
+            bound = "4f+3" if s.strategy == "bulyan" else "2f+3"
+            max_f = (n - 3) // (4 if s.strategy == "bulyan" else 2)
+            fix = f"lower federation.num_malicious to {max_f} or " if max_f >= 0 else ""
+            raise ConfigError(
+                f"{s.strategy} with num_malicious f={f} needs n >= {bound} = {need} sites but "
+                f"num_sites={n}; {fix}raise federation.num_sites to >= {need}"
+            )
+    if s.strategy == "median" and n is not None and f > 0 and n < 2 * f + 1:
+        raise ConfigError(
+            f"median tolerates f < n/2; f={f} with num_sites={n}. Lower federation.num_malicious"
+        )
+    if s.strategy == "trimmed_mean":
+        if not 0 <= s.trim_fraction < 0.5:
+            raise ConfigError(
+                f"federation.trim_fraction must be in [0, 0.5), got {s.trim_fraction}; it is the "
+                "fraction of updates cut from each tail"
+            )
+        if n is not None and f > 0 and int(s.trim_fraction * n) < f:
+            need = f / n
+            raise ConfigError(
+                f"trimmed mean with trim_fraction={s.trim_fraction} over {n} sites cuts "
+                f"{int(s.trim_fraction * n)} update(s) per tail, fewer than num_malicious={f}; "
+                f"raise trim_fraction to >= {need:.2f} (and < 0.5)"
+            )
+    if s.strategy == "multikrum" and s.multikrum_select is not None:
+        m = s.multikrum_select
+        upper = (n - f) if n is not None else None
+        if not _is_int(m) or m < 1 or (upper is not None and m > upper):
+            raise ConfigError(
+                f"federation.multikrum_select={m!r} must be an integer in [1, n-f]"
+                + (f" = [1, {upper}]" if upper is not None else "")
+            )
+
+
+def _check_hygiene(h: HygieneSettings) -> None:
+    if h.max_norm_ratio is not None and not h.max_norm_ratio > 1:
+        raise ConfigError("federation.hygiene.max_norm_ratio must be > 1 or null (off)")
+    if h.max_norm is not None and not h.max_norm > 0:
+        raise ConfigError("federation.hygiene.max_norm must be > 0 or null (no cap)")
+
+
+def _check_attack(s: FederationSettings) -> None:
+    a = s.attack
+    if a.behaviour not in ATTACKS:
+        raise ConfigError(
+            f"federation.attack.behaviour={a.behaviour!r}; choose one of {', '.join(ATTACKS)}"
+        )
+    count = len(a.sites) if isinstance(a.sites, tuple) else a.sites
+    if not _is_int(count) or count < 0:
+        raise ConfigError("federation.attack.sites must be a count >= 0 or a list of site names")
+    if a.active and count == 0:
+        raise ConfigError(
+            f"federation.attack.behaviour={a.behaviour} but attack.sites is 0; "
+            "set attack.sites=k (the first k sites attack) or a list of site names"
+        )
+    if not a.active and count:
+        raise ConfigError(
+            "federation.attack.sites is set but attack.behaviour=none; "
+            "pick a behaviour (sign_flip, scale, gaussian, label_flip, nan)"
+        )
+    if s.num_sites is not None and count >= s.num_sites:
+        raise ConfigError(
+            f"federation.attack.sites={count} leaves no honest site among {s.num_sites}"
+        )
+    if not (a.scale > 0 and math.isfinite(a.scale)):
+        raise ConfigError("federation.attack.scale must be a finite number > 0")
+    if not (a.noise_std > 0 and math.isfinite(a.noise_std)):
+        raise ConfigError("federation.attack.noise_std must be a finite number > 0")
+
+
+__all__ = [
+    "ATTACKS",
+    "ENGINES",
+    "PARTITIONS",
+    "STRATEGIES",
+    "AttackSettings",
+    "FederationSettings",
+    "HygieneSettings",
+    "SimulationSettings",
+    "required_sites",
+    "validate_federation",
+]
