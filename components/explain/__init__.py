@@ -15,7 +15,10 @@ from __future__ import annotations
 def warm_up() -> None:
     """Import the explanation libraries now rather than on the first request."""
     import pytorch_grad_cam  # noqa: F401
-    import shap  # noqa: F401
+
+    from components.explain.shap_image import import_shap
+
+    import_shap()
 
 
 __all__ = ["warm_up"]

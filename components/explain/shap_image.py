@@ -111,7 +111,7 @@ def shap_png(attribution: np.ndarray, image_uint8: np.ndarray | None = None) -> 
 
 def _gradient_shap(net, background, x, nsamples: int, seed: int) -> np.ndarray:
     """shap.GradientExplainer values for a single-output `net`: array shaped like `x`."""
-    import shap
+    shap = import_shap()
 
     with _LOCK:
         state = np.random.get_state()
@@ -124,6 +124,17 @@ def _gradient_shap(net, background, x, nsamples: int, seed: int) -> np.ndarray:
     if values.ndim == x.ndim + 1:  # trailing output axis
         values = values[..., 0]
     return values
+
+
+def import_shap():
+    """Import shap without the deprecation chatter its plotting module emits on import."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import shap
+    return shap
 
 
 def _probability_model(model, target_class: int | None, tabular):

@@ -15,7 +15,7 @@ import numpy as np
 from components.errors import InputError, ModelError
 from components.explain.shap_image import _check_nsamples, _choose_class, _gradient_shap
 
-DEFAULT_TABULAR_NSAMPLES = 200
+DEFAULT_TABULAR_NSAMPLES = 500
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def explain_tabular(
     """SHAP value of every schema feature of `record` (encoded, (D,)) for one class.
 
     `model` is a `TabularMLP` (`model(x)`) or, with `image` (normalised (C, H, W)) given, a
-    `FusionModel` (`model(image, x)`, the image held fixed). `background`: encoded training
+    `FusionModel` (the image held fixed; its branch runs once). `background`: encoded training
     rows (N, D), e.g. the bundle's tabular background.
     """
     import torch
@@ -97,16 +97,22 @@ def _tabular_probability(model, target_class: int | None, image):
     import torch
     from torch import nn
 
+    features = None
+    if image is not None:
+        with torch.no_grad():  # the image is fixed: run its branch once
+            features = model.image.embed(image)
+
     class Probability(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, rows):
-            if image is None:
+            if features is None:
                 logits = self.model(rows)
             else:
-                logits = self.model(image.expand(rows.shape[0], -1, -1, -1), rows)
+                image_features = features.expand(rows.shape[0], -1)
+                logits = self.model.forward_from_image_features(image_features, rows)
             probs = torch.softmax(logits, dim=1)
             return probs if target_class is None else probs[:, target_class : target_class + 1]
 

@@ -24,6 +24,7 @@ class FusionModel(nn.Module):
 
     - `forward(image (N,C,H,W), tabular (N,D))` -> logits (N, num_classes);
     - `embed(image, tabular)` -> fused penultimate features (N, fusion_hidden);
+    - `forward_from_image_features(features, tabular)` reuses one image's branch output;
     - `cam_target_layers()` -> the image branch's last convolutional stage;
     - `fit_normalisation(rows)` / `impute(rows)` for the clinical branch.
     """
@@ -83,15 +84,25 @@ class FusionModel(nn.Module):
         return self.tabular.impute(rows)
 
     def embed(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
-        if image.shape[0] != tabular.shape[0]:
+        return self.fuse(self.image.embed(image), tabular)
+
+    def fuse(self, image_features: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        """Fused features from precomputed image features (N, D_img) and records (N, D)."""
+        if image_features.shape[0] != tabular.shape[0]:
             raise InputError(
-                f"{image.shape[0]} images but {tabular.shape[0]} clinical records in one batch"
+                f"{image_features.shape[0]} images but {tabular.shape[0]} clinical records "
+                "in one batch"
             )
-        joint = torch.cat([self.image.embed(image), self.tabular(tabular)], dim=1)
-        return self.fusion(joint)
+        return self.fusion(torch.cat([image_features, self.tabular(tabular)], dim=1))
 
     def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(image, tabular))
+
+    def forward_from_image_features(
+        self, image_features: torch.Tensor, tabular: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits when the image branch has already run (e.g. many records, one image)."""
+        return self.head(self.fuse(image_features, tabular))
 
     def cam_target_layers(self) -> list[nn.Module]:
         return self.image.cam_target_layers()
