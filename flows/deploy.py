@@ -453,12 +453,24 @@ def _run_cli(args: list[str], env: dict[str, str], timeout_s: float = 300) -> st
     return done.stdout
 
 
-def ensure_work_pool(api_url: str, workspace: Workspace, pool: str = POOL) -> None:
-    """Create (or update) the process work pool and its ``training`` queue (concurrency 1)."""
+def ensure_work_pool(
+    api_url: str,
+    workspace: Workspace,
+    pool: str = POOL,
+    pool_type: str = "process",
+    base_job_template: str | os.PathLike | None = None,
+) -> None:
+    """Create (or update) the work pool and its ``training`` queue (concurrency limit 1).
+
+    `base_job_template`: a JSON file such as deployments/prefect/work-pools/kubernetes.json.
+    """
     from components.errors import OncoflowError
 
     env = stack_env(workspace, api_url)
-    _run_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
+    create = ["work-pool", "create", pool, "--type", pool_type, "--overwrite"]
+    if base_job_template is not None:
+        create += ["--base-job-template", str(Path(base_job_template).resolve())]
+    _run_cli(create, env)
     try:
         _run_cli(["work-queue", "inspect", TRAINING_QUEUE, "--pool", pool], env)
     except OncoflowError:  # no such queue yet
@@ -472,10 +484,14 @@ def deploy_all(
     workspace: str | os.PathLike | None = None,
     pool: str = POOL,
     prefect_file: str | os.PathLike = PREFECT_FILE,
+    pool_type: str = "process",
+    base_job_template: str | os.PathLike | None = None,
 ) -> list[str]:
     """Create the pool/queue and run ``prefect deploy --all``; return the deployment names.
 
     `api_url` defaults to the stack started by `up` in this workspace, then $PREFECT_API_URL.
+    A `pool` other than the default replaces prefect.yaml's pool for every deployment (e.g. a
+    docker or kubernetes pool with `pool_type` and `base_job_template`).
     """
     from components.errors import ConfigError
 
@@ -486,7 +502,7 @@ def deploy_all(
         raise ConfigError(
             "no Prefect API: start one with `python -m flows.deploy up` or set PREFECT_API_URL"
         )
-    ensure_work_pool(api_url, ws, pool)
+    ensure_work_pool(api_url, ws, pool, pool_type, base_job_template)
     env = stack_env(ws, api_url)
     args = ["--no-prompt", "deploy", "--all", "--prefect-file", str(Path(prefect_file).resolve())]
     if pool != POOL:
@@ -607,6 +623,8 @@ def _parser() -> argparse.ArgumentParser:
     p_deploy.add_argument("--api-url", default=None)
     p_deploy.add_argument("--pool", default=POOL)
     p_deploy.add_argument("--prefect-file", default=str(PREFECT_FILE))
+    p_deploy.add_argument("--pool-type", default="process", help="process | docker | kubernetes")
+    p_deploy.add_argument("--base-job-template", default=None, help="work-pool template JSON")
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="print the running stack")
     p_promote = sub.add_parser("promote", help="package a registered version (default champion)")
@@ -640,7 +658,14 @@ def _dispatch(args: argparse.Namespace) -> Any:
     if args.command == "up":
         return up(args.port, args.workspace, pool=args.pool, worker=not args.no_worker)
     if args.command == "deploy":
-        names = deploy_all(args.api_url, args.workspace, args.pool, args.prefect_file)
+        names = deploy_all(
+            args.api_url,
+            args.workspace,
+            args.pool,
+            args.prefect_file,
+            args.pool_type,
+            args.base_job_template,
+        )
         return {"deployments": names}
     if args.command == "down":
         return {"stopped": down(args.workspace)}
