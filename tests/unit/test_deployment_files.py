@@ -514,16 +514,16 @@ def test_flower_services_use_tls(compose):
     assert "--ssl-certfile=/certs/server.pem" in link
     assert "--ssl-keyfile=/certs/server.key" in link
     assert "--ssl-ca-certfile=/certs/ca.crt" in link
-    partitions = set()
+    sites = set()
     for i in (1, 2, 3):
         svc = services[f"supernode-{i}"]
         assert "--root-certificates=/certs/ca.crt" in svc["command"]
         assert "--superlink=superlink:8000" in svc["command"]
         assert not any("server.key" in v for v in svc["volumes"]), "nodes get the CA only"
-        config = next(a for a in svc["command"] if a.startswith("--node-config="))
-        partitions.add(re.search(r"partition-id=(\d+)", config).group(1))
-        assert "num-partitions=3" in config
-    assert partitions == {"0", "1", "2"}
+        assert '--node-config=data-dir="/data"' in svc["command"]  # components.federated
+        (data,) = [v for v in svc["volumes"] if v.endswith(":/data:ro")]
+        sites.add(data)
+    assert len(sites) == 3, "each SuperNode mounts its own site"
     assert "--insecure" not in COMPOSE.read_text()
 
 
