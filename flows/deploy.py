@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -167,22 +168,28 @@ def import_task(bundle_dir: Path, info: dict[str, Any], bentoml_home: Path) -> t
     from serving.packaging import import_bundle, use_bentoml_home
 
     use_bentoml_home(bentoml_home)
-    current = latest_bento_model(info["name"], info["version"])
+    current = latest_bento_model(info["name"], info["version"], bundle_dir)
     if current is not None:
         return current, False
     tag = import_bundle(
         bundle_dir,
         name=BENTO_MODEL,
-        labels={"registered_model": info["name"], "version": str(info["version"])},
+        labels={
+            "registered_model": info["name"],
+            "version": str(info["version"]),
+            "run_id": str(info.get("run_id", "")),
+        },
         metadata={"registered_model": info["name"], "model_version": str(info["version"])},
     )
     return tag, True
 
 
-def latest_bento_model(model_name: str, version: str | int) -> str | None:
-    """The tag of the newest ``oncoflow-model`` if it holds `model_name` v`version`, else None.
+def latest_bento_model(model_name: str, version: str | int, bundle_dir: Path) -> str | None:
+    """The newest ``oncoflow-model`` tag if it *is* this bundle (labels and bytes), else None.
 
-    Only the newest counts: `bentoml build` and `oncoflow serve` default to ``:latest``.
+    Only the newest counts: `bentoml build` and `oncoflow serve` default to ``:latest``. The
+    files are compared too, so a registry rebuilt under the same version numbers (or any other
+    mix-up) leads to a fresh import, never to serving a stale model.
     """
     import bentoml
     from bentoml.exceptions import NotFound as BentoNotFound
@@ -192,9 +199,28 @@ def latest_bento_model(model_name: str, version: str | int) -> str | None:
     except BentoNotFound:
         return None
     labels = latest.info.labels
-    if labels.get("registered_model") == model_name and labels.get("version") == str(version):
-        return str(latest.tag)
-    return None
+    if labels.get("registered_model") != model_name or labels.get("version") != str(version):
+        return None
+    return str(latest.tag) if same_files(bundle_dir, Path(latest.path)) else None
+
+
+def same_files(bundle_dir: Path, other: Path) -> bool:
+    """True when every file of `bundle_dir` exists in `other` with the same SHA-256."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    files = [p for p in bundle_dir.rglob("*") if p.is_file()]
+    return bool(files) and all(
+        (other / p.relative_to(bundle_dir)).is_file()
+        and digest(p) == digest(other / p.relative_to(bundle_dir))
+        for p in files
+    )
 
 
 @task(name="build-bento", cache_policy=NO_CACHE, retries=1)
@@ -307,7 +333,24 @@ def run_promote(args: list[str], version: str, reason: str | None, build: bool |
     from components.config import compose
 
     prepare_environment(Workspace.from_env(compose(args).paths.workspace))
-    return promote_and_package(list(args), version=version, reason=reason, build_bento=build)
+    with settings_from_environment():
+        return promote_and_package(list(args), version=version, reason=reason, build_bento=build)
+
+
+@contextlib.contextmanager
+def settings_from_environment() -> Iterator[None]:
+    """Run with Prefect settings re-read from ``os.environ``.
+
+    Prefect reads its settings once, when first imported; `prepare_environment` runs later
+    (this module imports prefect at the top), so its PREFECT_HOME and ephemeral-server
+    start-up timeout would otherwise be ignored.
+    """
+    import prefect.context
+    from prefect.settings import Settings
+
+    current = prefect.context.get_settings_context()
+    with prefect.context.SettingsContext(profile=current.profile, settings=Settings()):
+        yield
 
 
 # ----------------------------------------------------------------------------- local stack

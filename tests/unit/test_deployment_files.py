@@ -238,6 +238,23 @@ def test_bundle_cache_is_keyed_by_immutable_version_and_run(tmp_path):
     assert a.name == "v3-r1"
 
 
+def test_a_bento_import_is_reused_only_for_identical_bytes(tmp_path):
+    from flows.deploy import same_files
+
+    bundle, stored = tmp_path / "bundle", tmp_path / "stored"
+    for d in (bundle, stored):
+        d.mkdir()
+        (d / "bundle.json").write_text('{"architecture": "small_cnn"}')
+        (d / "weights.pt").write_bytes(b"\x00\x01weights")
+    (stored / "model.yaml").write_text("bentoml's own metadata")
+    assert same_files(bundle, stored)
+    (stored / "weights.pt").write_bytes(b"\x00\x02weights")  # same name, other bytes
+    assert not same_files(bundle, stored)
+    (stored / "weights.pt").unlink()
+    assert not same_files(bundle, stored)
+    assert not same_files(tmp_path / "empty", stored)
+
+
 def test_model_card_reports_the_bundle_and_registry_facts(tmp_path):
     from flows.deploy import model_card
 
@@ -305,6 +322,16 @@ def test_announcing_data_needs_a_prefect_api(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(ConfigError, match="no Prefect API"):
         announce_data(["dataset=synthetic"], workspace=tmp_path)
+
+
+def test_settings_set_after_prefect_was_imported_take_effect(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from flows.deploy import settings_from_environment
+
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "123")
+    with settings_from_environment():
+        assert get_current_settings().server.ephemeral.startup_timeout_seconds == 123
 
 
 def test_stack_env_points_every_home_into_the_workspace(tmp_path, monkeypatch):
