@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +18,17 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, ModelError
 from components.training.datamodule import ArrayDataModule, Arrays, Augmentation
-from components.training.module import ClassifierModule
+from components.training.module import ClassifierModule, OptimizerHook
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_macro_f1"
+LoaderHook = Callable[[DataLoader], DataLoader]
 
 
 @dataclass
@@ -168,13 +170,16 @@ def train_classifier(
     deterministic: bool = True,
     num_workers: int = 0,
     accelerator: str = "auto",
+    optimizer_hook: OptimizerHook | None = None,
+    loader_hook: LoaderHook | None = None,
 ) -> TrainResult:
     """Train `model` on `train`, select the epoch with the best validation macro-F1.
 
     Early stopping watches `val_macro_f1` (mode max, `early_stopping_patience` epochs without
     improvement); the best epoch's weights are checkpointed under `out_dir/checkpoints`,
     restored into `model` and returned in eval mode. Per-epoch metrics go to `history` and to
-    `out_dir/metrics.csv`.
+    `out_dir/metrics.csv`. `optimizer_hook` and `loader_hook` are extension points (e.g. DP-SGD):
+    see `fit_local`.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -204,6 +209,7 @@ def train_classifier(
         weight_decay=weight_decay,
         max_epochs=max_epochs,
         class_weights=data.class_weights,
+        optimizer_hook=optimizer_hook,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",
@@ -229,7 +235,10 @@ def train_classifier(
             logger=CSVLogger(out_dir, name="", version=""),
             steps_per_epoch=-(-data.num_train // batch_size),
         )
-        trainer.fit(module, datamodule=data)
+        train_loader = data.train_dataloader()
+        if loader_hook is not None:
+            train_loader = loader_hook(train_loader)
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=data.val_dataloader())
     wall = time.perf_counter() - start
 
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
@@ -280,6 +289,8 @@ def fit_local(
     num_workers: int = 0,
     accelerator: str = "auto",
     callbacks: list[L.Callback] | None = None,
+    optimizer_hook: OptimizerHook | None = None,
+    loader_hook: LoaderHook | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `epochs` epochs on one site's data (no validation).
 
@@ -288,6 +299,11 @@ def fit_local(
     the start of the call, i.e. the global model the site just received). Use a different
     `seed` per site and round. Returns JSON-safe metrics: `train_loss` (last epoch),
     `num_examples`, `epochs`, `wall_seconds`, `images_per_second`, `history`.
+
+    Extension points, for DP-SGD and the like: `loader_hook(train_loader) -> loader` replaces
+    the training loader (e.g. Poisson sampling), `optimizer_hook(module, optimizer) ->
+    optimizer` wraps the optimiser (e.g. Opacus `make_private` on `module`), and `callbacks`
+    are added to the Trainer.
     """
     _check_settings(epochs, batch_size, lr)
     num_classes = _num_classes(model)
@@ -312,6 +328,7 @@ def fit_local(
         class_weights=data.class_weights,
         proximal_mu=proximal_mu,
         global_params=global_params,
+        optimizer_hook=optimizer_hook,
     )
     timer = ThroughputTimer()
     start = time.perf_counter()
@@ -325,7 +342,10 @@ def fit_local(
             validate=False,
             steps_per_epoch=-(-data.num_train // batch_size),
         )
-        trainer.fit(module, train_dataloaders=data.train_dataloader())
+        train_loader = data.train_dataloader()
+        if loader_hook is not None:
+            train_loader = loader_hook(train_loader)
+        trainer.fit(module, train_dataloaders=train_loader)
     wall = time.perf_counter() - start
     module.model.cpu()
     history = module.history

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+OptimizerHook = Callable[["ClassifierModule", torch.optim.Optimizer], torch.optim.Optimizer]
 
 
 class ClassifierModule(L.LightningModule):
@@ -20,6 +22,10 @@ class ClassifierModule(L.LightningModule):
     mu/2 · ||w - w_global||² is added to the training objective (logged as `train_proximal`),
     where `global_params` are the trainable parameters of the round's global model (by default
     a snapshot of the model's own parameters when the module is built).
+
+    `optimizer_hook(module, optimizer) -> optimizer` is an extension point (e.g. for Opacus'
+    `make_private`): it receives the AdamW optimiser before the schedule is attached and
+    returns the one to use.
 
     `history` holds one dict per completed training epoch (epoch, train_loss and val metrics).
     """
@@ -35,6 +41,7 @@ class ClassifierModule(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         proximal_mu: float = 0.0,
         global_params: Iterable[torch.Tensor] | None = None,
+        optimizer_hook: OptimizerHook | None = None,
     ) -> None:
         super().__init__()
         if proximal_mu < 0:
@@ -45,6 +52,7 @@ class ClassifierModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.max_epochs = max(1, int(max_epochs))
         self.proximal_mu = float(proximal_mu)
+        self.optimizer_hook = optimizer_hook
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
             if class_weights.shape != (num_classes,):
@@ -61,6 +69,7 @@ class ClassifierModule(L.LightningModule):
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
         self.history: list[dict[str, float]] = []
         self._train_sum: torch.Tensor | float = 0.0
+        self._prox_sum: torch.Tensor | float = 0.0
         self._train_count = 0
         self._val_sum: torch.Tensor | float = 0.0
         self._val_count: torch.Tensor | float = 0
@@ -78,7 +87,7 @@ class ClassifierModule(L.LightningModule):
         return 0.5 * self.proximal_mu * total
 
     def on_train_epoch_start(self) -> None:
-        self._train_sum, self._train_count = 0.0, 0
+        self._train_sum, self._train_count, self._prox_sum = 0.0, 0, 0.0
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -86,10 +95,9 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, y, weight=self.class_weights)
         self._train_sum = self._train_sum + loss.detach() * len(y)
         self._train_count += len(y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         if self._global is not None:
             prox = self._proximal()
-            self.log("train_proximal", prox, on_step=False, on_epoch=True, batch_size=len(y))
+            self._prox_sum = self._prox_sum + prox.detach() * len(y)
             loss = loss + prox
         return loss
 
@@ -127,6 +135,11 @@ class ClassifierModule(L.LightningModule):
         row: dict[str, float] = {"epoch": int(self.current_epoch)}
         count = self._train_count
         row["train_loss"] = float(self._train_sum) / count if count else math.nan
+        if self._global is not None:
+            row["train_proximal"] = float(self._prox_sum) / count if count else math.nan
+        for name in ("train_loss", "train_proximal"):
+            if name in row:
+                self.log(name, row[name])
         row.update(self._last_val)
         self._last_val = {}
         self.history.append(row)
@@ -134,6 +147,8 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_hook is not None:
+            optimizer = self.optimizer_hook(self, optimizer)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
         return {
             "optimizer": optimizer,

@@ -249,3 +249,38 @@ def test_fit_local_accepts_explicit_global_params():
             proximal_mu=0.1,
             global_params=global_params[:-1],
         )
+
+
+def test_fit_local_extension_points_are_used():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class BatchCounter(L.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            BatchCounter.batches += 1
+
+    seen = {}
+
+    def optimizer_hook(module, optimizer):
+        seen["optimizer"] = type(optimizer).__name__
+        seen["module"] = type(module).__name__
+        return optimizer
+
+    def loader_hook(loader):
+        return DataLoader(loader.dataset, batch_size=4, collate_fn=loader.collate_fn)
+
+    fit_local(
+        _model(),
+        square_task(16, seed=14),
+        PREP,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        callbacks=[BatchCounter()],
+        optimizer_hook=optimizer_hook,
+        loader_hook=loader_hook,
+    )
+    assert seen == {"optimizer": "AdamW", "module": "ClassifierModule"}
+    assert BatchCounter.batches == 4  # 16 images in batches of 4 from the hook's loader
