@@ -46,6 +46,7 @@ class DatasetConf:
     split: SplitConf = field(default_factory=SplitConf)
     limits: LimitsConf = field(default_factory=LimitsConf)
     max_per_class: int | None = None
+    hflip: bool = True  # may training flip images left-right? (off when laterality matters)
     synthetic: dict[str, Any] = field(default_factory=dict)
 
 

@@ -72,12 +72,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(compose(args.overrides)))
         return 0
     if args.command == "run":
+        from flows.runtime import prepare
+
+        prepare(args.overrides)
         from flows.pipeline import run_pipeline
 
         summary = run_pipeline(args.overrides)
         _print_summary(summary)
         return 0
     if args.command == "validate":
+        from flows.runtime import prepare
+
+        prepare(args.overrides)
         from flows.pipeline import run_validation
 
         summary = run_validation(args.overrides)

@@ -14,11 +14,15 @@ DEMO_OVERRIDES = [
     "dataset.image_size=96",
     "trainer.max_epochs=4",
     "trainer.batch_size=64",
+    "trainer.lr=0.001",
 ]
 
 
 def demo(overrides: list[str], serve: bool = True) -> int:
     """Run the pipeline with the demo defaults (user overrides win), then start the service."""
+    from flows.runtime import prepare
+
+    prepare([*DEMO_OVERRIDES, *overrides])
     from flows.pipeline import run_pipeline
 
     summary = run_pipeline([*DEMO_OVERRIDES, *overrides])

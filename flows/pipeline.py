@@ -15,10 +15,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from components.config import compose, flatten, to_container
+from components.config import PROJECT_ROOT, compose, to_container
 from components.workspace import Workspace
 from flows import artifacts
-from flows.runtime import prepare_environment
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ def ingest_task(ctx: RunContext):
     from components.data.ingest import ingest
 
     ds = ctx.cfg["dataset"]
-    if ds["adapter"] == "synthetic":
-        ds = {**ds, "synthetic": {"with_splits": False, **ds.get("synthetic", {})}}
     frame = ingest(
         ds["adapter"],
         ds["root"],
@@ -127,7 +124,7 @@ def train_task(ctx: RunContext, arrays):
         weight_decay=tr["weight_decay"],
         early_stopping_patience=tr["early_stopping_patience"],
         imbalance=tr["imbalance"],
-        augment=tr["augment"],
+        augment=_augmentation(cfg),
         seed=cfg["seed"],
         out_dir=ctx.run_dir / "training",
         deterministic=tr["deterministic"],
@@ -158,33 +155,48 @@ def evaluate_task(ctx: RunContext, model, test):
     return metrics, png
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+@task(name="register")
 def register_task(ctx: RunContext, bundle_dir: Path, metrics, history, reports, fingerprints):
-    from components.registry import GateConfig, RegistryClient, RunRecord
+    from components.registry import GateConfig, RegistryClient, TrainingRecord
 
     reg = ctx.cfg["registry"]
     client = RegistryClient(
         reg["tracking_uri"] or ctx.workspace.mlflow_uri, ctx.workspace.mlflow_artifacts
     )
-    record = RunRecord(
-        run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
-        params=flatten(ctx.cfg),
-        history=history,
-        test_metrics=metrics,
+    record = TrainingRecord(
+        config=ctx.cfg,
         bundle_dir=bundle_dir,
-        artifacts=[p for p in ctx.run_dir.glob("*.json")] + [ctx.run_dir / "confusion.png"],
-        tags={"data_fingerprint": fingerprints["data"], "test_fingerprint": fingerprints["test"]},
+        test_metrics=metrics,
+        history=history,
+        manifest_fingerprint=fingerprints["data"],
+        test_fingerprint=fingerprints["test"],
+        reports=reports,
+        figures={"confusion_matrix": ctx.run_dir / "confusion.png"},
+        run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
     )
     run_id = client.log_training_run(record)
-    decision = client.register_candidate(
-        run_id,
-        reg["model_name"],
-        metrics,
-        GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"]),
-        test_fingerprint=fingerprints["test"],
+    gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
+    decision = _with_retries(
+        lambda: client.register_candidate(
+            run_id, reg["model_name"], metrics, gate, test_fingerprint=fingerprints["test"]
+        )
     )
     get_run_logger().info("registry: %s", decision.reason)
     return run_id, decision
+
+
+def _with_retries(call, attempts: int = 3, delay_s: float = 2.0):
+    """Retry a registry call on transient failures (the run itself is logged only once)."""
+    from components.errors import RegistryError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except RegistryError:
+            if attempt == attempts:
+                raise
+            time.sleep(delay_s * attempt)
+    raise AssertionError("unreachable")
 
 
 @task(name="package", retries=1)
@@ -195,7 +207,7 @@ def package_task(ctx: RunContext, bundle_dir: Path, model_version: str, build: b
         bundle_dir,
         labels={"registered_model": ctx.cfg["registry"]["model_name"], "version": model_version},
     )
-    bento = build_bento(Path(__file__).resolve().parent.parent) if build else None
+    bento = build_bento(PROJECT_ROOT) if build else None
     get_run_logger().info("packaged model %s, bento %s", tag, bento)
     return tag, bento
 
@@ -205,6 +217,12 @@ def _preprocessing(cfg: dict[str, Any]):
 
     channels = cfg["dataset"]["channels"]
     return Preprocessing(size=cfg["dataset"]["image_size"], channels=channels)
+
+
+def _augmentation(cfg: dict[str, Any]):
+    from components.training.datamodule import Augmentation
+
+    return Augmentation(hflip=cfg["dataset"]["hflip"]) if cfg["trainer"]["augment"] else False
 
 
 def _architecture(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -257,8 +275,9 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         background_size=cfg["serving"]["background_size"],
         out_dir=run_dir / "bundle",
     )
+    reports = {"split": split_report, "validation": validation_report}
     run_id, decision = register_task(
-        ctx, bundle_dir, metrics, result.history, [split_report, validation_report], fingerprints
+        ctx, bundle_dir, metrics, result.history, reports, fingerprints
     )
     packaged = None
     if decision.promote:
@@ -309,17 +328,11 @@ def validate_data(overrides: list[str] | None = None) -> dict[str, Any]:
     }
 
 
-def _workspace_for(overrides: list[str]) -> Workspace:
-    cfg = compose(overrides)
-    return Workspace.from_env(cfg.paths.workspace)
-
-
 def run_pipeline(overrides: list[str]) -> dict[str, Any]:
-    """Entry point for `oncoflow run`: set up the environment, then run the flow."""
-    prepare_environment(_workspace_for(overrides))
+    """Entry point for `oncoflow run` (call `flows.runtime.prepare(overrides)` first)."""
     return train_pipeline(list(overrides))
 
 
 def run_validation(overrides: list[str]) -> dict[str, Any]:
-    prepare_environment(_workspace_for(overrides))
+    """Entry point for `oncoflow validate` (call `flows.runtime.prepare(overrides)` first)."""
     return validate_data(list(overrides))

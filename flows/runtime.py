@@ -33,3 +33,15 @@ def prepare_environment(workspace: Workspace) -> None:
     os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def prepare(overrides: list[str]) -> Workspace:
+    """Compose the config only to find the workspace, then prepare the environment.
+
+    Must run before prefect/mlflow/bentoml are imported: they read settings at import time.
+    """
+    from components.config import compose
+
+    workspace = Workspace.from_env(compose(overrides).paths.workspace)
+    prepare_environment(workspace)
+    return workspace

@@ -64,7 +64,7 @@ def env(workspace) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first_run(env) -> dict:
-    return _run(["run", *SYNTHETIC, "trainer.max_epochs=6", "trainer.lr=0.003"], env)
+    return _run(["run", *SYNTHETIC, "trainer.max_epochs=6"], env)
 
 
 @pytest.fixture(scope="module")
