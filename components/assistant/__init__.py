@@ -49,6 +49,10 @@ def build_assistant(config: AssistantConfig | dict | None = None) -> Assistant:
     if not isinstance(config, AssistantConfig):
         config = AssistantConfig.from_mapping(config)
     knowledge_dir = config.knowledge_dir or KNOWLEDGE_DIR
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     if config.index_path:
         index = load_index(config.index_path)
         if is_stale(index, knowledge_dir):

@@ -47,6 +47,7 @@ class AssistantConfig:
     top_k: int = 4
     max_question_chars: int = 2000
     history_turns: int = 20
+    torch_threads: int | None = None  # set torch's intra-op threads (process-wide) if given
     local: LocalLLMConf = field(default_factory=LocalLLMConf)
     openai: OpenAIConf = field(default_factory=OpenAIConf)
 

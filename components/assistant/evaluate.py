@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-recall", type=float, default=0.9)
     parser.add_argument("--min-rejection", type=float, default=0.9)
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = default")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # one query at a time gains nothing from more
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     index = load_index(args.index) if args.index else build_index(dense=not args.bm25_only)

@@ -20,6 +20,7 @@ from components.assistant.text import tokens
 
 _MARKER_RE = re.compile(r"\s*\[([^\[\]\n]{1,60})\]")
 _BOUNDARY_RE = re.compile(r"[.!?](?:\s*\[[^\[\]\n]{1,60}\])*[ \t]+(?=[^\s\[])|\n")
+_REPEATED_MARKER_RE = re.compile(r"( \[\d+\])(?:\1)+")
 _BULLET_RE = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
 
 
@@ -100,6 +101,7 @@ class GroundingChecker:
             return []
         next_separator = "\n\n" if paragraph_break else " "
         sentence = _MARKER_RE.sub(self._fix_marker, sentence).strip()
+        sentence = _REPEATED_MARKER_RE.sub(r"\1", sentence)
         claims = unsafe_claims(sentence, self.predicted_label, self.labels)
         if claims:
             self.fatal = f"the answer went beyond the model's output ({claims[0]!r})"

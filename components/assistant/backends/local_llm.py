@@ -109,12 +109,27 @@ class LocalLLMBackend:
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(self.cache_dir)
-            model.save_pretrained(self.cache_dir)
-            (self.cache_dir / _STAMP).write_text(_gguf_stamp(path), encoding="utf-8")
-            logger.info("dequantised local LLM cached in %s", self.cache_dir)
+            try:
+                self._save_cache(path, tokenizer, model)
+            except Exception as exc:  # a cache is an optimisation; never fail the load for it
+                logger.warning("could not cache the dequantised LLM in %s: %s", self.cache_dir, exc)
         return tokenizer, model
+
+    def _save_cache(self, path: Path, tokenizer, model) -> None:
+        """Keep the float32 weights as safetensors (transformers refuses to re-save a model
+        loaded from GGUF, so the config and weights are written directly)."""
+        import json
+
+        from safetensors.torch import save_model
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(self.cache_dir)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (self.cache_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        save_model(model, str(self.cache_dir / "model.safetensors"))
+        (self.cache_dir / _STAMP).write_text(_gguf_stamp(path), encoding="utf-8")
+        logger.info("dequantised local LLM cached in %s", self.cache_dir)
 
     def _load_cached(self, path: Path):
         """The model saved by an earlier `_load_gguf` for the same GGUF file, if any."""
@@ -124,10 +139,17 @@ class LocalLLMBackend:
         if not stamp.is_file() or stamp.read_text(encoding="utf-8") != _gguf_stamp(path):
             return None
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from safetensors.torch import load_model
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.cache_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(self.cache_dir), dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.cache_dir))
+            config = AutoConfig.from_pretrained(str(self.cache_dir))
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            load_model(model, str(self.cache_dir / "model.safetensors"))
+        except Exception as exc:  # a broken cache is rebuilt from the GGUF file
+            logger.warning("ignoring the unreadable LLM cache in %s: %s", self.cache_dir, exc)
+            return None
         return tokenizer, model
 
     def _inputs(self, request: GenerationRequest):
