@@ -69,9 +69,8 @@ def explain_shap_image(
         probs = probe(x)[0]
     chosen = _choose_class(target_class, probs)
     net = _probability_model(model, chosen, tabular)
-    with torch.no_grad():
-        expected = float(net(bg).mean())
-    values = _gradient_shap(net, bg, x, nsamples, seed)[0]  # (C, H, W)
+    values, expected = _gradient_shap(net, bg, x, nsamples, seed)
+    values = values[0]  # (C, H, W)
     attribution = values.sum(axis=0).astype(np.float32)
     return ShapImageResult(
         attribution=attribution,
@@ -109,21 +108,27 @@ def shap_png(attribution: np.ndarray, image_uint8: np.ndarray | None = None) -> 
     return buffer.getvalue()
 
 
-def _gradient_shap(net, background, x, nsamples: int, seed: int) -> np.ndarray:
-    """shap.GradientExplainer values for a single-output `net`: array shaped like `x`."""
+def _gradient_shap(net, background, x, nsamples: int, seed: int) -> tuple[np.ndarray, float]:
+    """shap.GradientExplainer values for a single-output `net` (array shaped like `x`) and
+    the mean output over the background (the SHAP base value)."""
     shap = import_shap()
-
+    outputs = []  # the explainer runs `net` on the whole background once when it is built
+    hook = net.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
     with _LOCK:
         state = np.random.get_state()
         try:
             explainer = shap.GradientExplainer(net, background, batch_size=max(1, nsamples))
+            hook.remove()
             values = explainer.shap_values(x, nsamples=nsamples, rseed=seed)
         finally:
+            hook.remove()
             np.random.set_state(state)
+    if not outputs or outputs[0].shape[0] != background.shape[0]:
+        raise ModelError("could not read the model's output on the SHAP background")
     values = np.asarray(values[0] if isinstance(values, list) else values)
     if values.ndim == x.ndim + 1:  # trailing output axis
         values = values[..., 0]
-    return values
+    return values, float(outputs[0].float().mean())
 
 
 def import_shap():

@@ -68,9 +68,8 @@ def explain_tabular(
         probs = probe(x)[0]
     chosen = _choose_class(target_class, probs)
     net = _tabular_probability(model, chosen, fixed)
-    with torch.no_grad():
-        expected = float(net(bg).mean())
-    values = _gradient_shap(net, bg, x, nsamples, seed)[0]  # (D,)
+    values, expected = _gradient_shap(net, bg, x, nsamples, seed)
+    values = values[0]  # (D,)
     shown = layout.decode(_as_rows(record, layout.width, "record")[0].numpy())
     features = [
         {
