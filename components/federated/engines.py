@@ -52,6 +52,7 @@ def run_flower_simulation(layout: FederationLayout) -> None:
     }
     site_dirs = [str(p) for p in layout.sites.values()]
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=build_server_app(layout.spec),
         client_app=build_client_app(site_dirs),
