@@ -109,7 +109,7 @@ def test_worse_model_does_not_take_the_champion_alias(first_run, second_run, env
     code = (
         "import mlflow, json, sys;"
         "c = mlflow.MlflowClient(sys.argv[1]);"
-        "print(json.dumps({a: c.get_model_version_by_alias('oncoflow-synthetic', a).version"
+        "print(json.dumps({a: str(c.get_model_version_by_alias('oncoflow-synthetic', a).version)"
         " for a in ('champion', 'challenger')}))"
     )
     uri = f"sqlite:///{env['ONCOFLOW_WORKSPACE']}/mlflow.db"
