@@ -200,7 +200,7 @@ def test_worker_runs_the_nightly_deployment_and_registers_a_version(training_run
 
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     versions = client.search_model_versions("name='oncoflow-synthetic'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     run = client.get_run(versions[0].run_id)
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
