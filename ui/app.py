@@ -1,0 +1,235 @@
+"""The clinician web app: sign-in, then Diagnose, History, Analytics*, Users*, Model, Assistant
+(* administrators only: hidden from clinicians, and every handler re-checks the role).
+
+``build_app(ctx)`` returns the `gr.Blocks`; ``launch(host, port)`` serves it (``python -m ui``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+
+from ui import html
+from ui.context import UiContext
+from ui.errors import SessionExpired
+from ui.messages import friendly
+from ui.pages.analytics_page import AnalyticsPage
+from ui.pages.assistant_page import AssistantPage, case_line
+from ui.pages.diagnose import DiagnosePage
+from ui.pages.history import HistoryPage
+from ui.pages.model_page import ModelPage
+from ui.pages.users import UsersPage
+from ui.service import DiagnosisService
+
+log = logging.getLogger(__name__)
+
+TITLE = "oncoflow · imaging decision support"
+SYSTEM_FONTS = ["system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "Consolas", "DejaVu Sans Mono", "monospace"]
+SESSION_CHECK_S = 60
+MAX_UPLOAD = "20mb"
+
+
+def theme() -> gr.themes.Base:
+    """Calm blue-teal on light grey, system fonts only (nothing fetched from the internet)."""
+    return gr.themes.Soft(
+        primary_hue=gr.themes.colors.cyan,
+        secondary_hue=gr.themes.colors.slate,
+        neutral_hue=gr.themes.colors.slate,
+        font=SYSTEM_FONTS,
+        font_mono=MONO_FONTS,
+        radius_size=gr.themes.sizes.radius_md,
+    ).set(
+        button_primary_background_fill="#1f6f8b",
+        button_primary_background_fill_hover="#195b72",
+        button_primary_text_color="#ffffff",
+        block_title_text_weight="600",
+    )
+
+
+@dataclass
+class App:
+    """The built page and its parts (tests drive the handlers through these)."""
+
+    ctx: UiContext
+    blocks: gr.Blocks
+    diagnose: DiagnosePage
+    history: HistoryPage
+    analytics: AnalyticsPage
+    users: UsersPage
+    model: ModelPage
+    assistant: AssistantPage
+    login: object
+    check_session: object
+
+
+def build_app(ctx: UiContext | None = None) -> App:
+    ctx = ctx or UiContext.create()
+    service = DiagnosisService(ctx.client)
+    diagnose = DiagnosePage(ctx, service)
+    history = HistoryPage(ctx)
+    analytics = AnalyticsPage(ctx)
+    users = UsersPage(ctx)
+    model = ModelPage(ctx, service)
+    assistant = AssistantPage(ctx, service)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
+        token = gr.State(None)
+        with gr.Row(equal_height=True):
+            header = gr.HTML(html.header(), elem_id="of-header-box", scale=10)
+            logout_button = gr.Button(
+                "Sign out", size="sm", scale=0, min_width=110, visible=False, elem_id="of-logout"
+            )
+        gr.HTML(html.banner())
+        with gr.Column(visible=True, elem_id="of-login") as login_view:
+            gr.HTML(
+                "<h2 style='margin:0 0 4px 0'>Sign in</h2>"
+                "<div style='color:#6b7280;font-size:13px'>Authorised staff only. "
+                "Accounts are issued by your administrator.</div>"
+            )
+            username = gr.Textbox(label="User name", elem_id="of-username", max_lines=1)
+            password = gr.Textbox(
+                label="Password", type="password", elem_id="of-password", max_lines=1
+            )
+            login_button = gr.Button("Sign in", variant="primary", elem_id="of-login-button")
+            login_notice = gr.HTML(elem_id="of-login-notice")
+        with (
+            gr.Column(visible=False, elem_id="of-main") as main_view,
+            gr.Tabs(elem_id="of-tabs") as tabs,
+        ):
+            with gr.Tab("Diagnose", id="diagnose", elem_id="of-tab-diagnose"):
+                diagnose.build(token)
+            with gr.Tab("History", id="history", elem_id="of-tab-history") as history_tab:
+                history.build(token)
+            with gr.Tab(
+                "Analytics", id="analytics", visible=False, elem_id="of-tab-analytics"
+            ) as analytics_tab:
+                analytics.build(token)
+            with gr.Tab("Users", id="users", visible=False, elem_id="of-tab-users") as users_tab:
+                users.build(token)
+            with gr.Tab("Model", id="model", elem_id="of-tab-model") as model_tab:
+                model.build(token)
+            with gr.Tab("Assistant", id="assistant", elem_id="of-tab-assistant") as chat_tab:
+                assistant.build(token, diagnose.case)
+        timer = gr.Timer(SESSION_CHECK_S, active=False)
+
+        signed_out = {
+            token: None,
+            login_view: gr.Column(visible=True),
+            main_view: gr.Column(visible=False),
+            logout_button: gr.Button(visible=False),
+            analytics_tab: gr.Tab(visible=False),
+            users_tab: gr.Tab(visible=False),
+            timer: gr.Timer(active=False),
+        }
+
+        def login(name: str, secret: str):
+            try:
+                user = ctx.accounts.authenticate(name, secret)
+                new_token = ctx.sessions.create(user)
+            except Exception as exc:
+                return {password: "", login_notice: html.notice("error", friendly(exc, "sign-in"))}
+            return {
+                token: new_token,
+                login_view: gr.Column(visible=False),
+                main_view: gr.Column(visible=True),
+                logout_button: gr.Button(visible=True),
+                analytics_tab: gr.Tab(visible=user.is_admin),
+                users_tab: gr.Tab(visible=user.is_admin),
+                tabs: gr.Tabs(selected="diagnose"),
+                header: html.header(user.username, user.role, service.ready()),
+                username: "",
+                password: "",
+                login_notice: "",
+                timer: gr.Timer(active=True),
+            }
+
+        def check_session(current: str | None):
+            """Every minute: sign out an expired session; refresh the service status pill."""
+            try:
+                user = ctx.sessions.user(current, touch=False)
+            except SessionExpired as exc:
+                return signed_out | {
+                    header: html.header(),
+                    login_notice: html.notice("warn", str(exc)),
+                }
+            return {header: html.header(user.username, user.role, service.ready())}
+
+        def logout(current: str | None):
+            ctx.sessions.revoke(current)
+            return None
+
+        login_outputs = [
+            token,
+            login_view,
+            main_view,
+            logout_button,
+            analytics_tab,
+            users_tab,
+            tabs,
+            header,
+            username,
+            password,
+            login_notice,
+            timer,
+        ]
+        for trigger in (login_button.click, password.submit):
+            trigger(login, [username, password], login_outputs, api_visibility="private").then(
+                diagnose.load_schema, [token], [diagnose.schema], api_visibility="private"
+            )
+        timer.tick(
+            check_session, [token], login_outputs, api_visibility="private", show_progress="hidden"
+        )
+        logout_button.click(logout, [token], [token], api_visibility="private").then(
+            None, js="() => { window.location.reload(); }"
+        )
+        history_tab.select(
+            history.search, history.inputs, history.outputs, api_visibility="private"
+        )
+        analytics_tab.select(
+            analytics.refresh, analytics.inputs, analytics.outputs, api_visibility="private"
+        )
+        users_tab.select(users.refresh, users.inputs, users.outputs, api_visibility="private")
+        model_tab.select(model.refresh, model.inputs, model.outputs, api_visibility="private")
+        chat_tab.select(case_line, [diagnose.case], [assistant.context], api_visibility="private")
+
+    return App(
+        ctx, blocks, diagnose, history, analytics, users, model, assistant, login, check_session
+    )
+
+
+def launch(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    ctx: UiContext | None = None,
+    block: bool = True,
+):
+    """Serve the UI on http://host:port (blocks until interrupted unless `block` is False)."""
+    app = build_app(ctx)
+    if not app.ctx.accounts.has_admin():
+        log.warning(
+            "no administrator account yet: set ONCOFLOW_UI_ADMIN_USER and "
+            "ONCOFLOW_UI_ADMIN_PASSWORD, or run `python -m ui.accounts create-admin NAME`"
+        )
+    log.info("UI on http://%s:%d using the service at %s", host, port, app.ctx.config.service_url)
+    app.blocks.queue(default_concurrency_limit=4)
+    app.blocks.launch(
+        server_name=host,
+        server_port=port,
+        theme=theme(),
+        css=html.CSS,
+        footer_links=[],
+        show_error=False,
+        ssr_mode=False,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(app.diagnose.reports_dir)],
+        blocked_paths=[str(app.ctx.config.workspace.resolve())],
+        prevent_thread_lock=not block,
+        quiet=True,
+    )
+    return app

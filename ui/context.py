@@ -1,0 +1,46 @@
+"""What every page handler needs: settings, the stores and the service client, built once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from serving.client import DiagnosisClient
+from ui.accounts import AccountStore
+from ui.cases import CaseStore
+from ui.config import UiConfig
+from ui.db import Database
+from ui.sessions import SessionStore
+
+
+@dataclass
+class UiContext:
+    config: UiConfig
+    db: Database
+    accounts: AccountStore
+    sessions: SessionStore
+    cases: CaseStore
+    client: DiagnosisClient
+
+    @classmethod
+    def create(
+        cls,
+        config: UiConfig | None = None,
+        client: DiagnosisClient | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> UiContext:
+        """Open the database (bootstrapping the first admin from `env`) and the client."""
+        config = config or UiConfig.from_env(env)
+        db = Database(config.db_path)
+        accounts = AccountStore(db, config.max_failed_logins, config.lockout_s)
+        accounts.bootstrap_from_env(os.environ if env is None else env)
+        return cls(
+            config=config,
+            db=db,
+            accounts=accounts,
+            sessions=SessionStore(db, accounts, config.session_ttl_s, config.idle_timeout_s),
+            cases=CaseStore(db),
+            client=client
+            or DiagnosisClient(config.service_url, config.api_key, config.request_timeout_s),
+        )
