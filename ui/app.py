@@ -58,6 +58,7 @@ class App:
 
     ctx: UiContext
     blocks: gr.Blocks
+    token: gr.State
     diagnose: DiagnosePage
     history: HistoryPage
     analytics: AnalyticsPage

@@ -20,7 +20,7 @@ from ui.db import Database
 from ui.errors import InvalidInput, NotFound, PermissionDenied
 
 MAX_NOTE = 1000
-_CASE_REF = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+_CASE_REF = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _LONG_NUMBER = re.compile(r"\d{8,}")
 _DATE_LIKE = re.compile(r"(19|20)\d\d[-./]?[01]\d[-./]?[0-3]\d|[0-3]\d[-./][01]\d[-./](19|20)?\d\d")
 FEEDBACK_STATES = ("any", "with feedback", "without feedback", "agreed", "disagreed")
@@ -33,7 +33,7 @@ def check_case_ref(value: str | None) -> str | None:
         return None
     if not _CASE_REF.match(ref):
         raise InvalidInput(
-            "A case id is up to 32 letters, digits, dots, dashes or underscores (no spaces)."
+            "A case id is up to 32 letters, digits, dashes or underscores (no spaces)."
         )
     if _LONG_NUMBER.search(ref) or _DATE_LIKE.search(ref):
         raise InvalidInput(

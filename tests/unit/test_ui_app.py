@@ -1,0 +1,264 @@
+"""The UI's handlers without a browser: a fake diagnosis service at the HTTP edge (a tiny
+threaded server on 127.0.0.1), a service that is down, role checks, and the import rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from argon2 import PasswordHasher
+
+from ui import messages
+from ui.accounts import AccountStore
+from ui.config import UiConfig
+from ui.context import UiContext
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["benign", "malignant", "normal"]
+CARD = {
+    "model": {"name": "oncoflow-test", "version": "4", "tag": "oncoflow-model:abc"},
+    "architecture": "small_cnn",
+    "classes": CLASSES,
+    "preprocessing": {"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+    "metrics": {"macro_f1": 0.71, "accuracy": 0.8},
+    "privacy": {"epsilon": 8.0, "delta": 1e-5},
+    "intended_use": "Decision support for trained clinicians.",
+}
+
+
+def test_ui_never_imports_torch_or_components():
+    code = (
+        "import sys, ui.app, ui.__main__, serving.client\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'components'))]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- a fake service
+
+
+class FakeService(BaseHTTPRequestHandler):
+    """Answers like the diagnosis service; `behaviour` picks the /predict reply."""
+
+    behaviour = "ok"
+    seen: ClassVar[list[dict]] = []
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/readyz":
+            self._send(200, {})
+        elif self.path == "/model_card":
+            self._send(200, CARD)
+        else:
+            self._send(404, {"error": {"type": "NotFound", "message": "no route"}})
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        FakeService.seen.append(
+            {"path": self.path, "auth": self.headers.get("authorization"), "body": body}
+        )
+        if self.path != "/predict":
+            self._send(404, {"error": {"type": "HTTPError", "message": "Not Found"}})
+        elif FakeService.behaviour == "bad-image":
+            self._send(400, {"error": {"type": "InputError", "message": "not an image"}})
+        elif FakeService.behaviour == "crash":
+            self._send(500, {"error": {"type": "ModelError", "message": "boom at line 3"}})
+        else:
+            self._send(
+                200,
+                {
+                    "label": "malignant",
+                    "probabilities": {"benign": 0.2, "malignant": 0.7, "normal": 0.1},
+                    "model": CARD["model"],
+                    "latency_ms": 42.0,
+                },
+            )
+
+
+@pytest.fixture(scope="module")
+def fake_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens after close
+
+
+def make_app(tmp_path, url):
+    from ui.app import build_app
+
+    config = UiConfig(
+        service_url=url,
+        api_key="k-123",
+        workspace=tmp_path,
+        db_path=tmp_path / "ui.db",
+        request_timeout_s=5,
+    )
+    ctx = UiContext.create(config, env={})
+    ctx.accounts = AccountStore(
+        ctx.db, hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
+    ctx.sessions.accounts = ctx.accounts
+    admin = ctx.accounts.create_admin("chief", "admin-pass-0001")
+    ctx.accounts.create_user(admin, "dr.lee", "clinic-pass-0001", "clinician")
+    return build_app(ctx)
+
+
+def png_file(tmp_path) -> str:
+    from PIL import Image
+
+    path = tmp_path / "Jane_Doe_MRN123.png"  # a name that must never leave the UI
+    Image.new("RGB", (40, 30), (120, 60, 30)).save(path)
+    return str(path)
+
+
+def sign_in(app, name, password):
+    return app.login(name, password)[app.token]
+
+
+class NoProgress:
+    def __call__(self, *args, **kwargs) -> None:
+        pass
+
+
+def analyse(app, token, path, case_ref=""):
+    d = app.diagnose
+    return d.analyse(NoProgress(), token, path, case_ref, [])
+
+
+def text(value) -> str:
+    return str(value)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, fake_url):
+    tmp = tmp_path_factory.mktemp("ui")
+    return make_app(tmp, fake_url), tmp
+
+
+def test_login_refuses_a_wrong_password_and_signs_in(built):
+    app, _ = built
+    out = app.login("dr.lee", "wrong-password")
+    assert any("wrong password" in text(v) for v in out.values())
+    assert app.ctx.sessions.user(sign_in(app, "dr.lee", "clinic-pass-0001")).username == "dr.lee"
+
+
+def test_prediction_is_stored_and_shown(built):
+    app, tmp = built
+    FakeService.behaviour, FakeService.seen = "ok", []
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    out = analyse(app, token, png_file(tmp), "TB-0412")
+    d = app.diagnose
+    assert "Malignant" in out[d.result] and "70.0%" in out[d.result]
+    case = out[d.case]
+    assert case.prediction.label == "malignant" and case.case_ref == "TB-0412"
+    stored = app.ctx.cases.search(app.ctx.sessions.user(token))
+    assert [(c.id, c.label, c.input_kind, c.case_ref) for c in stored] == [
+        (case.case_id, "malignant", "png", "TB-0412")
+    ]
+    request = FakeService.seen[-1]
+    assert request["auth"] == "Bearer k-123"
+    assert b"Jane_Doe" not in request["body"] and b"MRN123" not in request["body"]
+
+    feedback = d.give_feedback(token, case, "Disagree", "benign", "looks benign")
+    assert "saved" in feedback
+    [rated] = app.ctx.cases.search(app.ctx.sessions.user(token))
+    assert (rated.feedback_agree, rated.true_label) == (False, "benign")
+
+
+def test_service_errors_become_plain_language(built):
+    app, tmp = built
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    d = app.diagnose
+    FakeService.behaviour = "bad-image"
+    out = analyse(app, token, png_file(tmp))
+    assert "could not use this input: not an image" in out[d.notice]
+    assert out[d.case] is None
+    FakeService.behaviour = "crash"
+    out = analyse(app, token, png_file(tmp))
+    assert messages.INTERNAL[:40] in out[d.notice] and "line 3" not in out[d.notice]
+    FakeService.behaviour = "ok"
+
+
+def test_service_down_gives_a_friendly_message(tmp_path):
+    app = make_app(tmp_path, closed_port_url())
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    out = analyse(app, token, png_file(tmp_path))
+    assert messages.UNREACHABLE in out[app.diagnose.notice].replace("&#x27;", "'")
+    assert messages.UNREACHABLE in app.model.refresh(token).replace("&#x27;", "'")
+    assert app.ctx.cases.search(app.ctx.sessions.user(token)) == []  # nothing half-stored
+
+
+def test_timeouts_and_auth_failures_have_their_own_messages():
+    from serving.client import ServiceError
+
+    assert messages.friendly(ServiceError(0, "Timeout", "POST /predict timed out")) == (
+        messages.TIMEOUT
+    )
+    assert messages.friendly(ServiceError(401, "Unauthorized", "bad key")) == (
+        messages.NOT_AUTHORISED
+    )
+    assert messages.friendly(ServiceError(503, "Overloaded", "busy")) == messages.STARTING
+    assert messages.friendly(RuntimeError("secret internals")) == messages.UNEXPECTED
+
+
+def test_clinician_is_refused_by_admin_handlers(built):
+    app, _ = built
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    notice = app.analytics.refresh(token, 0.6)[0]
+    assert "administrators only" in notice
+    notice = app.users.create(token, "mallory", "some-password-9", "admin")[0]
+    assert "administrators only" in notice
+    assert app.ctx.accounts.find("mallory") is None
+    out = app.login("dr.lee", "clinic-pass-0001")
+    tabs = [v for v in out.values() if type(v).__name__ == "Tab"]
+    assert tabs and all(t.visible is False for t in tabs)  # admin tabs stay hidden
+
+
+def test_admin_sees_analytics_and_creates_users(built):
+    app, _ = built
+    token = sign_in(app, "chief", "admin-pass-0001")
+    notice, kpis, *_ = app.analytics.refresh(token, 0.6)
+    assert notice == "" and "Predictions" in kpis
+    out = app.users.create(token, "dr.new", "fresh-password-1", "clinician")
+    assert "created" in out[0]
+    assert app.ctx.accounts.find("dr.new").role == "clinician"
+
+
+def test_expired_session_is_refused(built):
+    app, tmp = built
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    app.ctx.sessions.revoke(token)
+    out = analyse(app, token, png_file(tmp))
+    assert "sign in" in out[app.diagnose.notice]
+    state = app.check_session(token)
+    assert any("expired" in text(v) for v in state.values())
