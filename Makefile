@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test test-slow test-all lint format bench clean
+.PHONY: install demo test test-slow test-all lint format bench clean prefect-up deploy prefect-down
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,16 @@ format: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+## Local Prefect server + process worker, then every deployment from prefect.yaml.
+prefect-up: install
+	$(VENV)/bin/oncoflow prefect up
+
+deploy: install
+	$(VENV)/bin/oncoflow prefect deploy
+
+prefect-down: install
+	$(VENV)/bin/oncoflow prefect down
 
 clean:
 	rm -rf .oncoflow .pytest_cache .ruff_cache

@@ -11,6 +11,7 @@ EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
   oncoflow validate dataset=busi
   oncoflow serve
+  oncoflow prefect up && oncoflow prefect deploy
   oncoflow demo
 Overrides use Hydra syntax (group=option, key.path=value); see conf/ for every option."""
 
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
 
+    prefect = sub.add_parser(
+        "prefect",
+        help="local Prefect server/worker and deployments: up | deploy | status | promote | down",
+        add_help=False,
+    )
+    prefect.add_argument("args", nargs=argparse.REMAINDER)
+
     demo = sub.add_parser("demo", help="the main job: train on real data, package and serve")
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--no-serve", action="store_true", help="stop after packaging")
@@ -46,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prefect"]:  # its own parser (flows/deploy.py) owns every flag after it
+        from flows.deploy import main as prefect_main
+
+        return prefect_main(argv[1:] or ["--help"])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from components.config import PROJECT_ROOT, compose, to_container
 from components.workspace import Workspace
 from flows import artifacts
+from flows.hooks import IO_RETRIES, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class RunContext:
     run_dir: Path
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+@task(name="ingest", **IO_RETRIES)
 def ingest_task(ctx: RunContext):
     from components.data import manifest as manifest_io
     from components.data.ingest import ingest
@@ -238,7 +239,7 @@ def _architecture(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@flow(name="train_pipeline", log_prints=True)
+@flow(name="train_pipeline", on_failure=[record_failure], on_crashed=[record_failure])
 def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one declarative training pipeline; returns a JSON-safe summary."""
     from components.data.manifest import fingerprint
@@ -306,7 +307,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
 _HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
 
 
-@flow(name="validate_data")
+@flow(name="validate_data", on_failure=[record_failure], on_crashed=[record_failure])
 def validate_data(overrides: list[str] | None = None) -> dict[str, Any]:
     """Ingest, split and validate a dataset without training."""
     cfg = to_container(compose(overrides or []))
