@@ -66,8 +66,9 @@ def lesion_model():
     preprocessing = Preprocessing(size=SIZE, channels=3)
     x, y = _tensors(make_synthetic(100, size=SIZE, seed=0), preprocessing)
     torch.manual_seed(0)
-    model = build_model("small_cnn", num_classes=2, width=8)
-    _fit(model, x, y, epochs=6)
+    model = build_model("small_cnn", num_classes=2, width=16)
+    # measured over init seeds 0-2: mean mass in the lesion extent 0.58-0.62 (width 8: 0.48-0.61)
+    _fit(model, x, y, epochs=8)
     test = make_synthetic(12, size=SIZE, seed=1)
     xt, yt = _tensors(test, preprocessing)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from components.models.tabular import (
 )
 from validation.clinical_schema import check_clinical_record
 
-EPOCHS = 12  # fusion reaches ~0.97 test accuracy from 10 epochs on
+EPOCHS = 16  # fusion test accuracy 0.99-1.0 over init seeds 0-5 (lr 1e-2)
 SCREENING_SCHEMA = [
     {"name": "age", "type": "int", "min": 18, "max": 90, "unit": "years"},
     {"name": "hpv_positive", "type": "bool"},
@@ -210,10 +210,10 @@ def screening():
     torch.manual_seed(0)
     fusion = build_fusion_model(**kwargs)
     fusion.fit_normalisation(train[1])
-    _fit(fusion, (train[0], train[1]), train[2], epochs=EPOCHS)
+    _fit(fusion, (train[0], train[1]), train[2], epochs=EPOCHS, lr=1e-2)
     torch.manual_seed(0)
     image_only = build_model("small_cnn", num_classes=2, width=8)
-    _fit(image_only, (train[0],), train[2], epochs=EPOCHS)
+    _fit(image_only, (train[0],), train[2], epochs=EPOCHS, lr=1e-2)
     return fusion, image_only, kwargs, train, test
 
 
@@ -221,8 +221,8 @@ def test_fusion_beats_image_only_when_the_record_matters(screening):
     fusion, image_only, _, _, (x_img, x_tab, y, _) = screening
     fused = _accuracy(fusion, (x_img, x_tab), y)
     alone = _accuracy(image_only, (x_img,), y)
-    assert alone < 0.8  # without the record, half the lesion cases are a coin flip
-    assert fused > 0.85 and fused > alone + 0.1
+    assert alone < 0.8  # without the record, half the lesion cases are a coin flip (≤ ~2/3)
+    assert fused > 0.9 and fused > alone + 0.2
 
 
 def test_fusion_explanations_use_both_inputs(screening):
