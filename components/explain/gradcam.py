@@ -165,7 +165,7 @@ def summarise_heat(heatmap: np.ndarray) -> dict:
     spread = "focal" if top >= 0.5 else ("moderately focal" if top >= 0.25 else "diffuse")
     return {
         "centroid": [round(cx, 3), round(cy, 3)],
-        "peak": [round((px + 0.5) / w, 3), round((py + 0.5) / h, 3)],
+        "peak": [round(float(px + 0.5) / w, 3), round(float(py + 0.5) / h, 3)],
         "region": region,
         "top10_mass_fraction": round(top, 3),
         "flat": False,
