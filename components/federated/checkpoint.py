@@ -2,9 +2,10 @@
 
 After every completed round the server writes `round-NNNN/` (global weights `arrays.npz` and
 `state.json`: round, history, rejections, strategy state, settings fingerprint) atomically
-(written under a temporary name, then renamed), keeps the newest `keep`, and appends one line to
-`ledger.jsonl`. A restarted run with the same settings fingerprint resumes after the newest
-checkpoint; a checkpoint from different settings is refused rather than silently mixed in.
+(written under a temporary name, then renamed), keeps the newest `keep`, and rewrites
+`ledger.jsonl` (one line per completed round). A restarted run with the same settings
+fingerprint resumes after the newest checkpoint; a checkpoint from different settings is
+refused rather than silently mixed in.
 """
 
 from __future__ import annotations
@@ -110,12 +111,17 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def append_ledger(path: str | Path, entry: dict[str, Any]) -> None:
-    """Append one JSON line (one completed round) to the run's ledger."""
+def write_ledger(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the run's ledger atomically: one JSON line per completed round.
+
+    Rewritten from the checkpointed history after every round, so a resumed run's ledger
+    lists each round exactly once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, default=_json_default) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:
@@ -125,4 +131,4 @@ def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["LEDGER", "Checkpoint", "CheckpointStore", "append_ledger", "read_ledger"]
+__all__ = ["LEDGER", "Checkpoint", "CheckpointStore", "read_ledger", "write_ledger"]

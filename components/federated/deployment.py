@@ -260,7 +260,7 @@ def wait_for_run(
         if status.startswith("finished"):
             if status == TERMINAL_OK:
                 return status
-            tail = "\n".join(run_log(run_id, flwr_home, connection=connection).splitlines()[-25:])
+            tail = "\n".join(run_log(run_id, flwr_home, connection=connection).splitlines()[-60:])
             raise ModelError(f"federated run {run_id} ended as {status}:\n{tail}")
         time.sleep(poll)
     raise ModelError(f"federated run {run_id} still {status} after {timeout:.0f}s")
@@ -329,6 +329,10 @@ class LocalDeployment:
         self.keys: dict[str, KeyPair] = (
             make_supernode_keys(self.root / "keys", layout.sites) if supernode_auth else {}
         )
+        # a persistent SuperLink state: after a SuperLink restart the SuperNodes are still known
+        # (with an in-memory state they are refused and exit)
+        self.database = self.root / "superlink" / "state.db"
+        self.database.parent.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.root / "flwr_home"
         write_flwr_config(
             self.flwr_home, self.address, root_cert=self.certs.ca_cert if self.certs else None
@@ -337,6 +341,7 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
         self._log_handles: list[Any] = []
+        self._registered = False
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log_path = self.logs / f"{name}.log"
@@ -359,10 +364,12 @@ class LocalDeployment:
             certs=self.certs,
             insecure=not self.tls,
             supernode_auth=self.supernode_auth,
+            database=self.database,
         )
         self.superlink = self._spawn("superlink", cmd)
         _wait_port(self.host, self.port, self.superlink, timeout, self.logs / "superlink.log")
-        if self.supernode_auth:
+        if self.supernode_auth and not self._registered:
+            self._registered = True
             for site, pair in self.keys.items():
                 node_id = register_supernode(pair.public_key, self.flwr_home)
                 log.info("registered site %s as SuperNode %d", site, node_id)
@@ -397,8 +404,11 @@ class LocalDeployment:
     def _stop(
         process: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: float = 15
     ) -> None:
+        """Stop `process`, its process group and its descendants (Flower detaches the
+        SuperExec that runs ServerApps/ClientApps into a session of its own)."""
         if process is None:
             return
+        family = _descendants(process.pid)
         if process.poll() is None:
             _kill_group(process.pid, sig)
             try:
@@ -406,7 +416,10 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 _kill_group(process.pid, signal.SIGKILL)
                 process.wait(timeout=grace)
-        _kill_group(process.pid, signal.SIGKILL)  # ServerApp/ClientApp children left in the group
+        _kill_group(process.pid, signal.SIGKILL)
+        for child in family:
+            with contextlib.suppress(Exception):
+                child.kill()
 
     def kill_supernode(self, site: str) -> None:
         """Simulate a site going away: SIGKILL its SuperNode and its ClientApp processes."""
@@ -436,6 +449,16 @@ class LocalDeployment:
         path = self.logs / f"{name}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _descendants(pid: int) -> list[Any]:
+    """psutil handles of every process started (directly or not) by `pid`."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # psutil missing or the process already gone
+        return []
 
 
 def _kill_group(pid: int, sig: int) -> None:

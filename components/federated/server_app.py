@@ -4,7 +4,7 @@
 per round it sends the global weights to the sites (`configure_train`), screens the replies
 (`hygiene`), aggregates the accepted ones (`aggregate_train`), asks the sites to evaluate the
 new global model, evaluates it on the held-out test split on the server, then checkpoints the
-global model and the server state and appends a line to the ledger. A restarted run resumes
+global model and the server state and rewrites the round ledger. A restarted run resumes
 after its last checkpoint. Results go to `spec.out_dir` (`result.json`, `final_model.npz`).
 
 Deployment loads the module attribute `app` (spec path in the run config `spec-file`);
@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from components.errors import ConfigError, DataError
-from components.federated.checkpoint import LEDGER, CheckpointStore, append_ledger
+from components.federated.checkpoint import LEDGER, CheckpointStore, write_ledger
 from components.federated.client_app import SITE_RECORD
 from components.federated.hygiene import Rejection, screen_updates
 from components.federated.runspec import SPEC_KEY, RunSpec
@@ -318,7 +318,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
                 "strategy": strategy_state(settings),
             },
         )
-        append_ledger(out / LEDGER, {k: v for k, v in row.items() if k != "step"})
+        write_ledger(out / LEDGER, [{k: v for k, v in r.items() if k != "step"} for r in history])
 
     final_metrics = test.evaluate(arrays)
     result = {

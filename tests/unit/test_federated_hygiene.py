@@ -7,7 +7,7 @@ import pytest
 
 from components.errors import ConfigError, DataError
 from components.federated.attacks import attacker_sites, poison_labels, poison_update
-from components.federated.checkpoint import CheckpointStore, append_ledger, read_ledger
+from components.federated.checkpoint import CheckpointStore, read_ledger, write_ledger
 from components.federated.hygiene import screen_updates, update_norm
 from components.federated.settings import AttackSettings, HygieneSettings
 
@@ -99,8 +99,8 @@ def test_checkpoints_are_atomic_pruned_and_tied_to_their_settings(tmp_path):
     assert store.latest().round == 3
     with pytest.raises(ConfigError, match="different federation settings"):
         CheckpointStore(tmp_path / "ckpt", fingerprint="other").latest()
-    append_ledger(tmp_path / "ledger.jsonl", {"round": 1, "x": np.float32(0.5)})
-    append_ledger(tmp_path / "ledger.jsonl", {"round": 2})
+    write_ledger(tmp_path / "ledger.jsonl", [{"round": 1, "x": np.float32(0.5)}])
+    write_ledger(tmp_path / "ledger.jsonl", [{"round": 1}, {"round": 2}])
     assert [row["round"] for row in read_ledger(tmp_path / "ledger.jsonl")] == [1, 2]
 
 
