@@ -39,7 +39,9 @@ class ModelBundle:
     data_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     tabular_schema: list[dict[str, Any]] | None = None
-    background: Any = None  # torch.Tensor (N,C,H,W), normalised
+    # SHAP background: images (N,C,H,W) normalised, an encoded table (N,D), or for fusion
+    # models {"image": ..., "tabular": ...}
+    background: Any = None
     embeddings: dict[str, Any] | None = None  # {"features", "labels", "thumbnails"} arrays
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,9 +112,16 @@ class ModelBundle:
 
     def build_model(self):
         """Instantiate the architecture, load the weights strictly, return it in eval mode."""
-        from components.models import build_model
+        from components.models import CLINICAL_ARCHITECTURES, build_model
 
-        model = build_model(self.architecture, **self.architecture_kwargs)
+        kwargs = dict(self.architecture_kwargs)
+        if self.architecture in CLINICAL_ARCHITECTURES:
+            kwargs.setdefault("tabular_schema", self.tabular_schema)
+            kwargs.setdefault("num_classes", len(self.class_names))
+            if self.architecture == "tabular_mlp":
+                for image_only in ("pretrained", "in_channels", "norm", "small_input", "width"):
+                    kwargs.pop(image_only, None)
+        model = build_model(self.architecture, **kwargs)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as exc:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from components.models.classifier import Classifier
 
 ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "efficientnet_lite0")
+CLINICAL_ARCHITECTURES: tuple[str, ...] = ("tabular_mlp", "fusion")  # need a tabular_schema
 NORMS: tuple[str, ...] = ("batch", "group")
 PRETRAINED: frozenset[str] = frozenset({"efficientnet_lite0"})
 
@@ -28,6 +29,7 @@ def build_model(
     pretrained: bool = False,
     small_input: bool = True,
     width: int = 16,
+    **clinical,
 ) -> Classifier:
     """Build architecture `name` with a fresh `num_classes`-way head.
 
@@ -37,10 +39,19 @@ def build_model(
       `PRETRAINED` have them, anything else raises `ConfigError` (never a silent random init).
     - `small_input`: adapt the stem to small images (≤ ~64 px) by removing its down-sampling.
     - `width`: base channel count of `small_cnn` (ignored by the other architectures).
+    - `**clinical`: for `tabular_mlp` and `fusion` only — `tabular_schema` and their own
+      options (see `components.models.tabular` / `components.models.fusion`).
     """
+    if name in CLINICAL_ARCHITECTURES:
+        return _build_clinical(
+            name, num_classes, in_channels, norm, pretrained, small_input, width, clinical
+        )
+    if clinical:
+        raise ConfigError(f"{name!r} takes no options {sorted(clinical)}")
     if name not in ARCHITECTURES:
         raise ConfigError(
-            f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {name!r}; "
+            f"choose one of {', '.join(ARCHITECTURES + CLINICAL_ARCHITECTURES)}"
         )
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
@@ -79,3 +90,24 @@ def build_model(
 
 
 __all__ = ["ARCHITECTURES", "NORMS", "PRETRAINED", "build_model"]
+
+
+def _build_clinical(name, num_classes, in_channels, norm, pretrained, small_input, width, options):
+    """The architectures that take a clinical record (tabular-only MLP, image+tabular fusion)."""
+    if not options.get("tabular_schema"):
+        raise ConfigError(f"{name!r} needs a tabular_schema (the clinical feature schema)")
+    if name == "tabular_mlp":
+        from components.models.tabular import build_tabular_model
+
+        return build_tabular_model(int(num_classes), **options)
+    from components.models.fusion import build_fusion_model
+
+    return build_fusion_model(
+        int(num_classes),
+        in_channels=int(in_channels),
+        norm=norm,
+        pretrained=bool(pretrained),
+        small_input=bool(small_input),
+        width=int(width),
+        **options,
+    )
