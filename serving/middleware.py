@@ -1,19 +1,26 @@
-"""ASGI middleware of the diagnosis service: JSON error envelope, body-size limit, API keys.
+"""ASGI middleware of the diagnosis service: request log, JSON errors, body limits, API keys.
 
-Order (outermost first): `ErrorEnvelope` → `ApiKeyAuth` → `BodySizeLimit` → `UploadGuard` →
-BentoML's app.
+Order (outermost first): `RequestLog` → `ErrorEnvelope` → `ApiKeyAuth` → `BodySizeLimit` →
+`UploadGuard` → BentoML's app.
 Every non-2xx answer leaves as ``{"error": {"type": ..., "message": ...}}``; `OncoflowError`s
-map to their `http_status`, anything unexpected to a 500 whose details stay in the server log.
-Nothing here logs request bodies, file names or headers (no patient identifiers in logs).
+map to their `http_status`, request-validation failures to 422 ``InputError``, anything
+unexpected to a 500 whose details stay in the server log.
+Nothing here logs request bodies, file names, header values or unknown paths: the request log
+holds a request id, the route, status, sizes and latency only (no patient identifiers in logs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -34,6 +41,12 @@ DEFAULT_MAX_REQUEST_MB = 20.0
 #: Probes and Prometheus scraping stay open so orchestrators need no secret.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 _BENTOML_PREFIX = "BentoService error handling API request: "
+#: ASGI scope key holding the authenticated user id (set by `ApiKeyAuth`).
+USER_SCOPE_KEY = "oncoflow.user"
+#: ASGI scope key holding the request id (set by `RequestLog`).
+REQUEST_ID_SCOPE_KEY = "oncoflow.request_id"
+ANONYMOUS_USER = "anonymous"
+_KEY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 class Unauthorized(OncoflowError):
@@ -73,6 +86,19 @@ def load_api_keys(
         f"no API keys configured: set {API_KEYS_ENV}=key1[,key2...] (or {ALLOW_NO_AUTH_ENV}=1 "
         "to run without authentication, for local development only)"
     )
+
+
+def key_identity(entry: str) -> tuple[str, str]:
+    """``(user_id, secret)`` of one configured key.
+
+    ``name:secret`` (name: a letter, then up to 63 letters, digits, ``_ . -``) names the key's
+    owner; any other entry is the secret itself and its owner is ``key-<sha256 prefix>`` (a
+    stable pseudonym that does not reveal the key).
+    """
+    name, sep, secret = entry.partition(":")
+    if sep and secret and _KEY_NAME.match(name):
+        return name, secret
+    return "key-" + hashlib.sha256(entry.encode()).hexdigest()[:12], entry
 
 
 def max_request_bytes(environ: MutableMapping[str, str] | None = None) -> int:
@@ -125,8 +151,12 @@ def _status_kind(status: int) -> str:
         return "Error"
 
 
-def _envelope(status: int, body: bytes) -> bytes:
-    """Rewrite a framework error body (BentoML/Starlette) into the oncoflow envelope."""
+def _envelope(status: int, body: bytes) -> tuple[int, bytes]:
+    """Rewrite a framework error body (BentoML/Starlette) into the oncoflow envelope.
+
+    BentoML answers request-validation failures with 400 and pydantic's error list; they are
+    bad input like any other, so they leave as 422 ``InputError`` naming each field.
+    """
     message = ""
     try:
         data = json.loads(body) if body else None
@@ -137,7 +167,7 @@ def _envelope(status: int, body: bytes) -> bytes:
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and {"type", "message"} <= error.keys():
-            return body
+            return status, body
         message = str(error or data.get("detail") or "")
         details = data.get("detail")
         if isinstance(details, list):
@@ -148,6 +178,8 @@ def _envelope(status: int, body: bytes) -> bytes:
             ]
             if parts:
                 message = "invalid request: " + "; ".join(parts)
+                if status == 400:
+                    status = 422
     elif isinstance(data, str):
         message = data
     elif body and data is None:
@@ -155,7 +187,7 @@ def _envelope(status: int, body: bytes) -> bytes:
     message = message.removeprefix(_BENTOML_PREFIX).strip()
     if status >= 500:
         message = message or "unexpected server error; see the server log"
-    return error_body(_status_kind(status), message or HTTPStatus(status).phrase)
+    return status, error_body(_status_kind(status), message or HTTPStatus(status).phrase)
 
 
 class ErrorEnvelope:
@@ -185,8 +217,7 @@ class ErrorEnvelope:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                status = held["status"]
-                body = _envelope(status, b"".join(chunks))
+                status, body = _envelope(held["status"], b"".join(chunks))
                 keep = [
                     (k, v)
                     for k, v in held.get("headers", [])
@@ -267,66 +298,103 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class BodySizeLimit:
-    """Refuse bodies over `max_bytes`: by Content-Length, or by reading chunked bodies first."""
+    """Refuse bodies over the limit: by Content-Length, or by reading chunked bodies first.
 
-    def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
+    `max_bytes` applies everywhere; `path_limits` sets a smaller limit for some paths (JSON
+    endpoints such as chat need kilobytes, not the megabytes an image upload does).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int | None = None,
+        path_limits: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes if max_bytes is not None else _safe_max_bytes()
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = min(self.max_bytes, self.path_limits.get(scope.get("path", ""), self.max_bytes))
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError as exc:
                 raise InputError("invalid Content-Length header") from exc
-            if length > self.max_bytes:
-                limit_mb = self.max_bytes / (1024 * 1024)
-                raise PayloadTooLarge(f"request body exceeds the {limit_mb:g} MB limit")
+            if length > limit:
+                raise PayloadTooLarge(f"request body exceeds the {_size(limit)} limit")
         elif _header(scope, b"transfer-encoding") is not None:
             # No declared length: read (bounded) before the app sees it, so the limit holds
             # wherever the app reads its body.
-            receive = replay(await read_body(receive, self.max_bytes), receive)
+            receive = replay(await read_body(receive, limit), receive)
         await self.app(scope, receive, send)
+
+
+def _size(limit: int) -> str:
+    if limit >= 1024 * 1024:
+        return f"{limit / (1024 * 1024):g} MB"
+    return f"{limit / 1024:g} KB"
 
 
 class UnsupportedMediaType(InputError):
     http_status = 415
 
 
+@dataclass(frozen=True)
+class UploadSpec:
+    """The multipart form one upload endpoint accepts: one file field, some text fields."""
+
+    file: str
+    fields: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, file: str, fields: Iterable[str] = ()) -> UploadSpec:
+        return cls(file, frozenset(fields))
+
+
 class UploadGuard:
     """Check file-upload endpoints before BentoML parses them.
 
-    For each ``path -> field`` in `uploads`, a POST must be ``multipart/form-data`` with exactly
-    one file part named `field` and nothing else. BentoML would otherwise answer odd forms with
-    500s, and would fetch a URL given as a text field (server-side request forgery).
+    For each ``path -> UploadSpec`` in `uploads`, a POST must be ``multipart/form-data`` with
+    exactly one file part named `spec.file`, and otherwise only single text fields named in
+    `spec.fields`. BentoML would otherwise answer odd forms with 500s, and would fetch a URL
+    given as a text value for a file field (server-side request forgery).
     """
 
-    def __init__(self, app: ASGIApp, uploads: dict[str, str], max_bytes: int | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        uploads: Mapping[str, UploadSpec | str],
+        max_bytes: int | None = None,
+    ):
         self.app = app
-        self.uploads = dict(uploads)
+        self.uploads = {
+            path: spec if isinstance(spec, UploadSpec) else UploadSpec.of(spec)
+            for path, spec in uploads.items()
+        }
         self.max_bytes = max_bytes if max_bytes is not None else _safe_max_bytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        field = self.uploads.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if field is None or scope.get("method") != "POST":
+        spec = self.uploads.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if spec is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != "multipart/form-data":
             raise UnsupportedMediaType(
-                f"send the image as a multipart/form-data file field {field!r} "
+                f"send the image as a multipart/form-data file field {spec.file!r} "
                 f"(got {content_type.split(';')[0] or 'no content type'})"
             )
         body = await read_body(receive, self.max_bytes)
-        await self._check_form(scope, body, field)
+        await self._check_form(scope, body, spec)
         await self.app(scope, replay(body, receive), send)
 
     @staticmethod
-    async def _check_form(scope: Scope, body: bytes, field: str) -> None:
+    async def _check_form(scope: Scope, body: bytes, spec: UploadSpec) -> None:
         from starlette.datastructures import UploadFile
         from starlette.exceptions import HTTPException
         from starlette.formparsers import MultiPartException
@@ -335,9 +403,10 @@ class UploadGuard:
         async def once() -> Message:
             return {"type": "http.request", "body": body, "more_body": False}
 
+        field = spec.file
         request = Request({**scope, "app": None}, once)
         try:
-            form = await request.form(max_files=2, max_fields=10)
+            form = await request.form(max_files=2, max_fields=len(spec.fields) + 10)
         except (MultiPartException, HTTPException, ValueError) as exc:  # ValueError: parser's
             detail = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc)
             raise InputError(f"malformed multipart body: {detail}") from exc
@@ -345,17 +414,29 @@ class UploadGuard:
             names = list(form.keys())
             if field not in names:
                 raise InputError(f"missing multipart file field {field!r}")
-            extra = sorted(set(names) - {field})
+            extra = sorted(set(names) - {field} - spec.fields)
             if extra or len(form.getlist(field)) != 1:
-                raise InputError(f"send exactly one file field {field!r} and nothing else")
+                allowed = ", ".join(repr(f) for f in sorted(spec.fields))
+                also = f" plus optional text fields {allowed}" if allowed else " and nothing else"
+                unknown = f" (unexpected: {', '.join(map(repr, extra))})" if extra else ""
+                raise InputError(f"send exactly one file field {field!r}{also}{unknown}")
             if not isinstance(form[field], UploadFile):
                 raise InputError(f"field {field!r} must be a file upload, not a text value")
+            for name in spec.fields & set(names):
+                values = form.getlist(name)
+                if len(values) != 1 or isinstance(values[0], UploadFile):
+                    raise InputError(f"field {name!r} must be a single text value, not a file")
         finally:
             await form.close()
 
 
 class ApiKeyAuth:
-    """Require ``Authorization: Bearer <key>`` on every path except `OPEN_PATHS`."""
+    """Require ``Authorization: Bearer <key>`` on every path except `OPEN_PATHS`.
+
+    The key's owner (see `key_identity`) is put in the ASGI scope under `USER_SCOPE_KEY`, so
+    endpoints take the user from the credential and never from the request body. Without
+    authentication (the explicit opt-out) every caller is `ANONYMOUS_USER`.
+    """
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...] | bool | None = False) -> None:
         self.app = app
@@ -369,9 +450,12 @@ class ApiKeyAuth:
                 # start on the same check; should a request still arrive, it is refused.
                 self.misconfigured = True
                 keys = ()
-        self.keys = tuple(k.encode() for k in keys) if keys is not None else None
+        self.keys: tuple[tuple[bytes, str], ...] | None = None
+        if keys is not None:
+            pairs = [key_identity(k) for k in keys]
+            self.keys = tuple((secret.encode(), user) for user, secret in pairs)
 
-    def _authorised(self, scope: Scope) -> bool:
+    def _user(self, scope: Scope) -> str | None:
         header = b""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
@@ -379,21 +463,117 @@ class ApiKeyAuth:
                 break
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return False
+            return None
         token = token.strip()
-        matched = False
-        for key in self.keys or ():
-            matched |= hmac.compare_digest(token, key)  # no early exit: constant work per key
-        return matched
+        user = None
+        for secret, owner in self.keys or ():
+            if hmac.compare_digest(token, secret) and user is None:  # constant work per key
+                user = owner
+        return user
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.misconfigured:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.misconfigured:
             raise Unauthorized("authentication is misconfigured on the server; no key is valid")
-        if (
-            scope["type"] == "http"
-            and self.keys is not None
-            and scope.get("path", "") not in OPEN_PATHS
-            and not self._authorised(scope)
-        ):
-            raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+        if self.keys is None:
+            scope[USER_SCOPE_KEY] = ANONYMOUS_USER
+        elif scope.get("path", "") not in OPEN_PATHS:
+            user = self._user(scope)
+            if user is None:
+                raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+            scope[USER_SCOPE_KEY] = user
         await self.app(scope, receive, send)
+
+
+class RequestLog:
+    """Outermost middleware: a request id (``X-Request-ID``) and one log line per request.
+
+    The line holds the id, method, route, status, body sizes and latency. Only paths in
+    `routes` are written out (anything else shows as ``-``: a path could carry a name), and no
+    header, body or file name is ever logged.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Iterable[str] = ()) -> None:
+        self.app = app
+        self.routes = frozenset(routes) | OPEN_PATHS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        started = time.perf_counter()
+        received = 0
+        sent = 0
+        status = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal sent, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            path = scope.get("path", "")
+            if path not in OPEN_PATHS or status >= 400:
+                log.info(
+                    "request %s %s %s -> %s in=%dB out=%dB %.1fms",
+                    request_id,
+                    scope.get("method", "-"),
+                    path if path in self.routes else "-",
+                    status or "aborted",
+                    received,
+                    sent,
+                    (time.perf_counter() - started) * 1000.0,
+                )
+
+
+class DropRecords(logging.Filter):
+    """A logging filter that drops every record (silences a logger we replace)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+class RedactValidationErrors(logging.Filter):
+    """Strip request values from logged pydantic validation errors.
+
+    BentoML logs the full traceback of a request that fails validation, and pydantic's message
+    quotes the offending input (a clinical value, a chat question). The record keeps the
+    fields and reasons, never the values.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):
+            try:
+                errors = exc.errors(include_input=False, include_context=False, include_url=False)
+                where = "; ".join(
+                    f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+                    for e in errors
+                )
+            except Exception:  # never let logging fail
+                where = "details withheld"
+            record.msg = f"{record.getMessage()}: request validation failed ({where})"
+            if record.levelno > logging.WARNING:  # bad input, not a server fault
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True

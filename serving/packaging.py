@@ -48,24 +48,48 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def build_assistant_index(out_dir: str | os.PathLike, dense: bool = True) -> Path:
+    """Build the chat assistant's retrieval index from the knowledge notes into `out_dir`.
+
+    Dense (MiniLM) + BM25 by default; a dense index needs the embedding model and raises
+    `ModelError` without it rather than quietly writing a keyword-only index.
+    """
+    from components.assistant import build_index
+
+    index = build_index(out_path=out_dir, dense=dense)
+    log.info(
+        "assistant index: %d chunks from %d notes (%s)",
+        len(index.chunks),
+        len(index.note_ids),
+        "dense+bm25" if index.embeddings is not None else "bm25 only",
+    )
+    return Path(out_dir)
+
+
 def import_bundle(
     bundle_dir: str | os.PathLike,
     name: str = DEFAULT_MODEL_NAME,
     labels: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,
     bentoml_home: str | os.PathLike | None = None,
+    assistant_index: bool | str = True,
 ) -> str:
     """Copy a model bundle into the Bento model store; return the new tag (``name:version``).
 
     The bundle is loaded and its model built first, so a broken bundle is never packaged.
     `metadata` (or `labels`) may carry ``registered_model`` and ``model_version`` (or
     ``version``), the MLflow coordinates; the service reports them in every answer.
+    `assistant_index`: build the chat assistant's retrieval index into the model's directory
+    (``assistant-index/``) so the service loads it prebuilt; ``"bm25"`` builds a keyword-only
+    index (no embedding model needed), False none (the service then builds it at start-up).
     """
     from components.bundle import ModelBundle
+    from serving.chat import ASSISTANT_INDEX_DIR
+    from serving.engine import build_bundle_model
 
     source = Path(bundle_dir)
     bundle = ModelBundle.load(source)
-    bundle.build_model()  # raises ModelError when weights and architecture disagree
+    build_bundle_model(bundle)  # raises ModelError when weights and architecture disagree
     if bentoml_home is not None:
         use_bentoml_home(bentoml_home)
     import bentoml
@@ -91,8 +115,15 @@ def import_bundle(
     meta["model_version"] = meta["model_version"] or safe_labels.get(
         "model_version", safe_labels.get("version", "")
     )
+    if assistant_index not in (True, False, "bm25"):
+        raise ConfigError(f"assistant_index must be True, False or 'bm25', not {assistant_index!r}")
+    meta["assistant_index"] = {True: "dense", False: "none"}.get(assistant_index, "bm25")
     with bentoml.models.create(name, labels=safe_labels, metadata=meta) as model_ref:
         shutil.copytree(source, model_ref.path, dirs_exist_ok=True)
+        if assistant_index is not False:
+            build_assistant_index(
+                Path(model_ref.path) / ASSISTANT_INDEX_DIR, dense=assistant_index is True
+            )
     tag = str(model_ref.tag)
     log.info("imported bundle into the Bento model store as %s", tag)
     return tag

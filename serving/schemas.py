@@ -1,13 +1,19 @@
 """Request/response models of the diagnosis HTTP API, shared by the service and its clients.
 
 Plain pydantic: importing this module pulls in neither BentoML nor torch, so the UI can use it.
+Images travel as base64-encoded PNG strings; no model carries a patient identifier.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Chat limits (the assistant enforces the same question limit; these stop oversized JSON early)
+MAX_QUESTION_CHARS = 2000
+MAX_NOTE_CHARS = 4000
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 
 
 class ModelRef(BaseModel):
@@ -25,16 +31,169 @@ class PredictResponse(BaseModel):
     latency_ms: float = Field(description="server-side time to decode, preprocess and infer")
 
 
+class HeatSummary(BaseModel):
+    """Where the Grad-CAM heat lies (fractions of width/height, y pointing down)."""
+
+    centroid: list[float] | None = None
+    peak: list[float] | None = None
+    region: str | None = None
+    top10_mass_fraction: float = 0.0
+    flat: bool = False
+    text: str = ""
+
+
+class FeatureAttribution(BaseModel):
+    """One clinical feature's SHAP value for the explained class (positive: towards it)."""
+
+    feature: str
+    value: Any = None
+    unit: str = ""
+    shap: float
+
+
+class ShapImageSummary(BaseModel):
+    expected: float = Field(description="mean probability of the class over the background")
+    probability: float = Field(description="the image's probability of the class")
+    total: float = Field(description="sum of the pixel values (≈ probability - expected)")
+    nsamples: int
+    background_size: int
+
+
+class ExplainResponse(BaseModel):
+    label: str = Field(description="the predicted class")
+    probabilities: dict[str, float]
+    target: str = Field(description="the class explained")
+    method: str | None = Field(default=None, description="CAM method used (None: tabular model)")
+    overlay_png: str | None = Field(default=None, description="base64 PNG: heatmap over image")
+    heatmap_png: str | None = Field(default=None, description="base64 PNG: colour-mapped heatmap")
+    heat: HeatSummary | None = None
+    shap_png: str | None = Field(default=None, description="base64 PNG: image SHAP map")
+    shap_image: ShapImageSummary | None = None
+    tabular_shap: list[FeatureAttribution] | None = Field(
+        default=None, description="clinical features by |SHAP|, largest first"
+    )
+    warnings: list[str] = Field(default_factory=list)
+    model: ModelRef
+    latency_ms: float
+
+
+class Neighbour(BaseModel):
+    rank: int
+    label: str
+    distance: float = Field(description="1 - cosine similarity of the model's features")
+    thumbnail_png: str = Field(description="base64 PNG thumbnail of the training image")
+
+
+class SimilarResponse(BaseModel):
+    label: str = Field(description="the query's predicted class")
+    neighbours: list[Neighbour]
+    index_size: int
+    model: ModelRef
+    latency_ms: float
+
+
+class ClinicalFeatureSpec(BaseModel):
+    """One feature of the clinical schema (what a form needs to render an input)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    type: str
+    min: float | None = None
+    max: float | None = None
+    unit: str = ""
+    allowed: list[Any] | None = None
+    required: bool = True
+
+
 class ModelCard(BaseModel):
     model: ModelRef
+    version: str = Field(default="", description="registry version (same as model.version)")
+    kind: Literal["image", "fusion", "tabular"] = "image"
     architecture: str
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     classes: list[str]
-    preprocessing: dict[str, Any]
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
+    clinical_schema: list[ClinicalFeatureSpec] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="held-out test metrics")
     data_fingerprint: str = ""
-    privacy: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = Field(
+        default=None, description="differential-privacy report (epsilon, delta...) if any"
+    )
     intended_use: str = ""
+    limitations: list[str] = Field(default_factory=list)
+    explain_methods: list[str] = Field(default_factory=list)
+    similar_cases: int = Field(default=0, description="size of the similar-case index")
+    chat: bool = Field(default=False, description="whether /chat is available")
+
+
+class CaseFeature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=80)
+    value: float
+
+
+class ChatCase(BaseModel):
+    """The case on screen. Model-card facts are added by the service, not taken from here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    predicted_label: str = Field(max_length=80)
+    probabilities: dict[str, float]
+    gradcam_summary: str | None = Field(default=None, max_length=500)
+    shap_features: list[CaseFeature] = Field(default_factory=list, max_length=20)
+    clinical_note: str | None = Field(
+        default=None,
+        max_length=MAX_NOTE_CHARS,
+        description="free text from the user or a file: treated as data, never as instructions",
+    )
+
+
+class ChatRequest(BaseModel):
+    """One question. The user is the authenticated API key's owner (never a body field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(max_length=MAX_QUESTION_CHARS)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    case: ChatCase | None = None
+
+
+class ChatResetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
+class Citation(BaseModel):
+    n: int = Field(description="the [n] marker in the answer text")
+    note_id: str
+    title: str
+    section: str
+    sources: list[str] = Field(default_factory=list)
+
+
+class ChatResponse(BaseModel):
+    text: str = Field(
+        description="the answer; [n] markers refer to citations; ends with the disclaimer"
+    )
+    citations: list[Citation]
+    refused: bool
+    disclaimer: str
+    backend: str
+    session_id: str
+    fallback_reason: str | None = None
+    injection_detected: bool = False
+    retrieval_mode: str = ""
+    replaces_stream: bool = Field(
+        default=False, description="streamed pieces were discarded: show `text` instead"
+    )
+
+
+class ChatResetResponse(BaseModel):
+    session_id: str
+    cleared: bool = True
 
 
 class ErrorBody(BaseModel):

@@ -1,16 +1,32 @@
-"""The diagnosis HTTP service (BentoML, class-based).
+"""The diagnosis HTTP service (BentoML, class-based): two services, one public.
 
 Start it with ``oncoflow serve`` or ``bentoml serve serving.service:DiagnosisService``.
+
+- `DiagnosisService` (public): checks every request, decodes and preprocesses it, and answers
+  predict, explain, similar, report, chat and the model card; explanations, neighbours and
+  reports run on its own copy of the model.
+- `ModelRunner` (internal, `bentoml.depends`): one batchable ``infer`` over packed input rows.
+  BentoML's adaptive batching groups concurrent predictions into one forward pass; a bad
+  upload is refused before batching, so it never fails anyone else's request.
+
 Environment:
 
     ONCOFLOW_MODEL_TAG        Bento model-store tag to serve (default ``oncoflow-model:latest``)
-    ONCOFLOW_API_KEYS         comma-separated API keys (required unless the opt-out below)
+    ONCOFLOW_API_KEYS         comma-separated keys, each ``secret`` or ``name:secret`` (required
+                              unless the opt-out below); the key's owner is the chat user
     ONCOFLOW_ALLOW_NO_AUTH=1  run without authentication (local development only)
-    ONCOFLOW_MAX_REQUEST_MB   request body limit in MB (default 20)
+    ONCOFLOW_MAX_REQUEST_MB   request body limit in MB (default 20; chat bodies: 64 KB)
     ONCOFLOW_MAX_PIXELS       decoded image size limit (default 50 000 000 pixels)
+    ONCOFLOW_TORCH_THREADS    torch intra-op threads per process (default: torch's choice)
+    ONCOFLOW_MAX_BATCH        largest adaptive batch (default 32)
+    ONCOFLOW_CHAT=0           serve without the chat assistant
+    ONCOFLOW_ASSISTANT_CONFIG JSON file with the assistant settings (backend, ...)
 
-Endpoints: ``POST /predict`` (multipart field ``image``), ``GET /model_card``, and BentoML's
-``/livez``, ``/readyz`` (200 only once the model is loaded) and ``/metrics``.
+Endpoints (all but the probes need ``Authorization: Bearer <key>``):
+``POST /predict`` ``/explain`` ``/similar`` ``/report`` (multipart: file ``image`` + optional
+text ``clinical`` JSON and parameters), ``POST /predict_tabular`` ``/explain_tabular`` (JSON,
+tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/reset`` (JSON),
+``GET /model_card``, BentoML's ``/docs.json`` (OpenAPI) and ``/livez`` ``/readyz`` ``/metrics``.
 """
 
 from __future__ import annotations
@@ -19,24 +35,43 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
 import bentoml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+import numpy as np
+from pydantic import BeforeValidator, Field
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from components.errors import ConfigError, ModelError, OncoflowError
+from serving.chat import ChatService, card_facts, chat_enabled
+from serving.engine import DEFAULT_SHAP_NSAMPLES, DiagnosisEngine
 from serving.middleware import (
+    ANONYMOUS_USER,
+    USER_SCOPE_KEY,
     ApiKeyAuth,
     BodySizeLimit,
+    DropRecords,
     ErrorEnvelope,
+    RedactValidationErrors,
+    RequestLog,
     UploadGuard,
+    UploadSpec,
     load_api_keys,
     max_request_bytes,
 )
-from serving.schemas import ModelCard, ModelRef, PredictResponse
+from serving.schemas import (
+    ChatCase,
+    ChatRequest,
+    ChatResetRequest,
+    ChatResetResponse,
+    ChatResponse,
+    ExplainResponse,
+    ModelCard,
+    ModelRef,
+    PredictResponse,
+    SimilarResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +79,67 @@ MODEL_TAG_ENV = "ONCOFLOW_MODEL_TAG"
 DEFAULT_MODEL_TAG = "oncoflow-model:latest"
 MAX_PIXELS_ENV = "ONCOFLOW_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000
-INTENDED_USE = (
-    "Decision support for trained clinicians on images like the training data; "
-    "not a diagnosis and not validated for clinical use."
+TORCH_THREADS_ENV = "ONCOFLOW_TORCH_THREADS"
+MAX_BATCH_ENV = "ONCOFLOW_MAX_BATCH"
+JSON_BODY_LIMIT = 64 * 1024
+UPLOADS = {
+    "/predict": UploadSpec.of("image", ["clinical"]),
+    "/explain": UploadSpec.of(
+        "image", ["clinical", "method", "target", "opacity", "shap", "nsamples"]
+    ),
+    "/similar": UploadSpec.of("image", ["clinical", "k"]),
+    "/report": UploadSpec.of("image", ["clinical", "method", "target", "case_id"]),
+}
+JSON_ROUTES = (
+    "/predict_tabular",
+    "/explain_tabular",
+    "/chat",
+    "/chat/stream",
+    "/chat/reset",
 )
+ROUTES = (*UPLOADS, *JSON_ROUTES, "/model_card", "/docs.json", "/")
 
 _instance: DiagnosisService | None = None  # the loaded service of this worker process
 
 
-def _max_pixels() -> int:
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+def _env_int(name: str, default: int | None, low: int = 1) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        value = int(raw) if raw else DEFAULT_MAX_PIXELS
+        value = int(raw)
     except ValueError as exc:
-        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r} is not an integer") from exc
-    if value <= 0:
-        raise ConfigError(f"{MAX_PIXELS_ENV} must be positive")
+        raise ConfigError(f"{name}={raw!r} is not an integer") from exc
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, not {value}")
     return value
+
+
+def _max_pixels() -> int:
+    return _env_int(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
+
+
+def _max_batch() -> int:
+    return _env_int(MAX_BATCH_ENV, 32, low=2)
+
+
+def _configure_process() -> int | None:
+    """Logging (our lines in, BentoML's path-bearing access log out) and torch threads."""
+    logging.getLogger("serving").setLevel(logging.INFO)
+    logging.getLogger("components").setLevel(logging.INFO)
+    access = logging.getLogger("bentoml.access")
+    if not any(isinstance(f, DropRecords) for f in access.filters):
+        access.addFilter(DropRecords())  # RequestLog writes the access log, without paths
+    for name in ("bentoml._internal.server.http_app", "_bentoml_impl.server.app", "bentoml"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactValidationErrors) for f in target.filters):
+            target.addFilter(RedactValidationErrors())
+    threads = _env_int(TORCH_THREADS_ENV, None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
 
 
 def load_model_ref(tag: str) -> bentoml.Model:
@@ -79,6 +158,19 @@ def load_model_ref(tag: str) -> bentoml.Model:
         ) from exc
 
 
+def load_engine(tag: str | None = None) -> DiagnosisEngine:
+    """The engine for the model `tag` (default: ``$ONCOFLOW_MODEL_TAG`` or latest)."""
+    tag = tag or os.environ.get(MODEL_TAG_ENV, "").strip() or DEFAULT_MODEL_TAG
+    ref = load_model_ref(tag)
+    meta = ref.info.metadata or {}
+    model_ref = ModelRef(
+        name=str(meta.get("registered_model") or ref.tag.name),
+        version=str(meta.get("model_version") or ""),
+        tag=str(ref.tag),
+    )
+    return DiagnosisEngine.from_dir(ref.path, model_ref, _max_pixels())
+
+
 def error_response(exc: OncoflowError) -> JSONResponse:
     """The JSON error envelope for an `OncoflowError`, with its HTTP status."""
     if exc.http_status >= 500:
@@ -89,108 +181,282 @@ def error_response(exc: OncoflowError) -> JSONResponse:
     )
 
 
-async def _model_card(_: Request) -> JSONResponse:
-    if _instance is None:
-        raise ModelError("the model is not loaded yet")
-    return JSONResponse(_instance.card().model_dump(mode="json"))
+class Overloaded(OncoflowError):
+    """The model runner refused work (its latency budget is spent); retry later."""
+
+    http_status = 503
 
 
-_extra_routes = Starlette(routes=[Route("/model_card", _model_card, methods=["GET"])])
+def _as_text(value: Any) -> Any:
+    """Multipart text values arrive JSON-decoded ("3" -> 3); names are text whatever they look
+    like."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    return value
 
 
-@bentoml.service(name="oncoflow", traffic={"timeout": 60}, workers=1)
-class DiagnosisService:
-    """Loads ONE model bundle at start-up and answers predictions with it."""
+Text = Annotated[str, BeforeValidator(_as_text)]
+#: The clinical record: a JSON object (multipart text, decoded by BentoML) or its raw text.
+Clinical = Annotated[
+    dict[str, Any] | str | None,
+    Field(
+        description="clinical record as a JSON object (required iff the model card has a "
+        "clinical_schema)"
+    ),
+]
+
+
+def _failed(ctx: bentoml.Context, exc: OncoflowError) -> JSONResponse:
+    """The error answer of an endpoint taking `ctx` (BentoML copies ctx's status onto it)."""
+    ctx.response.status_code = exc.http_status
+    return error_response(exc)
+
+
+def _user(ctx: bentoml.Context) -> str:
+    """The authenticated caller (set by ApiKeyAuth from the API key; never from the body)."""
+    return str(ctx.request.scope.get(USER_SCOPE_KEY) or ANONYMOUS_USER)
+
+
+@bentoml.service(name="oncoflow-runner", traffic={"timeout": 120}, workers=1)
+class ModelRunner:
+    """Internal: the model behind `POST /predict`, with BentoML's adaptive batching."""
 
     def __init__(self) -> None:
-        import torch
+        _configure_process()
+        self.engine = load_engine()
+        self.engine.warm_up()
+        log.info("model runner ready (max batch %d)", _max_batch())
 
-        from components.bundle import ModelBundle
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_max_batch(), max_latency_ms=60_000)
+    def infer(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) for packed input rows (N, row_width) of many requests."""
+        return self.engine.infer_rows(rows)
 
+
+@bentoml.service(name="oncoflow", traffic={"timeout": 120}, workers=1, threads=4)
+class DiagnosisService:
+    """Loads ONE model bundle at start-up and answers every endpoint with it."""
+
+    runner = bentoml.depends(ModelRunner)
+
+    def __init__(self) -> None:
         global _instance
+        threads = _configure_process()
         # Settings the middleware reads lazily (at the first request) are checked here, at
         # start-up, so a misconfigured service never starts instead of failing per request.
         load_api_keys()
         max_request_bytes()
-        tag = os.environ.get(MODEL_TAG_ENV, "").strip() or DEFAULT_MODEL_TAG
-        ref = load_model_ref(tag)
-        self.bundle = ModelBundle.load(ref.path)
-        self.model = self.bundle.build_model()
-        self.classes = list(self.bundle.class_names)
-        self.max_pixels = _max_pixels()
-        meta = ref.info.metadata or {}
-        self.ref = ModelRef(
-            name=str(meta.get("registered_model") or ref.tag.name),
-            version=str(meta.get("model_version") or ""),
-            tag=str(ref.tag),
-        )
-        with torch.inference_mode():  # warm-up, so the first request is not the slow one
-            size, channels = self.bundle.preprocessing.size, self.bundle.preprocessing.channels
-            self.model(torch.zeros(1, channels, size, size))
+        self.engine = load_engine()
+        self.engine.warm_up(explainers=True)
+        self.chat_service: ChatService | None = None
+        if chat_enabled():
+            facts = card_facts(self.engine.card())
+            self.chat_service = ChatService.load(
+                self.engine.model_dir, facts, torch_threads=threads
+            )
+        self.ref = self.engine.ref
+        self.classes = self.engine.classes
         _instance = self
         log.info(
-            "serving %s (%s, %d classes, registry version %s)",
+            "serving %s (%s %s, %d classes, registry version %s, chat %s)",
             self.ref.tag,
-            self.bundle.architecture,
+            self.engine.kind,
+            self.engine.bundle.architecture,
             len(self.classes),
             self.ref.version or "-",
+            "on" if self.chat_service else "off",
         )
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready only with a loaded model."""
-        return self.model is not None
+        return self.engine is not None
 
-    def _probabilities(self, batch) -> Any:
-        import torch
+    def card(self):
+        return self.engine.card(chat=self.chat_service is not None)
 
-        with torch.inference_mode():
-            return torch.softmax(self.model(batch).float(), dim=1)
+    async def _infer(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities through the batching runner (in-process when run without BentoML)."""
+        from bentoml.exceptions import BentoMLException
 
-    @bentoml.api(route="/predict")
-    def predict(self, image: Path) -> PredictResponse:
-        """Classify one uploaded image (PNG, JPEG, DICOM, ...) sent as multipart field `image`."""
+        remote = getattr(self.runner, "to_async", None)
         try:
-            return self._predict(image.read_bytes())
+            if remote is not None:
+                return np.asarray(await remote.infer(rows))
+            return await anyio.to_thread.run_sync(self.runner.infer, rows)
+        except BentoMLException as exc:
+            if getattr(exc, "error_code", None) is not None and int(exc.error_code) == 503:
+                raise Overloaded("the model is overloaded; retry in a moment") from exc
+            raise
+
+    # -- image endpoints -------------------------------------------------------------------
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Path, clinical: Clinical = None) -> PredictResponse:
+        """Classify one image (PNG, JPEG, DICOM...; multipart file `image`), with the clinical
+        record as text field `clinical` when the model takes one."""
+        started = time.perf_counter()
+        try:
+            data = image.read_bytes()
+            case = await anyio.to_thread.run_sync(self.engine.prepare, data, clinical)
+            probabilities = await self._infer(self.engine.pack(case))
+            return self.engine.predict_response(probabilities[0], started)
         except OncoflowError as exc:  # BentoML would turn these into opaque 500s
             return error_response(exc)
 
-    def _predict(self, data: bytes) -> PredictResponse:
-        from components.data.images import decode_bytes
+    @bentoml.api(route="/explain")
+    def explain(
+        self,
+        image: Path,
+        clinical: Clinical = None,
+        method: Text = "gradcam",
+        target: Annotated[str | None, BeforeValidator(_as_text)] = None,
+        opacity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.45,
+        shap: bool = True,
+        nsamples: Annotated[int, Field(ge=1, le=200)] = DEFAULT_SHAP_NSAMPLES,
+    ) -> ExplainResponse:
+        """Grad-CAM overlay and heatmap (`method`: gradcam, gradcam++, ...; `target`: a class
+        name, default the predicted one), the image SHAP map and, with a clinical record, its
+        top SHAP features. PNGs are base64."""
+        try:
+            case = self.engine.prepare(image.read_bytes(), clinical)
+            return self.engine.explain(
+                case, method=method, target=target, opacity=opacity, shap=shap, nsamples=nsamples
+            )
+        except OncoflowError as exc:
+            return error_response(exc)
 
+    @bentoml.api(route="/similar")
+    def similar(
+        self, image: Path, clinical: Clinical = None, k: Annotated[int, Field(ge=1, le=50)] = 5
+    ) -> SimilarResponse:
+        """The `k` most similar training cases: label, distance and a thumbnail (no
+        identifiers)."""
+        try:
+            return self.engine.similar(self.engine.prepare(image.read_bytes(), clinical), k)
+        except OncoflowError as exc:
+            return error_response(exc)
+
+    @bentoml.api(route="/report")
+    def report(
+        self,
+        image: Path,
+        clinical: Clinical = None,
+        method: Text = "gradcam",
+        target: Annotated[str | None, BeforeValidator(_as_text)] = None,
+        case_id: Annotated[
+            str | None, BeforeValidator(_as_text), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+        ] = None,
+    ) -> Annotated[Path, bentoml.validators.ContentType("application/pdf")]:
+        """A one-case PDF report (application/pdf): prediction, Grad-CAM overlay, clinical SHAP,
+        model facts, privacy and the disclaimer. `case_id`: an optional pseudonymous code."""
+        try:
+            case = self.engine.prepare(image.read_bytes(), clinical)
+            pdf = self.engine.report(case, method=method, target=target, case_id=case_id)
+        except OncoflowError as exc:
+            return error_response(exc)
+        return Response(
+            pdf,
+            media_type="application/pdf",
+            headers={"content-disposition": 'attachment; filename="oncoflow-report.pdf"'},
+        )
+
+    # -- tabular-only models ---------------------------------------------------------------
+    @bentoml.api(route="/predict_tabular")
+    async def predict_tabular(self, clinical: dict[str, Any]) -> PredictResponse:
+        """Classify one clinical record (JSON `{"clinical": {...}}`; tabular-only models)."""
         started = time.perf_counter()
-        picture = decode_bytes(data, max_pixels=self.max_pixels)
-        tensor = self.bundle.preprocessing.to_tensor(picture).unsqueeze(0)
-        probs = self._probabilities(tensor)[0].tolist()
-        best = max(range(len(probs)), key=probs.__getitem__)
-        return PredictResponse(
-            label=self.classes[best],
-            probabilities=dict(zip(self.classes, probs, strict=True)),
-            model=self.ref,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
+        try:
+            case = self.engine.prepare_record(clinical)
+            probabilities = await self._infer(self.engine.pack(case))
+            return self.engine.predict_response(probabilities[0], started)
+        except OncoflowError as exc:
+            return error_response(exc)
+
+    @bentoml.api(route="/explain_tabular")
+    def explain_tabular(
+        self,
+        clinical: dict[str, Any],
+        target: Annotated[str | None, BeforeValidator(_as_text)] = None,
+    ) -> ExplainResponse:
+        """SHAP value of each clinical feature (tabular-only models)."""
+        try:
+            return self.engine.explain(self.engine.prepare_record(clinical), target=target)
+        except OncoflowError as exc:
+            return error_response(exc)
+
+    # -- chat ------------------------------------------------------------------------------
+    def _chat(self):
+        if self.chat_service is None:
+            raise Overloaded("chat is disabled on this server (ONCOFLOW_CHAT=0)")
+        return self.chat_service
+
+    @bentoml.api(route="/chat", input_spec=ChatRequest)
+    def chat(
+        self, question: str, session_id: str, ctx: bentoml.Context, case: ChatCase | None = None
+    ) -> ChatResponse:
+        """Ask the assistant about the case on screen or the notes; answers cite the notes.
+        History is kept per authenticated user (from the API key) and `session_id`."""
+        try:
+            request = ChatRequest(question=question, session_id=session_id, case=case)
+            return self._chat().answer(request, _user(ctx))
+        except OncoflowError as exc:
+            return _failed(ctx, exc)
+
+    @bentoml.api(route="/chat/stream", input_spec=ChatRequest)
+    def chat_stream(
+        self, question: str, session_id: str, ctx: bentoml.Context, case: ChatCase | None = None
+    ) -> str:
+        """The chat answer as server-sent events (text/event-stream): `delta` events with
+        {text} pieces, then one `answer` event holding the ChatResponse."""
+        try:
+            request = ChatRequest(question=question, session_id=session_id, case=case)
+            events = self._chat().stream(request, _user(ctx))
+        except OncoflowError as exc:
+            return _failed(ctx, exc)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
-    def card(self) -> ModelCard:
-        from components.bundle import bundle_summary
-
-        summary = bundle_summary(self.bundle)
-        return ModelCard(
-            model=self.ref,
-            architecture=self.bundle.architecture,
-            architecture_kwargs=summary.get("architecture_kwargs") or {},
-            classes=self.classes,
-            preprocessing=summary["preprocessing"],
-            metrics=summary.get("metrics") or {},
-            data_fingerprint=self.bundle.data_fingerprint,
-            privacy=summary.get("privacy"),
-            intended_use=INTENDED_USE,
-        )
+    @bentoml.api(route="/chat/reset", input_spec=ChatResetRequest)
+    def chat_reset(self, ctx: bentoml.Context, session_id: str) -> ChatResetResponse:
+        """Forget this user's conversation `session_id`."""
+        try:
+            self._chat().reset(session_id, _user(ctx))
+            return ChatResetResponse(session_id=session_id)
+        except OncoflowError as exc:
+            return _failed(ctx, exc)
 
 
-# Outermost first: error envelope, authentication (headers only), body limit, upload shape.
+def _extra_app():
+    """The GET routes BentoML's POST-only APIs cannot express; FastAPI, so that BentoML's
+    OpenAPI document (/docs.json) lists them with their schema."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="oncoflow", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/model_card", response_model=ModelCard, tags=["Service APIs"])
+    async def model_card() -> ModelCard:
+        """Version, classes, held-out test metrics, privacy (epsilon, delta), data
+        fingerprint, intended use, limitations and the clinical schema of the served model."""
+        if _instance is None:
+            raise ModelError("the model is not loaded yet")
+        return _instance.card()
+
+    return app
+
+
+# Outermost first: request log, error envelope, authentication (headers only), body limits,
+# upload shape.
+DiagnosisService.add_asgi_middleware(RequestLog, routes=ROUTES)
 DiagnosisService.add_asgi_middleware(ErrorEnvelope)
 DiagnosisService.add_asgi_middleware(ApiKeyAuth)
-DiagnosisService.add_asgi_middleware(BodySizeLimit)
-DiagnosisService.add_asgi_middleware(UploadGuard, uploads={"/predict": "image"})
-DiagnosisService.mount_asgi_app(_extra_routes, path="/", name="oncoflow-extra")
+DiagnosisService.add_asgi_middleware(
+    BodySizeLimit, path_limits=dict.fromkeys(JSON_ROUTES, JSON_BODY_LIMIT)
+)
+DiagnosisService.add_asgi_middleware(UploadGuard, uploads=UPLOADS)
+DiagnosisService.mount_asgi_app(_extra_app(), path="/", name="oncoflow-extra")
 
-__all__ = ["DiagnosisService", "error_response", "load_model_ref"]
+__all__ = ["DiagnosisService", "ModelRunner", "error_response", "load_engine", "load_model_ref"]

@@ -1,0 +1,586 @@
+"""The model side of the diagnosis service, free of BentoML: one loaded bundle and what it does.
+
+`DiagnosisEngine` turns request bytes into model inputs (`CaseInput`), runs batches of packed
+inputs (`infer_rows`, the function the batching runner calls), and answers explain, similar,
+report and model-card requests by calling `components/`. Three kinds of bundle are served:
+
+- ``image``: a zoo architecture; the request is an image;
+- ``fusion``: image + clinical record (`components.models.fusion`); both are required;
+- ``tabular``: a clinical record only (`components.models.tabular`).
+
+A bundle with a clinical schema gets every record checked with `check_clinical_record`
+(`InputError` naming each bad field); a bundle without one refuses clinical data.
+Nothing here logs request content.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.errors import InputError, ModelError, NotFound
+from serving.schemas import (
+    ClinicalFeatureSpec,
+    ExplainResponse,
+    FeatureAttribution,
+    HeatSummary,
+    ModelCard,
+    ModelRef,
+    Neighbour,
+    PredictResponse,
+    ShapImageSummary,
+    SimilarResponse,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("image", "fusion", "tabular")
+DEFAULT_MAX_PIXELS = 50_000_000
+DISPLAY_MAX_SIDE = 256  # overlays and the report show the upload at most this large
+DEFAULT_SHAP_NSAMPLES = 32
+MAX_SHAP_NSAMPLES = 200  # a request may ask for more samples, up to this (latency bound)
+TABULAR_SHAP_NSAMPLES = 200
+TOP_FEATURES = 10
+INTENDED_USE = (
+    "Decision support for trained clinicians on images like the training data; "
+    "not a diagnosis and not validated for clinical use."
+)
+GENERAL_LIMITATIONS = (
+    "Research software: not a medical device and not validated for clinical use.",
+    "The probabilities are the model's scores, not the chance that disease is present; "
+    "they can be miscalibrated on data unlike the training data.",
+    "Only validated on data like the training data (see the data fingerprint); other "
+    "scanners, sites, populations or image types may give unreliable answers.",
+    "Grad-CAM and SHAP show what the model used for its answer, not where disease is.",
+)
+
+
+def model_kind(architecture: str) -> str:
+    """``fusion`` / ``tabular`` for the multimodal architectures, else ``image``."""
+    from components.models.fusion import FUSION_ARCHITECTURE
+    from components.models.tabular import TABULAR_ARCHITECTURE
+
+    if architecture == FUSION_ARCHITECTURE:
+        return "fusion"
+    if architecture == TABULAR_ARCHITECTURE:
+        return "tabular"
+    return "image"
+
+
+def build_bundle_model(bundle):
+    """The bundle's model in eval mode with its weights loaded strictly.
+
+    `ModelBundle.build_model` knows the image zoo; the fusion and tabular architectures are
+    built here from `components.models` with the bundle's clinical schema.
+    """
+    kind = model_kind(bundle.architecture)
+    if kind == "image":
+        return bundle.build_model()
+    if not bundle.tabular_schema:
+        raise ModelError(f"a {bundle.architecture} bundle needs a tabular_schema; it has none")
+    kwargs = dict(bundle.architecture_kwargs)
+    kwargs.setdefault("tabular_schema", bundle.tabular_schema)
+    kwargs.setdefault("num_classes", len(bundle.class_names))
+    if kind == "tabular":
+        kwargs.pop("pretrained", None)  # make_bundle adds it; the MLP has no pretrained weights
+    if kind == "fusion":
+        from components.models.fusion import build_fusion_model as build
+    else:
+        from components.models.tabular import build_tabular_model as build
+    try:
+        model = build(**kwargs)
+        model.load_state_dict(bundle.state_dict, strict=True)
+    except (TypeError, RuntimeError) as exc:
+        raise ModelError(f"weights do not fit architecture {bundle.architecture}: {exc}") from exc
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One request's input, checked and ready for the model.
+
+    `image`: normalised float tensor (C, H, W); `picture`: the upload as uint8 (H, W[, C]),
+    at most `DISPLAY_MAX_SIDE` a side, for overlays and reports; `record`: the encoded clinical
+    record (D,), NaN where an optional value is missing.
+    """
+
+    image: Any = None
+    picture: np.ndarray | None = None
+    record: np.ndarray | None = None
+
+
+def b64png(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class DiagnosisEngine:
+    """One loaded bundle: input checks, batched inference, explanations, neighbours, reports.
+
+    Model calls in this process (explain, similar, report) are serialised by one lock: the
+    CAM hooks would otherwise record activations of a concurrent forward pass.
+    """
+
+    def __init__(self, bundle, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        from components.explain.background import split_background
+
+        self.bundle = bundle
+        self.ref = ref
+        self.max_pixels = int(max_pixels)
+        self.kind = model_kind(bundle.architecture)
+        self.classes = [str(c) for c in bundle.class_names]
+        self.model = build_bundle_model(bundle)
+        self.schema = bundle.tabular_schema if self.kind != "image" else None
+        self.layout = None
+        if self.schema:
+            from components.models.tabular import TabularLayout
+            from validation.clinical_schema import parse_schema
+
+            parse_schema(self.schema)  # a broken schema fails at start-up, not per request
+            self.layout = TabularLayout.from_schema(self.schema)
+        elif bundle.tabular_schema:
+            log.warning(
+                "the bundle has a clinical schema but its %s model takes no clinical data; "
+                "clinical fields will be refused",
+                bundle.architecture,
+            )
+        self.image_background, self.tabular_background = split_background(bundle.background)
+        self.similar_index = None
+        if self.kind != "tabular" and bundle.embeddings:
+            from components.similar import SimilarCaseIndex
+
+            self.similar_index = SimilarCaseIndex.from_bundle(bundle)
+        self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS):
+        from components.bundle import ModelBundle
+
+        engine = cls(ModelBundle.load(path), ref, max_pixels)
+        engine.model_dir = Path(path)
+        return engine
+
+    def warm_up(self, explainers: bool = False) -> None:
+        """One forward pass (and the explanation imports), so no request pays for them."""
+        row = np.zeros((1, self.row_width), dtype=np.float32)
+        if self.layout is not None:
+            row[0, self.row_width - self.layout.width :] = np.nan
+        self.infer_rows(row)
+        if explainers and self.kind != "tabular":
+            from components.explain import warm_up
+
+            warm_up()
+
+    # -- inputs ----------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        if self.kind == "tabular":
+            return None
+        p = self.bundle.preprocessing
+        return (p.channels, p.size, p.size)
+
+    @property
+    def row_width(self) -> int:
+        """Width of one packed input row (see `pack`)."""
+        width = int(np.prod(self.image_shape)) if self.image_shape else 0
+        return width + (self.layout.width if self.layout is not None else 0)
+
+    def parse_clinical(self, raw: Any) -> np.ndarray | None:
+        """The encoded record from a request's clinical value (a JSON object or its text)."""
+        if isinstance(raw, str | bytes):
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            if not text.strip():
+                raw = None
+            else:
+                try:
+                    raw = json.loads(text)
+                except ValueError:
+                    message = "clinical must be a JSON object (it is not valid JSON)"
+                    raise InputError(message) from None
+        if self.layout is None:
+            if raw is not None:
+                raise InputError(
+                    "this model takes no clinical data: send the image only (the model card "
+                    "lists no clinical_schema)"
+                )
+            return None
+        if raw is None:
+            names = ", ".join(f["name"] for f in self.schema)
+            raise InputError(
+                "this model needs a clinical record: send 'clinical' as a JSON object with "
+                f"the fields of the model card's clinical_schema ({names})"
+            )
+        if not isinstance(raw, dict):
+            raise InputError(f"clinical must be a JSON object, not {type(raw).__name__}")
+        from validation.clinical_schema import check_clinical_record
+
+        return self.layout.encode(check_clinical_record(raw, self.schema))
+
+    def prepare(self, image: bytes | None, clinical: Any = None) -> CaseInput:
+        """Decode and check one request's image and clinical record (`InputError` if unusable)."""
+        if self.kind == "tabular":
+            if image is not None:
+                raise InputError(
+                    "this model reads a clinical record only: send it as JSON to "
+                    "/predict_tabular or /explain_tabular, without an image"
+                )
+            return CaseInput(record=self.parse_clinical(clinical))
+        if image is None:
+            raise InputError("no image received: send it as the multipart file field 'image'")
+        record = self.parse_clinical(clinical)  # cheap checks first
+        from components.data.images import decode_bytes
+
+        picture = decode_bytes(image, max_pixels=self.max_pixels)
+        tensor = self.bundle.preprocessing.to_tensor(picture)
+        return CaseInput(image=tensor, picture=_display_array(picture), record=record)
+
+    def prepare_record(self, clinical: Any) -> CaseInput:
+        """The input of a tabular-only request."""
+        if self.kind != "tabular":
+            raise InputError(
+                f"this {self.kind} model needs an image: use /predict, /explain, /similar or "
+                "/report with a multipart 'image' field"
+            )
+        return CaseInput(record=self.parse_clinical(clinical))
+
+    # -- inference -------------------------------------------------------------------------
+    def pack(self, case: CaseInput) -> np.ndarray:
+        """One float32 row (1, row_width): the flattened image, then the encoded record."""
+        parts = []
+        if case.image is not None:
+            parts.append(case.image.numpy().reshape(-1))
+        if case.record is not None:
+            parts.append(np.asarray(case.record, dtype=np.float32).reshape(-1))
+        row = np.concatenate(parts).astype(np.float32, copy=False)[None]
+        if row.shape[1] != self.row_width:
+            raise ModelError(f"packed input has {row.shape[1]} values; expected {self.row_width}")
+        return row
+
+    def infer_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (N, K) for packed rows (N, row_width); what the runner calls."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.row_width:
+            expected = f"(N, {self.row_width})"
+            raise ModelError(f"input rows of shape {tuple(x.shape)}; expected {expected}")
+        with torch.inference_mode():
+            logits = self.model(*self._unpack(x))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+    def _unpack(self, x) -> tuple:
+        if self.kind == "tabular":
+            return (x,)
+        shape = self.image_shape
+        size = int(np.prod(shape))
+        images = x[:, :size].reshape(-1, *shape)
+        return (images,) if self.kind == "image" else (images, x[:, size:])
+
+    def predict_response(self, probabilities, started: float) -> PredictResponse:
+        probs = [float(p) for p in probabilities]
+        best = int(np.argmax(probs))
+        return PredictResponse(
+            label=self.classes[best],
+            probabilities=dict(zip(self.classes, probs, strict=True)),
+            model=self.ref,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def predict(self, case: CaseInput) -> PredictResponse:
+        """In-process prediction (the service batches through its runner instead)."""
+        started = time.perf_counter()
+        return self.predict_response(self.infer_rows(self.pack(case))[0], started)
+
+    # -- explanations ----------------------------------------------------------------------
+    def class_index(self, target: str | None) -> int | None:
+        if target is None or (isinstance(target, str) and not target.strip()):
+            return None
+        name = str(target).strip()
+        if name not in self.classes:
+            raise InputError(f"unknown target class {name!r}; choose one of {self.classes}")
+        return self.classes.index(name)
+
+    def explain(
+        self,
+        case: CaseInput,
+        *,
+        method: str = "gradcam",
+        target: str | None = None,
+        opacity: float = 0.45,
+        shap: bool = True,
+        nsamples: int = DEFAULT_SHAP_NSAMPLES,
+    ) -> ExplainResponse:
+        """Grad-CAM (+ image SHAP, + clinical SHAP when a record is given) for one case."""
+        started = time.perf_counter()
+        target_index = self.class_index(target)
+        if not 0.0 <= float(opacity) <= 1.0:
+            raise InputError(f"opacity must lie in [0, 1], got {opacity}")
+        if not 1 <= int(nsamples) <= MAX_SHAP_NSAMPLES:
+            raise InputError(f"nsamples must lie in 1..{MAX_SHAP_NSAMPLES}, got {nsamples}")
+        if self.kind == "tabular":
+            return self._explain_record(case, target_index, started)
+        from components.explain.gradcam import (
+            canonical_method,
+            explain_gradcam,
+            heatmap_png,
+            overlay_png,
+            summarise_heat,
+        )
+
+        method = canonical_method(method)
+        warnings: list[str] = []
+        with self._lock:
+            cam = explain_gradcam(
+                self.model,
+                case.image,
+                method=method,
+                target_class=target_index,
+                tabular=case.record,
+            )
+            shap_png_b64, shap_summary = None, None
+            if shap:
+                shap_png_b64, shap_summary = self._image_shap(case, cam.target_class, nsamples)
+                if shap_summary is None:
+                    warnings.append(
+                        "no image SHAP map: this model bundle has no background set; "
+                        "re-package it with one"
+                    )
+            features = None
+            if case.record is not None:
+                features = self._record_shap(case, cam.target_class, warnings)
+        probabilities = dict(zip(self.classes, cam.probabilities, strict=True))
+        return ExplainResponse(
+            label=self.classes[int(np.argmax(cam.probabilities))],
+            probabilities=probabilities,
+            target=self.classes[cam.target_class],
+            method=cam.method,
+            overlay_png=b64png(overlay_png(case.picture, cam.heatmap, opacity=float(opacity))),
+            heatmap_png=b64png(heatmap_png(cam.heatmap)),
+            heat=HeatSummary(**summarise_heat(cam.heatmap)),
+            shap_png=shap_png_b64,
+            shap_image=shap_summary,
+            tabular_shap=features,
+            warnings=warnings,
+            model=self.ref,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def _explain_record(self, case: CaseInput, target: int | None, started: float):
+        warnings: list[str] = []
+        with self._lock:
+            probs = self.infer_rows(self.pack(case))[0]
+            chosen = int(np.argmax(probs)) if target is None else target
+            features = self._record_shap(case, chosen, warnings)
+        return ExplainResponse(
+            label=self.classes[int(np.argmax(probs))],
+            probabilities=dict(zip(self.classes, map(float, probs), strict=True)),
+            target=self.classes[chosen],
+            tabular_shap=features,
+            warnings=warnings,
+            model=self.ref,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def _image_shap(self, case: CaseInput, target: int, nsamples: int):
+        from components.explain.shap_image import explain_shap_image, shap_png
+
+        if self.image_background is None:
+            return None, None
+        result = explain_shap_image(
+            self.model,
+            case.image,
+            self.image_background,
+            target_class=target,
+            nsamples=int(nsamples),
+            tabular=case.record,
+        )
+        summary = ShapImageSummary(
+            expected=result.expected,
+            probability=result.probability,
+            total=result.total,
+            nsamples=result.nsamples,
+            background_size=result.background_size,
+        )
+        return b64png(shap_png(result.attribution, case.picture)), summary
+
+    def _record_shap(self, case: CaseInput, target: int, warnings: list[str]):
+        from components.explain.shap_tabular import explain_tabular
+
+        if self.tabular_background is None:
+            warnings.append(
+                "no clinical SHAP values: this model bundle has no tabular background set"
+            )
+            return None
+        result = explain_tabular(
+            self.model,
+            case.record,
+            self.tabular_background,
+            target_class=target,
+            nsamples=TABULAR_SHAP_NSAMPLES,
+            image=case.image if self.kind == "fusion" else None,
+        )
+        return [FeatureAttribution(**item) for item in result.top(TOP_FEATURES)]
+
+    # -- similar cases ---------------------------------------------------------------------
+    def similar(self, case: CaseInput, k: int = 5) -> SimilarResponse:
+        started = time.perf_counter()
+        if self.similar_index is None:
+            raise NotFound(
+                "this model has no similar-case index (a tabular model, or a bundle packaged "
+                "without embeddings)"
+            )
+        import torch
+
+        with self._lock, torch.inference_mode():
+            batch = case.image.unsqueeze(0)
+            if self.kind == "fusion":
+                record = torch.from_numpy(np.asarray(case.record, dtype=np.float32))[None]
+                probs = torch.softmax(self.model(batch, record), dim=1)[0]
+                feature = self.model.embed(batch, record)[0]
+            else:
+                probs = torch.softmax(self.model(batch), dim=1)[0]
+                feature = self.model.embed(batch)[0]
+        found = self.similar_index.query(feature.numpy(), k)
+        return SimilarResponse(
+            label=self.classes[int(probs.argmax())],
+            neighbours=[
+                Neighbour(
+                    rank=n["rank"],
+                    label=n["label"],
+                    distance=n["distance"],
+                    thumbnail_png=n["thumbnail_png_base64"],
+                )
+                for n in found
+            ],
+            index_size=len(self.similar_index),
+            model=self.ref,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    # -- report ----------------------------------------------------------------------------
+    def report(
+        self,
+        case: CaseInput,
+        *,
+        method: str = "gradcam",
+        target: str | None = None,
+        case_id: str | None = None,
+    ) -> bytes:
+        """The one-case PDF: prediction, Grad-CAM overlay, clinical SHAP, model and privacy."""
+        from components.reports.pdf import ReportInput, bundle_facts, render_report
+
+        if self.kind == "tabular":
+            raise InputError("the PDF report shows an image; this model reads clinical data only")
+        explained = self.explain(case, method=method, target=target, shap=False)
+        features = None
+        if explained.tabular_shap:
+            features = [f.model_dump() for f in explained.tabular_shap]
+        report = ReportInput(
+            image_png=png_bytes(case.picture),
+            predicted_label=explained.label,
+            probabilities=explained.probabilities,
+            model_name=self.ref.name,
+            model_version=self.ref.version or "unregistered",
+            overlay_png=base64.b64decode(explained.overlay_png),
+            cam_method=explained.method,
+            heat_summary=explained.heat.text if explained.heat else None,
+            shap_features=features,
+            shap_class=explained.target,
+            case_id=case_id or None,
+            **bundle_facts(self.bundle),
+        )
+        return render_report(report)
+
+    # -- model card ------------------------------------------------------------------------
+    def card(self, chat: bool = False) -> ModelCard:
+        from components.bundle import bundle_summary
+        from components.explain.gradcam import CAM_METHODS
+
+        summary = bundle_summary(self.bundle)
+        schema = None
+        if self.schema:
+            schema = [ClinicalFeatureSpec(**dict(f)) for f in self.schema]
+        return ModelCard(
+            model=self.ref,
+            version=self.ref.version,
+            kind=self.kind,
+            architecture=self.bundle.architecture,
+            architecture_kwargs={
+                k: v
+                for k, v in (summary.get("architecture_kwargs") or {}).items()
+                if k != "tabular_schema"
+            },
+            classes=self.classes,
+            preprocessing=summary["preprocessing"] if self.kind != "tabular" else None,
+            clinical_schema=schema,
+            metrics=summary.get("metrics") or {},
+            data_fingerprint=self.bundle.data_fingerprint,
+            privacy=summary.get("privacy"),
+            intended_use=INTENDED_USE,
+            limitations=self.limitations(),
+            explain_methods=list(CAM_METHODS) if self.kind != "tabular" else [],
+            similar_cases=len(self.similar_index) if self.similar_index is not None else 0,
+            chat=chat,
+        )
+
+    def limitations(self) -> list[str]:
+        """General limitations plus the ones this bundle's own facts imply."""
+        out = list(GENERAL_LIMITATIONS)
+        privacy = self.bundle.privacy or {}
+        if privacy.get("epsilon") is None:
+            out.append("Trained without differential privacy: no formal privacy guarantee.")
+        else:
+            out.append(
+                f"Trained with differential privacy (epsilon = {float(privacy['epsilon']):g}); "
+                "this protects training records and usually costs some accuracy."
+            )
+        if not self.bundle.metrics:
+            out.append("No held-out test metrics were recorded with this model.")
+        if self.kind != "tabular":
+            size = self.bundle.preprocessing.size
+            out.append(f"Images are resized to {size}x{size} pixels: finer detail is not seen.")
+        if self.schema:
+            out.append(
+                "Clinical values outside the schema's ranges are refused; missing optional "
+                "values are filled with the training mean."
+            )
+        return out
+
+
+def _display_array(picture) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) of the decoded upload, at most DISPLAY_MAX_SIDE a side."""
+    from PIL import Image
+
+    shown = picture
+    if max(picture.size) > DISPLAY_MAX_SIDE:
+        shown = picture.copy()
+        shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+    return np.asarray(shown.convert("RGB" if picture.mode == "RGB" else "L"), dtype=np.uint8)
+
+
+__all__ = [
+    "INTENDED_USE",
+    "KINDS",
+    "CaseInput",
+    "DiagnosisEngine",
+    "build_bundle_model",
+    "model_kind",
+]
