@@ -82,6 +82,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 TORCH_THREADS_ENV = "ONCOFLOW_TORCH_THREADS"
 MAX_BATCH_ENV = "ONCOFLOW_MAX_BATCH"
 JSON_BODY_LIMIT = 64 * 1024
+RUNNER_ATTEMPTS = 3
+RUNNER_POOL_REQUESTS = 100_000
 UPLOADS = {
     "/predict": UploadSpec.of("image", ["clinical"]),
     "/explain": UploadSpec.of(
@@ -277,18 +279,33 @@ class DiagnosisService:
         return self.engine.card(chat=self.chat_service is not None)
 
     async def _infer(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities through the batching runner (in-process when run without BentoML)."""
+        """Probabilities through the batching runner (in-process when run without BentoML).
+
+        BentoML's client to a dependency replaces its connection pool every 100 calls and
+        closes the old one under calls still in flight (bentoml 1.4.39), which fails them with
+        a dropped connection; inference is idempotent, so such a call is retried.
+        """
+        import aiohttp
         from bentoml.exceptions import BentoMLException
 
         remote = getattr(self.runner, "to_async", None)
-        try:
-            if remote is not None:
-                return np.asarray(await remote.infer(rows))
+        if remote is None:
             return await anyio.to_thread.run_sync(self.runner.infer, rows)
-        except BentoMLException as exc:
-            if getattr(exc, "error_code", None) is not None and int(exc.error_code) == 503:
-                raise Overloaded("the model is overloaded; retry in a moment") from exc
-            raise
+        pool = getattr(remote, "_session_manager", None)
+        if pool is not None and getattr(pool, "max_requests", 0) < RUNNER_POOL_REQUESTS:
+            pool.max_requests = RUNNER_POOL_REQUESTS  # recycle rarely (a unix socket to us)
+        for attempt in range(1, RUNNER_ATTEMPTS + 1):
+            try:
+                return np.asarray(await remote.infer(rows))
+            except aiohttp.ClientConnectionError:
+                if attempt == RUNNER_ATTEMPTS:
+                    raise
+                log.warning("model runner connection dropped; retrying (%d)", attempt)
+            except BentoMLException as exc:
+                if getattr(exc, "error_code", None) is not None and int(exc.error_code) == 503:
+                    raise Overloaded("the model is overloaded; retry in a moment") from exc
+                raise
+        raise AssertionError("unreachable")
 
     # -- image endpoints -------------------------------------------------------------------
     @bentoml.api(route="/predict")
