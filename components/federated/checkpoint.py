@@ -28,6 +28,7 @@ _PREFIX = "round-"
 _ARRAYS = "arrays.npz"
 _STATE = "state.json"
 LEDGER = "ledger.jsonl"
+CHECKPOINT_DIR = "checkpoints"  # under the run's output directory
 
 
 @dataclass
@@ -131,4 +132,11 @@ def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["LEDGER", "Checkpoint", "CheckpointStore", "read_ledger", "write_ledger"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "LEDGER",
+    "Checkpoint",
+    "CheckpointStore",
+    "read_ledger",
+    "write_ledger",
+]

@@ -9,6 +9,8 @@ train:    load the global weights, train `local_epochs` with `fit_local` (FedPro
           best model on the site, reply with the weights and training metrics.
 evaluate: score the global weights on the site's validation data, keep them as the site's best
           model if they beat it, reply with the metrics.
+query:    roll call: reply with the site's name and data sizes (so the server can name a site
+          that fails before it ever sent an update).
 """
 
 from __future__ import annotations
@@ -167,6 +169,17 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     return _reply(msg, None, metrics, site.name)
 
 
+def handle_query(msg: Message, site_dir: Path) -> Message:
+    """Roll call: name the site and its data sizes (reads only `site.json`)."""
+    import json
+
+    from components.federated.task import SITE_META, check_site_dir
+
+    meta = json.loads((check_site_dir(site_dir) / SITE_META).read_text())
+    counts = {"num-train": int(meta["num_train"]), "num-val": int(meta["num_val"])}
+    return _reply(msg, None, counts, str(meta["site"]))
+
+
 def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
     """A ClientApp whose site is `data-dir` from the node config, or `site_dirs[partition-id]`."""
     client = ClientApp()
@@ -179,9 +192,20 @@ def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, site_dir_for(context, site_dirs))
 
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, site_dir_for(context, site_dirs))
+
     return client
 
 
 app = build_client_app()
 
-__all__ = ["app", "build_client_app", "handle_evaluate", "handle_train", "site_dir_for"]
+__all__ = [
+    "app",
+    "build_client_app",
+    "handle_evaluate",
+    "handle_query",
+    "handle_train",
+    "site_dir_for",
+]

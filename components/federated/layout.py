@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from components.data.preprocess import Preprocessing
 from components.errors import DataError
 from components.federated.attacks import attacker_sites
+from components.federated.checkpoint import CHECKPOINT_DIR, CheckpointStore
 from components.federated.partition import (
     partition_splits,
     safe_site_name,
@@ -34,7 +36,13 @@ from components.federated.partition import (
 )
 from components.federated.runspec import RunSpec
 from components.federated.settings import FederationSettings, validate_federation
-from components.federated.task import LocalTraining, ModelSpec, write_site, write_split
+from components.federated.task import (
+    BEST_MODEL_DIR,
+    LocalTraining,
+    ModelSpec,
+    write_site,
+    write_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +213,7 @@ def prepare_federation(
         attacks=attacks,
         data_fingerprint=_fingerprint(fingerprint_parts),
     )
+    _check_resume(spec, site_dirs)
     spec_path = spec.save(server_dir / "spec.json")
     meta = {
         "settings": settings.to_dict(),
@@ -215,6 +224,18 @@ def prepare_federation(
     (root / FEDERATION_FILE).write_text(json.dumps(meta, indent=1))
     log.info("prepared %d sites under %s\n%s", len(sites), root, site_report_markdown(report))
     return FederationLayout(root, settings, spec, spec_path, site_dirs, report)
+
+
+def _check_resume(spec: RunSpec, site_dirs: Mapping[str, Path]) -> None:
+    """Fail now if the output directory holds a checkpoint of other settings (resume=true);
+    on a fresh start, drop the sites' best models left by an earlier run in this directory."""
+    store = CheckpointStore(Path(spec.out_dir) / CHECKPOINT_DIR, spec.fingerprint())
+    existing = store.latest() if spec.settings.resume else None
+    if existing is None:
+        for directory in site_dirs.values():
+            shutil.rmtree(Path(directory) / BEST_MODEL_DIR, ignore_errors=True)
+    else:
+        log.info("a checkpoint after round %d exists: the run will resume", existing.round)
 
 
 __all__ = [

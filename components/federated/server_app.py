@@ -24,7 +24,12 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from components.errors import ConfigError, DataError
-from components.federated.checkpoint import LEDGER, CheckpointStore, write_ledger
+from components.federated.checkpoint import (
+    CHECKPOINT_DIR,
+    LEDGER,
+    CheckpointStore,
+    write_ledger,
+)
 from components.federated.client_app import SITE_RECORD
 from components.federated.hygiene import Rejection, screen_updates
 from components.federated.runspec import SPEC_KEY, RunSpec
@@ -34,7 +39,6 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 FINAL_WEIGHTS = "final_model.npz"
-CHECKPOINT_DIR = "checkpoints"
 SPEC_FILE_KEY = "spec-file"  # run-config key of the deployment ServerApp
 
 
@@ -70,6 +74,37 @@ def await_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> int:
                 "lower federation.min_available_sites"
             )
         time.sleep(0.5)
+
+
+def roll_call(grid: Grid, node_sites: dict[int, str], timeout: float) -> None:
+    """Ask connected nodes not yet known which site they are (a `query` message), so a site
+    that fails before sending any update is still reported by name."""
+    from flwr.app import MessageType, RecordDict
+
+    unknown = [node for node in grid.get_node_ids() if node not in node_sites]
+    if not unknown:
+        return
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({"query": "site"})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in unknown
+    ]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning(
+                "node %d did not answer the roll call: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+            continue
+        site = _site_of(reply, node_sites)
+        claimed = [n for n, s in node_sites.items() if s == site]
+        if len(claimed) > 1:
+            log.warning("nodes %s all claim to be site %s", claimed, site)
+    log.info("sites: %s", ", ".join(f"{s} (node {n})" for n, s in sorted(node_sites.items())))
 
 
 class _TestSet:
@@ -271,6 +306,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
             minimum=settings.min_available_sites,
             timeout=settings.connect_timeout,
         )
+        roll_call(grid, node_sites, settings.round_timeout)
         new, sites, rejections, notes = _round_train(
             strategy, grid, spec, server_round, arrays, node_sites
         )

@@ -71,13 +71,16 @@ def test_superlink_and_three_supernodes_complete_two_rounds(tmp_path):
     layout = prepare(tmp_path / "fed", evaluate_sites=True, min_fit_sites=3, min_available_sites=3)
     with LocalDeployment(layout, tls=True, supernode_auth=True) as deployment:
         deployment.start()
-        pids = [deployment.superlink.pid, *(p.pid for p in deployment.supernodes.values())]
-        assert len(pids) == 4 and len(set(pids)) == 4  # separate processes
+        processes = [deployment.superlink, *deployment.supernodes.values()]
+        assert len({p.pid for p in processes}) == 4  # separate processes
         run_id = deployment.submit()
         assert deployment.wait(run_id) == "finished:completed"
+        family = [c for p in processes for c in psutil.Process(p.pid).children(recursive=True)]
         for name in ("superlink", *(f"supernode-{p.name}" for p in layout.sites.values())):
             assert "--insecure" not in deployment.log_tail(name, lines=400)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    # everything the deployment started is gone
+    assert all(p.poll() is not None for p in processes)
+    assert not [c for c in family if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
     result = load_result(layout)
     assert [row["round"] for row in result.history] == [1, 2]

@@ -5,7 +5,9 @@ simulation engine (Ray) and checks it computes the same rounds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,7 +111,7 @@ def test_a_nan_site_and_a_dropped_site_do_not_stop_the_round(data, tmp_path):
     def send_and_receive(messages, *, timeout=None):
         # site-4 (node 4) is sampled for round 2, then its machine goes away mid-round
         messages = list(messages)
-        if int(messages[0].content["config"]["server-round"]) == 2:
+        if int(messages[0].content["config"].get("server-round", 0)) == 2:
             grid.offline.add(4)
         return original(messages, timeout=timeout)
 
@@ -181,10 +183,14 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path):
     assert [row["round"] for row in read_ledger(layout.out_dir / "ledger.jsonl")] == [1, 2, 3]
     assert load_result(layout).resumed_from == 1
 
-    # a run with other settings refuses the checkpoint instead of mixing it in
-    other = prepare(data, tmp_path / "fed", rounds=3, strategy="median")
+    # other settings in the same directory: refused up front instead of mixed in
     with pytest.raises(ConfigError, match="different federation settings"):
-        run_federation(grid_that_crashes_in(None), other.spec)
+        prepare(data, tmp_path / "fed", rounds=3, strategy="median")
+    # ... and by the ServerApp too (a spec edited by hand, a deployment)
+    other = prepare(data, tmp_path / "other", rounds=3, strategy="median")
+    spec = dataclasses.replace(other.spec, out_dir=str(layout.out_dir))
+    with pytest.raises(ConfigError, match="different federation settings"):
+        run_federation(grid_that_crashes_in(None), spec)
 
 
 def test_resume_is_equivalent_to_an_uninterrupted_run(data, tmp_path):
@@ -215,3 +221,23 @@ def test_flower_simulation_engine_matches_the_inline_engine(data, tmp_path):
         assert a["server"]["accuracy"] == pytest.approx(b["server"]["accuracy"], abs=0.05)
     for site_dir in layout.sites.values():
         assert (site_dir / "best_model" / "bundle.json").is_file()
+
+
+def test_a_prepared_federation_reopens_from_disk(data, tmp_path):
+    layout = prepare(data, tmp_path / "fed", rounds=1)
+    again = FederationLayout.open(tmp_path / "fed")
+    assert again.spec == layout.spec and again.spec.fingerprint() == layout.spec.fingerprint()
+    assert again.sites == layout.sites and again.report == layout.report
+    assert "| site-1 |" in again.report_markdown
+    with pytest.raises(DataError, match="no prepared federation"):
+        FederationLayout.open(tmp_path / "elsewhere")
+
+
+def test_cli_certs_writes_a_ca_a_server_certificate_and_site_keys(tmp_path):
+    from components.federated import cli
+
+    paths = cli.certs(tmp_path / "certs", hosts=["fl.example.org", "10.0.0.5"], sites=["site-1"])
+    assert all(Path(paths[k]).is_file() for k in ("ca_cert", "server_cert", "server_key"))
+    assert Path(paths["supernode_keys"]["site-1"]["public"]).read_text().startswith("ecdsa-")
+    with pytest.raises(ConfigError, match="no TLS certificates"):
+        cli.superlink(tmp_path / "nothing-here")
