@@ -1,0 +1,284 @@
+"""Privacy settings: parse and validate `cfg["privacy"]` against the training and federation setup.
+
+`validate_privacy(privacy_cfg, federation_cfg, trainer_cfg)` returns a frozen `PrivacySettings`
+or raises `ConfigError` saying what to change. Modes:
+
+- `none`       no formal privacy.
+- `dp_sgd`     DP-SGD (Opacus) inside the training loop: central training, or each site's local
+               training in a federation (sample-level (ε, δ)-DP per site, accounted over all rounds).
+- `central_dp` federated only: the server clips each site's update and adds Gaussian noise to the
+               aggregate (Flower's DP strategy wrappers, fixed or adaptive clipping); site-level DP.
+- `secagg`     federated only: SecAgg+ (the server sees only the sum of updates); each site bounds
+               the L2 norm of its update before masking.
+- `secagg_dp`  `secagg` plus DP-SGD at each site (`dp_sgd` accounting per site).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from components.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "dp_sgd", "central_dp", "secagg", "secagg_dp")
+ACCOUNTANTS = ("rdp", "prv")
+CENTRAL_CLIPPING = ("fixed", "adaptive")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+# Rules that must see every individual update; SecAgg+ only reveals their sum.
+PER_UPDATE_RULES = frozenset({"krum", "multikrum", "bulyan", "trimmed_mean", "median"})
+FEDERATED_ONLY = frozenset({"central_dp", "secagg", "secagg_dp"})
+SECAGG_MODES = frozenset({"secagg", "secagg_dp"})
+DP_SGD_MODES = frozenset({"dp_sgd", "secagg_dp"})
+
+
+@dataclass(frozen=True)
+class CentralDPSettings:
+    """Server-side DP (Flower `DifferentialPrivacyServerSide{Fixed,Adaptive}Clipping`)."""
+
+    clipping: str = "fixed"
+    noise_multiplier: float | None = None  # None: calibrate to (epsilon, delta) over all rounds
+    clipping_norm: float = 1.0  # fixed clipping: the bound; adaptive: the initial bound
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float | None = None
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Flower SecAgg+ parameters (see `flwr.server.workflow.SecAggPlusWorkflow`)."""
+
+    num_shares: float = 1.0  # float: share of the sampled sites; int: a count
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 1e4
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Validated privacy configuration (what `validate_privacy` returns)."""
+
+    mode: str = "none"
+    epsilon: float | None = None  # target / budget; None: no budget (noise_multiplier given)
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated to epsilon over the whole plan
+    max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    secure_mode: bool = False
+    update_norm_bound: float | None = None  # client-side L2 bound of a site's update (SecAgg+)
+    central: CentralDPSettings = field(default_factory=CentralDPSettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def dp_sgd(self) -> bool:
+        """DP-SGD runs inside (central or local) training."""
+        return self.mode in DP_SGD_MODES
+
+    @property
+    def central_dp(self) -> bool:
+        return self.mode == "central_dp"
+
+    @property
+    def secure_aggregation(self) -> bool:
+        return self.mode in SECAGG_MODES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _float(section: dict[str, Any], key: str, default: Any, *, positive: bool = True) -> Any:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"privacy.{key} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ConfigError(f"privacy.{key} must be a positive finite number, got {value}")
+    return value
+
+
+def _choice(section: dict[str, Any], key: str, default: str, options: tuple[str, ...]) -> str:
+    value = str(section.get(key, default))
+    if value not in options:
+        raise ConfigError(f"privacy.{key}={value!r}; choose one of {', '.join(options)}")
+    return value
+
+
+def _central(section: dict[str, Any]) -> CentralDPSettings:
+    raw = dict(section.get("central") or {})
+    unknown = set(raw) - {f for f in CentralDPSettings.__dataclass_fields__}
+    if unknown:
+        raise ConfigError(f"unknown privacy.central keys {sorted(unknown)}")
+    clipping = _choice(raw, "clipping", "fixed", CENTRAL_CLIPPING)
+    quantile = _float(raw, "target_clipped_quantile", 0.5)
+    if quantile >= 1:
+        raise ConfigError("privacy.central.target_clipped_quantile must be in (0, 1)")
+    return CentralDPSettings(
+        clipping=clipping,
+        noise_multiplier=_float(raw, "noise_multiplier", None),
+        clipping_norm=_float(raw, "clipping_norm", 1.0),
+        target_clipped_quantile=quantile,
+        clip_norm_lr=_float(raw, "clip_norm_lr", 0.2),
+        clipped_count_stddev=_float(raw, "clipped_count_stddev", None),
+    )
+
+
+def _secagg(section: dict[str, Any]) -> SecAggSettings:
+    raw = dict(section.get("secagg") or {})
+    unknown = set(raw) - {f for f in SecAggSettings.__dataclass_fields__}
+    if unknown:
+        raise ConfigError(f"unknown privacy.secagg keys {sorted(unknown)}")
+    shares = raw.get("num_shares", 1.0)
+    threshold = raw.get("reconstruction_threshold", 0.67)
+    for key, value in (("num_shares", shares), ("reconstruction_threshold", threshold)):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"privacy.secagg.{key} must be a positive count or fraction")
+        if isinstance(value, float) and value > 1:
+            raise ConfigError(f"privacy.secagg.{key} as a fraction must be in (0, 1]")
+    quantization = int(raw.get("quantization_range", 2**22))
+    modulus = int(raw.get("modulus_range", 2**32))
+    if modulus > 2**32 or modulus & (modulus - 1) or modulus <= quantization:
+        raise ConfigError(
+            "privacy.secagg.modulus_range must be a power of two, at most 2**32 and larger than "
+            "quantization_range"
+        )
+    timeout = raw.get("timeout")
+    return SecAggSettings(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        clipping_range=_float(raw, "clipping_range", 8.0),
+        quantization_range=quantization,
+        modulus_range=modulus,
+        max_weight=_float(raw, "max_weight", 1e4),
+        timeout=float(timeout) if timeout is not None else None,
+    )
+
+
+def _check_federation(mode: str, federation: dict[str, Any] | None) -> None:
+    federated = bool(federation)
+    if mode in FEDERATED_ONLY and not federated:
+        raise ConfigError(
+            f"privacy={mode} protects a federation and needs training=federated; for central "
+            "training use privacy=dp_eps8 / dp_eps3 (DP-SGD)"
+        )
+    if not federated or mode not in SECAGG_MODES:
+        return
+    strategy = str(federation.get("strategy", "fedavg"))
+    if strategy in PER_UPDATE_RULES:
+        raise ConfigError(
+            f"federation={strategy} cannot run with privacy={mode}: under SecAgg+ the server only "
+            "learns the sum of the sites' updates, never an individual update, so a rule that "
+            f"compares or sorts individual updates ({', '.join(sorted(PER_UPDATE_RULES))}) has "
+            "nothing to work on. Supported: federation=fedavg or fedprox with SecAgg+; each site "
+            "bounds its own update norm (privacy.update_norm_bound) before masking, which limits "
+            "what a single faulty or malicious site can do to the sum; add DP with "
+            "privacy=secagg_dp"
+        )
+
+
+def check_trainer(settings: PrivacySettings, trainer: dict[str, Any] | None) -> None:
+    """DP-SGD needs Poisson sampling and per-sample losses that do not depend on each other.
+
+    `trainer.imbalance=weighted_sampler` replaces Poisson sampling, and `weighted_loss`
+    normalises the batch loss by the batch's total class weight, which couples the samples'
+    gradients (the sensitivity is then no longer the clipping bound): both are refused.
+    """
+    if not settings.dp_sgd or not trainer:
+        return
+    imbalance = str(trainer.get("imbalance", "none"))
+    if imbalance != "none":
+        raise ConfigError(
+            f"trainer.imbalance={imbalance} is incompatible with DP-SGD (it needs Poisson "
+            "sampling and independent per-sample losses for its guarantee); set "
+            "trainer.imbalance=none"
+        )
+
+
+def validate_privacy(
+    privacy: dict[str, Any] | None,
+    federation: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+) -> PrivacySettings:
+    """Validate the `privacy` config section.
+
+    `federation` is the `federation` section when training is federated (None/empty for central
+    training); `trainer` the `trainer` section (checked for DP-SGD compatibility).
+    """
+    section = dict(privacy or {"mode": "none"})
+    known = set(PrivacySettings.__dataclass_fields__)
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"unknown privacy keys {sorted(unknown)}; known: {sorted(known)}")
+    mode = _choice(section, "mode", "none", MODES)
+    if mode == "none":
+        return PrivacySettings()
+    epsilon = _float(section, "epsilon", None)
+    delta = _float(section, "delta", 1e-5)
+    if delta >= 1:
+        raise ConfigError("privacy.delta must be in (0, 1); use about 1/N or smaller")
+    settings = PrivacySettings(
+        mode=mode,
+        epsilon=epsilon,
+        delta=delta,
+        noise_multiplier=_float(section, "noise_multiplier", None),
+        max_grad_norm=_float(section, "max_grad_norm", 1.0),
+        accountant=_choice(section, "accountant", "rdp", ACCOUNTANTS),
+        grad_sample_mode=_choice(section, "grad_sample_mode", "hooks", GRAD_SAMPLE_MODES),
+        secure_mode=bool(section.get("secure_mode", False)),
+        update_norm_bound=_float(section, "update_norm_bound", None),
+        central=_central(section),
+        secagg=_secagg(section),
+    )
+    needs_noise = settings.dp_sgd or settings.central_dp
+    sigma = settings.central.noise_multiplier if settings.central_dp else settings.noise_multiplier
+    if needs_noise and sigma is None and epsilon is None:
+        raise ConfigError(
+            f"privacy={mode} needs privacy.epsilon (noise calibrated to it over the whole "
+            "training) or an explicit noise multiplier"
+        )
+    if settings.secure_aggregation:
+        if settings.update_norm_bound is None:
+            raise ConfigError(
+                f"privacy={mode} needs privacy.update_norm_bound: each site clips its update "
+                "to this L2 norm before SecAgg+ masks it"
+            )
+        if settings.update_norm_bound > settings.secagg.clipping_range:
+            raise ConfigError(
+                "privacy.update_norm_bound must not exceed privacy.secagg.clipping_range "
+                "(SecAgg+ clips every coordinate to ±clipping_range before quantising)"
+            )
+    _check_federation(mode, federation)
+    check_trainer(settings, trainer)
+    if settings.secure_aggregation and federation:
+        hygiene = dict(federation.get("hygiene") or {})
+        if hygiene.get("max_norm_ratio") is not None or hygiene.get("max_norm") is not None:
+            log.info(
+                "privacy=%s: server-side update hygiene cannot see individual updates and is "
+                "replaced by the sites' update_norm_bound",
+                mode,
+            )
+    return settings
+
+
+__all__ = [
+    "MODES",
+    "PER_UPDATE_RULES",
+    "CentralDPSettings",
+    "PrivacySettings",
+    "SecAggSettings",
+    "check_trainer",
+    "validate_privacy",
+]
