@@ -11,6 +11,7 @@ EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
   oncoflow validate dataset=busi
   oncoflow serve
+  oncoflow ui
   oncoflow prefect up && oncoflow prefect deploy
   oncoflow demo
 Overrides use Hydra syntax (group=option, key.path=value); see conf/ for every option."""
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     prefect.add_argument("args", nargs=argparse.REMAINDER)
+
+    ui = sub.add_parser("ui", help="the clinician web UI (Gradio) on top of the service")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
 
     demo = sub.add_parser("demo", help="the main job: train on real data, package and serve")
     demo.add_argument("overrides", nargs="*")
@@ -106,6 +111,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from serving.launch import serve
 
         return serve(model_tag=args.model, host=args.host, port=args.port)
+    if args.command == "ui":
+        from ui.__main__ import main as ui_main
+
+        return ui_main(["--host", args.host, "--port", str(args.port)])
     if args.command == "demo":
         from flows.demo import demo
 

@@ -1,61 +1,113 @@
-"""`oncoflow demo`: the main job — train on real data, register, package and serve."""
+"""`oncoflow demo`: the main job — train on real data, register, package, serve, open the UI."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-# A CPU-friendly run on real data: brain MRI, pretrained EfficientNet-Lite0, small images.
+import httpx
+
+# A CPU-friendly run on real data: brain MRI, pretrained EfficientNet-Lite0 at 96 px.
 DEMO_OVERRIDES = [
     "dataset=brain_tumor_mri",
     "model=efficientnet_lite0",
     "dataset.image_size=96",
-    "trainer.max_epochs=4",
+    "trainer.max_epochs=3",
     "trainer.batch_size=64",
     "trainer.lr=0.001",
 ]
 
 
 def demo(overrides: list[str], serve: bool = True) -> int:
-    """Run the pipeline with the demo defaults (user overrides win), then start the service."""
+    """Run the pipeline with the demo defaults (user overrides win), then serve service + UI."""
     from flows.runtime import prepare
 
-    prepare([*DEMO_OVERRIDES, *overrides])
+    workspace = prepare([*DEMO_OVERRIDES, *overrides])
     from flows.pipeline import run_pipeline
 
     summary = run_pipeline([*DEMO_OVERRIDES, *overrides])
     print(json.dumps(summary, indent=2, default=str))
-    tag = summary.get("bento_model")
-    if not tag:
-        print(
-            "oncoflow: the new model did not become champion; serving the current champion.",
-            file=sys.stderr,
-        )
+    if not summary.get("bento_model"):
+        print("oncoflow: the new model is a challenger; serving the current champion.", flush=True)
     if not serve:
         return 0
-    from serving.launch import serve as serve_model
+    return _serve_service_and_ui(summary.get("bento_model"), workspace.root)
 
-    key = os.environ.get("ONCOFLOW_API_KEYS")
-    if not key:
-        key = secrets.token_urlsafe(24)
-        os.environ["ONCOFLOW_API_KEYS"] = key
-    port = int(os.environ.get("ONCOFLOW_PORT", "3000"))
+
+def _serve_service_and_ui(model_tag: str | None, workspace: Path) -> int:
+    """Start `oncoflow serve` and `oncoflow ui` as child processes until Ctrl-C."""
+    service_port = int(os.environ.get("ONCOFLOW_PORT", "3000"))
+    ui_port = int(os.environ.get("ONCOFLOW_UI_PORT", "7860"))
+    api_key = os.environ.get("ONCOFLOW_API_KEYS", "").split(",")[0] or secrets.token_urlsafe(24)
+    admin = os.environ.get("ONCOFLOW_UI_ADMIN_USER") or "admin"
+    password = os.environ.get("ONCOFLOW_UI_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    url = f"http://127.0.0.1:{service_port}"
+    env = {
+        **os.environ,
+        "ONCOFLOW_API_KEYS": os.environ.get("ONCOFLOW_API_KEYS") or api_key,
+        "ONCOFLOW_API_KEY": api_key,
+        "ONCOFLOW_SERVICE_URL": url,
+        "ONCOFLOW_WORKSPACE": str(workspace),
+        "ONCOFLOW_UI_ADMIN_USER": admin,
+        "ONCOFLOW_UI_ADMIN_PASSWORD": password,
+    }
+    cli = [sys.executable, "-m", "flows.cli"]
+    service_cmd = [*cli, "serve", "--port", str(service_port)]
+    if model_tag:
+        service_cmd += ["--model", model_tag]
+    service = subprocess.Popen(service_cmd, env=env)
+    if not _wait_ready(f"{url}/readyz", service):
+        service.terminate()
+        print("oncoflow: the service did not become ready; see its log above.", file=sys.stderr)
+        return 1
+    ui = subprocess.Popen([*cli, "ui", "--port", str(ui_port)], env=env)
     print(
         "\n".join(
             [
                 "",
-                f"Service:   http://127.0.0.1:{port}   (API docs: http://127.0.0.1:{port}/docs)",
-                f"API key:   {key}   (send as 'Authorization: Bearer <key>')",
-                f"Try:       curl -H 'Authorization: Bearer {key}' -F image=@<file.jpg> "
-                f"http://127.0.0.1:{port}/predict",
-                f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///"
-                f"{os.path.abspath(summary['run_dir'].split('/runs/')[0])}/mlflow.db",
-                f"Run files: {summary['run_dir']}",
+                f"Clinician UI: http://127.0.0.1:{ui_port}   (log in as {admin!r}, "
+                f"password {password!r}; an existing UI database keeps its own admin)",
+                f"Service:      {url}   (OpenAPI: {url}/docs)",
+                f"API key:      {api_key}   (send 'Authorization: Bearer <key>')",
+                f"Try:          curl -H 'Authorization: Bearer {api_key}' "
+                f"-F image=@<file.jpg> {url}/predict",
+                f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///{workspace}/mlflow.db",
+                "Stop with Ctrl-C.",
                 "",
             ]
         ),
         flush=True,
     )
-    return serve_model(model_tag=tag, host="127.0.0.1", port=port)
+    try:
+        while service.poll() is None and ui.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in (ui, service):
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in (ui, service):
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False

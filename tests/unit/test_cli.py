@@ -14,7 +14,7 @@ def test_help_lists_commands(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    for command in ("run", "validate", "serve", "demo", "config"):
+    for command in ("run", "validate", "serve", "ui", "prefect", "demo", "config"):
         assert command in out
 
 
