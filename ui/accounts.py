@@ -286,7 +286,10 @@ class AccountStore:
         existing = self.find(name)
         if existing is not None:
             raise InvalidInput(f"{name!r} exists but is not an active admin; use the CLI.")
-        return self.create_admin(name, password)
+        try:
+            return self.create_admin(name, password)
+        except InvalidInput as exc:
+            raise InvalidInput(f"ONCOFLOW_UI_ADMIN_USER/ONCOFLOW_UI_ADMIN_PASSWORD: {exc}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

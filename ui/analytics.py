@@ -26,9 +26,11 @@ def predictions_per_day(cases: Sequence[Case], fill_gaps: bool = True) -> list[t
     return [(first + timedelta(d), counts.get(first + timedelta(d), 0)) for d in range(days)]
 
 
-def class_mix(cases: Sequence[Case]) -> dict[str, int]:
-    """Predicted label -> count, most frequent first (ties by name)."""
-    counts = Counter(c.label for c in cases)
+def class_mix(cases: Sequence[Case], classes: Sequence[str] = ()) -> dict[str, int]:
+    """Predicted label -> count, most frequent first (ties by name); `classes` never
+    predicted are listed with 0."""
+    counts = Counter({c: 0 for c in classes})
+    counts.update(c.label for c in cases)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -48,7 +48,14 @@ def theme() -> gr.themes.Base:
         button_primary_background_fill="#1f6f8b",
         button_primary_background_fill_hover="#195b72",
         button_primary_text_color="#ffffff",
+        body_background_fill="#f4f7f9",
         block_title_text_weight="600",
+        block_title_text_color="#1f2a37",
+        block_title_background_fill="transparent",
+        block_label_background_fill="#ffffff",
+        block_label_text_color="#374151",
+        block_label_text_weight="600",
+        block_label_border_width="0px",
     )
 
 
@@ -81,7 +88,7 @@ def build_app(ctx: UiContext | None = None) -> App:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         token = gr.State(None)
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False, elem_id="of-top"):
             header = gr.HTML(html.header(), elem_id="of-header-box", scale=10)
             logout_button = gr.Button(
                 "Sign out", size="sm", scale=0, min_width=110, visible=False, elem_id="of-logout"
@@ -181,7 +188,10 @@ def build_app(ctx: UiContext | None = None) -> App:
         ]
         for trigger in (login_button.click, password.submit):
             trigger(login, [username, password], login_outputs, api_visibility="private").then(
-                diagnose.load_schema, [token], [diagnose.schema], api_visibility="private"
+                diagnose.load_model,
+                [token],
+                [diagnose.info, diagnose.schema, diagnose.upload, diagnose.method, diagnose.notice],
+                api_visibility="private",
             )
         timer.tick(
             check_session, [token], login_outputs, api_visibility="private", show_progress="hidden"
@@ -200,7 +210,17 @@ def build_app(ctx: UiContext | None = None) -> App:
         chat_tab.select(case_line, [diagnose.case], [assistant.context], api_visibility="private")
 
     return App(
-        ctx, blocks, diagnose, history, analytics, users, model, assistant, login, check_session
+        ctx=ctx,
+        blocks=blocks,
+        token=token,
+        diagnose=diagnose,
+        history=history,
+        analytics=analytics,
+        users=users,
+        model=model,
+        assistant=assistant,
+        login=login,
+        check_session=check_session,
     )
 
 

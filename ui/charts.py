@@ -38,6 +38,17 @@ def _figure(width: float, height: float) -> tuple[Figure, plt.Axes]:
     return fig, ax
 
 
+def _title(ax: plt.Axes, text: str) -> None:
+    ax.set_title(text, loc="left", fontsize=10.5, fontweight="bold", color=INK, pad=10)
+
+
+def _pad_categories(ax: plt.Axes, n: int, minimum: int, axis: str = "x") -> None:
+    """Keep bars slim and centred when there are fewer than `minimum` of them."""
+    pad = max(0.0, (minimum - n) / 2)
+    limits = (-0.5 - pad, n - 0.5 + pad)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(*limits)
+
+
 def _empty(fig: Figure, ax: plt.Axes, text: str) -> Figure:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", color=MUTED, fontsize=10)
@@ -49,7 +60,8 @@ def _empty(fig: Figure, ax: plt.Axes, text: str) -> Figure:
 def probability_chart(probabilities: Mapping[str, float], predicted: str) -> Figure:
     """Horizontal bars, most probable on top, the predicted class highlighted, % labels."""
     items = sorted(probabilities.items(), key=lambda kv: kv[1])
-    fig, ax = _figure(5.6, 0.55 * len(items) + 0.7)
+    fig, ax = _figure(5.6, 0.55 * len(items) + 1.0)
+    _title(ax, "Class probabilities")
     names = [pretty_label(k) for k, _ in items]
     values = [100.0 * v for _, v in items]
     colours = [ACCENT if k == predicted else ACCENT_LIGHT for k, _ in items]
@@ -74,9 +86,11 @@ def probability_chart(probabilities: Mapping[str, float], predicted: str) -> Fig
 
 def per_day_chart(days: Sequence[tuple[date, int]]) -> Figure:
     fig, ax = _figure(5.6, 2.8)
+    _title(ax, "Predictions per day (UTC)")
     if not days:
         return _empty(fig, ax, "No predictions yet")
     ax.bar([d.isoformat() for d, _ in days], [n for _, n in days], color=ACCENT, width=0.6)
+    _pad_categories(ax, len(days), 7)
     ax.set_ylabel("Predictions", color=MUTED, fontsize=9)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.yaxis.grid(True, color=GRID, linewidth=0.8)
@@ -89,8 +103,9 @@ def per_day_chart(days: Sequence[tuple[date, int]]) -> Figure:
 
 
 def class_mix_chart(mix: Mapping[str, int]) -> Figure:
-    fig, ax = _figure(5.6, 0.5 * max(len(mix), 1) + 0.9)
-    if not mix:
+    fig, ax = _figure(5.6, 2.8)
+    _title(ax, "Predicted class mix")
+    if not sum(mix.values()):
         return _empty(fig, ax, "No predictions yet")
     items = list(mix.items())[::-1]
     bars = ax.barh(
@@ -107,6 +122,7 @@ def class_mix_chart(mix: Mapping[str, int]) -> Figure:
             color=INK,
         )
     ax.set_xlim(0, max(mix.values()) * 1.35)
+    _pad_categories(ax, len(items), 4, axis="y")
     ax.set_xlabel("Predictions", color=MUTED, fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
@@ -116,6 +132,7 @@ def class_mix_chart(mix: Mapping[str, int]) -> Figure:
 
 def confidence_chart(bins: Sequence[Bin], threshold: float | None = None) -> Figure:
     fig, ax = _figure(5.6, 2.8)
+    _title(ax, "Confidence of the predicted class")
     if not any(b.count for b in bins):
         return _empty(fig, ax, "No predictions yet")
     width = bins[0].high - bins[0].low
@@ -132,7 +149,9 @@ def confidence_chart(bins: Sequence[Bin], threshold: float | None = None) -> Fig
     if threshold is not None:
         ax.axvline(100 * threshold, color="#b45309", linestyle="--", linewidth=1)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("Confidence of the predicted class (%)", color=MUTED, fontsize=9)
+    ax.set_xlabel(
+        "Confidence (%) · orange: below the low-confidence threshold", color=MUTED, fontsize=9
+    )
     ax.set_ylabel("Cases", color=MUTED, fontsize=9)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.yaxis.grid(True, color=GRID, linewidth=0.8)

@@ -17,6 +17,8 @@ CSS = """
 .gradio-container { max-width: 1320px !important; margin: 0 auto !important; }
 body, .gradio-container { background: #f4f7f9 !important; }
 footer { display: none !important; }
+#of-top { align-items: center; }
+#of-logout { align-self: center; max-height: 40px; }
 #of-header { display: flex; align-items: center; justify-content: space-between;
   background: #ffffff; border: 1px solid var(--of-line); border-radius: 10px;
   padding: 12px 18px; }
@@ -49,10 +51,17 @@ footer { display: none !important; }
 .of-kpi .k { font-size: 12px; color: var(--of-muted); }
 #of-login { max-width: 440px; margin: 48px auto 0 auto; background: #fff;
   border: 1px solid var(--of-line); border-radius: 12px; padding: 22px 26px; }
+.of-table, .of-table * { font-family: system-ui, "Segoe UI", Roboto, Arial, sans-serif
+  !important; }
 .of-section-title { font-size: 15px; font-weight: 600; color: var(--of-ink); margin: 2px 0; }
-.of-card table { border-collapse: collapse; width: 100%; font-size: 14px; }
-.of-card td, .of-card th { border-bottom: 1px solid var(--of-line); padding: 6px 8px;
-  text-align: left; vertical-align: top; }
+.of-card { background: #fff; border: 1px solid var(--of-line); border-radius: 8px;
+  padding: 4px 12px; }
+.of-card table { border-collapse: collapse !important; width: 100%; font-size: 14px;
+  border: none !important; margin: 0 !important; }
+.of-card td, .of-card th { border: none !important; border-bottom: 1px solid var(--of-line)
+  !important; padding: 7px 8px !important; text-align: left; vertical-align: top;
+  background: transparent !important; }
+.of-card tr:last-child td, .of-card tr:last-child th { border-bottom: none !important; }
 .of-card th { color: var(--of-muted); font-weight: 500; width: 34%; }
 """
 
@@ -110,7 +119,13 @@ def result_card(
     )
     version = f" v{escape(model_version)}" if model_version else ""
     ref = f" · case id {escape(case_ref)}" if case_ref else ""
-    timing = f" · answered in {latency_ms / 1000:.1f} s" if latency_ms else ""
+    timing = ""
+    if latency_ms:
+        timing = (
+            f" · answered in {latency_ms:.0f} ms"
+            if latency_ms < 1000
+            else f" · answered in {latency_ms / 1000:.1f} s"
+        )
     return (
         f'<div class="of-result{" low" if low else ""}" id="of-result">'
         f'<div class="of-meta">Most likely finding</div>'

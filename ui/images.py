@@ -80,6 +80,18 @@ def from_b64(text: str) -> Image.Image:
     return from_png(base64.b64decode(text))
 
 
+def enlarge(image: Image.Image | None, side: int = 360, smooth: bool = True) -> Image.Image | None:
+    """Scale a small service picture up for display (longest side `side`); larger ones stay.
+
+    `smooth=False` keeps pixels square (for per-pixel maps like SHAP)."""
+    if image is None or max(image.size) >= side:
+        return image
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    method = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    return image.resize(size, method)
+
+
 def blend(base: Image.Image, heat: Image.Image, opacity: float) -> Image.Image:
     """`heat` (a coloured heatmap) laid over `base` with weight `opacity` in [0, 1].
 

@@ -1,5 +1,8 @@
 """The UI's view of the diagnosis service: `serving.client.DiagnosisClient` calls, turned into
-what the pages show. The only module that knows the client's method signatures."""
+what the pages show. The only module that knows the client's method signatures.
+
+Every method may raise `serving.client.ServiceError`; `ui.messages.friendly` words it.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +13,34 @@ from typing import Any
 
 from PIL import Image
 
-from serving.client import DiagnosisClient
+from serving.client import DiagnosisClient, case_from, decode_png
+from serving.schemas import ChatResponse, ExplainResponse, ModelCard, PredictResponse
 from ui.errors import UiError
-from ui.images import from_b64, from_png
+from ui.images import from_png
 
 log = logging.getLogger(__name__)
 
+KINDS_WITH_IMAGES = ("image", "fusion")
+
 
 class FeatureUnavailable(UiError):
-    """The connected service (or its client) does not offer this feature."""
+    """The connected model does not offer this feature (e.g. a report without an image)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the Diagnose page needs to know about the served model."""
+
+    kind: str  # image | fusion | tabular
+    classes: list[str]
+    clinical_schema: list[dict[str, Any]]
+    explain_methods: list[str]
+    similar_cases: int
+    chat: bool
+
+    @property
+    def takes_image(self) -> bool:
+        return self.kind in KINDS_WITH_IMAGES
 
 
 @dataclass(frozen=True)
@@ -29,6 +51,7 @@ class Prediction:
     model_version: str
     model_tag: str
     latency_ms: float | None
+    raw: PredictResponse | None = None
 
     @property
     def confidence(self) -> float:
@@ -37,13 +60,16 @@ class Prediction:
 
 @dataclass
 class Explanation:
+    target: str
+    method: str | None = None
     heatmap: Image.Image | None = None  # coloured Grad-CAM heatmap
     overlay: Image.Image | None = None  # as the service blended it (fallback)
     cam_summary: str = ""
     shap_image: Image.Image | None = None
     shap_summary: str = ""
-    shap_features: list[dict[str, Any]] = field(default_factory=list)
-    target_label: str = ""
+    shap_features: list[dict[str, Any]] = field(default_factory=list)  # feature, value, unit, shap
+    warnings: list[str] = field(default_factory=list)
+    raw: ExplainResponse | None = None
 
 
 @dataclass(frozen=True)
@@ -53,72 +79,167 @@ class SimilarCase:
     distance: float
 
 
-class DiagnosisService:
-    """What the UI asks of the service; every method may raise `serving.client.ServiceError`."""
+@dataclass(frozen=True)
+class ChatAnswer:
+    text: str
+    sources: list[str]
+    refused: bool
 
+
+def _png(data: str | None) -> Image.Image | None:
+    raw = decode_png(data)
+    return from_png(raw) if raw else None
+
+
+def _prediction(answer: PredictResponse) -> Prediction:
+    return Prediction(
+        label=answer.label,
+        probabilities=dict(answer.probabilities),
+        model_name=answer.model.name,
+        model_version=answer.model.version,
+        model_tag=answer.model.tag,
+        latency_ms=answer.latency_ms,
+        raw=answer,
+    )
+
+
+def _shap_summary(answer: ExplainResponse) -> str:
+    s = answer.shap_image
+    if s is None:
+        return ""
+    return (
+        f"Reference images score {100 * s.expected:.1f}% on average for this class; this image "
+        f"scores {100 * s.probability:.1f}%. The map shows which pixels account for the "
+        f"difference ({s.nsamples} samples, {s.background_size} reference images)."
+    )
+
+
+def _explanation(answer: ExplainResponse) -> Explanation:
+    return Explanation(
+        target=answer.target,
+        method=answer.method,
+        heatmap=_png(answer.heatmap_png),
+        overlay=_png(answer.overlay_png),
+        cam_summary=answer.heat.text if answer.heat else "",
+        shap_image=_png(answer.shap_png),
+        shap_summary=_shap_summary(answer),
+        shap_features=[f.model_dump() for f in answer.tabular_shap or []],
+        warnings=list(answer.warnings),
+        raw=answer,
+    )
+
+
+def model_info(card: ModelCard) -> ModelInfo:
+    return ModelInfo(
+        kind=card.kind,
+        classes=list(card.classes),
+        clinical_schema=[f.model_dump() for f in card.clinical_schema or []],
+        explain_methods=list(card.explain_methods),
+        similar_cases=card.similar_cases,
+        chat=card.chat,
+    )
+
+
+class DiagnosisService:
     def __init__(self, client: DiagnosisClient) -> None:
         self.client = client
-
-    def _method(self, name: str, what: str):
-        method = getattr(self.client, name, None)
-        if method is None:
-            raise FeatureUnavailable(f"The connected diagnosis service does not offer {what} yet.")
-        return method
 
     def ready(self) -> bool:
         return self.client.ready()
 
-    def model_card(self):
+    def model_card(self) -> ModelCard:
         return self.client.model_card()
 
+    def model_info(self) -> ModelInfo:
+        return model_info(self.client.model_card())
+
     def predict(
-        self, image: bytes, clinical: Mapping[str, Any] | None = None, filename: str = "image"
+        self, image: bytes | None, clinical: Mapping[str, Any] | None, filename: str = "image"
     ) -> Prediction:
-        answer = self.client.predict(image, filename)
-        return Prediction(
-            label=answer.label,
-            probabilities=dict(answer.probabilities),
-            model_name=answer.model.name,
-            model_version=answer.model.version,
-            model_tag=answer.model.tag,
-            latency_ms=answer.latency_ms,
-        )
+        if image is None:
+            if not clinical:
+                raise FeatureUnavailable("Please fill in the clinical fields.")
+            return _prediction(self.client.predict_tabular(clinical))
+        return _prediction(self.client.predict(image, filename, clinical=clinical))
 
     def explain(
-        self, image: bytes, clinical: Mapping[str, Any] | None = None, filename: str = "image"
+        self,
+        image: bytes | None,
+        clinical: Mapping[str, Any] | None,
+        filename: str = "image",
+        method: str = "gradcam",
+        target: str | None = None,
     ) -> Explanation:
-        method = self._method("explain", "explanations")
-        answer = method(image, filename)
+        if image is None:
+            return _explanation(self.client.explain_tabular(clinical or {}, target=target))
+        answer = self.client.explain(
+            image, filename, clinical=clinical, method=method or "gradcam", target=target
+        )
         return _explanation(answer)
 
-    def similar(self, image: bytes, k: int = 6, filename: str = "image") -> list[SimilarCase]:
-        method = self._method("similar", "similar-case search")
-        answer = method(image, filename, k=k)
+    def similar(
+        self,
+        image: bytes | None,
+        clinical: Mapping[str, Any] | None,
+        k: int,
+        filename: str = "image",
+    ) -> list[SimilarCase]:
+        if image is None:
+            raise FeatureUnavailable("Similar cases need an image.")
+        answer = self.client.similar(image, filename, clinical=clinical, k=k)
         return [
-            SimilarCase(from_b64(c.thumbnail_png), c.label, float(c.distance)) for c in answer.cases
+            SimilarCase(from_png(decode_png(n.thumbnail_png)), n.label, n.distance)
+            for n in sorted(answer.neighbours, key=lambda n: n.rank)
         ]
 
-    def report(self, image: bytes, case_ref: str | None, filename: str = "image") -> bytes:
-        method = self._method("report", "PDF reports")
-        return method(image, filename, case_id=case_ref)
+    def report(
+        self,
+        image: bytes | None,
+        clinical: Mapping[str, Any] | None,
+        case_id: str,
+        filename: str = "image",
+        method: str = "gradcam",
+        target: str | None = None,
+    ) -> bytes:
+        if image is None:
+            raise FeatureUnavailable("The PDF report needs an image.")
+        return self.client.report(
+            image,
+            filename,
+            clinical=clinical,
+            method=method or "gradcam",
+            target=target,
+            case_id=case_id,
+        )
 
-    def chat(self, question: str, case: Mapping[str, Any] | None, session_id: str) -> Iterator[str]:
-        method = self._method("chat", "the assistant")
-        answer = method(question, case=case, session_id=session_id)
-        yield answer.text
+    def chat_reset(self, session_id: str) -> None:
+        self.client.chat_reset(session_id)
+
+    def chat(
+        self,
+        question: str,
+        session_id: str,
+        prediction: Prediction | None = None,
+        explanation: Explanation | None = None,
+    ) -> Iterator[str | ChatAnswer]:
+        """Yield the answer text so far as it streams, then the final `ChatAnswer`."""
+        case = None
+        if prediction is not None and prediction.raw is not None:
+            case = case_from(prediction.raw, explanation.raw if explanation else None)
+        text = ""
+        for piece in self.client.chat_stream(question, session_id, case=case):
+            if isinstance(piece, ChatResponse):
+                yield _answer(piece, text)
+                return
+            text += piece
+            yield text
 
 
-def _explanation(answer) -> Explanation:
-    def image(value) -> Image.Image | None:
-        if not value:
-            return None
-        return from_png(value) if isinstance(value, bytes) else from_b64(value)
-
-    return Explanation(
-        heatmap=image(getattr(answer, "heatmap_png", None)),
-        overlay=image(getattr(answer, "overlay_png", None)),
-        cam_summary=str(getattr(answer, "gradcam_summary", "") or ""),
-        shap_image=image(getattr(answer, "shap_png", None)),
-        shap_features=list(getattr(answer, "shap_features", None) or []),
-        target_label=str(getattr(answer, "target_label", "") or ""),
-    )
+def _answer(response: ChatResponse, streamed: str) -> ChatAnswer:
+    # The final text is the whole answer (with the disclaimer); it also replaces a stream the
+    # service discarded (`replaces_stream`).
+    text = response.text or streamed
+    sources = [
+        f"[{c.n}] {c.title}" + (f" — {c.section}" if c.section else "") for c in response.citations
+    ]
+    return ChatAnswer(text=text, sources=sources, refused=response.refused)

@@ -152,7 +152,7 @@ class NoProgress:
 
 def analyse(app, token, path, case_ref=""):
     d = app.diagnose
-    return d.analyse(NoProgress(), token, path, case_ref, [])
+    return d.analyse(NoProgress(), token, None, path, case_ref, [])
 
 
 def text(value) -> str:

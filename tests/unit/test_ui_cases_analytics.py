@@ -192,6 +192,11 @@ def test_class_mix(history):
     cases, _ = history
     assert analytics.class_mix(cases) == {"glioma": 3, "none": 2, "meningioma": 1}
     assert list(analytics.class_mix(cases)) == ["glioma", "none", "meningioma"]
+    assert analytics.class_mix(cases[:1], ["none", "glioma", "meningioma"]) == {
+        "glioma": 1,
+        "meningioma": 0,
+        "none": 0,
+    }
 
 
 def test_confidence_histogram(history):

@@ -34,19 +34,23 @@ class AnalyticsPage:
         self.notice = gr.HTML()
         self.kpis = gr.HTML(elem_id="of-kpis")
         with gr.Row():
-            self.per_day = gr.Plot(label="Predictions per day")
-            self.mix = gr.Plot(label="Class mix (predicted)")
+            self.per_day = gr.Plot(show_label=False, elem_id="of-per-day")
+            self.mix = gr.Plot(show_label=False, elem_id="of-mix")
         with gr.Row():
-            self.confidence = gr.Plot(label="Confidence distribution")
+            self.confidence = gr.Plot(show_label=False, elem_id="of-confidence")
             with gr.Column():
                 gr.HTML('<div class="of-section-title">Feedback-based accuracy per class</div>')
-                self.accuracy = gr.Dataframe(interactive=False, elem_id="of-accuracy")
+                self.accuracy = gr.Dataframe(
+                    elem_classes="of-table", interactive=False, elem_id="of-accuracy"
+                )
                 gr.Markdown(
                     "Among cases a clinician rated: how often the prediction matched the true "
                     "label they gave, per true class. Unrated cases are not counted.",
                 )
         gr.HTML('<div class="of-section-title">Low-confidence cases</div>')
-        self.low = gr.Dataframe(interactive=False, elem_id="of-low", max_height=320)
+        self.low = gr.Dataframe(
+            elem_classes="of-table", interactive=False, elem_id="of-low", max_height=320
+        )
         self.inputs = [token, self.threshold]
         self.outputs = [
             self.notice,
@@ -124,7 +128,7 @@ class AnalyticsPage:
             "",
             kpis,
             per_day_chart(analytics.predictions_per_day(cases)),
-            class_mix_chart(analytics.class_mix(cases)),
+            class_mix_chart(analytics.class_mix(cases, classes)),
             confidence_chart(analytics.confidence_histogram(cases), threshold),
             accuracy,
             low_frame,

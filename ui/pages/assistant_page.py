@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import gradio as gr
 
+from serving.client import new_session_id
 from ui import html
 from ui.charts import pretty_label
 from ui.context import UiContext
 from ui.errors import InvalidInput
 from ui.messages import friendly
 from ui.pages.diagnose import OpenCase
-from ui.service import DiagnosisService
+from ui.service import ChatAnswer, DiagnosisService
 
 MAX_QUESTION = 2000
 WELCOME = (
@@ -22,19 +21,22 @@ WELCOME = (
 )
 
 
-def chat_session_id(token: str) -> str:
-    """A stable id for this sign-in's conversation that does not reveal the session token."""
-    return "ui-" + hashlib.sha256(f"chat:{token}".encode()).hexdigest()[:24]
-
-
 def case_line(case: OpenCase | None) -> str:
     if case is None:
         return html.notice("info", "No case open: answers will not refer to a specific image.")
     p = case.prediction
+    explained = " with its explanation" if case.explanation is not None else ""
     return html.notice(
         "info",
-        f"Context: case #{case.case_id} — {pretty_label(p.label)} ({html.percent(p.confidence)}).",
+        f"Context: case #{case.case_id}{explained} — {pretty_label(p.label)} "
+        f"({html.percent(p.confidence)}).",
     )
+
+
+def with_sources(answer: ChatAnswer) -> str:
+    if not answer.sources:
+        return answer.text
+    return answer.text + "\n\n**Sources:** " + "; ".join(answer.sources)
 
 
 class AssistantPage:
@@ -43,6 +45,7 @@ class AssistantPage:
         self.service = service
 
     def build(self, token: gr.State, case: gr.State) -> None:
+        self.session = gr.State(None)  # chat session id, new per conversation
         self.context = gr.HTML(case_line(None), elem_id="of-chat-context")
         self.chatbot = gr.Chatbot(
             label="Assistant",
@@ -50,8 +53,9 @@ class AssistantPage:
             placeholder=WELCOME,
             elem_id="of-chat",
             feedback_options=None,
+            buttons=["copy"],
         )
-        with gr.Row():
+        with gr.Row(equal_height=True):
             self.question = gr.Textbox(
                 label="Your question",
                 placeholder="e.g. Why is the confidence low?",
@@ -64,18 +68,29 @@ class AssistantPage:
             self.ask_button = gr.Button(
                 "Ask", variant="primary", scale=0, min_width=140, elem_id="of-ask"
             )
-            self.clear_button = gr.Button("New conversation", scale=0, min_width=160)
-        self.notice = gr.HTML()
-        inputs = [token, self.question, self.chatbot, case, self.use_case]
-        outputs = [self.chatbot, self.question, self.notice]
+            self.clear_button = gr.Button("New conversation", scale=0, min_width=220)
+        self.notice = gr.HTML(elem_id="of-chat-notice")
+        inputs = [token, self.session, self.question, self.chatbot, case, self.use_case]
+        outputs = [self.chatbot, self.question, self.notice, self.session]
         for trigger in (self.ask_button.click, self.question.submit):
             trigger(self.ask, inputs, outputs, api_visibility="private")
         self.clear_button.click(
-            lambda: ([], ""), None, [self.chatbot, self.notice], api_visibility="private"
+            self.new_conversation,
+            [token, self.session],
+            [self.chatbot, self.notice, self.session],
+            api_visibility="private",
         )
-        self.case_state = case
 
-    def ask(self, token, question, history, case: OpenCase | None, use_case: bool):
+    def new_conversation(self, token, session):
+        if session:
+            try:
+                self.ctx.sessions.user(token)
+                self.service.chat_reset(session)
+            except Exception:  # forgetting is best effort: a new id starts afresh anyway
+                pass
+        return [], "", None
+
+    def ask(self, token, session, question, history, case: OpenCase | None, use_case: bool):
         history = list(history or [])
         question = (question or "").strip()
         try:
@@ -85,17 +100,19 @@ class AssistantPage:
             if len(question) > MAX_QUESTION:
                 raise InvalidInput(f"Questions are limited to {MAX_QUESTION} characters.")
         except Exception as exc:
-            yield history, question, html.notice("error", friendly(exc, "the assistant"))
+            yield history, question, html.notice("error", friendly(exc, "the assistant")), session
             return
+        session = session or new_session_id()
         history.append({"role": "user", "content": question})
         history.append({"role": "assistant", "content": "…"})
-        yield history, "", ""
-        context = case.assistant_context() if (case is not None and use_case) else None
+        yield history, "", "", session
+        prediction = case.prediction if (case is not None and use_case) else None
+        explanation = case.explanation if (case is not None and use_case) else None
         try:
-            # The service adapter yields the whole answer so far, each time it grows.
-            for text in self.service.chat(question, context, chat_session_id(token)):
+            for piece in self.service.chat(question, session, prediction, explanation):
+                text = with_sources(piece) if isinstance(piece, ChatAnswer) else piece
                 history[-1] = {"role": "assistant", "content": text}
-                yield history, "", ""
+                yield history, "", "", session
         except Exception as exc:
             history.pop()
-            yield history, question, html.notice("error", friendly(exc, "the assistant"))
+            yield history, question, html.notice("error", friendly(exc, "the assistant")), session

@@ -18,18 +18,29 @@ from ui.charts import pretty_label, probability_chart
 from ui.clinical import NO, YES, field_info, field_label, record_from_fields
 from ui.context import UiContext
 from ui.errors import InvalidInput
-from ui.images import blend, preview
+from ui.images import blend, enlarge, preview
 from ui.messages import friendly
-from ui.service import DiagnosisService, Explanation, Prediction
+from ui.service import DiagnosisService, Explanation, ModelInfo, Prediction, SimilarCase
 
 log = logging.getLogger(__name__)
 
 AGREE, DISAGREE = "Agree", "Disagree"
 DEFAULT_OPACITY = 0.45
+DEFAULT_METHOD = "gradcam"
 SIMILAR_K = 6
 KIND_FILENAMES = {"png": "image.png", "jpeg": "image.jpg", "dicom": "image.dcm"}
 PROGRESS = gr.Progress()  # marker default: Gradio passes a live tracker per call
-EMPTY_RESULT = html.notice("info", "Upload an image and press “Analyse image” to see the result.")
+EMPTY_RESULT = html.notice("info", "Upload an image and press “Analyse” to see the result.")
+METHOD_NAMES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "scorecam": "Score-CAM",
+    "eigencam": "Eigen-CAM",
+    "layercam": "Layer-CAM",
+    "ablationcam": "Ablation-CAM",
+    "xgradcam": "XGrad-CAM",
+    "hirescam": "HiRes-CAM",
+}
 
 
 @dataclass
@@ -38,36 +49,22 @@ class OpenCase:
 
     case_id: int
     case_ref: str | None
-    image: bytes
+    image: bytes | None  # None for a clinical-record-only model
     kind: str
-    base: Image.Image
+    base: Image.Image | None
     clinical: dict[str, Any]
     prediction: Prediction
     explanation: Explanation | None = None
-    similar: list = field(default_factory=list)
+    similar: list[SimilarCase] = field(default_factory=list)
 
     @property
     def filename(self) -> str:
-        return KIND_FILENAMES[self.kind]
+        return KIND_FILENAMES.get(self.kind, "image")
 
-    def assistant_context(self, model_card: dict | None = None) -> dict[str, Any]:
-        """The case as the assistant's chat endpoint takes it (no identifiers)."""
-        context: dict[str, Any] = {
-            "predicted_label": self.prediction.label,
-            "probabilities": self.prediction.probabilities,
-        }
-        if self.explanation is not None:
-            if self.explanation.cam_summary:
-                context["gradcam_summary"] = self.explanation.cam_summary[:500]
-            if self.explanation.shap_features:
-                context["shap_features"] = [
-                    {"name": f["name"], "value": f["value"]}
-                    for f in self.explanation.shap_features[:20]
-                    if "name" in f and "value" in f
-                ]
-        if model_card:
-            context["model_card"] = model_card
-        return context
+    @property
+    def report_id(self) -> str:
+        """The id printed on the PDF: the pseudonymous case id, else the UI's case number."""
+        return self.case_ref or f"UI-{self.case_id}"
 
 
 def read_upload(path: str | None) -> bytes:
@@ -77,6 +74,11 @@ def read_upload(path: str | None) -> bytes:
     if not data:
         raise InvalidInput("The file is empty.")
     return data
+
+
+def method_choices(info: ModelInfo | None) -> list[tuple[str, str]]:
+    methods = (info.explain_methods if info else None) or [DEFAULT_METHOD]
+    return [(METHOD_NAMES.get(m, m), m) for m in methods]
 
 
 class DiagnosePage:
@@ -90,6 +92,7 @@ class DiagnosePage:
     def build(self, token: gr.State) -> None:
         self.token = token
         self.case = gr.State(None)
+        self.info = gr.State(None)
         self.schema = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=340):
@@ -101,7 +104,11 @@ class DiagnosePage:
                     elem_id="of-upload",
                 )
                 self.preview = gr.Image(
-                    label="Preview", interactive=False, height=260, buttons=[], elem_id="of-preview"
+                    label="Preview",
+                    interactive=False,
+                    height=260,
+                    buttons=[],
+                    elem_id="of-preview",
                 )
                 self.case_ref = gr.Textbox(
                     label="Case id (optional)",
@@ -110,59 +117,86 @@ class DiagnosePage:
                     max_lines=1,
                     elem_id="of-case-ref",
                 )
-
                 self.fields_box = gr.Column()
                 self.analyse_button = gr.Button(
-                    "Analyse image", variant="primary", size="lg", elem_id="of-analyse"
+                    "Analyse", variant="primary", size="lg", elem_id="of-analyse"
                 )
                 self.notice = gr.HTML(elem_id="of-diagnose-notice")
 
             with gr.Column(scale=7, min_width=480):
                 gr.HTML('<div class="of-section-title">2 · Result</div>')
                 self.result = gr.HTML(EMPTY_RESULT, elem_id="of-result-box")
-                self.chart = gr.Plot(label="Class probabilities", elem_id="of-probabilities")
+                self.chart = gr.Plot(show_label=False, elem_id="of-probabilities")
                 with gr.Tabs():
                     with gr.Tab("Grad-CAM", id="gradcam"):
                         with gr.Row():
                             self.overlay = gr.Image(
-                                label="Grad-CAM overlay",
+                                label="Overlay",
                                 interactive=False,
                                 height=300,
                                 elem_id="of-overlay",
+                                buttons=["fullscreen"],
                             )
                             self.heatmap = gr.Image(
                                 label="Heatmap (raw)",
                                 interactive=False,
                                 height=300,
                                 elem_id="of-heatmap",
+                                buttons=["fullscreen"],
                             )
-                        self.opacity = gr.Slider(
-                            0.0,
-                            1.0,
-                            DEFAULT_OPACITY,
-                            step=0.05,
-                            label="Overlay opacity",
-                            elem_id="of-opacity",
+                        with gr.Row(equal_height=True):
+                            self.opacity = gr.Slider(
+                                0.0,
+                                1.0,
+                                DEFAULT_OPACITY,
+                                step=0.05,
+                                label="Overlay opacity",
+                                elem_id="of-opacity",
+                                scale=3,
+                            )
+                            self.method = gr.Dropdown(
+                                choices=method_choices(None),
+                                value=DEFAULT_METHOD,
+                                label="Method",
+                                scale=2,
+                                elem_id="of-method",
+                            )
+                            self.target = gr.Dropdown(
+                                choices=[],
+                                value=None,
+                                label="Explain class",
+                                scale=2,
+                                elem_id="of-target",
+                                info="Default: the predicted class",
+                            )
+                        self.reexplain = gr.Button(
+                            "Update explanation", size="sm", interactive=False
                         )
-                        self.cam_text = gr.Markdown()
+                        self.cam_text = gr.Markdown(elem_id="of-cam-text")
                     with gr.Tab("SHAP", id="shap"):
                         self.shap = gr.Image(
                             label="SHAP attribution",
                             interactive=False,
                             height=300,
                             elem_id="of-shap",
+                            buttons=["fullscreen"],
                         )
-                        self.shap_text = gr.Markdown()
+                        self.shap_text = gr.Markdown(elem_id="of-shap-text")
                     with gr.Tab("Similar cases", id="similar"):
+                        gr.Markdown(
+                            "The training images the model finds most alike (thumbnails "
+                            "only; no patient data)."
+                        )
                         self.gallery = gr.Gallery(
-                            label="Most similar training images",
-                            columns=6,
-                            height=220,
+                            show_label=False,
+                            columns=3,
+                            height=330,
                             object_fit="contain",
                             elem_id="of-similar",
+                            allow_preview=True,
                         )
                         self.similar_notice = gr.HTML()
-                self.explain_notice = gr.HTML()
+                self.explain_notice = gr.HTML(elem_id="of-explain-notice")
                 with gr.Row():
                     self.report_button = gr.Button(
                         "Prepare PDF report", elem_id="of-report", interactive=False
@@ -173,7 +207,7 @@ class DiagnosePage:
                         visible=False,
                         elem_id="of-download",
                     )
-                self.report_notice = gr.HTML()
+                self.report_notice = gr.HTML(elem_id="of-report-notice")
                 with gr.Accordion("Your feedback on this result", open=True, elem_id="of-fb"):
                     with gr.Row():
                         self.verdict = gr.Radio(
@@ -210,31 +244,12 @@ class DiagnosePage:
                     inputs = [self._field(entry) for entry in schema]
                 analyse = self.analyse_button.click(
                     self.analyse,
-                    [self.token, self.upload, self.case_ref, self.schema, *inputs],
+                    [self.token, self.info, self.upload, self.case_ref, self.schema, *inputs],
                     self._result_outputs(),
                     show_progress_on=[self.result],
                     api_visibility="private",
                 )
-                analyse.then(
-                    self.explain,
-                    [self.token, self.case, self.opacity],
-                    [
-                        self.overlay,
-                        self.heatmap,
-                        self.cam_text,
-                        self.shap,
-                        self.shap_text,
-                        self.explain_notice,
-                        self.case,
-                    ],
-                    show_progress_on=[self.overlay, self.shap],
-                    api_visibility="private",
-                ).then(
-                    self.find_similar,
-                    [self.token, self.case],
-                    [self.gallery, self.similar_notice, self.case],
-                    api_visibility="private",
-                )
+                self._chain_explanations(analyse)
 
         self.upload.change(
             self.on_upload, [self.upload], [self.preview, self.notice], api_visibility="private"
@@ -246,9 +261,10 @@ class DiagnosePage:
             api_visibility="private",
             show_progress="hidden",
         )
+        self._chain_explanations(None, trigger=self.reexplain)
         self.report_button.click(
             self.make_report,
-            [self.token, self.case],
+            [self.token, self.case, self.method, self.target],
             [self.download, self.report_notice],
             api_visibility="private",
         )
@@ -259,8 +275,35 @@ class DiagnosePage:
             api_visibility="private",
         )
 
+    def _chain_explanations(self, after, trigger=None) -> None:
+        """Explanations, then similar cases: after the analysis, or on `trigger`'s click."""
+        explain_args = dict(
+            fn=self.explain,
+            inputs=[self.token, self.case, self.opacity, self.method, self.target],
+            outputs=[
+                self.overlay,
+                self.heatmap,
+                self.cam_text,
+                self.shap,
+                self.shap_text,
+                self.explain_notice,
+                self.case,
+            ],
+            show_progress_on=[self.overlay, self.shap],
+            api_visibility="private",
+        )
+        if trigger is not None:
+            trigger.click(**explain_args)
+            return
+        after.then(**explain_args).then(
+            self.find_similar,
+            [self.token, self.case],
+            [self.gallery, self.similar_notice, self.case],
+            api_visibility="private",
+        )
+
     def _field(self, entry: dict):
-        label, info = field_label(entry), field_info(entry)
+        label, info, key = field_label(entry), field_info(entry), f"clin-{entry['name']}"
         kind = entry.get("type")
         if kind in ("float", "int"):
             return gr.Number(
@@ -269,16 +312,12 @@ class DiagnosePage:
                 minimum=entry.get("min"),
                 maximum=entry.get("max"),
                 precision=0 if kind == "int" else None,
-                key=f"clin-{entry['name']}",
+                key=key,
             )
         if kind == "bool":
-            return gr.Radio([YES, NO], label=label, info=info, key=f"clin-{entry['name']}")
+            return gr.Radio([YES, NO], label=label, info=info, key=key)
         return gr.Dropdown(
-            choices=list(entry.get("allowed") or []),
-            value=None,
-            label=label,
-            info=info,
-            key=f"clin-{entry['name']}",
+            choices=list(entry.get("allowed") or []), value=None, label=label, info=info, key=key
         )
 
     def _result_outputs(self) -> list:
@@ -303,18 +342,34 @@ class DiagnosePage:
             self.note,
             self.send,
             self.feedback_notice,
+            self.target,
+            self.reexplain,
         ]
 
     # ------------------------------------------------------------------ handlers
 
-    def load_schema(self, token: str | None) -> list[dict]:
-        """The model's clinical feature schema (empty when it takes images only)."""
+    def load_model(self, token: str | None):
+        """After sign-in: the model's kind, clinical schema and explanation methods."""
+        if not token:  # the sign-in failed: nothing to load
+            return (gr.update(),) * 5
         try:
             self.ctx.sessions.user(token)
-            card = self.service.model_card()
-        except Exception:  # the page still works for images; the notice comes at analysis
-            return []
-        return list(getattr(card, "tabular_schema", None) or [])
+            info = self.service.model_info()
+        except Exception as exc:  # the notice tells the user; images may still work later
+            return (
+                None,
+                [],
+                gr.update(),
+                gr.update(),
+                html.notice("warn", friendly(exc, "the model description")),
+            )
+        return (
+            info,
+            info.clinical_schema,
+            gr.update(visible=info.takes_image),
+            gr.update(choices=method_choices(info), value=method_choices(info)[0][1]),
+            "",
+        )
 
     def on_upload(self, path: str | None):
         if not path:
@@ -327,10 +382,10 @@ class DiagnosePage:
     def analyse(self, progress=PROGRESS, *args):
         """Classify the upload, store the case, show the prediction (explanations follow).
 
-        `args`: token, upload path, case id, schema, then one value per clinical field.
-        (Gradio finds the progress tracker only among leading positional parameters.)
+        `args`: token, model info, upload path, case id, schema, then one value per clinical
+        field. (Gradio finds the progress tracker only among leading positional parameters.)
         """
-        token, path, case_ref, schema, *fields = args
+        token, info, path, case_ref, schema, *fields = args
         cleared = {
             self.overlay: None,
             self.heatmap: None,
@@ -348,16 +403,20 @@ class DiagnosePage:
         }
         try:
             user = self.ctx.sessions.user(token)
-            progress(0.05, desc="Reading the image")
-            data = read_upload(path)
-            kind = input_kind(data)
-            if kind not in KIND_FILENAMES:
-                raise InvalidInput("Please upload a PNG, JPEG or DICOM image.")
+            takes_image = info.takes_image if info is not None else True
+            data = base = None
+            kind = "record"
+            if takes_image:
+                progress(0.05, desc="Reading the image")
+                data = read_upload(path)
+                kind = input_kind(data)
+                if kind not in KIND_FILENAMES:
+                    raise InvalidInput("Please upload a PNG, JPEG or DICOM image.")
+                base = preview(data)
             ref = check_case_ref(case_ref)
             clinical = record_from_fields(schema, fields) if schema else {}
-            base = preview(data)
-            progress(0.3, desc="The diagnosis service is analysing the image")
-            prediction = self.service.predict(data, clinical or None, KIND_FILENAMES[kind])
+            progress(0.3, desc="The diagnosis service is analysing the case")
+            prediction = self.service.predict(data, clinical or None, KIND_FILENAMES.get(kind))
             progress(0.9, desc="Saving the case")
             stored = self.ctx.cases.record(
                 user,
@@ -379,6 +438,8 @@ class DiagnosePage:
                 self.report_button: gr.update(interactive=False),
                 self.send: gr.update(interactive=False),
                 self.true_label: gr.update(choices=[], value=None),
+                self.target: gr.update(choices=[], value=None),
+                self.reexplain: gr.update(interactive=False),
             }
         case = OpenCase(stored.id, ref, data, kind, base, clinical, prediction)
         log.info("case %d predicted by model %s", stored.id, prediction.model_tag)
@@ -396,43 +457,62 @@ class DiagnosePage:
             ),
             self.chart: probability_chart(prediction.probabilities, prediction.label),
             self.notice: html.notice("ok", f"Case #{stored.id} saved to your history."),
-            self.report_button: gr.update(interactive=True),
+            self.report_button: gr.update(interactive=data is not None),
             self.send: gr.update(interactive=True),
             self.true_label: gr.update(choices=choices, value=None),
+            self.target: gr.update(choices=choices, value=prediction.label),
+            self.reexplain: gr.update(interactive=True),
         }
 
-    def explain(self, token, case: OpenCase | None, opacity: float, progress=PROGRESS):
+    def explain(self, token, case: OpenCase | None, opacity, method, target, progress=PROGRESS):
+        """Grad-CAM (overlay blended here, so the opacity slider needs no new request), SHAP."""
         outputs = (None, None, "", None, "")
         if case is None:
             return (*outputs, "", case)
         try:
             self.ctx.sessions.user(token)
-            progress(0.2, desc="Computing Grad-CAM and SHAP explanations")
-            explanation = self.service.explain(case.image, case.clinical or None, case.filename)
+            progress(0.2, desc="Computing the explanations")
+            explanation = self.service.explain(
+                case.image,
+                case.clinical or None,
+                case.filename,
+                method or DEFAULT_METHOD,
+                target or None,
+            )
         except Exception as exc:
             return (*outputs, html.notice("warn", friendly(exc, "explanations")), case)
         case.explanation = explanation
         overlay = (
             blend(case.base, explanation.heatmap, opacity)
-            if explanation.heatmap is not None
+            if explanation.heatmap is not None and case.base is not None
             else explanation.overlay
         )
-        target = pretty_label(explanation.target_label or case.prediction.label)
-        cam_text = f"Regions that most supported **{target}** are shown in warm colours. " + (
-            explanation.cam_summary or ""
-        )
+        name = pretty_label(explanation.target)
+        method_name = METHOD_NAMES.get(explanation.method or "", explanation.method or "")
+        cam_text = ""
+        if explanation.heatmap is not None:
+            cam_text = (
+                f"**{method_name}** for **{name}**: warm colours mark the regions the model "
+                f"relied on most. {explanation.cam_summary}".strip()
+            )
+        warnings = html.notice("warn", " ".join(explanation.warnings))
         return (
             overlay,
-            explanation.heatmap,
+            enlarge(explanation.heatmap),
             cam_text,
-            explanation.shap_image,
-            _shap_text(explanation, target),
-            "",
+            enlarge(explanation.shap_image, smooth=False),
+            shap_text(explanation),
+            warnings,
             case,
         )
 
     def reblend(self, case: OpenCase | None, opacity: float):
-        if case is None or case.explanation is None or case.explanation.heatmap is None:
+        if (
+            case is None
+            or case.base is None
+            or case.explanation is None
+            or case.explanation.heatmap is None
+        ):
             return gr.update()
         return blend(case.base, case.explanation.heatmap, opacity)
 
@@ -441,24 +521,31 @@ class DiagnosePage:
             return None, "", case
         try:
             self.ctx.sessions.user(token)
-            similar = self.service.similar(case.image, SIMILAR_K, case.filename)
+            similar = self.service.similar(
+                case.image, case.clinical or None, SIMILAR_K, case.filename
+            )
         except Exception as exc:
             return None, html.notice("warn", friendly(exc, "similar-case search")), case
         case.similar = similar
         items = [
-            (s.thumbnail, f"{pretty_label(s.label)} · similarity {1 - s.distance:.2f}")
+            (enlarge(s.thumbnail, 160), f"{pretty_label(s.label)} · {1 - s.distance:.2f}")
             for s in similar
         ]
         return items, "", case
 
-    def make_report(self, token, case: OpenCase | None, progress=PROGRESS):
+    def make_report(self, token, case: OpenCase | None, method, target, progress=PROGRESS):
         if case is None:
-            return gr.update(visible=False), html.notice("info", "Analyse an image first.")
+            return gr.update(visible=False), html.notice("info", "Analyse a case first.")
         try:
             self.ctx.sessions.user(token)
             progress(0.3, desc="Preparing the PDF report")
             pdf = self.service.report(
-                case.image, case.case_ref, case.clinical or None, case.filename
+                case.image,
+                case.clinical or None,
+                case.report_id,
+                case.filename,
+                method or DEFAULT_METHOD,
+                target or None,
             )
         except Exception as exc:
             return gr.update(visible=False), html.notice("error", friendly(exc, "PDF reports"))
@@ -471,7 +558,7 @@ class DiagnosePage:
 
     def give_feedback(self, token, case: OpenCase | None, verdict, true_label, note):
         if case is None:
-            return html.notice("info", "Analyse an image first.")
+            return html.notice("info", "Analyse a case first.")
         try:
             user = self.ctx.sessions.user(token)
             if verdict not in (AGREE, DISAGREE):
@@ -492,20 +579,26 @@ class DiagnosePage:
         )
 
 
-def _shap_text(explanation: Explanation, target: str) -> str:
-    lines = [
-        f"Pixels in red pushed the model towards **{target}**, blue ones away from it."
-        if explanation.shap_image is not None
-        else ""
-    ]
-    if explanation.shap_summary:
-        lines.append(explanation.shap_summary)
+def shap_text(explanation: Explanation) -> str:
+    """Words (and a table of clinical features) under the SHAP picture."""
+    name = pretty_label(explanation.target)
+    parts = []
+    if explanation.shap_image is not None:
+        parts.append(
+            f"Red pixels pushed the model towards **{name}**, blue ones away from it. "
+            + explanation.shap_summary
+        )
     if explanation.shap_features:
-        lines.append("| Clinical feature | Value | Contribution |\n|---|---|---|")
+        rows = ["| Clinical feature | Value | Effect on " + name + " |", "|---|---|---|"]
         for f in explanation.shap_features[:10]:
-            lines.append(
-                f"| {f.get('name', '')} | {f.get('value', '')} | {float(f.get('shap', 0)):+.3f} |"
+            unit = f" {f['unit']}" if f.get("unit") else ""
+            shap = float(f.get("shap", 0.0))
+            direction = "towards" if shap > 0 else "away"
+            rows.append(
+                f"| {f.get('feature', '')} | {f.get('value', '')}{unit} | "
+                f"{shap:+.3f} ({direction}) |"
             )
-    return "\n\n".join(x for x in lines[:2] if x) + (
-        "\n\n" + "\n".join(lines[2:]) if len(lines) > 2 else ""
-    )
+        parts.append("\n".join(rows))
+    if not parts:
+        parts.append("No SHAP explanation for this model.")
+    return "\n\n".join(parts)

@@ -90,8 +90,8 @@ class HistoryPage:
                 scale=2,
                 elem_id="of-h-feedback",
             )
-            self.since = gr.Textbox(label="From (YYYY-MM-DD)", scale=2)
-            self.until = gr.Textbox(label="To (YYYY-MM-DD)", scale=2)
+            self.since = gr.Textbox(label="From date", placeholder="YYYY-MM-DD", scale=2)
+            self.until = gr.Textbox(label="To date", placeholder="YYYY-MM-DD", scale=2)
             self.user = gr.Textbox(label="Clinician (admins)", scale=2, visible=False)
         with gr.Row():
             self.search_button = gr.Button(
@@ -99,6 +99,7 @@ class HistoryPage:
             )
             self.summary = gr.HTML()
         self.table = gr.Dataframe(
+            elem_classes="of-table",
             value=pd.DataFrame(columns=COLUMNS),
             interactive=False,
             wrap=True,

@@ -11,8 +11,14 @@ from ui.charts import pretty_label
 from ui.context import UiContext
 from ui.html import Markup
 from ui.messages import friendly
+from ui.pages.diagnose import METHOD_NAMES
 from ui.service import DiagnosisService
 
+KIND_WORDS = {
+    "image": "an image",
+    "fusion": "an image and a clinical record",
+    "tabular": "a clinical record",
+}
 HEADLINE_METRICS = (
     ("accuracy", "Accuracy"),
     ("balanced_accuracy", "Balanced accuracy"),
@@ -57,8 +63,12 @@ def card_html(card) -> str:
         ("Version", model.get("version") or "not registered"),
         ("Served artefact", model.get("tag", "")),
         ("Architecture", data.get("architecture", "")),
+        ("Input", KIND_WORDS.get(data.get("kind") or "image", data.get("kind") or "")),
         ("Classes", ", ".join(pretty_label(c) for c in data.get("classes") or [])),
     ]
+    schema = data.get("clinical_schema") or []
+    if schema:
+        rows.append(("Clinical fields", ", ".join(str(f.get("name", "")) for f in schema)))
     rows += [(name, _number(metrics[key])) for key, name in HEADLINE_METRICS if key in metrics]
     per_class = metrics.get("per_class")
     if isinstance(per_class, dict) and per_class:
@@ -84,6 +94,18 @@ def card_html(card) -> str:
             + "</ul>"
         )
     rows.append(("Limitations", limitations or "not stated by the service"))
+    methods = data.get("explain_methods") or []
+    if methods:
+        rows.append(
+            (
+                "Explanations",
+                ", ".join(METHOD_NAMES.get(m, m) for m in methods)
+                + (", SHAP" if data.get("kind") != "tabular" else ""),
+            )
+        )
+    if data.get("similar_cases"):
+        rows.append(("Similar-case index", f"{data['similar_cases']} training images"))
+    rows.append(("Assistant", "available" if data.get("chat") else "not available"))
     if data.get("data_fingerprint"):
         rows.append(("Training data fingerprint", data["data_fingerprint"][:16] + "…"))
     return html.table(rows)

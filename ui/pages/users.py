@@ -41,7 +41,7 @@ class UsersPage:
 
     def build(self, token: gr.State) -> None:
         self.notice = gr.HTML(elem_id="of-users-notice")
-        self.table = gr.Dataframe(interactive=False, elem_id="of-users")
+        self.table = gr.Dataframe(elem_classes="of-table", interactive=False, elem_id="of-users")
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 gr.HTML('<div class="of-section-title">Create an account</div>')

@@ -1,0 +1,299 @@
+"""Fixtures for browser tests: a small model trained on real MRI slices, a real `bentoml serve`
+of it, the UI server pointing at that service, and a headless Debian Chromium (Playwright).
+
+The test process may import torch and components/ (only ui/ may not). Nothing is downloaded:
+the browser is the system's, installed by tests/ensure_browser.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "brain_tumor_mri"
+CLASSES = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
+API_KEY = "e2e-service-key-0001"
+ADMIN = ("admin", "chief-e2e-pass-01")
+CLINICIAN = ("dr.morgan", "clinician-pass-01")
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A subprocess in its own session, output to a log file; stopped with its whole group."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=ROOT,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_for(self, url: str, timeout_s: float = 240.0) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited ({self.process.returncode}):\n{self.tail()}")
+            try:
+                if httpx.get(url, timeout=3.0).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"{url} not ready after {timeout_s:.0f} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+        self._out.close()
+
+
+# ---------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ensure_browser import find_browser
+
+    path = find_browser()
+    if not path:
+        pytest.skip(
+            "Chromium is not installed: run `python tests/ensure_browser.py` as root "
+            "(installs Debian's chromium package; no browser is downloaded)"
+        )
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the `playwright` Python package is not installed (dev extra)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def accounts() -> tuple[tuple[str, str], tuple[str, str]]:
+    """(admin, clinician) as (user name, password); the admin is bootstrapped from env."""
+    return ADMIN, CLINICIAN
+
+
+@pytest.fixture(scope="session")
+def mri_image() -> Path:
+    """A real held-out MRI slice (a JPEG from the Testing split)."""
+    path = DATA / "Testing" / "glioma_tumor" / "image(1).jpg"
+    if not path.exists():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where each step's screenshot goes: $ONCOFLOW_SCREENSHOTS, else a temporary directory."""
+    explicit = os.environ.get("ONCOFLOW_SCREENSHOTS")
+    path = Path(explicit) if explicit else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots in {path}")
+    return path
+
+
+# ---------------------------------------------------------------- model and service
+
+
+def _load(files: list[Path], size: int):
+    import numpy as np
+
+    from components.data.images import open_image
+    from components.data.preprocess import Preprocessing
+
+    pre = Preprocessing(size=size, channels=3)
+    return np.stack([pre.to_uint8(open_image(str(f))) for f in files])
+
+
+def _pick(split: str, per_class: int) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for index, name in enumerate(CLASSES):
+        chosen = sorted((DATA / split / name).glob("*.jpg"))[:per_class]
+        files += chosen
+        labels += [index] * len(chosen)
+    return files, labels
+
+
+def train_bundle(work: Path) -> Path:
+    """A small_cnn trained for a few epochs on a small subsample of the real brain MRI data,
+    evaluated on real held-out Testing images, packaged as a model bundle (with SHAP
+    background and similar-case index) under `work`."""
+    import numpy as np
+    import torch
+
+    from components.data.preprocess import Preprocessing
+    from components.evaluation.metrics import evaluate
+    from components.evaluation.predict import predict_proba
+    from components.models import build_model
+    from components.packaging import make_bundle
+    from components.training.central import train_classifier
+
+    torch.set_num_threads(2)
+    size = 64
+    files, labels = _pick("Training", 36)
+    x, y = _load(files, size), np.asarray(labels, dtype=np.int64)
+    val = np.arange(len(y)) % 6 == 0
+    test_files, test_labels = _pick("Testing", 10)
+    pre = Preprocessing(size=size, channels=3)
+    architecture = {
+        "name": "small_cnn",
+        "num_classes": len(CLASSES),
+        "in_channels": 3,
+        "norm": "batch",
+        "pretrained": False,
+        "small_input": True,
+        "width": 8,
+    }
+    model = build_model(**architecture)
+    result = train_classifier(
+        model,
+        (x[~val], y[~val]),
+        (x[val], y[val]),
+        pre,
+        max_epochs=4,
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=1e-4,
+        early_stopping_patience=4,
+        imbalance="none",
+        augment=False,
+        seed=0,
+        out_dir=work / "training",
+        accelerator="cpu",
+    )
+    probs = predict_proba(result.model, _load(test_files, size), pre)
+    metrics = evaluate(np.asarray(test_labels), probs, CLASSES)
+    digest = hashlib.sha256("\n".join(str(f.relative_to(DATA)) for f in files).encode())
+    return make_bundle(
+        result.model,
+        architecture=architecture,
+        class_names=CLASSES,
+        preprocessing=pre,
+        train_x=x[~val],
+        train_y=y[~val],
+        metrics=metrics,
+        data_fingerprint=digest.hexdigest(),
+        config={"note": "e2e test model"},
+        background_size=8,
+        out_dir=work / "bundle",
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A small model trained on real MRI slices (see `train_bundle`)."""
+    if not DATA.is_dir():
+        pytest.skip(f"the brain MRI data set is not at {DATA}")
+    return train_bundle(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def service_url(bundle_dir, tmp_path_factory) -> Iterator[str]:
+    """A real `bentoml serve` of the bundle, with API-key auth."""
+    from serving.launch import serve_command, serve_env
+
+    home = tmp_path_factory.mktemp("bentoml")
+    code = (
+        "from serving.packaging import import_bundle; print(import_bundle("
+        f"{str(bundle_dir)!r}, labels={{'registered_model': 'brain-mri-e2e', 'version': '1'}}))"
+    )
+    env = {**os.environ, **TELEMETRY_OFF, "BENTOML_HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    tag = done.stdout.strip().splitlines()[-1]
+    port = free_port()
+    env = serve_env(tag, home, base={**os.environ, **TELEMETRY_OFF})
+    env["ONCOFLOW_API_KEYS"] = API_KEY
+    env.pop("ONCOFLOW_ALLOW_NO_AUTH", None)
+    logs = tmp_path_factory.mktemp("logs")
+    server = Server(serve_command("127.0.0.1", port), env, logs / "service.log")
+    url = f"http://127.0.0.1:{port}"
+    print(f"service ready after {server.wait_for(url + '/readyz'):.1f} s")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ui_url(service_url, tmp_path_factory) -> Iterator[str]:
+    """`python -m ui` pointing at the service, with a fresh workspace and a bootstrap admin."""
+    workspace = tmp_path_factory.mktemp("workspace")
+    port = free_port()
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        "ONCOFLOW_SERVICE_URL": service_url,
+        "ONCOFLOW_API_KEY": API_KEY,
+        "ONCOFLOW_WORKSPACE": str(workspace),
+        "ONCOFLOW_UI_ADMIN_USER": ADMIN[0],
+        "ONCOFLOW_UI_ADMIN_PASSWORD": ADMIN[1],
+        "PYTHONPATH": str(ROOT),
+    }
+    server = Server(
+        [sys.executable, "-m", "ui", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        workspace / "ui.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    print(f"UI ready after {server.wait_for(url + '/'):.1f} s")
+    yield url
+    server.stop()
