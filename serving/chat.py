@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError, InputError
-from serving.schemas import ChatCase, ChatRequest, ChatResponse, Citation
+from serving.schemas import (
+    ChatCase,
+    ChatHistoryResponse,
+    ChatRequest,
+    ChatResponse,
+    ChatTurn,
+    Citation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +130,12 @@ class ChatService:
         )
         first = next(pieces)  # runs the checks and retrieval; raises InputError for bad input
         return _events(first, pieces, request.session_id)
+
+    def history(self, session_id: str, user_id: str) -> ChatHistoryResponse:
+        turns = self.assistant.history.get(user_id, session_id)
+        return ChatHistoryResponse(
+            session_id=session_id, turns=[ChatTurn(role=t.role, text=t.text) for t in turns]
+        )
 
     def reset(self, session_id: str, user_id: str) -> None:
         self.assistant.history.clear(user_id, session_id)

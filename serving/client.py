@@ -32,7 +32,9 @@ import httpx
 from serving.schemas import (
     CaseFeature,
     ChatCase,
+    ChatHistoryResponse,
     ChatResponse,
+    ChatTurn,
     ExplainResponse,
     ModelCard,
     PredictResponse,
@@ -279,6 +281,11 @@ class DiagnosisClient:
             raise ServiceError(0, "Timeout", "POST /chat/stream timed out") from exc
         except httpx.TransportError as exc:
             raise ServiceError(0, "Unreachable", f"cannot reach the service: {exc}") from exc
+
+    def chat_history(self, session_id: str) -> list[ChatTurn]:
+        """This API key's user's turns in `session_id`, oldest first."""
+        response = self._request("POST", "/chat/history", json={"session_id": session_id})
+        return ChatHistoryResponse.model_validate(response.json()).turns
 
     def chat_reset(self, session_id: str) -> None:
         """Forget the conversation `session_id` of this API key's user."""

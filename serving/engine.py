@@ -205,16 +205,10 @@ class DiagnosisEngine:
 
     def parse_clinical(self, raw: Any) -> np.ndarray | None:
         """The encoded record from a request's clinical value (a JSON object or its text)."""
-        if isinstance(raw, str | bytes):
-            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            if not text.strip():
-                raw = None
-            else:
-                try:
-                    raw = json.loads(text)
-                except ValueError:
-                    message = "clinical must be a JSON object (it is not valid JSON)"
-                    raise InputError(message) from None
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace")
+        if isinstance(raw, str) and not raw.strip():
+            raw = None
         if self.layout is None:
             if raw is not None:
                 raise InputError(
@@ -228,6 +222,11 @@ class DiagnosisEngine:
                 "this model needs a clinical record: send 'clinical' as a JSON object with "
                 f"the fields of the model card's clinical_schema ({names})"
             )
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                raise InputError("clinical must be a JSON object (not valid JSON)") from None
         if not isinstance(raw, dict):
             raise InputError(f"clinical must be a JSON object, not {type(raw).__name__}")
         from validation.clinical_schema import check_clinical_record

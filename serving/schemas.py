@@ -160,7 +160,9 @@ class ChatRequest(BaseModel):
     case: ChatCase | None = None
 
 
-class ChatResetRequest(BaseModel):
+class ChatSessionRequest(BaseModel):
+    """Names one of the caller's conversations (``/chat/history``, ``/chat/reset``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
@@ -189,6 +191,18 @@ class ChatResponse(BaseModel):
     replaces_stream: bool = Field(
         default=False, description="streamed pieces were discarded: show `text` instead"
     )
+
+
+class ChatTurn(BaseModel):
+    role: Literal["user", "assistant"]
+    text: str
+
+
+class ChatHistoryResponse(BaseModel):
+    """The caller's own conversation (empty for a session this user never used)."""
+
+    session_id: str
+    turns: list[ChatTurn]
 
 
 class ChatResetResponse(BaseModel):

@@ -25,8 +25,9 @@ Environment:
 Endpoints (all but the probes need ``Authorization: Bearer <key>``):
 ``POST /predict`` ``/explain`` ``/similar`` ``/report`` (multipart: file ``image`` + optional
 text ``clinical`` JSON and parameters), ``POST /predict_tabular`` ``/explain_tabular`` (JSON,
-tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/reset`` (JSON),
-``GET /model_card``, BentoML's ``/docs.json`` (OpenAPI) and ``/livez`` ``/readyz`` ``/metrics``.
+tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/history`` ``/chat/reset``
+(JSON), ``GET /model_card``, BentoML's ``/docs.json`` (OpenAPI) and ``/livez`` ``/readyz``
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ from serving.middleware import (
 )
 from serving.schemas import (
     ChatCase,
+    ChatHistoryResponse,
     ChatRequest,
-    ChatResetRequest,
     ChatResetResponse,
     ChatResponse,
+    ChatSessionRequest,
     ExplainResponse,
     ModelCard,
     ModelRef,
@@ -97,6 +99,7 @@ JSON_ROUTES = (
     "/explain_tabular",
     "/chat",
     "/chat/stream",
+    "/chat/history",
     "/chat/reset",
 )
 ROUTES = (*UPLOADS, *JSON_ROUTES, "/model_card", "/docs.json", "/")
@@ -437,7 +440,16 @@ class DiagnosisService:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
-    @bentoml.api(route="/chat/reset", input_spec=ChatResetRequest)
+    @bentoml.api(route="/chat/history", input_spec=ChatSessionRequest)
+    def chat_history(self, ctx: bentoml.Context, session_id: str) -> ChatHistoryResponse:
+        """This user's conversation `session_id`, oldest turn first (another user's sessions
+        are never visible, whatever their id)."""
+        try:
+            return self._chat().history(session_id, _user(ctx))
+        except OncoflowError as exc:
+            return _failed(ctx, exc)
+
+    @bentoml.api(route="/chat/reset", input_spec=ChatSessionRequest)
     def chat_reset(self, ctx: bentoml.Context, session_id: str) -> ChatResetResponse:
         """Forget this user's conversation `session_id`."""
         try:
