@@ -125,9 +125,18 @@ def _form(clinical: Mapping[str, Any] | None, **fields: Any) -> dict[str, str]:
 class DiagnosisClient:
     """``DiagnosisClient("http://127.0.0.1:3000", api_key="...").predict(png_bytes, "x.png")``."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """`transport`: an httpx transport to use instead of the network (tests)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> DiagnosisClient:
         return self
