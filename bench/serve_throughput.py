@@ -1,0 +1,419 @@
+"""Predict throughput and latency: the BentoML service vs a plain FastAPI baseline, one run.
+
+Both servers serve the same model bundle on 127.0.0.1 with the same torch thread count:
+
+- oncoflow: ``bentoml serve serving.service:DiagnosisService`` (API key, upload checks, the
+  internal runner with adaptive batching);
+- baseline: bench/baseline_fastapi.py (FastAPI + torch, one request at a time, no auth).
+
+For 1, 8 and 32 concurrent clients each server gets a fixed number of ``POST /predict``
+requests (split evenly between the clients; every client sends its next request when the last
+one is answered). Reported per level: throughput (requests/s), p50/p99 latency, errors, and
+the ratios oncoflow/baseline; then the latency of ``POST /explain`` (Grad-CAM + image SHAP,
+and Grad-CAM only), sequential requests. The model is randomly initialised (speed does not
+depend on the weights): by default EfficientNet-Lite0 at 96 px, the platform's default model.
+
+The load generator runs in this process (asyncio + httpx) and shares the CPU with both
+servers; on a shared machine the figures are noisy, so the load average is printed with them.
+
+    python bench/serve_throughput.py                       # ~2-3 minutes
+    python bench/serve_throughput.py --arch resnet18 --json /tmp/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+KEY = "bench-key"
+LEVELS = (1, 8, 32)
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def make_bench_bundle(out: Path, arch: str, size: int, classes: int) -> Path:
+    """A randomly initialised bundle (with SHAP background and case index) for timing."""
+    import numpy as np
+    import torch
+
+    from components.data.preprocess import Preprocessing
+    from components.models import build_model
+    from components.packaging import make_bundle
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4 * classes, 3, size, size), dtype=np.uint8)
+    y = np.arange(len(x)) % classes
+    architecture = {"name": arch, "num_classes": classes, "in_channels": 3}
+    if arch == "small_cnn":
+        architecture["width"] = 16
+    else:
+        architecture["small_input"] = size <= 64
+    torch.manual_seed(0)
+    model = build_model(**architecture).eval()
+    return make_bundle(
+        model,
+        architecture=architecture,
+        class_names=[f"class_{i}" for i in range(classes)],
+        preprocessing=Preprocessing(size=size, channels=3),
+        train_x=x,
+        train_y=y,
+        metrics={},
+        data_fingerprint="bench",
+        config={},
+        background_size=2 * classes,
+        out_dir=out,
+    )
+
+
+def png_images(size: int, count: int = 16) -> list[bytes]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+class Server:
+    """A server subprocess in its own process group, output to a log file."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **TELEMETRY_OFF, **env},
+            cwd=ROOT,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, url: str, timeout_s: float = 300.0) -> float:
+        import httpx
+
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        self._out.close()
+
+
+# ------------------------------------------------------------------------------ load
+
+
+async def drive(url: str, images: list[bytes], clients: int, total: int, headers: dict) -> dict:
+    """`clients` concurrent clients sending `total` requests in all; latency per request."""
+    import httpx
+
+    per_client = max(1, total // clients)
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(headers=headers, timeout=120.0, limits=limits) as http:
+
+        async def client(offset: int) -> None:
+            nonlocal errors
+            for i in range(per_client):
+                image = images[(offset + i) % len(images)]
+                files = {"image": ("upload", image, "image/png")}
+                started = time.perf_counter()
+                try:
+                    response = await http.post(url, files=files)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    done = per_client * clients
+    return {
+        "clients": clients,
+        "requests": done,
+        "errors": errors,
+        "seconds": elapsed,
+        "throughput_rps": done / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000.0,
+        "p99_ms": percentile(latencies, 0.99) * 1000.0,
+    }
+
+
+def explain_latency(base: str, image: bytes, repeats: int, shap: bool) -> dict:
+    import httpx
+
+    times = []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    data = {"shap": "true" if shap else "false"}
+    with httpx.Client(headers=headers, timeout=300.0) as http:
+        for _ in range(repeats + 1):  # the first one warms up
+            started = time.perf_counter()
+            response = http.post(
+                f"{base}/explain", files={"image": ("u", image, "image/png")}, data=data
+            )
+            response.raise_for_status()
+            times.append(time.perf_counter() - started)
+    times = times[1:]
+    return {
+        "shap": shap,
+        "requests": len(times),
+        "p50_ms": percentile(times, 0.5) * 1000.0,
+        "max_ms": max(times) * 1000.0,
+        "mean_ms": statistics.fmean(times) * 1000.0,
+    }
+
+
+def batch_sizes(base: str) -> dict:
+    """Mean adaptive batch size so far, from the runner's Prometheus histogram."""
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return {"batches": count, "rows": total, "mean_batch": total / count if count else 0.0}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_totals(text: str) -> dict[int, int]:
+    totals = {}
+    for part in text.split(","):
+        level, _, total = part.partition("=")
+        totals[int(level)] = int(total)
+    if sorted(totals) != list(LEVELS):
+        raise SystemExit(f"--requests must name the levels {LEVELS}, e.g. 1=40,8=160,32=320")
+    return totals
+
+
+def run(args: argparse.Namespace) -> dict:
+    from serving.launch import serve_command
+
+    workdir = Path(tempfile.mkdtemp(prefix="oncoflow-serve-bench-"))
+    bento_home = workdir / "bentoml"
+    bundle = make_bench_bundle(workdir / "bundle", args.arch, args.size, args.classes)
+    from serving.packaging import import_bundle
+
+    tag = import_bundle(bundle, bentoml_home=bento_home, assistant_index=False)
+    threads = str(args.threads)
+    bento_port, base_port = free_port(), free_port()
+    servers = []
+    try:
+        bento = Server(
+            "oncoflow",
+            serve_command("127.0.0.1", bento_port),
+            {
+                "BENTOML_HOME": str(bento_home),
+                "ONCOFLOW_MODEL_TAG": tag,
+                "ONCOFLOW_API_KEYS": KEY,
+                "ONCOFLOW_TORCH_THREADS": threads,
+                "ONCOFLOW_CHAT": "0",
+                "ONCOFLOW_MAX_BATCH": str(args.max_batch),
+                "PYTHONPATH": str(ROOT),
+            },
+            workdir / "bento.log",
+        )
+        servers.append(bento)
+        baseline = Server(
+            "baseline",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "--app-dir",
+                str(ROOT / "bench"),
+                "baseline_fastapi:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(base_port),
+                "--log-level",
+                "warning",
+            ],
+            {"ONCOFLOW_BASELINE_BUNDLE": str(bundle), "ONCOFLOW_TORCH_THREADS": threads},
+            workdir / "baseline.log",
+        )
+        servers.append(baseline)
+        bento_url, base_url = f"http://127.0.0.1:{bento_port}", f"http://127.0.0.1:{base_port}"
+        started = {
+            "oncoflow_s": bento.wait_ready(f"{bento_url}/readyz"),
+            "baseline_s": baseline.wait_ready(f"{base_url}/readyz"),
+        }
+        print(f"servers ready (oncoflow {started['oncoflow_s']:.0f} s)", flush=True)
+        images = png_images(args.size)
+        targets = {
+            "baseline": (f"{base_url}/predict", {}),
+            "oncoflow": (f"{bento_url}/predict", {"Authorization": f"Bearer {KEY}"}),
+        }
+        for url, headers in targets.values():  # warm-up (also trains BentoML's batcher)
+            asyncio.run(drive(url, images, 4, 40, headers))
+        load_start = os.getloadavg()
+        levels = []
+        for clients in LEVELS:
+            row = {"clients": clients}
+            for name in ("baseline", "oncoflow"):  # alternate, so drift hits both alike
+                url, headers = targets[name]
+                row[name] = asyncio.run(drive(url, images, clients, args.totals[clients], headers))
+            row["throughput_ratio"] = (
+                row["oncoflow"]["throughput_rps"] / row["baseline"]["throughput_rps"]
+            )
+            row["p50_ratio"] = row["oncoflow"]["p50_ms"] / row["baseline"]["p50_ms"]
+            row["p99_ratio"] = row["oncoflow"]["p99_ms"] / row["baseline"]["p99_ms"]
+            levels.append(row)
+            print(
+                f"  {clients:>2} clients: baseline {row['baseline']['throughput_rps']:.1f} req/s,"
+                f" oncoflow {row['oncoflow']['throughput_rps']:.1f} req/s",
+                flush=True,
+            )
+        batching = batch_sizes(bento_url)
+        explain = [
+            explain_latency(bento_url, images[0], args.explain_requests, shap=True),
+            explain_latency(bento_url, images[0], args.explain_requests, shap=False),
+        ]
+        return {
+            "arch": args.arch,
+            "size": args.size,
+            "torch_threads": args.threads,
+            "max_batch": args.max_batch,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+            "startup": started,
+            "levels": levels,
+            "batching": batching,
+            "explain": explain,
+        }
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"model {result['arch']} at {result['size']} px, torch threads {result['torch_threads']}, "
+        f"{result['cpus']} CPUs, load average {result['loadavg_start'][0]:.2f} at start, "
+        f"{result['loadavg_end'][0]:.2f} at end",
+        "",
+        f"{'clients':>7} | {'server':<9} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8} | errors",
+    ]
+    for row in result["levels"]:
+        for name in ("baseline", "oncoflow"):
+            r = row[name]
+            lines.append(
+                f"{row['clients']:>7} | {name:<9} | {r['throughput_rps']:>7.1f} | "
+                f"{r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['errors']}/{r['requests']}"
+            )
+        lines.append(
+            f"{row['clients']:>7} | ratio     | {row['throughput_ratio']:>6.2f}x | "
+            f"{row['p50_ratio']:>7.2f}x | {row['p99_ratio']:>7.2f}x |"
+        )
+    b = result["batching"]
+    lines += [
+        "",
+        f"adaptive batching: {b['rows']:.0f} rows in {b['batches']:.0f} runner calls "
+        f"(mean batch {b['mean_batch']:.2f})",
+    ]
+    for e in result["explain"]:
+        what = "Grad-CAM + image SHAP" if e["shap"] else "Grad-CAM only"
+        lines.append(
+            f"explain ({what}): p50 {e['p50_ms']:.0f} ms, mean {e['mean_ms']:.0f} ms, "
+            f"max {e['max_ms']:.0f} ms over {e['requests']} sequential requests"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--requests",
+        default="1=40,8=160,32=320",
+        help="requests per concurrency level, split between its clients",
+    )
+    parser.add_argument("--explain-requests", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    args.totals = parse_totals(args.requests)
+    result = run(args)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
