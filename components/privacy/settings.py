@@ -5,7 +5,7 @@ or raises `ConfigError` saying what to change. Modes:
 
 - `none`       no formal privacy.
 - `dp_sgd`     DP-SGD (Opacus) inside the training loop: central training, or each site's local
-               training in a federation (sample-level (ε, δ)-DP per site, accounted over all rounds).
+               training in a federation (sample-level (ε, δ)-DP per site, over all rounds).
 - `central_dp` federated only: the server clips each site's update and adds Gaussian noise to
                the aggregate (Flower's DP strategy wrappers, fixed or adaptive clipping).
 - `secagg`     federated only: SecAgg+ (the server sees only the sum of updates); each site bounds
