@@ -59,7 +59,10 @@ def preflight(env: dict[str, str]) -> str:
     """
     load_api_keys(env)
     max_request_bytes(env)
+    from serving.chat import chat_enabled
     from serving.packaging import use_bentoml_home
+
+    chat_enabled(env)
 
     if env.get("BENTOML_HOME"):
         use_bentoml_home(env["BENTOML_HOME"])
