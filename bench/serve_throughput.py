@@ -16,7 +16,7 @@ depend on the weights): by default EfficientNet-Lite0 at 96 px, the platform's d
 The load generator runs in this process (asyncio + httpx) and shares the CPU with both
 servers; on a shared machine the figures are noisy, so the load average is printed with them.
 
-    python bench/serve_throughput.py                       # ~2-3 minutes
+    python bench/serve_throughput.py                       # ~1-2 minutes
     python bench/serve_throughput.py --arch resnet18 --json /tmp/serve.json
 """
 

@@ -1,5 +1,13 @@
 """HTTP serving: the BentoML diagnosis service, its packaging, launcher and typed client.
 
+- `service`: the BentoML services (public `DiagnosisService`, internal batching `ModelRunner`);
+- `engine`: one loaded model bundle and what it answers (no BentoML);
+- `chat`: the grounded assistant behind the chat endpoints;
+- `middleware`: request log, JSON errors, body limits, upload checks, API keys;
+- `packaging` / `launch`: Bento model store import (+ assistant index), ``bentoml build``,
+  ``oncoflow serve``;
+- `client` / `schemas`: the typed HTTP client and its models.
+
 Import submodules directly; `serving.client` and `serving.schemas` need neither BentoML nor
 torch, so the UI can use them.
 """
