@@ -420,6 +420,7 @@ class LocalDeployment:
         for child in family:
             with contextlib.suppress(Exception):
                 child.kill()
+        _wait_gone(family, grace)
 
     def kill_supernode(self, site: str) -> None:
         """Simulate a site going away: SIGKILL its SuperNode and its ClientApp processes."""
@@ -459,6 +460,14 @@ def _descendants(pid: int) -> list[Any]:
         return psutil.Process(pid).children(recursive=True)
     except Exception:  # psutil missing or the process already gone
         return []
+
+
+def _wait_gone(processes: list[Any], timeout: float) -> None:
+    if processes:
+        with contextlib.suppress(Exception):
+            import psutil
+
+            psutil.wait_procs(processes, timeout=timeout)
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -9,10 +9,12 @@ whose handler raises is answered with an error reply, as Flower's runtimes do.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,19 @@ CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAI
 def _set_task_identity() -> None:
     """Messages read the process's task identity; set it as Flower's Python simulation API does
     (only when no Flower runtime has set it in this process)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     if TaskIdentity._run_id is None:
         TaskIdentity.run_id = 1
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def _with_id(message: Message) -> Message:
+    """Give a message its id, as Flower's grids do on push (replies then point back to it)."""
+    if not message.metadata.message_id:
+        message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return message
 
 
 class InlineGrid(Grid):
@@ -75,7 +83,10 @@ class InlineGrid(Grid):
     def _deliver(self, message: Message) -> Message:
         node = message.metadata.dst_node_id
         if node in self.offline or node not in self._contexts:
-            return Message(Error(code=0, reason="Node Unavailable"), reply_to=message)
+            # as the SuperLink does: an error reply sent by the SuperLink's own node id
+            reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            return reply
         try:
             return self._app(message, self._contexts[node])
         except Exception as exc:  # Flower's runtimes turn a raising ClientApp into an error reply
@@ -84,7 +95,7 @@ class InlineGrid(Grid):
             return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        replies = [self._deliver(m) for m in messages]
+        replies = [self._deliver(_with_id(m)) for m in messages]
         self._pending.extend(replies)
         return [str(i) for i in range(len(replies))]
 
@@ -95,7 +106,7 @@ class InlineGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return [self._deliver(m) for m in messages]
+        return [self._deliver(_with_id(m)) for m in messages]
 
 
 __all__ = ["InlineGrid"]

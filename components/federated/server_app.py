@@ -42,9 +42,27 @@ FINAL_WEIGHTS = "final_model.npz"
 SPEC_FILE_KEY = "spec-file"  # run-config key of the deployment ServerApp
 
 
-def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
-    node = msg.metadata.src_node_id
-    if not msg.has_error() and SITE_RECORD in msg.content.config_records:
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float
+) -> tuple[list[tuple[int, Message]], list[int]]:
+    """Send `messages`; return [(destination node, reply)] and the nodes that did not reply.
+
+    Errors the SuperLink generates itself (e.g. "Node Unavailable") carry the SuperLink's node
+    id as sender, so replies are matched to their destination by the message they answer.
+    """
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
+    pairs = [(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+    answered = {node for node, _ in pairs}
+    silent = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+    return pairs, silent
+
+
+def _site_of(node: int, msg: Message | None, node_sites: dict[int, str]) -> str:
+    """The site behind `node`: named in the reply, else learnt earlier, else `node-<id>`."""
+    if msg is not None and not msg.has_error() and SITE_RECORD in msg.content.config_records:
         name = str(msg.content.config_records[SITE_RECORD]["name"])
         node_sites[node] = name
         return name
@@ -92,15 +110,14 @@ def roll_call(grid: Grid, node_sites: dict[int, str], timeout: float) -> None:
         )
         for node in unknown
     ]
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    pairs, silent = exchange(grid, messages, timeout)
+    for node in silent:
+        log.warning("node %d did not answer the roll call within %.0fs", node, timeout)
+    for node, reply in pairs:
         if reply.has_error():
-            log.warning(
-                "node %d did not answer the roll call: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+            log.warning("node %d did not answer the roll call: %s", node, reply.error.reason)
             continue
-        site = _site_of(reply, node_sites)
+        site = _site_of(node, reply, node_sites)
         claimed = [n for n, s in node_sites.items() if s == site]
         if len(claimed) > 1:
             log.warning("nodes %s all claim to be site %s", claimed, site)
@@ -154,16 +171,21 @@ def _round_train(
     settings = spec.settings
     config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
     messages = list(strategy.configure_train(server_round, to_record(arrays), config, grid))
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    pairs, silent = exchange(grid, messages, settings.round_timeout)
     sites: dict[str, dict] = {}
     rejections: list[Rejection] = []
     notes: list[str] = []
     updates, good = [], []
-    for msg in replies:
-        site = _site_of(msg, node_sites)
+    for node in silent:
+        site = _site_of(node, None, node_sites)
+        reason = f"no reply within round_timeout={settings.round_timeout:.0f}s"
+        rejections.append(Rejection(server_round, site, reason, node))
+        sites[site] = {"status": "failed"}
+    for node, msg in pairs:
+        site = _site_of(node, msg, node_sites)
         if msg.has_error():
             reason = f"no update: {msg.error.reason}"
-            rejections.append(Rejection(server_round, site, reason, msg.metadata.src_node_id))
+            rejections.append(Rejection(server_round, site, reason, node))
             sites[site] = {"status": "failed"}
             log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
             continue
@@ -171,13 +193,13 @@ def _round_train(
             reason = (
                 "a second reply from the same site in this round (two SuperNodes share a site?)"
             )
-            rejections.append(Rejection(server_round, site, reason, msg.metadata.src_node_id))
+            rejections.append(Rejection(server_round, site, reason, node))
             log.warning("round %d: ignored %s", server_round, reason)
             continue
         records = msg.content.array_records
         weights = from_record(records["arrays"]) if "arrays" in records else {}
-        updates.append((site, msg.metadata.src_node_id, weights))
-        good.append(msg)
+        updates.append((site, node, weights))
+        good.append((site, msg))
         metrics = dict(msg.content.metric_records["metrics"])
         sites[site] = {
             "status": "accepted",
@@ -186,16 +208,15 @@ def _round_train(
             "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
             "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
         }
-    missing = len(messages) - len(replies)
-    if missing > 0:
-        notes.append(f"{missing} site(s) did not answer within {settings.round_timeout:.0f}s")
+    if silent:
+        notes.append(f"{len(silent)} site(s) did not answer within {settings.round_timeout:.0f}s")
     accepted, rejected, norms = screen_updates(server_round, updates, arrays, settings.hygiene)
     rejections.extend(rejected)
     for r in rejected:
         sites[r.site]["status"] = "rejected"
     for site, norm in norms.items():
         sites[site]["update_norm"] = norm
-    chosen = sorted((good[i] for i in accepted), key=lambda m: _site_of(m, node_sites))
+    chosen = [msg for _, msg in sorted((good[i] for i in accepted), key=lambda pair: pair[0])]
     if not chosen:
         notes.append("no acceptable update: the global model is unchanged")
         return None, sites, rejections, notes
@@ -233,10 +254,13 @@ def _round_evaluate(
         return {}
     config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
     messages = list(strategy.configure_evaluate(server_round, to_record(arrays), config, grid))
-    replies = list(grid.send_and_receive(messages, timeout=spec.settings.round_timeout))
+    pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     usable = []
-    for msg in replies:
-        site = _site_of(msg, node_sites)
+    for node in silent:
+        row = sites.setdefault(_site_of(node, None, node_sites), {"status": "evaluated only"})
+        row["eval_error"] = "no reply within round_timeout"
+    for node, msg in pairs:
+        site = _site_of(node, msg, node_sites)
         row = sites.setdefault(site, {"status": "evaluated only"})
         if msg.has_error():
             row["eval_error"] = msg.error.reason
@@ -404,5 +428,7 @@ __all__ = [
     "app",
     "await_sites",
     "build_server_app",
+    "exchange",
+    "roll_call",
     "run_federation",
 ]

@@ -80,7 +80,8 @@ def test_superlink_and_three_supernodes_complete_two_rounds(tmp_path):
             assert "--insecure" not in deployment.log_tail(name, lines=400)
     # everything the deployment started is gone
     assert all(p.poll() is not None for p in processes)
-    assert not [c for c in family if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE]
 
     result = load_result(layout)
     assert [row["round"] for row in result.history] == [1, 2]
