@@ -109,36 +109,77 @@ def arrays_task(ctx: RunContext, frame):
 
 @task(name="train")
 def train_task(ctx: RunContext, arrays):
+    """Central training (Lightning), with DP-SGD when the privacy config asks for it."""
     from components.models import build_model
+    from components.privacy.settings import validate_privacy
     from components.training.central import train_classifier
 
     cfg, tr = ctx.cfg, ctx.cfg["trainer"]
-    model = build_model(**_architecture(cfg))
-    result = train_classifier(
-        model,
-        (arrays["train"].x, arrays["train"].y),
-        (arrays["val"].x, arrays["val"].y),
-        _preprocessing(cfg),
-        max_epochs=tr["max_epochs"],
-        batch_size=tr["batch_size"],
-        lr=tr["lr"],
-        weight_decay=tr["weight_decay"],
-        early_stopping_patience=tr["early_stopping_patience"],
-        imbalance=tr["imbalance"],
-        augment=_augmentation(cfg),
-        seed=cfg["seed"],
-        out_dir=ctx.run_dir / "training",
-        deterministic=tr["deterministic"],
-        num_workers=tr["num_workers"],
-    )
-    get_run_logger().info(
+    privacy = validate_privacy(cfg["privacy"], None, tr)
+    architecture = _architecture(cfg)
+    dp = None
+    if privacy.dp_sgd:
+        architecture["norm"] = "group"  # Opacus needs per-sample-safe normalisation
+        model, dp = _private_model(build_model(**architecture), privacy, arrays, tr)
+    else:
+        model = build_model(**architecture)
+    hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
+    try:
+        result = train_classifier(
+            model,
+            (arrays["train"].x, arrays["train"].y),
+            (arrays["val"].x, arrays["val"].y),
+            _preprocessing(cfg),
+            max_epochs=tr["max_epochs"],
+            batch_size=tr["batch_size"],
+            lr=tr["lr"],
+            weight_decay=tr["weight_decay"],
+            early_stopping_patience=tr["early_stopping_patience"],
+            imbalance=tr["imbalance"],
+            augment=_augmentation(cfg),
+            seed=cfg["seed"],
+            out_dir=ctx.run_dir / "training",
+            deterministic=tr["deterministic"],
+            num_workers=tr["num_workers"],
+            **hooks,
+        )
+    finally:
+        if dp:
+            dp.close()
+    report = dp.report() | {"mode": privacy.mode} if dp else None
+    log = get_run_logger()
+    log.info(
         "trained %d epochs (best %d) in %.1fs, %.0f img/s",
         result.epochs_run,
         result.best_epoch,
         result.wall_seconds,
         result.images_per_second,
     )
-    return result
+    if report:
+        log.info("DP-SGD: epsilon=%.3f at delta=%g", report["epsilon"], report["delta"])
+    return result, architecture, report
+
+
+def _private_model(model, privacy, arrays, trainer):
+    """Validate the model for Opacus and plan σ over the whole training (all epochs)."""
+    from components.privacy.dp import DPSGD, PrivacyLedger, make_private_compatible, plan_noise
+
+    model, _ = make_private_compatible(model)
+    sigma, _, _ = plan_noise(
+        privacy,
+        num_examples=len(arrays["train"].y),
+        batch_size=trainer["batch_size"],
+        epochs_total=trainer["max_epochs"],
+    )
+    ledger = PrivacyLedger(privacy.accountant, privacy.delta, privacy.epsilon)
+    dp = DPSGD(
+        sigma,
+        privacy.max_grad_norm,
+        ledger,
+        grad_sample_mode=privacy.grad_sample_mode,
+        secure_mode=privacy.secure_mode,
+    )
+    return model, dp
 
 
 @task(name="evaluate")
@@ -174,6 +215,7 @@ def register_task(ctx: RunContext, bundle_dir: Path, metrics, history, reports, 
         reports=reports,
         figures={"confusion_matrix": ctx.run_dir / "confusion.png"},
         run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
+        tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
     )
     run_id = client.log_training_run(record)
     gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
@@ -257,7 +299,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     split_frame, split_report = split_task(ctx, raw)
     frame, validation_report, quarantined = validate_task(ctx, split_frame)
     arrays = arrays_task(ctx, frame)
-    result = train_task(ctx, arrays)
+    result, architecture, privacy = train_task(ctx, arrays)
     metrics, _ = evaluate_task(ctx, result.model, arrays["test"])
     fingerprints = {
         "data": fingerprint(frame),
@@ -265,7 +307,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     }
     bundle_dir = make_bundle(
         result.model,
-        architecture=_architecture(cfg),
+        architecture=architecture,
+        privacy=privacy,
         class_names=list(cfg["dataset"]["classes"]),
         preprocessing=_preprocessing(cfg),
         train_x=arrays["train"].x,
@@ -277,6 +320,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         out_dir=run_dir / "bundle",
     )
     reports = {"split": split_report, "validation": validation_report}
+    if privacy:
+        reports["privacy"] = privacy
     run_id, decision = register_task(
         ctx, bundle_dir, metrics, result.history, reports, fingerprints
     )
@@ -291,6 +336,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         "split_report": split_report,
         "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},
         "epochs_run": result.epochs_run,
+        "privacy": privacy,
         "mlflow_run_id": run_id,
         "model_version": decision.version,
         "champion": decision.promote,

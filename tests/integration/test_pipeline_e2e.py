@@ -69,17 +69,17 @@ def first_run(env) -> dict:
 
 @pytest.fixture(scope="module")
 def second_run(env, first_run) -> dict:
-    # One epoch at a tiny learning rate: a worse model that must not take the alias.
-    return _run(
-        [
-            "run",
-            *SYNTHETIC,
-            "trainer.max_epochs=1",
-            "trainer.lr=0.00001",
-            "package.build_bento=false",
-        ],
-        env,
-    )
+    # One DP-SGD epoch at a tiny learning rate: a worse model that must not take the alias.
+    args = [
+        "run",
+        *SYNTHETIC,
+        "privacy=dp_eps8",
+        "trainer.imbalance=none",
+        "trainer.max_epochs=1",
+        "trainer.lr=0.00001",
+        "package.build_bento=false",
+    ]
+    return _run(args, env)
 
 
 def test_first_run_trains_registers_and_packages(first_run, workspace):
@@ -104,6 +104,9 @@ def test_first_run_trains_registers_and_packages(first_run, workspace):
 
 def test_worse_model_does_not_take_the_champion_alias(first_run, second_run, env):
     assert second_run["model_version"] == "2"
+    privacy = second_run["privacy"]
+    assert 0 < privacy["epsilon"] <= privacy["epsilon_budget"] == 8.0
+    assert privacy["delta"] == pytest.approx(1e-5)
     assert second_run["champion"] is False
     assert "champion" in second_run["gate_reason"]
     code = (
