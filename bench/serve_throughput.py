@@ -8,10 +8,12 @@ Both servers serve the same model bundle on 127.0.0.1 with the same torch thread
 
 For 1, 8 and 32 concurrent clients each server gets a fixed number of ``POST /predict``
 requests (split evenly between the clients; every client sends its next request when the last
-one is answered). Reported per level: throughput (requests/s), p50/p99 latency, errors, and
-the ratios oncoflow/baseline; then the latency of ``POST /explain`` (Grad-CAM + image SHAP,
-and Grad-CAM only), sequential requests. The model is randomly initialised (speed does not
-depend on the weights): by default EfficientNet-Lite0 at 96 px, the platform's default model.
+one is answered), in two halves run in the order baseline, oncoflow, oncoflow, baseline so that
+a drift in the machine's load hits both servers alike. Reported per level: throughput
+(requests/s), p50/p99 latency, errors, and the ratios oncoflow/baseline; then the latency of
+``POST /explain`` (Grad-CAM + image SHAP, and Grad-CAM only), sequential requests. The model is
+randomly initialised (speed does not depend on the weights): by default EfficientNet-Lite0 at
+96 px, the platform's default model.
 
 The load generator runs in this process (asyncio + httpx) and shares the CPU with both
 servers; on a shared machine the figures are noisy, so the load average is printed with them.
@@ -190,13 +192,25 @@ async def drive(url: str, images: list[bytes], clients: int, total: int, headers
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    done = per_client * clients
+    return {
+        "requests": per_client * clients,
+        "errors": errors,
+        "seconds": elapsed,
+        "latencies": latencies,
+    }
+
+
+def merge(clients: int, runs: list[dict]) -> dict:
+    """One row from several runs of a level: total requests over total time, pooled latency."""
+    latencies = [t for run in runs for t in run["latencies"]]
+    done = sum(run["requests"] for run in runs)
+    seconds = sum(run["seconds"] for run in runs)
     return {
         "clients": clients,
         "requests": done,
-        "errors": errors,
-        "seconds": elapsed,
-        "throughput_rps": done / elapsed,
+        "errors": sum(run["errors"] for run in runs),
+        "seconds": seconds,
+        "throughput_rps": done / seconds,
         "p50_ms": percentile(latencies, 0.5) * 1000.0,
         "p99_ms": percentile(latencies, 0.99) * 1000.0,
     }
@@ -318,10 +332,12 @@ def run(args: argparse.Namespace) -> dict:
         load_start = os.getloadavg()
         levels = []
         for clients in LEVELS:
-            row = {"clients": clients}
-            for name in ("baseline", "oncoflow"):  # alternate, so drift hits both alike
+            runs: dict[str, list[dict]] = {"baseline": [], "oncoflow": []}
+            half = max(clients, args.totals[clients] // 2)
+            for name in ("baseline", "oncoflow", "oncoflow", "baseline"):  # ABBA: drift cancels
                 url, headers = targets[name]
-                row[name] = asyncio.run(drive(url, images, clients, args.totals[clients], headers))
+                runs[name].append(asyncio.run(drive(url, images, clients, half, headers)))
+            row = {"clients": clients, **{n: merge(clients, r) for n, r in runs.items()}}
             row["throughput_ratio"] = (
                 row["oncoflow"]["throughput_rps"] / row["baseline"]["throughput_rps"]
             )
