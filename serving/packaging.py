@@ -87,6 +87,8 @@ def import_bundle(
     from serving.chat import ASSISTANT_INDEX_DIR
     from serving.engine import build_bundle_model
 
+    if assistant_index not in (True, False, "bm25"):
+        raise ConfigError(f"assistant_index must be True, False or 'bm25', not {assistant_index!r}")
     source = Path(bundle_dir)
     bundle = ModelBundle.load(source)
     build_bundle_model(bundle)  # raises ModelError when weights and architecture disagree
@@ -115,8 +117,6 @@ def import_bundle(
     meta["model_version"] = meta["model_version"] or safe_labels.get(
         "model_version", safe_labels.get("version", "")
     )
-    if assistant_index not in (True, False, "bm25"):
-        raise ConfigError(f"assistant_index must be True, False or 'bm25', not {assistant_index!r}")
     meta["assistant_index"] = {True: "dense", False: "none"}.get(assistant_index, "bm25")
     with bentoml.models.create(name, labels=safe_labels, metadata=meta) as model_ref:
         shutil.copytree(source, model_ref.path, dirs_exist_ok=True)
