@@ -33,6 +33,8 @@ SYSTEM_FONTS = ["system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "s
 MONO_FONTS = ["ui-monospace", "Consolas", "DejaVu Sans Mono", "monospace"]
 SESSION_CHECK_S = 60
 MAX_UPLOAD = "20mb"
+UPLOAD_SWEEP_S = 600
+UPLOAD_MAX_AGE_S = 1800
 
 
 def theme() -> gr.themes.Base:
@@ -86,7 +88,11 @@ def build_app(ctx: UiContext | None = None) -> App:
     model = ModelPage(ctx, service)
     assistant = AssistantPage(ctx, service)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
+    # Uploads land in Gradio's cache under their original file names, which may identify a
+    # patient: purge files older than UPLOAD_MAX_AGE_S every UPLOAD_SWEEP_S.
+    with gr.Blocks(
+        title=TITLE, analytics_enabled=False, delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)
+    ) as blocks:
         token = gr.State(None)
         with gr.Row(equal_height=False, elem_id="of-top"):
             header = gr.HTML(html.header(), elem_id="of-header-box", scale=10)

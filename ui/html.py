@@ -61,6 +61,7 @@ footer { display: none !important; }
 .of-card td, .of-card th { border: none !important; border-bottom: 1px solid var(--of-line)
   !important; padding: 7px 8px !important; text-align: left; vertical-align: top;
   background: transparent !important; }
+.of-card tr { border: none !important; }
 .of-card tr:last-child td, .of-card tr:last-child th { border-bottom: none !important; }
 .of-card th { color: var(--of-muted); font-weight: 500; width: 34%; }
 """

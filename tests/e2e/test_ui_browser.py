@@ -37,10 +37,17 @@ class Steps:
         self.page, self.directory, self.n = page, directory, 0
 
     def shot(self, name: str) -> Path:
+        settle(self.page)
         self.n += 1
         path = self.directory / f"{self.n:02d}-{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+
+def settle(page) -> None:
+    """Wait until Gradio shows no pending update (its translucent progress overlays)."""
+    page.wait_for_function("() => !document.querySelector('.pending, .wrap.translucent')")
+    page.wait_for_timeout(300)  # let the last update paint
 
 
 def sign_in(page, user: str, password: str) -> None:
@@ -61,6 +68,7 @@ def open_tab(page, name: str) -> None:
 def test_clinician_journey(page, screenshots, accounts, mri_image):
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=TIMEOUT_MS)
     steps = Steps(page, screenshots)
     admin, clinician = accounts
 
@@ -98,7 +106,7 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     result = page.locator("#of-result")
     expect(result).to_contain_text("Model confidence")
     expect(result).to_contain_text(re.compile(r"Glioma|Meningioma|No tumor|Pituitary"))
-    expect(page.locator("#of-probabilities img, #of-probabilities svg").first).to_be_visible()
+    expect(page.locator("#of-probabilities img")).to_be_visible()
     expect(page.locator("#of-overlay img")).to_be_visible()
     expect(page.locator("#of-heatmap img")).to_be_visible()
     steps.shot("prediction-and-gradcam")
@@ -124,7 +132,16 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     expect(page.locator("#of-feedback-notice")).to_contain_text("saved")
     steps.shot("feedback-sent")
 
-    # 7. The case and its feedback are in History.
+    # 7. The assistant answers with the open case as context.
+    open_tab(page, "Assistant")
+    expect(page.locator("#of-chat-context")).to_contain_text("case #")
+    page.locator("#of-question textarea").fill("Why is the confidence of this result low?")
+    page.locator("#of-ask").click()
+    answer = page.locator("#of-chat .bot, #of-chat [data-testid=bot]").last
+    expect(answer).to_contain_text("not a diagnosis")
+    steps.shot("assistant-with-case")
+
+    # 8. The case and its feedback are in History.
     open_tab(page, "History")
     history = page.locator("#of-history")
     expect(history).to_contain_text(CASE_REF)
@@ -133,7 +150,7 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     steps.shot("history")
     sign_out(page)
 
-    # 8. The admin sees the feedback in Analytics.
+    # 9. The admin sees the feedback in Analytics.
     sign_in(page, admin[0], admin[1])
     open_tab(page, "Analytics")
     kpis = page.locator("#of-kpis")

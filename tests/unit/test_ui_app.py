@@ -3,6 +3,7 @@ threaded server on 127.0.0.1), a service that is down, role checks, and the impo
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -78,7 +79,15 @@ class FakeService(BaseHTTPRequestHandler):
         FakeService.seen.append(
             {"path": self.path, "auth": self.headers.get("authorization"), "body": body}
         )
-        if self.path != "/predict":
+        extra = {
+            "/explain": self._explain,
+            "/similar": self._similar,
+            "/report": self._report,
+            "/chat/stream": self._chat,
+        }
+        if self.path in extra:
+            extra[self.path]()
+        elif self.path != "/predict":
             self._send(404, {"error": {"type": "HTTPError", "message": "Not Found"}})
         elif FakeService.behaviour == "bad-image":
             self._send(400, {"error": {"type": "InputError", "message": "not an image"}})
@@ -94,6 +103,105 @@ class FakeService(BaseHTTPRequestHandler):
                     "latency_ms": 42.0,
                 },
             )
+
+    def _explain(self) -> None:
+        self._send(
+            200,
+            {
+                "label": "malignant",
+                "probabilities": PROBS,
+                "target": "malignant",
+                "method": "gradcam",
+                "overlay_png": b64png((32, 32)),
+                "heatmap_png": b64png((16, 16)),
+                "heat": {"text": "The heat is focal, centred in the upper left.", "flat": False},
+                "shap_png": b64png((16, 16)),
+                "shap_image": {
+                    "expected": 0.3,
+                    "probability": 0.7,
+                    "total": 0.4,
+                    "nsamples": 8,
+                    "background_size": 4,
+                },
+                "warnings": [],
+                "model": CARD["model"],
+                "latency_ms": 80.0,
+            },
+        )
+
+    def _similar(self) -> None:
+        self._send(
+            200,
+            {
+                "label": "malignant",
+                "neighbours": [
+                    {
+                        "rank": 2,
+                        "label": "benign",
+                        "distance": 0.2,
+                        "thumbnail_png": b64png((8, 8)),
+                    },
+                    {
+                        "rank": 1,
+                        "label": "malignant",
+                        "distance": 0.1,
+                        "thumbnail_png": b64png((8, 8)),
+                    },
+                ],
+                "index_size": 10,
+                "model": CARD["model"],
+                "latency_ms": 5.0,
+            },
+        )
+
+    def _report(self) -> None:
+        data = b"%PDF-1.4 fake report"
+        self.send_response(200)
+        self.send_header("content-type", "application/pdf")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _chat(self) -> None:
+        answer = {
+            "text": "Grad-CAM shows where the model looked. [1] Not medical advice.",
+            "citations": [
+                {
+                    "n": 1,
+                    "note_id": "gradcam",
+                    "title": "Grad-CAM",
+                    "section": "Reading the map",
+                    "sources": [],
+                }
+            ],
+            "refused": False,
+            "disclaimer": "Not medical advice.",
+            "backend": "fake",
+            "session_id": "s",
+        }
+        events = (
+            'event: delta\ndata: {"text": "Grad-CAM shows "}\n\n'
+            'event: delta\ndata: {"text": "where the model looked."}\n\n'
+            f"event: answer\ndata: {json.dumps(answer)}\n\n"
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(events)))
+        self.end_headers()
+        self.wfile.write(events)
+
+
+PROBS = {"benign": 0.2, "malignant": 0.7, "normal": 0.1}
+
+
+def b64png(size) -> str:
+    import base64
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +286,7 @@ def test_prediction_is_stored_and_shown(built):
     token = sign_in(app, "dr.lee", "clinic-pass-0001")
     out = analyse(app, token, png_file(tmp), "TB-0412")
     d = app.diagnose
+    assert set(out) <= set(d._result_outputs())  # Gradio refuses undeclared outputs
     assert "Malignant" in out[d.result] and "70.0%" in out[d.result]
     case = out[d.case]
     assert case.prediction.label == "malignant" and case.case_ref == "TB-0412"
@@ -202,6 +311,7 @@ def test_service_errors_become_plain_language(built):
     FakeService.behaviour = "bad-image"
     out = analyse(app, token, png_file(tmp))
     assert "could not use this input: not an image" in out[d.notice]
+    assert set(out) <= set(d._result_outputs())
     assert out[d.case] is None
     FakeService.behaviour = "crash"
     out = analyse(app, token, png_file(tmp))
@@ -262,3 +372,102 @@ def test_expired_session_is_refused(built):
     assert "sign in" in out[app.diagnose.notice]
     state = app.check_session(token)
     assert any("expired" in text(v) for v in state.values())
+
+
+def test_explanations_similar_cases_report_and_assistant(built):
+    app, tmp = built
+    FakeService.behaviour, FakeService.seen = "ok", []
+    token = sign_in(app, "dr.lee", "clinic-pass-0001")
+    d = app.diagnose
+    case = analyse(app, token, png_file(tmp), "TB-0412")[d.case]
+
+    overlay, heatmap, cam_text, shap, shap_words, warn, case = d.explain(
+        token, case, 0.5, "gradcam", "malignant", NoProgress()
+    )
+    assert overlay.size == (40, 30)  # blended over the upload itself, not the service's copy
+    assert max(heatmap.size) == 360 and max(shap.size) == 360  # enlarged for display
+    assert "focal" in cam_text and "Malignant" in cam_text and warn == ""
+    assert "30.0%" in shap_words and "70.0%" in shap_words
+    lighter = d.reblend(case, 0.1)  # opacity changes need no new request
+    assert lighter.size == overlay.size and lighter.getpixel((5, 5)) != overlay.getpixel((5, 5))
+    assert [r["path"] for r in FakeService.seen].count("/explain") == 1
+
+    items, notice, case = d.find_similar(token, case)
+    assert [caption for _, caption in items] == ["Malignant · 0.90", "Benign · 0.80"]
+
+    update, notice = d.make_report(token, case, "gradcam", None, NoProgress())
+    pdf = Path(update["value"])
+    assert pdf.read_bytes().startswith(b"%PDF") and "ready" in notice
+    report_request = next(r for r in FakeService.seen if r["path"] == "/report")
+    assert b"TB-0412" in report_request["body"] and b"Jane_Doe" not in report_request["body"]
+
+    answers = list(app.assistant.ask(token, None, "What does Grad-CAM show?", [], case, True))
+    history = answers[-1][0]
+    assert history[0] == {"role": "user", "content": "What does Grad-CAM show?"}
+    assert history[-1]["content"].startswith("Grad-CAM shows where the model looked.")
+    assert "Sources:** [1] Grad-CAM — Reading the map" in history[-1]["content"]
+    chat = json.loads(next(r for r in FakeService.seen if r["path"] == "/chat/stream")["body"])
+    assert chat["case"]["predicted_label"] == "malignant"
+    assert chat["case"]["gradcam_summary"].startswith("The heat is focal")
+
+
+def test_history_shows_own_cases_and_admins_see_all(built):
+    app, tmp = built
+    lee = sign_in(app, "dr.lee", "clinic-pass-0001")
+    analyse(app, lee, png_file(tmp), "HX-1")
+    frame, summary, *_ = app.history.search(lee, "HX-1", "", "any", "", "", "")
+    assert list(frame.value["headers"])[:3] == ["Case #", "Date (UTC)", "Case id"]
+    assert "Clinician" not in frame.value["headers"]
+    assert [row[2] for row in frame.value["data"]] == ["HX-1"] and "1 case" in summary
+    chief = sign_in(app, "chief", "admin-pass-0001")
+    frame, summary, *_ = app.history.search(chief, "", "", "any", "", "", "")
+    assert "Clinician" in frame.value["headers"] and "all users" in summary
+    assert "dr.lee" in {row[3] for row in frame.value["data"]}
+    frame, summary, *_ = app.history.search(lee, "", "", "any", "not-a-date", "", "")
+    assert "date like" in summary
+
+
+def test_clinical_fields_become_a_record():
+    from ui.clinical import record_from_fields
+    from ui.errors import InvalidInput
+
+    schema = [
+        {"name": "age", "type": "int", "min": 18, "max": 110, "unit": "years"},
+        {"name": "smoker", "type": "bool", "required": False},
+        {"name": "site", "type": "category", "allowed": ["left", "right"]},
+        {"name": "size_mm", "type": "float", "min": 0, "max": 100, "required": False},
+    ]
+    assert record_from_fields(schema, [54.0, "Yes", "left", None]) == {
+        "age": 54,
+        "smoker": True,
+        "site": "left",
+    }
+    with pytest.raises(InvalidInput) as problems:
+        record_from_fields(schema, [12, None, "middle", 250.0])
+    text = str(problems.value)
+    assert "Age (years) must be between 18 and 110" in text
+    assert "Site must be one of left, right" in text and "Size mm" in text
+
+
+def test_dicom_preview_without_the_service():
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from ui.cases import input_kind
+    from ui.images import preview
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.set_pixel_data((np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 6), "MONOCHROME2", 12)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert input_kind(data) == "dicom"
+    picture = preview(data)
+    assert picture.size == (30, 20) and picture.mode == "RGB"
+    assert picture.getpixel((0, 0)) == (0, 0, 0) and picture.getpixel((29, 19)) == (255, 255, 255)

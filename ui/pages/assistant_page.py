@@ -48,8 +48,8 @@ class AssistantPage:
         self.session = gr.State(None)  # chat session id, new per conversation
         self.context = gr.HTML(case_line(None), elem_id="of-chat-context")
         self.chatbot = gr.Chatbot(
-            label="Assistant",
-            height=420,
+            show_label=False,
+            height=540,
             placeholder=WELCOME,
             elem_id="of-chat",
             feedback_options=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ AGREE, DISAGREE = "Agree", "Disagree"
 DEFAULT_OPACITY = 0.45
 DEFAULT_METHOD = "gradcam"
 SIMILAR_K = 6
+REPORT_MAX_AGE_S = 1800
 KIND_FILENAMES = {"png": "image.png", "jpeg": "image.jpg", "dicom": "image.dcm"}
 PROGRESS = gr.Progress()  # marker default: Gradio passes a live tracker per call
 EMPTY_RESULT = html.notice("info", "Upload an image and press “Analyse” to see the result.")
@@ -126,113 +128,114 @@ class DiagnosePage:
             with gr.Column(scale=7, min_width=480):
                 gr.HTML('<div class="of-section-title">2 · Result</div>')
                 self.result = gr.HTML(EMPTY_RESULT, elem_id="of-result-box")
-                self.chart = gr.Plot(show_label=False, elem_id="of-probabilities")
-                with gr.Tabs():
-                    with gr.Tab("Grad-CAM", id="gradcam"):
-                        with gr.Row():
-                            self.overlay = gr.Image(
-                                label="Overlay",
+                with gr.Column(visible=False, elem_id="of-results") as self.results_box:
+                    self.chart = gr.Plot(show_label=False, elem_id="of-probabilities")
+                    with gr.Tabs():
+                        with gr.Tab("Grad-CAM", id="gradcam"):
+                            with gr.Row():
+                                self.overlay = gr.Image(
+                                    label="Overlay",
+                                    interactive=False,
+                                    height=300,
+                                    elem_id="of-overlay",
+                                    buttons=["fullscreen"],
+                                )
+                                self.heatmap = gr.Image(
+                                    label="Heatmap (raw)",
+                                    interactive=False,
+                                    height=300,
+                                    elem_id="of-heatmap",
+                                    buttons=["fullscreen"],
+                                )
+                            with gr.Row(equal_height=True):
+                                self.opacity = gr.Slider(
+                                    0.0,
+                                    1.0,
+                                    DEFAULT_OPACITY,
+                                    step=0.05,
+                                    label="Overlay opacity",
+                                    elem_id="of-opacity",
+                                    scale=3,
+                                )
+                                self.method = gr.Dropdown(
+                                    choices=method_choices(None),
+                                    value=DEFAULT_METHOD,
+                                    label="Method",
+                                    scale=2,
+                                    elem_id="of-method",
+                                )
+                                self.target = gr.Dropdown(
+                                    choices=[],
+                                    value=None,
+                                    label="Explain class",
+                                    scale=2,
+                                    elem_id="of-target",
+                                    info="Default: the predicted class",
+                                )
+                            self.reexplain = gr.Button(
+                                "Update explanation", size="sm", interactive=False
+                            )
+                            self.cam_text = gr.Markdown(elem_id="of-cam-text")
+                        with gr.Tab("SHAP", id="shap"):
+                            self.shap = gr.Image(
+                                label="SHAP attribution",
                                 interactive=False,
                                 height=300,
-                                elem_id="of-overlay",
+                                elem_id="of-shap",
                                 buttons=["fullscreen"],
                             )
-                            self.heatmap = gr.Image(
-                                label="Heatmap (raw)",
-                                interactive=False,
-                                height=300,
-                                elem_id="of-heatmap",
-                                buttons=["fullscreen"],
+                            self.shap_text = gr.Markdown(elem_id="of-shap-text")
+                        with gr.Tab("Similar cases", id="similar"):
+                            gr.Markdown(
+                                "The training images the model finds most alike (thumbnails "
+                                "only; no patient data)."
                             )
-                        with gr.Row(equal_height=True):
-                            self.opacity = gr.Slider(
-                                0.0,
-                                1.0,
-                                DEFAULT_OPACITY,
-                                step=0.05,
-                                label="Overlay opacity",
-                                elem_id="of-opacity",
-                                scale=3,
+                            self.gallery = gr.Gallery(
+                                show_label=False,
+                                columns=3,
+                                height=330,
+                                object_fit="contain",
+                                elem_id="of-similar",
+                                allow_preview=True,
                             )
-                            self.method = gr.Dropdown(
-                                choices=method_choices(None),
-                                value=DEFAULT_METHOD,
-                                label="Method",
-                                scale=2,
-                                elem_id="of-method",
-                            )
-                            self.target = gr.Dropdown(
-                                choices=[],
-                                value=None,
-                                label="Explain class",
-                                scale=2,
-                                elem_id="of-target",
-                                info="Default: the predicted class",
-                            )
-                        self.reexplain = gr.Button(
-                            "Update explanation", size="sm", interactive=False
-                        )
-                        self.cam_text = gr.Markdown(elem_id="of-cam-text")
-                    with gr.Tab("SHAP", id="shap"):
-                        self.shap = gr.Image(
-                            label="SHAP attribution",
-                            interactive=False,
-                            height=300,
-                            elem_id="of-shap",
-                            buttons=["fullscreen"],
-                        )
-                        self.shap_text = gr.Markdown(elem_id="of-shap-text")
-                    with gr.Tab("Similar cases", id="similar"):
-                        gr.Markdown(
-                            "The training images the model finds most alike (thumbnails "
-                            "only; no patient data)."
-                        )
-                        self.gallery = gr.Gallery(
-                            show_label=False,
-                            columns=3,
-                            height=330,
-                            object_fit="contain",
-                            elem_id="of-similar",
-                            allow_preview=True,
-                        )
-                        self.similar_notice = gr.HTML()
-                self.explain_notice = gr.HTML(elem_id="of-explain-notice")
-                with gr.Row():
-                    self.report_button = gr.Button(
-                        "Prepare PDF report", elem_id="of-report", interactive=False
-                    )
-                    self.download = gr.DownloadButton(
-                        "Download PDF report",
-                        variant="primary",
-                        visible=False,
-                        elem_id="of-download",
-                    )
-                self.report_notice = gr.HTML(elem_id="of-report-notice")
-                with gr.Accordion("Your feedback on this result", open=True, elem_id="of-fb"):
+                            self.similar_notice = gr.HTML()
+                    self.explain_notice = gr.HTML(elem_id="of-explain-notice")
                     with gr.Row():
-                        self.verdict = gr.Radio(
-                            [AGREE, DISAGREE],
-                            label="Do you agree with the model?",
-                            elem_id="of-verdict",
+                        self.report_button = gr.Button(
+                            "Prepare PDF report", elem_id="of-report", interactive=False
                         )
-                        self.true_label = gr.Dropdown(
-                            choices=[],
-                            label="True label",
-                            value=None,
-                            elem_id="of-true-label",
-                            info="Required when you disagree.",
+                        self.download = gr.DownloadButton(
+                            "Download PDF report",
+                            variant="primary",
+                            visible=False,
+                            elem_id="of-download",
                         )
-                    self.note = gr.Textbox(
-                        label="Note (optional)",
-                        lines=2,
-                        max_length=1000,
-                        elem_id="of-note",
-                        placeholder="No patient identifiers, please.",
-                    )
-                    self.send = gr.Button(
-                        "Send feedback", elem_id="of-send-feedback", interactive=False
-                    )
-                    self.feedback_notice = gr.HTML(elem_id="of-feedback-notice")
+                    self.report_notice = gr.HTML(elem_id="of-report-notice")
+                    with gr.Accordion("Your feedback on this result", open=True, elem_id="of-fb"):
+                        with gr.Row():
+                            self.verdict = gr.Radio(
+                                [AGREE, DISAGREE],
+                                label="Do you agree with the model?",
+                                elem_id="of-verdict",
+                            )
+                            self.true_label = gr.Dropdown(
+                                choices=[],
+                                label="True label",
+                                value=None,
+                                elem_id="of-true-label",
+                                info="Required when you disagree.",
+                            )
+                        self.note = gr.Textbox(
+                            label="Note (optional)",
+                            lines=2,
+                            max_length=1000,
+                            elem_id="of-note",
+                            placeholder="No patient identifiers, please.",
+                        )
+                        self.send = gr.Button(
+                            "Send feedback", elem_id="of-send-feedback", interactive=False
+                        )
+                        self.feedback_notice = gr.HTML(elem_id="of-feedback-notice")
 
         with self.fields_box:
 
@@ -344,6 +347,7 @@ class DiagnosePage:
             self.feedback_notice,
             self.target,
             self.reexplain,
+            self.results_box,
         ]
 
     # ------------------------------------------------------------------ handlers
@@ -440,6 +444,7 @@ class DiagnosePage:
                 self.true_label: gr.update(choices=[], value=None),
                 self.target: gr.update(choices=[], value=None),
                 self.reexplain: gr.update(interactive=False),
+                self.results_box: gr.Column(visible=False),
             }
         case = OpenCase(stored.id, ref, data, kind, base, clinical, prediction)
         log.info("case %d predicted by model %s", stored.id, prediction.model_tag)
@@ -462,6 +467,7 @@ class DiagnosePage:
             self.true_label: gr.update(choices=choices, value=None),
             self.target: gr.update(choices=choices, value=prediction.label),
             self.reexplain: gr.update(interactive=True),
+            self.results_box: gr.Column(visible=True),
         }
 
     def explain(self, token, case: OpenCase | None, opacity, method, target, progress=PROGRESS):
@@ -549,12 +555,23 @@ class DiagnosePage:
             )
         except Exception as exc:
             return gr.update(visible=False), html.notice("error", friendly(exc, "PDF reports"))
+        self._sweep_reports()
         path = self.reports_dir / f"oncoflow-report-case-{case.case_id}.pdf"
         path.write_bytes(pdf)
         return (
             gr.update(value=str(path), visible=True),
             html.notice("ok", "The report is ready: use “Download PDF report”."),
         )
+
+    def _sweep_reports(self, max_age_s: float = REPORT_MAX_AGE_S) -> None:
+        """Delete report files older than `max_age_s` (Gradio serves its own copy)."""
+        cutoff = time.time() - max_age_s
+        for old in self.reports_dir.glob("*.pdf"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except FileNotFoundError:
+                pass
 
     def give_feedback(self, token, case: OpenCase | None, verdict, true_label, note):
         if case is None:

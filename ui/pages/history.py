@@ -15,6 +15,18 @@ from ui.context import UiContext
 from ui.errors import InvalidInput
 from ui.messages import friendly
 
+WIDTHS = {
+    "Case #": "72px",
+    "Date (UTC)": "140px",
+    "Case id": "110px",
+    "Clinician": "110px",
+    "Prediction": "140px",
+    "Confidence": "104px",
+    "Feedback": "100px",
+    "True label": "140px",
+    "Note": "220px",
+    "Model": "140px",
+}
 COLUMNS = [
     "Case #",
     "Date (UTC)",
@@ -136,8 +148,9 @@ class HistoryPage:
         summary = html.notice(
             "info", f"{len(cases)} case{'s' if len(cases) != 1 else ''} (made by {whose})."
         )
+        frame = cases_frame(cases, viewer.is_admin)
         return (
-            cases_frame(cases, viewer.is_admin),
+            gr.Dataframe(value=frame, column_widths=[WIDTHS[c] for c in frame.columns]),
             summary,
             gr.update(choices=[("Any", ""), *[(pretty_label(x), x) for x in labels]]),
             gr.update(visible=viewer.is_admin),
