@@ -30,6 +30,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -378,6 +379,10 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         for server in servers:
             server.stop()
+        if args.keep:
+            print(f"kept {workdir} (bundle, Bento store, server logs)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def report(result: dict) -> str:
@@ -429,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--explain-requests", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir and server logs")
     args = parser.parse_args(argv)
     args.totals = parse_totals(args.requests)
     result = run(args)
