@@ -46,7 +46,9 @@ class Steps:
 
 def settle(page) -> None:
     """Wait until Gradio shows no pending update (its translucent progress overlays)."""
-    page.wait_for_function("() => !document.querySelector('.pending, .wrap.translucent')")
+    page.wait_for_function(
+        "() => !document.querySelector('.pending, .wrap.translucent:not(.hide)')"
+    )
     page.wait_for_timeout(300)  # let the last update paint
 
 
