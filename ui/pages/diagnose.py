@@ -38,6 +38,8 @@ METHOD_NAMES = {
     "gradcam++": "Grad-CAM++",
     "scorecam": "Score-CAM",
     "eigencam": "Eigen-CAM",
+    "eigengradcam": "EigenGrad-CAM",
+    "fullgrad": "FullGrad",
     "layercam": "Layer-CAM",
     "ablationcam": "Ablation-CAM",
     "xgradcam": "XGrad-CAM",
