@@ -151,6 +151,10 @@ def prepare_federation(
     `threads` caps torch threads per site (default: federation.simulation.threads_per_site
     on the simulation engine, torch's default elsewhere).
     """
+    if not isinstance(cfg, dict) and hasattr(cfg, "_get_node"):  # an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     settings = validate_federation(dict(cfg))
     if threads is None and settings.engine == "simulation":
         threads = settings.simulation.threads_per_site

@@ -130,6 +130,10 @@ _NESTED = {"hygiene": HygieneSettings, "attack": AttackSettings, "simulation": S
 
 def _section(cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """The federation section and the run seed, from a full run config or the section alone."""
+    if not isinstance(cfg, dict) and hasattr(cfg, "_get_node"):  # an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, dict):
         raise ConfigError("the federation configuration must be a mapping")
     if "federation" in cfg:

@@ -58,6 +58,11 @@ def test_cli_style_overrides_reach_the_settings():
     assert settings.min_fit_sites == settings.min_available_sites == 2
 
 
+def test_a_composed_dictconfig_is_accepted_as_is():
+    cfg = compose(["federation=krum"])
+    assert validate_federation(cfg) == validate_federation(to_container(cfg))
+
+
 def test_defaults_tolerate_one_site_dropping_out():
     settings = validate_federation(fed(num_sites=5))
     assert settings.min_fit_sites == 4 and settings.min_available_sites == 4
