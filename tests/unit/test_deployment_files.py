@@ -186,7 +186,7 @@ def test_run_environment_is_the_quiet_runtime_environment(deployments):
 def test_failure_hook_records_why_a_run_failed(tmp_path, monkeypatch):
     import prefect.artifacts
 
-    from flows.deploy import record_failure
+    from flows.hooks import record_failure
 
     artifacts = []
     monkeypatch.setattr(
@@ -212,7 +212,7 @@ def test_retries_only_for_transient_failures():
     from prefect.states import Failed
 
     from components.errors import ConfigError, ModelError, NotFound, RegistryError
-    from flows.deploy import transient_failure
+    from flows.hooks import transient_failure
 
     def retried(exc: Exception) -> bool:
         return transient_failure(None, None, Failed(data=exc))
