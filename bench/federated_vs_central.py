@@ -11,7 +11,8 @@ robust rules (Krum, Multi-Krum, trimmed mean, median) against the clean FedAvg r
     python bench/federated_vs_central.py                                  # synthetic, seconds
     python bench/federated_vs_central.py --data brain_tumor_mri --sites 5 --alpha 0.5 \\
         --rounds 10 --epochs 2 --size 64 --attack sign_flip --json bench-fl.json
-    python bench/federated_vs_central.py --data brain_tumor_mri --n 200 --size 48   # reduced
+    python bench/federated_vs_central.py --data brain_tumor_mri --n 150 --size 48 \
+        --test-split holdout --attack sign_flip                                    # reduced
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def _decode(paths: list[Path], size: int) -> np.ndarray:
         return np.stack(list(pool.map(one, paths)))
 
 
-def load_brain_mri(root: Path, size: int, n_per_class: int | None, seed: int, cache: Path):
-    """Training/ -> train + validation (85/15, stratified, seeded); Testing/ -> test."""
+def load_brain_mri(
+    root: Path, size: int, n_per_class: int | None, seed: int, cache: Path, test_split: str
+):
+    """Training/ -> train + validation (85/15, stratified, seeded); test = Testing/ ("given")
+    or a stratified 15% of Training/ held out ("holdout": same distribution as training)."""
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache / f"brain_tumor_mri-{size}px-{n_per_class or 'all'}-{seed}.npz"
+    key = cache / f"brain_tumor_mri-{size}px-{n_per_class or 'all'}-{seed}-{test_split}.npz"
     if key.exists():
         with np.load(key) as data:
             arrays = {s: (data[f"{s}_x"], data[f"{s}_y"]) for s in ("train", "val", "test")}
@@ -76,6 +80,10 @@ def load_brain_mri(root: Path, size: int, n_per_class: int | None, seed: int, ca
         files = [files[i] for i in rng.permutation(len(files))][: n_per_class or None]
         cut = max(1, round(len(files) * 0.15))
         pools["val"] += [(f, label) for f in files[:cut]]
+        if test_split == "holdout":
+            pools["test"] += [(f, label) for f in files[cut : 2 * cut]]
+            pools["train"] += [(f, label) for f in files[2 * cut :]]
+            continue
         pools["train"] += [(f, label) for f in files[cut:]]
         tests = sorted((root / "Testing" / cls).glob("*.jpg"))
         if n_per_class:
@@ -221,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--n", type=int, default=None, help="images per class (subsample)")
     p.add_argument("--size", type=int, default=None)
+    p.add_argument(
+        "--test-split",
+        choices=["given", "holdout"],
+        default="given",
+        help="brain_tumor_mri test set: the published Testing/ folder, or 15%% of Training/",
+    )
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--partition", choices=["iid", "dirichlet"], default="dirichlet")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -251,7 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         args.size = args.size or 64
         arrays, classes = load_brain_mri(
-            args.data_root / "brain_tumor_mri", args.size, args.n, args.seed, out / "cache"
+            args.data_root / "brain_tumor_mri",
+            args.size,
+            args.n,
+            args.seed,
+            out / "cache",
+            args.test_split,
         )
     sizes = {s: len(arrays[s][1]) for s in arrays}
     print(
