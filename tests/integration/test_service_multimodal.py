@@ -21,7 +21,7 @@ import pytest
 
 from serving.client import DiagnosisClient, ServiceError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 KEY = "fusion-key-1"
 CLASSES = ["low_risk", "high_risk"]

@@ -19,7 +19,7 @@ import pytest
 
 from serving.client import DiagnosisClient, ServiceError
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 KEY = "tabular-key-1"
 

@@ -23,7 +23,7 @@ from components.errors import ConfigError
 from serving.client import DiagnosisClient, ServiceError, decode_png, new_session_id
 from serving.schemas import ChatResponse
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 CLASSES = ["benign", "malignant", "normal"]
 KEY = "test-key-123"
