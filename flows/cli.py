@@ -108,6 +108,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(summary)
         return 0
     if args.command == "serve":
+        from flows.runtime import prepare
+
+        prepare([])  # the workspace's Bento store, unless BENTOML_HOME says otherwise
         from serving.launch import serve
 
         return serve(model_tag=args.model, host=args.host, port=args.port)
