@@ -6,6 +6,7 @@ Splitting runs before validation so the suite can check the final splits for lea
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -182,6 +183,37 @@ def _private_model(model, privacy, arrays, trainer):
     return model, dp
 
 
+@task(name="train-federated")
+def federated_task(ctx: RunContext, arrays):
+    """Federated training (Flower): sites from the train split, the same local training loop."""
+    from components.federated.engines import run_federated
+
+    cfg = ctx.cfg
+    result = run_federated(
+        cfg,
+        arrays,
+        list(cfg["dataset"]["classes"]),
+        _preprocessing(cfg),
+        ctx.run_dir / "federation",
+    )
+    artifacts.write_json(ctx.run_dir / "site_report.json", result.site_report)
+    artifacts.markdown("site-report", _site_table(result.site_report))
+    summary = result.summary()
+    get_run_logger().info(
+        "federated %s: %d rounds, %.1fs/round, %d updates rejected",
+        summary["strategy"],
+        summary["rounds"],
+        summary["mean_round_seconds"],
+        summary["rejected_updates"],
+    )
+    return result.model, result.mlflow_history(), summary
+
+
+def _site_table(report: dict[str, Any]) -> str:
+    lines = ["# Sites", "", "```", json.dumps(report, indent=2, default=str)[:20000], "```"]
+    return "\n".join(lines)
+
+
 @task(name="evaluate")
 def evaluate_task(ctx: RunContext, model, test):
     from components.evaluation.metrics import evaluate
@@ -299,14 +331,20 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     split_frame, split_report = split_task(ctx, raw)
     frame, validation_report, quarantined = validate_task(ctx, split_frame)
     arrays = arrays_task(ctx, frame)
-    result, architecture, privacy = train_task(ctx, arrays)
-    metrics, _ = evaluate_task(ctx, result.model, arrays["test"])
+    federation = None
+    if cfg["training"]["mode"] == "federated":
+        model, history, federation = federated_task(ctx, arrays)
+        architecture, privacy, epochs_run = _architecture(cfg), None, federation["rounds"]
+    else:
+        result, architecture, privacy = train_task(ctx, arrays)
+        model, history, epochs_run = result.model, result.history, result.epochs_run
+    metrics, _ = evaluate_task(ctx, model, arrays["test"])
     fingerprints = {
         "data": fingerprint(frame),
         "test": fingerprint(frame[frame["split"] == "test"]),
     }
     bundle_dir = make_bundle(
-        result.model,
+        model,
         architecture=architecture,
         privacy=privacy,
         class_names=list(cfg["dataset"]["classes"]),
@@ -322,9 +360,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     reports = {"split": split_report, "validation": validation_report}
     if privacy:
         reports["privacy"] = privacy
-    run_id, decision = register_task(
-        ctx, bundle_dir, metrics, result.history, reports, fingerprints
-    )
+    run_id, decision = register_task(ctx, bundle_dir, metrics, history, reports, fingerprints)
     packaged = None
     if decision.promote:
         packaged = package_task(ctx, bundle_dir, decision.version, cfg["package"]["build_bento"])
@@ -335,7 +371,9 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         "quarantined": quarantined,
         "split_report": split_report,
         "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},
-        "epochs_run": result.epochs_run,
+        "training": cfg["training"]["mode"],
+        "epochs_run": epochs_run,
+        "federation": federation,
         "privacy": privacy,
         "mlflow_run_id": run_id,
         "model_version": decision.version,

@@ -167,3 +167,24 @@ def test_served_champion_answers_predict(first_run, second_run, env, start_serve
     assert 400 <= garbage.status_code < 500
     assert "error" in garbage.json()
     assert np.isclose(sum(body["probabilities"].values()), 1.0, atol=1e-4)
+
+
+def test_federated_training_runs_through_the_same_pipeline(second_run, env):
+    summary = _run(
+        [
+            "run",
+            *SYNTHETIC,
+            "training=federated",
+            "federation.engine=inline",
+            "federation.num_sites=3",
+            "federation.partition=iid",
+            "federation.rounds=2",
+            "package.build_bento=false",
+        ],
+        env,
+    )
+    assert summary["training"] == "federated"
+    assert summary["federation"]["rounds"] == 2
+    assert summary["federation"]["sites"] == 3
+    assert summary["model_version"] == "3"
+    assert (Path(summary["run_dir"]) / "site_report.json").exists()
