@@ -48,6 +48,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     prefect.add_argument("args", nargs=argparse.REMAINDER)
 
+    fl = sub.add_parser("fl", help="Flower deployment: certs | superlink | supernode | submit")
+    fl_sub = fl.add_subparsers(dest="fl_command", required=True, metavar="FL_COMMAND")
+    certs = fl_sub.add_parser("certs", help="CA + SuperLink certificate (+ SuperNode keys)")
+    certs.add_argument("out_dir")
+    certs.add_argument("--host", action="append", dest="hosts", help="SuperLink name (repeat)")
+    certs.add_argument("--site", action="append", dest="sites", default=[], help="site key pair")
+    link = fl_sub.add_parser("superlink", help="run a SuperLink for a prepared federation root")
+    link.add_argument("root")
+    link.add_argument("--host", default="127.0.0.1")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    link.add_argument("--supernode-auth", action="store_true")
+    node = fl_sub.add_parser("supernode", help="run the SuperNode of one site (its dir only)")
+    node.add_argument("site_dir")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--port", type=int, default=9094)
+    node.add_argument("--root-cert")
+    node.add_argument("--auth-key")
+    node.add_argument("--insecure", action="store_true")
+    submit = fl_sub.add_parser("submit", help="submit the prepared federation's run")
+    submit.add_argument("root")
+    submit.add_argument("--superlink", required=True)
+    submit.add_argument("--root-cert")
+    submit.add_argument("--insecure", action="store_true")
+    submit.add_argument("--no-wait", action="store_true")
+
     ui = sub.add_parser("ui", help="the clinician web UI (Gradio) on top of the service")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
@@ -114,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from serving.launch import serve
 
         return serve(model_tag=args.model, host=args.host, port=args.port)
+    if args.command == "fl":
+        return _federated(args)
     if args.command == "ui":
         from ui.__main__ import main as ui_main
 
@@ -123,6 +151,41 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return demo(args.overrides, serve=not args.no_serve)
     raise AssertionError(args.command)
+
+
+def _federated(args: argparse.Namespace) -> int:
+    from components.federated import cli as fl
+
+    if args.fl_command == "certs":
+        hosts = args.hosts or ["localhost", "127.0.0.1"]
+        _print_summary(fl.certs(args.out_dir, hosts=hosts, sites=args.sites))
+        return 0
+    if args.fl_command == "superlink":
+        return fl.superlink(
+            args.root,
+            port=args.port,
+            host=args.host,
+            insecure=args.insecure,
+            supernode_auth=args.supernode_auth,
+        )
+    if args.fl_command == "supernode":
+        return fl.supernode(
+            args.site_dir,
+            superlink=args.superlink,
+            port=args.port,
+            root_cert=args.root_cert,
+            auth_key=args.auth_key,
+            insecure=args.insecure,
+        )
+    summary = fl.submit(
+        args.root,
+        superlink=args.superlink,
+        root_cert=args.root_cert,
+        insecure=args.insecure,
+        wait=not args.no_wait,
+    )
+    _print_summary(summary)
+    return 0
 
 
 def _print_summary(summary: dict) -> None:

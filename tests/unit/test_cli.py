@@ -14,7 +14,7 @@ def test_help_lists_commands(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    for command in ("run", "validate", "serve", "ui", "prefect", "demo", "config"):
+    for command in ("run", "validate", "serve", "fl", "ui", "prefect", "demo", "config"):
         assert command in out
 
 
@@ -45,3 +45,12 @@ def test_user_error_is_one_line_without_traceback():
     assert proc.stderr.strip().startswith("oncoflow: error: trainer.imbalance='magic'")
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_fl_certs_command_writes_a_ca_and_server_certificate(tmp_path, capsys):
+    assert main(["fl", "certs", str(tmp_path / "certs"), "--site", "site-1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ca_cert", "server_cert", "server_key"):
+        assert name in out
+    assert (tmp_path / "certs").is_dir()
+    assert any((tmp_path / "certs").rglob("*.crt")) or any((tmp_path / "certs").rglob("*.pem"))
