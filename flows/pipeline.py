@@ -6,7 +6,6 @@ Splitting runs before validation so the suite can check the final splits for lea
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -187,6 +186,7 @@ def _private_model(model, privacy, arrays, trainer):
 def federated_task(ctx: RunContext, arrays):
     """Federated training (Flower): sites from the train split, the same local training loop."""
     from components.federated.engines import run_federated
+    from components.federated.partition import site_report_markdown
 
     cfg = ctx.cfg
     result = run_federated(
@@ -197,7 +197,7 @@ def federated_task(ctx: RunContext, arrays):
         ctx.run_dir / "federation",
     )
     artifacts.write_json(ctx.run_dir / "site_report.json", result.site_report)
-    artifacts.markdown("site-report", _site_table(result.site_report))
+    artifacts.markdown("site-report", site_report_markdown(result.site_report))
     summary = result.summary()
     get_run_logger().info(
         "federated %s: %d rounds, %.1fs/round, %d updates rejected",
@@ -207,11 +207,6 @@ def federated_task(ctx: RunContext, arrays):
         summary["rejected_updates"],
     )
     return result.model, result.mlflow_history(), summary
-
-
-def _site_table(report: dict[str, Any]) -> str:
-    lines = ["# Sites", "", "```", json.dumps(report, indent=2, default=str)[:20000], "```"]
-    return "\n".join(lines)
 
 
 @task(name="evaluate")
