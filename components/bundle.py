@@ -116,15 +116,17 @@ class ModelBundle:
 
         kwargs = dict(self.architecture_kwargs)
         if self.architecture in CLINICAL_ARCHITECTURES:
+            if not (kwargs.get("tabular_schema") or self.tabular_schema):
+                raise ModelError(f"a {self.architecture} bundle has no tabular_schema")
             kwargs.setdefault("tabular_schema", self.tabular_schema)
             kwargs.setdefault("num_classes", len(self.class_names))
             if self.architecture == "tabular_mlp":
                 for image_only in ("pretrained", "in_channels", "norm", "small_input", "width"):
                     kwargs.pop(image_only, None)
-        model = build_model(self.architecture, **kwargs)
         try:
+            model = build_model(self.architecture, **kwargs)
             model.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as exc:
+        except (TypeError, RuntimeError) as exc:
             raise ModelError(f"weights do not fit architecture {self.architecture}: {exc}") from exc
         return model.eval()
 

@@ -76,34 +76,6 @@ def model_kind(architecture: str) -> str:
     return "image"
 
 
-def build_bundle_model(bundle):
-    """The bundle's model in eval mode with its weights loaded strictly.
-
-    `ModelBundle.build_model` knows the image zoo; the fusion and tabular architectures are
-    built here from `components.models` with the bundle's clinical schema.
-    """
-    kind = model_kind(bundle.architecture)
-    if kind == "image":
-        return bundle.build_model()
-    if not bundle.tabular_schema:
-        raise ModelError(f"a {bundle.architecture} bundle needs a tabular_schema; it has none")
-    kwargs = dict(bundle.architecture_kwargs)
-    kwargs.setdefault("tabular_schema", bundle.tabular_schema)
-    kwargs.setdefault("num_classes", len(bundle.class_names))
-    if kind == "tabular":
-        kwargs.pop("pretrained", None)  # make_bundle adds it; the MLP has no pretrained weights
-    if kind == "fusion":
-        from components.models.fusion import build_fusion_model as build
-    else:
-        from components.models.tabular import build_tabular_model as build
-    try:
-        model = build(**kwargs)
-        model.load_state_dict(bundle.state_dict, strict=True)
-    except (TypeError, RuntimeError) as exc:
-        raise ModelError(f"weights do not fit architecture {bundle.architecture}: {exc}") from exc
-    return model.eval()
-
-
 @dataclass(frozen=True)
 class CaseInput:
     """One request's input, checked and ready for the model.
@@ -145,7 +117,7 @@ class DiagnosisEngine:
         self.max_pixels = int(max_pixels)
         self.kind = model_kind(bundle.architecture)
         self.classes = [str(c) for c in bundle.class_names]
-        self.model = build_bundle_model(bundle)
+        self.model = bundle.build_model()
         self.schema = bundle.tabular_schema if self.kind != "image" else None
         self.layout = None
         if self.schema:
@@ -580,6 +552,5 @@ __all__ = [
     "KINDS",
     "CaseInput",
     "DiagnosisEngine",
-    "build_bundle_model",
     "model_kind",
 ]

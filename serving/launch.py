@@ -67,11 +67,10 @@ def preflight(env: dict[str, str]) -> str:
     if env.get("BENTOML_HOME"):
         use_bentoml_home(env["BENTOML_HOME"])
     from components.bundle import ModelBundle
-    from serving.engine import build_bundle_model
     from serving.service import DEFAULT_MODEL_TAG, load_model_ref
 
     ref = load_model_ref(env.get("ONCOFLOW_MODEL_TAG") or DEFAULT_MODEL_TAG)
-    build_bundle_model(ModelBundle.load(ref.path))  # a worker would crash-loop on a broken one
+    ModelBundle.load(ref.path).build_model()  # a worker would crash-loop on a broken one
     return str(ref.tag)
 
 

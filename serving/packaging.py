@@ -85,13 +85,12 @@ def import_bundle(
     """
     from components.bundle import ModelBundle
     from serving.chat import ASSISTANT_INDEX_DIR
-    from serving.engine import build_bundle_model
 
     if assistant_index not in (True, False, "bm25"):
         raise ConfigError(f"assistant_index must be True, False or 'bm25', not {assistant_index!r}")
     source = Path(bundle_dir)
     bundle = ModelBundle.load(source)
-    build_bundle_model(bundle)  # raises ModelError when weights and architecture disagree
+    bundle.build_model()  # raises ModelError when weights and architecture disagree
     if bentoml_home is not None:
         use_bentoml_home(bentoml_home)
     import bentoml

@@ -167,11 +167,10 @@ def in_process(bundle_dir, image: bytes, record: dict) -> list[float]:
     from components.bundle import ModelBundle
     from components.data.images import decode_bytes
     from components.models.tabular import encode_record
-    from serving.engine import build_bundle_model
     from validation.clinical_schema import check_clinical_record
 
     bundle = ModelBundle.load(bundle_dir)
-    model = build_bundle_model(bundle)
+    model = bundle.build_model()
     x = bundle.preprocessing.to_tensor(decode_bytes(image)).unsqueeze(0)
     row = encode_record(check_clinical_record(record, SCHEMA), SCHEMA).unsqueeze(0)
     with torch.no_grad():
