@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from components.errors import DataError
 from components.federated.runspec import SPEC_KEY, ClientSpec
+from components.privacy.federated import UNIT_WEIGHT, bound_update
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,13 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
     if attack and attack["behaviour"] == "label_flip":
         y = poison_labels(y, spec.model.num_classes)
     seed = local_seed(spec.seed, server_round, site.name)
+    privacy = spec.privacy_settings()
+    dp = _site_dp(privacy, spec, site, server_round, model)
     started = time.perf_counter()
-    fit = train_local(model, site.x_train, y, spec.model, spec.training, seed)
+    fit = train_local(model, site.x_train, y, spec.model, spec.training, seed, dp and dp.hooks())
     seconds = time.perf_counter() - started
+    if dp is not None:
+        dp.commit(server_round)  # the ledger is on disk before the update leaves the site
     val = _validation(model, site, spec)
     if val is not None:
         keep_best(
@@ -126,6 +131,10 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
     weights = state_arrays(model)
     if attack and attack["behaviour"] in UPDATE_ATTACKS:
         weights = poison_update(weights, received, attack, np.random.default_rng(seed))
+    extra: dict[str, Any] = dp.metrics() if dp is not None else {}
+    if privacy.update_norm_bound is not None:
+        weights, norm = bound_update(weights, received, privacy.update_norm_bound)
+        extra["update-norm-before-bound"] = norm
     metrics = {
         "num-examples": int(fit["num_examples"]),
         "train-loss": float(fit["train_loss"]),
@@ -133,8 +142,32 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
         "local-val-macro-f1": float(val["macro_f1"]) if val else 0.0,
         "local-val-accuracy": float(val["accuracy"]) if val else 0.0,
         "fit-seconds": float(seconds),
+        UNIT_WEIGHT: 1,
+        **extra,
     }
     return _reply(msg, to_record(weights), metrics, site.name)
+
+
+def _site_dp(privacy, spec: ClientSpec, site, server_round: int, model):
+    """The site's DP-SGD state for this round (None without DP-SGD): the model is made
+    Opacus-compatible and the round is checked against the site's budget before training."""
+    if not privacy.dp_sgd:
+        return None
+    from components.privacy.dp import make_private_compatible
+    from components.privacy.federated import SiteDP
+
+    make_private_compatible(model)
+    dp = SiteDP.open(
+        privacy,
+        site.directory,
+        spec.run_key,
+        rounds=spec.rounds,
+        local_epochs=spec.training.epochs,
+        num_examples=len(site.y_train),
+        batch_size=spec.training.batch_size,
+    )
+    dp.check(server_round)
+    return dp
 
 
 def handle_evaluate(msg: Message, site_dir: Path) -> Message:
@@ -181,12 +214,20 @@ def handle_query(msg: Message, site_dir: Path) -> Message:
 
 
 def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
-    """A ClientApp whose site is `data-dir` from the node config, or `site_dirs[partition-id]`."""
-    client = ClientApp()
+    """A ClientApp whose site is `data-dir` from the node config, or `site_dirs[partition-id]`.
+
+    `secure_mod` runs Flower's SecAgg+ protocol for SecAgg+ messages; its train step reaches
+    `handle_train` through `secure_train` (see `components.federated.secure`)."""
+    from components.federated.secure import is_secure_train, secure_mod, secure_train
+
+    client = ClientApp(mods=[secure_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, site_dir_for(context, site_dirs))
+        site_dir = site_dir_for(context, site_dirs)
+        if is_secure_train(msg):
+            return secure_train(msg, lambda plain: handle_train(plain, site_dir))
+        return handle_train(msg, site_dir)
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -36,6 +36,7 @@ from components.federated.partition import (
 )
 from components.federated.runspec import RunSpec
 from components.federated.settings import FederationSettings, validate_federation
+from components.federated.strategies import build_strategy
 from components.federated.task import (
     BEST_MODEL_DIR,
     LocalTraining,
@@ -43,6 +44,8 @@ from components.federated.task import (
     write_site,
     write_split,
 )
+from components.privacy.federated import ServerPrivacy, clear_site_ledger
+from components.privacy.settings import validate_privacy
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,8 @@ def prepare_federation(
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     settings = validate_federation(dict(cfg))
+    privacy = validate_privacy(cfg.get("privacy"), settings.to_dict(), cfg.get("trainer"))
+    ServerPrivacy(privacy, settings.rounds, settings.num_sites).wrap(build_strategy(settings))
     if threads is None and settings.engine == "simulation":
         threads = settings.simulation.threads_per_site
     root = Path(root).resolve()
@@ -203,10 +208,15 @@ def prepare_federation(
     server_dir = root / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
     write_split(server_dir / "test.npz", x_test, y_test)
+    architecture = architecture_from_config(cfg, len(class_names))
+    if privacy.dp_sgd or privacy.central_dp:
+        # DP-SGD needs per-sample-safe normalisation; central DP would noise BatchNorm's
+        # running variances (into negative values)
+        architecture["norm"] = "group"
     spec = RunSpec(
         settings=settings,
         model=ModelSpec(
-            architecture=architecture_from_config(cfg, len(class_names)),
+            architecture=architecture,
             preprocessing=preprocessing.to_dict(),
             class_names=list(class_names),
         ),
@@ -216,6 +226,7 @@ def prepare_federation(
         sites=list(sites),
         attacks=attacks,
         data_fingerprint=_fingerprint(fingerprint_parts),
+        privacy=privacy.to_dict() if privacy.enabled else {},
     )
     _check_resume(spec, site_dirs)
     spec_path = spec.save(server_dir / "spec.json")
@@ -232,12 +243,14 @@ def prepare_federation(
 
 def _check_resume(spec: RunSpec, site_dirs: Mapping[str, Path]) -> None:
     """Fail now if the output directory holds a checkpoint of other settings (resume=true);
-    on a fresh start, drop the sites' best models left by an earlier run in this directory."""
+    on a fresh start, drop the sites' best models and privacy ledgers left by an earlier run in
+    this directory (a new model starts from ε = 0; a resumed one continues its ledgers)."""
     store = CheckpointStore(Path(spec.out_dir) / CHECKPOINT_DIR, spec.fingerprint())
     existing = store.latest() if spec.settings.resume else None
     if existing is None:
         for directory in site_dirs.values():
             shutil.rmtree(Path(directory) / BEST_MODEL_DIR, ignore_errors=True)
+            clear_site_ledger(directory)
     else:
         log.info("a checkpoint after round %d exists: the run will resume", existing.round)
 

@@ -27,6 +27,9 @@ class ClientSpec:
     training: LocalTraining
     seed: int
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacySettings.to_dict()
+    rounds: int = 1  # the planned rounds (DP-SGD calibrates σ over all of them)
+    run_key: str = ""  # identifies the run (a site keeps one privacy ledger per run)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -35,9 +38,18 @@ class ClientSpec:
                 "training": asdict(self.training),
                 "seed": self.seed,
                 "attacks": self.attacks,
+                "privacy": self.privacy,
+                "rounds": self.rounds,
+                "run_key": self.run_key,
             },
             sort_keys=True,
         )
+
+    def privacy_settings(self):
+        """The run's `PrivacySettings`."""
+        from components.privacy.federated import settings_from_dict
+
+        return settings_from_dict(self.privacy)
 
     @classmethod
     def from_json(cls, text: str) -> ClientSpec:
@@ -47,6 +59,9 @@ class ClientSpec:
             training=LocalTraining.from_dict(data["training"]),
             seed=int(data["seed"]),
             attacks=dict(data.get("attacks", {})),
+            privacy=dict(data.get("privacy") or {}),
+            rounds=int(data.get("rounds", 1)),
+            run_key=str(data.get("run_key", "")),
         )
 
 
@@ -63,10 +78,25 @@ class RunSpec:
     sites: list[str]
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_fingerprint: str = ""
+    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacySettings.to_dict()
 
     @property
     def client_spec(self) -> ClientSpec:
-        return ClientSpec(self.model, self.training, self.settings.seed, self.attacks)
+        return ClientSpec(
+            self.model,
+            self.training,
+            self.settings.seed,
+            self.attacks,
+            privacy=self.privacy,
+            rounds=self.settings.rounds,
+            run_key=self.fingerprint(),
+        )
+
+    def privacy_settings(self):
+        """The run's `PrivacySettings`."""
+        from components.privacy.federated import settings_from_dict
+
+        return settings_from_dict(self.privacy)
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: settings, model, training and data."""
@@ -76,6 +106,7 @@ class RunSpec:
             "training": {k: v for k, v in asdict(self.training).items() if k != "threads"},
             "sites": sorted(self.sites),
             "data": self.data_fingerprint,
+            "privacy": self.privacy,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -90,6 +121,7 @@ class RunSpec:
             "sites": list(self.sites),
             "attacks": self.attacks,
             "data_fingerprint": self.data_fingerprint,
+            "privacy": self.privacy,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -117,6 +149,7 @@ class RunSpec:
             sites=list(data["sites"]),
             attacks=dict(data.get("attacks", {})),
             data_fingerprint=data.get("data_fingerprint", ""),
+            privacy=dict(data.get("privacy") or {}),
         )
 
 

@@ -34,6 +34,7 @@ from components.federated.client_app import SITE_RECORD
 from components.federated.hygiene import Rejection, screen_updates
 from components.federated.runspec import SPEC_KEY, RunSpec
 from components.federated.settings import FederationSettings
+from components.privacy.federated import UNIT_WEIGHT, ServerPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,11 @@ def _round_train(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, dict], list[Rejection], list[str]]:
     """One training step: send, screen, aggregate. Returns (new arrays or None, per-site rows,
     rejections, notes)."""
+    from components.federated.secure import secure_round, uses_secure_aggregation
     from components.federated.task import from_record, match_dtypes, to_record
 
+    if uses_secure_aggregation(spec):  # SecAgg+: the server only ever sees the sum
+        return secure_round(grid, spec, server_round, arrays, node_sites)
     settings = spec.settings
     config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
     messages = list(strategy.configure_train(server_round, to_record(arrays), config, grid))
@@ -207,7 +211,7 @@ def _round_train(
             "train_loss": float(metrics.get("train-loss", float("nan"))),
             "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
             "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
-        }
+        } | {k.replace("-", "_"): float(v) for k, v in metrics.items() if k.startswith("dp-")}
     if silent:
         notes.append(f"{len(silent)} site(s) did not answer within {settings.round_timeout:.0f}s")
     accepted, rejected, norms = screen_updates(server_round, updates, arrays, settings.hygiene)
@@ -303,7 +307,9 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
     settings = spec.settings
     out = Path(spec.out_dir)
     store = CheckpointStore(out / CHECKPOINT_DIR, spec.fingerprint(), settings.keep_checkpoints)
-    strategy = build_strategy(settings)
+    privacy = ServerPrivacy(spec.privacy_settings(), settings.rounds, len(spec.sites))
+    weighting = UNIT_WEIGHT if privacy.settings.central_dp else "num-examples"
+    strategy = privacy.wrap(build_strategy(settings, weighted_by_key=weighting))
     test = _TestSet(spec)
     started = time.perf_counter()
 
@@ -316,6 +322,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         history: list[dict[str, Any]] = state["history"]
         rejected: list[dict[str, Any]] = state["rejected"]
         node_sites = {int(k): v for k, v in state.get("node_sites", {}).items()}
+        privacy.restore(state.get("privacy"))
         first = checkpoint.round + 1
         log.info("resuming after round %d from %s", checkpoint.round, checkpoint.path)
     else:
@@ -323,6 +330,10 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
     resumed_from = first - 1
 
     for server_round in range(first, settings.rounds + 1):
+        privacy.stopped = privacy.stopped or privacy.stop_reason(server_round)
+        if privacy.stopped:
+            log.warning("stopping before round %d: %s", server_round, privacy.stopped)
+            break
         t0 = time.perf_counter()
         await_sites(
             grid,
@@ -354,6 +365,12 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
             "notes": notes,
             "round_seconds": seconds,
         }
+        if privacy.settings.enabled:
+            row["privacy"] = privacy.after_round(sites, new is not None)
+        refused = [r for r in rejections if "PrivacyBudgetExceeded" in r.reason]
+        if refused:
+            privacy.stopped = f"site {refused[0].site} refused to train: {refused[0].reason}"
+            notes.append(privacy.stopped)
         history.append(row)
         rejected.extend(r.to_dict() for r in rejections)
         for note in notes:
@@ -376,14 +393,17 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
                 "rejected": rejected,
                 "node_sites": {str(k): v for k, v in node_sites.items()},
                 "strategy": strategy_state(settings),
+                "privacy": privacy.state(),
             },
         )
         write_ledger(out / LEDGER, [{k: v for k, v in r.items() if k != "step"} for r in history])
 
     final_metrics = test.evaluate(arrays)
     result = {
-        "status": "completed",
+        "status": "stopped: " + privacy.stopped if privacy.stopped else "completed",
         "rounds": settings.rounds,
+        "rounds_completed": len(history),
+        "privacy": privacy.report(),
         "resumed_from": resumed_from,
         "strategy": settings.strategy,
         "sites": list(spec.sites),

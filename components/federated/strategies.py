@@ -12,11 +12,13 @@ from typing import Any
 from components.federated.settings import FederationSettings
 
 
-def build_strategy(settings: FederationSettings) -> Any:
-    """A configured `flwr.serverapp.strategy.Strategy` for `settings`."""
+def build_strategy(settings: FederationSettings, weighted_by_key: str = "num-examples") -> Any:
+    """A configured `flwr.serverapp.strategy.Strategy` for `settings`; the averaging rules
+    weight each site by the reply metric `weighted_by_key`."""
     from flwr.serverapp import strategy as fs
 
     common: dict[str, Any] = {
+        "weighted_by_key": weighted_by_key,
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": 1.0 if settings.evaluate_sites else 0.0,
         "min_train_nodes": settings.min_fit_sites,

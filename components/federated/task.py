@@ -233,24 +233,33 @@ def train_local(
     spec: ModelSpec,
     training: LocalTraining,
     seed: int,
+    dp: Any = None,
 ) -> dict[str, Any]:
-    """Local epochs on one site with the project's one training loop (`fit_local`)."""
+    """Local epochs on one site with the project's one training loop (`fit_local`).
+
+    `dp`: a `components.privacy.dp.DPSGD` hook pair making the fit DP-SGD (closed after)."""
     from components.training.central import fit_local
 
-    return fit_local(
-        model,
-        (x, y),
-        spec.prep(),
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        lr=training.lr,
-        weight_decay=training.weight_decay,
-        imbalance=training.imbalance,
-        augment=training.augment,
-        seed=seed,
-        proximal_mu=training.proximal_mu,
-        deterministic=training.deterministic,
-    )
+    hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
+    try:
+        return fit_local(
+            model,
+            (x, y),
+            spec.prep(),
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+            lr=training.lr,
+            weight_decay=training.weight_decay,
+            imbalance=training.imbalance,
+            augment=training.augment,
+            seed=seed,
+            proximal_mu=training.proximal_mu,
+            deterministic=training.deterministic,
+            **hooks,
+        )
+    finally:
+        if dp is not None:
+            dp.close()
 
 
 def evaluate_model(model, x: np.ndarray, y: np.ndarray, spec: ModelSpec) -> dict[str, Any]:

@@ -30,6 +30,7 @@ CENTRAL_CLIPPING = ("fixed", "adaptive")
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # Rules that must see every individual update; SecAgg+ only reveals their sum.
 PER_UPDATE_RULES = frozenset({"krum", "multikrum", "bulyan", "trimmed_mean", "median"})
+MEAN_RULES = frozenset({"fedavg", "fedprox"})
 FEDERATED_ONLY = frozenset({"central_dp", "secagg", "secagg_dp"})
 SECAGG_MODES = frozenset({"secagg", "secagg_dp"})
 DP_SGD_MODES = frozenset({"dp_sgd", "secagg_dp"})
@@ -174,9 +175,23 @@ def _check_federation(mode: str, federation: dict[str, Any] | None) -> None:
             f"privacy={mode} protects a federation and needs training=federated; for central "
             "training use privacy=dp_eps8 / dp_eps3 (DP-SGD)"
         )
-    if not federated or mode not in SECAGG_MODES:
+    if not federated:
         return
     strategy = str(federation.get("strategy", "fedavg"))
+    if mode == "central_dp" and strategy not in MEAN_RULES:
+        raise ConfigError(
+            f"federation={strategy} cannot run with privacy=central_dp: the server's noise is "
+            "calibrated to the sensitivity of an unweighted mean of clipped updates (C / number "
+            "of sites); use federation=fedavg or fedprox"
+        )
+    if mode in DP_SGD_MODES and strategy == "fedprox":
+        raise ConfigError(
+            f"federation=fedprox cannot run with privacy={mode}: DP-SGD uses Opacus' "
+            "per-sample gradients, which do not include FedProx's proximal term (it would be "
+            "silently dropped); use federation=fedavg"
+        )
+    if mode not in SECAGG_MODES:
+        return
     if strategy in PER_UPDATE_RULES:
         raise ConfigError(
             f"federation={strategy} cannot run with privacy={mode}: under SecAgg+ the server only "
