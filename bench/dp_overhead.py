@@ -25,13 +25,15 @@ after warm-up, freed heap pages go back to the OS (`malloc_trim`) and the reside
 mark is reset (`/proc/self/clear_refs`), so it is the resident memory a steady-state step adds
 (Linux only). "tensor": one extra step under `torch.profiler` (`--no-profile-memory` skips it),
 the peak of live CPU tensor bytes allocated during that step (deterministic, allocator-free).
-Ratios are DP / non-private. torch uses 1 CPU thread by default (`--threads`); the machine's
-load average is printed because timings on a shared machine are noisy (`--repeats N` keeps each
-variant's fastest run).
+"cpu s" is the CPU time the process used per step (median), much less sensitive to
+other processes on the machine than the wall time. Ratios are DP / non-private. torch uses 1
+CPU thread by default (`--threads`); the machine's load average is printed because timings on
+a shared machine are noisy (`--repeats N` alternates the variants and keeps each variant's
+fastest run).
 
-    python bench/dp_overhead.py                                     # synthetic, 64 px, seconds
+    python bench/dp_overhead.py                          # synthetic, 64 px, about a minute
     python bench/dp_overhead.py --data brain_tumor_mri --batch-size 64 --json dp.json
-    python bench/dp_overhead.py --arch resnet18 --size 32 --steps 5
+    python bench/dp_overhead.py --arch efficientnet_lite0 --size 32 --steps 5
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def measure_variant(variant: str, x: np.ndarray, y: np.ndarray, num_classes: int
 
     gc.collect()
     base_rss, base_maxrss = _rss_bytes(), _maxrss_bytes()
-    times = []
+    times, cpu_times = [], []
     try:  # a model the variant cannot train (e.g. in-place ops on hooked outputs) fails here
         for _ in range(s.warmup):
             step()
@@ -276,9 +278,10 @@ def measure_variant(variant: str, x: np.ndarray, y: np.ndarray, num_classes: int
         gc.collect()
         steady_rss = _rss_bytes() if _reset_peak_rss() else None
         for _ in range(s.steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     except Exception as exc:
         reason = f"step {counter['step'] + 1} failed: {type(exc).__name__}: {exc}"
         return {"variant": variant, "status": "n/a", "reason": reason[:500]}
@@ -297,6 +300,9 @@ def measure_variant(variant: str, x: np.ndarray, y: np.ndarray, num_classes: int
         "step_seconds_min": times[0],
         "step_seconds_mean": statistics.fmean(times),
         "images_per_second": s.batch_size / median,
+        # CPU seconds the process used per step (all its threads): barely affected by other
+        # processes competing for the cores, unlike wall time
+        "cpu_seconds_median": statistics.median(cpu_times),
         "rss_baseline_mib": base_rss / MIB,
         # ru_maxrss is a high-water mark: a step peak below an earlier peak would be invisible;
         # `rss_setup_peak_slack_mib` says how far above the baseline that earlier peak was
@@ -398,6 +404,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | No
         out[name] = {
             "step_time_median": _ratio(r["step_seconds_median"], base["step_seconds_median"]),
             "step_time_p90": _ratio(r["step_seconds_p90"], base["step_seconds_p90"]),
+            "cpu_time_median": _ratio(r["cpu_seconds_median"], base["cpu_seconds_median"]),
             "rss_peak_growth": _ratio(r["rss_peak_growth_mib"], base["rss_peak_growth_mib"]),
             "rss_step_peak": _ratio(r["rss_step_peak_mib"], base["rss_step_peak_mib"]),
             "tensor_peak": _ratio(r["tensor_peak_mib"], base["tensor_peak_mib"]),
@@ -470,8 +477,9 @@ def render(report: dict[str, Any]) -> str:
         f"cpus={m['cpu_count']} torch threads={m['torch_threads']} torch {m['torch_version']} "
         f"opacus {m['opacus_version']} load avg before={m['load_average'][0]:.2f} "
         f"after={m['load_average_after'][0]:.2f}",
-        f"{'variant':<14}{'median s':>9}{'p90 s':>8}{'img/s':>8}{'RSS MiB':>9}{'step RSS':>10}"
-        f"{'tensor MiB':>12}{'time x':>8}{'RSS x':>7}{'step RSS x':>12}{'tensor x':>10}",
+        f"{'variant':<14}{'median s':>9}{'p90 s':>8}{'cpu s':>8}{'img/s':>7}{'RSS MiB':>9}"
+        f"{'step RSS':>9}{'tensor MiB':>11}{'time x':>8}{'cpu x':>7}{'RSS x':>7}"
+        f"{'step RSS x':>11}{'tensor x':>9}",
     ]
     for name, r in report["results"].items():
         if r["status"] != "ok":
@@ -484,10 +492,11 @@ def render(report: dict[str, Any]) -> str:
 
         lines.append(
             f"{name:<14}{r['step_seconds_median']:>9.4f}{r['step_seconds_p90']:>8.4f}"
-            f"{r['images_per_second']:>8.1f}{r['rss_peak_growth_mib']:>9.1f}"
-            f"{_fmt(r['rss_step_peak_mib'], '.1f'):>10}{_fmt(r['tensor_peak_mib'], '.1f'):>12}"
-            f"{ratio('step_time_median'):>8}{ratio('rss_peak_growth'):>7}"
-            f"{ratio('rss_step_peak'):>12}{ratio('tensor_peak'):>10}"
+            f"{r['cpu_seconds_median']:>8.4f}{r['images_per_second']:>7.1f}"
+            f"{r['rss_peak_growth_mib']:>9.1f}{_fmt(r['rss_step_peak_mib'], '.1f'):>9}"
+            f"{_fmt(r['tensor_peak_mib'], '.1f'):>11}{ratio('step_time_median'):>8}"
+            f"{ratio('cpu_time_median'):>7}{ratio('rss_peak_growth'):>7}"
+            f"{ratio('rss_step_peak'):>11}{ratio('tensor_peak'):>9}"
         )
     ghost = report["results"].get("dp_ghost", {})
     if ghost.get("status") == "ok":

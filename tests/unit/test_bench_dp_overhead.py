@@ -70,6 +70,7 @@ def test_every_variant_in_process_and_ratios(bench, tiny):
     for fields in ratios.values():
         assert _positive_finite(fields["step_time_median"])
         assert _positive_finite(fields["step_time_p90"])
+        assert _positive_finite(fields["cpu_time_median"])
         assert _positive_finite(fields["tensor_peak"])
         # per-sample gradients need memory the non-private step does not
         assert fields["tensor_peak"] > 1.0
@@ -105,6 +106,7 @@ def test_ratios_need_a_baseline_and_positive_denominators(bench):
         "status": "ok",
         "step_seconds_median": 0.5,
         "step_seconds_p90": 1.0,
+        "cpu_seconds_median": 0.25,
         "rss_peak_growth_mib": 0.0,
         "rss_step_peak_mib": None,
         "tensor_peak_mib": 2.0,
@@ -116,6 +118,7 @@ def test_ratios_need_a_baseline_and_positive_denominators(bench):
         "dp_hooks": {
             "step_time_median": 3.0,
             "step_time_p90": 1.0,
+            "cpu_time_median": 1.0,
             "rss_peak_growth": None,  # nothing to divide by
             "rss_step_peak": None,
             "tensor_peak": 2.5,
