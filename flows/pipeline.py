@@ -206,7 +206,16 @@ def federated_task(ctx: RunContext, arrays):
         summary["mean_round_seconds"],
         summary["rejected_updates"],
     )
-    return result.model, result.mlflow_history(), summary
+    if summary["status"] != "completed":
+        get_run_logger().warning("federated run %s", summary["status"])
+    if result.privacy:
+        get_run_logger().info(
+            "privacy (%s): epsilon=%.3f at delta=%g",
+            result.privacy["mode"],
+            result.privacy.get("epsilon", float("nan")),
+            result.privacy["delta"],
+        )
+    return result.model, result.mlflow_history(), summary, result.architecture, result.privacy
 
 
 @task(name="evaluate")
@@ -328,8 +337,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     arrays = arrays_task(ctx, frame)
     federation = None
     if cfg["training"]["mode"] == "federated":
-        model, history, federation = federated_task(ctx, arrays)
-        architecture, privacy, epochs_run = _architecture(cfg), None, federation["rounds"]
+        model, history, federation, architecture, privacy = federated_task(ctx, arrays)
+        epochs_run = federation["rounds"]
     else:
         result, architecture, privacy = train_task(ctx, arrays)
         model, history, epochs_run = result.model, result.history, result.epochs_run

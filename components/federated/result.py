@@ -37,6 +37,9 @@ class FederatedResult:
     resumed_from: int = 0
     wall_seconds: float = 0.0
     site_dirs: dict[str, Path] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=dict)  # `build_model` kwargs
+    privacy: dict[str, Any] | None = None  # ServerPrivacy.report(): ε, δ, per site, ...
+    status: str = "completed"  # or "stopped: <why>" (e.g. a privacy budget)
 
     @property
     def mean_round_seconds(self) -> float:
@@ -56,6 +59,7 @@ class FederatedResult:
         final = self.history[-1]["server"] if self.history else {}
         return {
             "strategy": self.strategy,
+            "status": self.status,
             "rounds": len(self.history),
             "resumed_from": self.resumed_from,
             "final_server_metrics": final,
@@ -106,6 +110,9 @@ def load_result(layout) -> FederatedResult:
         resumed_from=int(data.get("resumed_from", 0)),
         wall_seconds=float(data.get("wall_seconds", 0.0)),
         site_dirs=dict(layout.sites),
+        architecture=dict(layout.spec.model.architecture),
+        privacy=data.get("privacy"),
+        status=str(data.get("status", "completed")),
     )
 
 

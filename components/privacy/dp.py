@@ -38,7 +38,6 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, bool]:
     out-of-place (Opacus' backward hooks need it). Raises `ModelError` naming the layers that
     cannot be made private.
     """
-    from opacus.validators import ModuleValidator
 
     from components.models.norm import batch_to_group_norm
 
@@ -52,7 +51,8 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, bool]:
     for layer in model.modules():
         if getattr(layer, "inplace", False) is True:
             layer.inplace = False
-    errors = ModuleValidator.validate(model, strict=False)
+    _out_of_place_residuals(model)
+    errors = _opacus_problems(model)
     if errors:
         details = "; ".join(sorted({str(e) for e in errors}))
         raise ModelError(
@@ -60,6 +60,48 @@ def make_private_compatible(model: nn.Module) -> tuple[nn.Module, bool]:
             f"cross-sample statistics): {details}. Use norm=group and standard layers."
         )
     return model, converted
+
+
+def _opacus_problems(model: nn.Module) -> list:
+    """Opacus' `ModuleValidator` findings for `model` as it trains (mode restored after)."""
+    from opacus.validators import ModuleValidator
+
+    was_training = model.training
+    try:
+        return list(ModuleValidator.validate(model.train(), strict=False))
+    finally:
+        model.train(was_training)
+
+
+def _basic_block_forward(self, x):
+    """torchvision's `BasicBlock.forward` with the residual added out of place (`out +=
+    identity` modifies a tensor Opacus' backward hooks watch)."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu(out + identity)
+
+
+def _bottleneck_forward(self, x):
+    """torchvision's `Bottleneck.forward` with an out-of-place residual add."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu(out + identity)
+
+
+def _out_of_place_residuals(model: nn.Module) -> None:
+    """Rebind the forward of torchvision ResNet blocks (same weights, same maths)."""
+    import types
+
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            block.forward = types.MethodType(_basic_block_forward, block)
+        elif isinstance(block, Bottleneck):
+            block.forward = types.MethodType(_bottleneck_forward, block)
 
 
 def calibrate_noise(
@@ -237,9 +279,7 @@ class DPSGD:
         if self.sample_rate is None:
             raise ConfigError("DPSGD.loader_hook must be used together with optimizer_hook")
         model = module.model
-        from opacus.validators import ModuleValidator
-
-        errors = ModuleValidator.validate(model, strict=False)
+        errors = _opacus_problems(model)
         if errors or any(getattr(m, "inplace", False) is True for m in model.modules()):
             # Converting here would be too late: the optimiser already holds the old parameters.
             raise ModelError(

@@ -255,7 +255,15 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     return rows[:_MAX_METRICS]
 
 
+SECAGG_ONLY = (
+    "Secure aggregation (SecAgg+): the server saw only the sum of the sites' updates. "
+    "No differential privacy guarantee."
+)
+
+
 def _privacy_text(privacy: Mapping[str, Any] | None) -> str:
+    if privacy and privacy.get("epsilon") is None and privacy.get("secure_aggregation"):
+        return SECAGG_ONLY
     if not privacy or privacy.get("epsilon") is None:
         return NO_PRIVACY
     epsilon = float(privacy["epsilon"])

@@ -179,6 +179,9 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
             "federation.num_sites=3",
             "federation.partition=iid",
             "federation.rounds=2",
+            "federation.local_epochs=1",
+            "privacy=dp_eps8",  # DP-SGD inside every site
+            "trainer.imbalance=none",
             "package.build_bento=false",
         ],
         env,
@@ -186,5 +189,18 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
     assert summary["training"] == "federated"
     assert summary["federation"]["rounds"] == 2
     assert summary["federation"]["sites"] == 3
+    assert summary["federation"]["status"] == "completed"
     assert summary["model_version"] == "3"
     assert (Path(summary["run_dir"]) / "site_report.json").exists()
+    privacy = summary["privacy"]
+    assert privacy["mode"] == "dp_sgd" and privacy["level"].startswith("sample")
+    assert len(privacy["per_site"]) == 3
+    worst = max(site["epsilon"] for site in privacy["per_site"].values())
+    assert privacy["epsilon"] == pytest.approx(worst)
+    assert 0 < privacy["epsilon"] <= 8.0
+    # the model card's facts travel in the bundle
+    from components.bundle import ModelBundle
+
+    bundle = ModelBundle.load(Path(summary["run_dir"]) / "bundle")
+    assert bundle.privacy["epsilon"] == pytest.approx(privacy["epsilon"])
+    assert bundle.architecture_kwargs["norm"] == "group"

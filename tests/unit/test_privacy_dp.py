@@ -181,3 +181,27 @@ def test_central_dp_sgd_learns_at_a_loose_budget_and_reports(tmp_path):
     assert last < first
     assert result.best_score is not None and result.best_score > 0.6
     assert np.isfinite([r["train_loss"] for r in result.history]).all()
+
+
+def test_resnet18_trains_under_dp_sgd_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=2, width=8, norm="group", small_input=True)
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    before = model(x).detach()
+    make_private_compatible(model)  # residual adds out of place: same maths
+    assert torch.allclose(model(x), before, atol=1e-6)
+    model.train()
+    hooks = DPSGD(1.0, 1.0, PrivacyLedger())
+    out = fit_local(
+        model,
+        square_task(16, 0),
+        PREP,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        optimizer_hook=hooks.optimizer_hook,
+        loader_hook=hooks.loader_hook,
+    )
+    hooks.close()
+    assert hooks.steps == 2 and np.isfinite(out["train_loss"])
