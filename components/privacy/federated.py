@@ -332,10 +332,15 @@ class ServerPrivacy:
                 "rounds": self.ledger.steps,
             }
         if s.dp_sgd:
-            worst = max((v["epsilon"] for v in self.sites.values()), default=0.0)
+            worst_site = max(self.sites, key=lambda k: self.sites[k]["epsilon"], default=None)
+            worst = self.sites.get(worst_site, {})
             out |= {
                 "level": "sample (one image), per site",
-                "epsilon": worst,
+                "epsilon": worst.get("epsilon", 0.0),
+                "worst_site": worst_site,
+                "noise_multiplier": worst.get("noise_multiplier"),
+                "sample_rate": worst.get("sample_rate"),
+                "steps": worst.get("steps"),
                 "max_grad_norm": s.max_grad_norm,
                 "per_site": self.sites,
             }
