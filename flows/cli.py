@@ -48,8 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     prefect.add_argument("args", nargs=argparse.REMAINDER)
 
-    fl = sub.add_parser("fl", help="Flower deployment: certs | superlink | supernode | submit")
+    fl = sub.add_parser(
+        "fl", help="Flower deployment: prepare | certs | superlink | supernode | submit"
+    )
     fl_sub = fl.add_subparsers(dest="fl_command", required=True, metavar="FL_COMMAND")
+    prep = fl_sub.add_parser(
+        "prepare", help="ingest, validate and write one directory per site + the run spec"
+    )
+    prep.add_argument("root", help="where the federation is written (sites/, server/)")
+    prep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation=krum")
     certs = fl_sub.add_parser("certs", help="CA + SuperLink certificate (+ SuperNode keys)")
     certs.add_argument("out_dir")
     certs.add_argument("--host", action="append", dest="hosts", help="SuperLink name (repeat)")
@@ -154,6 +161,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _federated(args: argparse.Namespace) -> int:
+    if args.fl_command == "prepare":
+        from flows.runtime import prepare
+
+        overrides = ["training=federated", *args.overrides]
+        prepare(overrides)
+        from flows.pipeline import prepare_federation_data
+
+        _print_summary(prepare_federation_data(args.root, overrides))
+        return 0
     from components.federated import cli as fl
 
     if args.fl_command == "certs":

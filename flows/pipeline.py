@@ -417,6 +417,36 @@ def validate_data(overrides: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+@flow(name="prepare_federation", on_failure=[record_failure], on_crashed=[record_failure])
+def prepare_federation_data(root: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Ingest, split and validate a dataset, then write one directory per site (what each
+    hospital's SuperNode reads), the server's test split and the run spec under `root` for
+    `oncoflow fl superlink|supernode|submit`."""
+    from components.federated.layout import prepare_federation
+
+    cfg = to_container(compose(overrides or []))
+    workspace = Workspace.from_env(cfg["paths"]["workspace"])
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}-federation"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+    raw = ingest_task(ctx)
+    split_frame, _ = split_task(ctx, raw)
+    frame, _, quarantined = validate_task(ctx, split_frame)
+    arrays = arrays_task(ctx, frame)
+    layout = prepare_federation(
+        cfg, arrays, list(cfg["dataset"]["classes"]), _preprocessing(cfg), root
+    )
+    artifacts.markdown("site-report", layout.report_markdown)
+    return {
+        "root": str(layout.root),
+        "sites": {name: str(path) for name, path in layout.sites.items()},
+        "spec": str(layout.spec_path),
+        "quarantined": quarantined,
+        "site_report": layout.report,
+    }
+
+
 def run_pipeline(overrides: list[str]) -> dict[str, Any]:
     """Entry point for `oncoflow run` (call `flows.runtime.prepare(overrides)` first)."""
     return train_pipeline(list(overrides))

@@ -1,7 +1,8 @@
-"""Plain functions behind `oncoflow fl certs|superlink|supernode|register|submit` (no argparse).
+"""Plain functions behind `oncoflow fl certs|superlink|supernode|submit` (no argparse).
 
-A deployment, step by step (one machine per role; a federation prepared by the pipeline's data
-steps + `layout.prepare_federation` under <root>):
+A deployment, step by step (one machine per role; the federation is written under <root> by
+`oncoflow fl prepare <root> dataset=... federation=...`, which runs the pipeline's ingest,
+split and validation steps and then `layout.prepare_federation`):
 
     certs(<root>/certs, hosts=["superlink.example.org"])             # once, on the SuperLink
     superlink(<root>, port=9092, host="0.0.0.0")                      # SuperLink machine

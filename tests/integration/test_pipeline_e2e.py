@@ -204,3 +204,27 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
     bundle = ModelBundle.load(Path(summary["run_dir"]) / "bundle")
     assert bundle.privacy["epsilon"] == pytest.approx(privacy["epsilon"])
     assert bundle.architecture_kwargs["norm"] == "group"
+
+
+def test_fl_prepare_writes_one_directory_per_site_and_the_run_spec(env, tmp_path):
+    root = tmp_path / "federation"
+    summary = _run(
+        [
+            "fl",
+            "prepare",
+            str(root),
+            *SYNTHETIC,
+            "federation.num_sites=3",
+            "federation.partition=iid",
+            "privacy=secagg",
+        ],
+        env,
+    )
+    assert len(summary["sites"]) == 3
+    for site_dir in map(Path, summary["sites"].values()):
+        assert sorted(p.name for p in site_dir.iterdir()) == ["site.json", "train.npz", "val.npz"]
+    spec = json.loads(Path(summary["spec"]).read_text())
+    assert spec["privacy"]["mode"] == "secagg" and len(spec["sites"]) == 3
+    assert (root / "server" / "test.npz").exists()  # the test split stays with the server
+    total = sum(site["train"] for site in summary["site_report"]["sites"].values())
+    assert total == summary["site_report"]["train_total"] > 0
