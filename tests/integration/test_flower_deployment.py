@@ -3,7 +3,8 @@ processes on 127.0.0.1 (TLS on; SuperNode authentication in the first test), run
 with `flwr run`. Each SuperNode reads only its own site directory.
 
 These start ~5 Python processes plus one ClientApp process per site and message, so they take
-minutes on a small machine: marked slow.
+minutes on a small machine: the two-round run is in the default suite, the kill/restart and
+SecAgg+ runs are marked slow.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from components.federated.deployment import LocalDeployment
 from components.federated.layout import prepare_federation
 from components.federated.result import load_result
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 SIZE = 16
 
 
-def prepare(root, **federation):
+def prepare(root, privacy=None, **federation):
     d = make_synthetic(n_per_class=10, size=SIZE, seed=0)
     x, y = d.images.transpose(0, 3, 1, 2).copy(), d.labels
     arrays = {"train": (x[:18], y[:18]), "val": (x[18:24], y[18:24]), "test": (x[24:], y[24:])}
@@ -45,6 +46,7 @@ def prepare(root, **federation):
         "dataset": {"channels": 3},
         "trainer": {"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
         "federation": fed,
+        "privacy": privacy or {"mode": "none"},
     }
     return prepare_federation(cfg, arrays, d.class_names, Preprocessing(SIZE, 3), root)
 
@@ -94,6 +96,20 @@ def test_superlink_and_three_supernodes_complete_two_rounds(tmp_path):
     assert (layout.root / "certs" / "ca.crt").is_file()
 
 
+@pytest.mark.slow
+def test_secure_aggregation_with_site_dp_over_the_deployment_engine(tmp_path):
+    privacy = {"mode": "secagg_dp", "epsilon": 8.0, "update_norm_bound": 5.0}
+    layout = prepare(tmp_path / "fed", privacy, min_fit_sites=3, min_available_sites=3)
+    with LocalDeployment(layout, tls=True) as deployment:
+        deployment.start()
+        assert deployment.wait(deployment.submit()) == "finished:completed"
+    result = load_result(layout)
+    assert [row["accepted"] for row in result.history] == [3, 3]
+    assert all("update_norm" not in s for r in result.history for s in r["sites"].values())
+    assert result.privacy["secure_aggregation"] and 0 < result.privacy["epsilon"] <= 8.0
+
+
+@pytest.mark.slow
 def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     layout = prepare(tmp_path / "fed")
     victim = "site-3"
@@ -118,6 +134,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     assert all(r["site"] == victim for r in result.rejected)
 
 
+@pytest.mark.slow
 def test_a_restarted_superlink_resumes_from_its_checkpoint(tmp_path):
     layout = prepare(tmp_path / "fed", rounds=3)
     first_checkpoint = layout.out_dir / "checkpoints" / "round-0001"
