@@ -31,6 +31,16 @@ class RunContext:
     workspace: Workspace
     run_dir: Path
 
+    @classmethod
+    def create(cls, overrides: list[str] | None, suffix: str = "") -> RunContext:
+        """Compose the config and make a fresh `runs/<stamp>-<dataset><suffix>/` directory."""
+        cfg = to_container(compose(overrides or []))
+        workspace = Workspace.from_env(cfg["paths"]["workspace"])
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}{suffix}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(cfg=cfg, workspace=workspace, run_dir=run_dir)
+
 
 @task(name="ingest", **IO_RETRIES)
 def ingest_task(ctx: RunContext):
@@ -324,12 +334,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     from components.packaging import make_bundle
 
     started = time.perf_counter()
-    cfg = to_container(compose(overrides or []))
-    workspace = Workspace.from_env(cfg["paths"]["workspace"])
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+    ctx = RunContext.create(overrides)
+    cfg, run_dir = ctx.cfg, ctx.run_dir
 
     raw = ingest_task(ctx)
     split_frame, split_report = split_task(ctx, raw)
@@ -398,12 +404,8 @@ _HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
 @flow(name="validate_data", on_failure=[record_failure], on_crashed=[record_failure])
 def validate_data(overrides: list[str] | None = None) -> dict[str, Any]:
     """Ingest, split and validate a dataset without training."""
-    cfg = to_container(compose(overrides or []))
-    workspace = Workspace.from_env(cfg["paths"]["workspace"])
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}-validate"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+    ctx = RunContext.create(overrides, "-validate")
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     raw = ingest_task(ctx)
     split_frame, split_report = split_task(ctx, raw)
     frame, report, quarantined = validate_task(ctx, split_frame)
@@ -424,12 +426,8 @@ def prepare_federation_data(root: str, overrides: list[str] | None = None) -> di
     `oncoflow fl superlink|supernode|submit`."""
     from components.federated.layout import prepare_federation
 
-    cfg = to_container(compose(overrides or []))
-    workspace = Workspace.from_env(cfg["paths"]["workspace"])
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}-federation"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, workspace=workspace, run_dir=run_dir)
+    ctx = RunContext.create(overrides, "-federation")
+    cfg = ctx.cfg
     raw = ingest_task(ctx)
     split_frame, _ = split_task(ctx, raw)
     frame, _, quarantined = validate_task(ctx, split_frame)

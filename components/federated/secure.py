@@ -352,7 +352,7 @@ def secure_round(
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 
-    from components.federated.server_app import _site_of
+    from components.federated.server_app import _site_of, accepted_row
     from components.federated.task import match_dtypes, to_record
 
     settings = settings or secagg_settings(spec)
@@ -397,14 +397,7 @@ def secure_round(
         upload = watched.uploads.get(node)
         site = _site_of(node, upload, node_sites)
         if node in contributors and upload is not None:
-            metrics = dict(upload.content.metric_records.get("metrics", {}))
-            sites[site] = {
-                "status": "accepted",
-                "num_examples": int(metrics.get("num-examples", 0)),
-                "train_loss": float(metrics.get("train-loss", float("nan"))),
-                "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
-                "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
-            } | {k.replace("-", "_"): float(v) for k, v in metrics.items() if k.startswith("dp-")}
+            sites[site] = accepted_row(dict(upload.content.metric_records.get("metrics", {})))
             if node in watched.dropped:
                 stage, why = watched.dropped[node]
                 notes.append(

@@ -61,6 +61,17 @@ def exchange(
     return pairs, silent
 
 
+def accepted_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The per-site history row of an accepted training reply (from its metrics only)."""
+    return {
+        "status": "accepted",
+        "num_examples": int(metrics.get("num-examples", 0)),
+        "train_loss": float(metrics.get("train-loss", float("nan"))),
+        "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
+        "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
+    } | {k.replace("-", "_"): float(v) for k, v in metrics.items() if k.startswith("dp-")}
+
+
 def _site_of(node: int, msg: Message | None, node_sites: dict[int, str]) -> str:
     """The site behind `node`: named in the reply, else learnt earlier, else `node-<id>`."""
     if msg is not None and not msg.has_error() and SITE_RECORD in msg.content.config_records:
@@ -204,14 +215,7 @@ def _round_train(
         weights = from_record(records["arrays"]) if "arrays" in records else {}
         updates.append((site, node, weights))
         good.append((site, msg))
-        metrics = dict(msg.content.metric_records["metrics"])
-        sites[site] = {
-            "status": "accepted",
-            "num_examples": int(metrics.get("num-examples", 0)),
-            "train_loss": float(metrics.get("train-loss", float("nan"))),
-            "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
-            "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
-        } | {k.replace("-", "_"): float(v) for k, v in metrics.items() if k.startswith("dp-")}
+        sites[site] = accepted_row(dict(msg.content.metric_records["metrics"]))
     if silent:
         notes.append(f"{len(silent)} site(s) did not answer within {settings.round_timeout:.0f}s")
     accepted, rejected, norms = screen_updates(server_round, updates, arrays, settings.hygiene)
