@@ -30,6 +30,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -166,26 +167,51 @@ class Server:
 # ------------------------------------------------------------------------------ load
 
 
-async def drive(url: str, images: list[bytes], clients: int, total: int, headers: dict) -> dict:
-    """`clients` concurrent clients sending `total` requests in all; latency per request."""
+def multipart_bodies(images: list[bytes]) -> list[tuple[bytes, str]]:
+    """Each image as the multipart body (and its Content-Type) of one ``POST /predict``: file
+    field ``image``, encoded once, so every server gets byte-identical requests."""
     import httpx
+
+    bodies = []
+    for image in images:
+        request = httpx.Request(
+            "POST", "http://bench/predict", files={"image": ("upload", image, "image/png")}
+        )
+        bodies.append((request.read(), request.headers["content-type"]))
+    return bodies
+
+
+async def drive(
+    url: str, bodies: list[tuple[bytes, str]], clients: int, total: int, headers: dict
+) -> dict:
+    """`clients` concurrent clients sending `total` requests in all; latency per request.
+
+    The load generator shares the CPU with the servers, so it must cost little per request:
+    aiohttp with pre-encoded bodies uses about 0.3 ms of CPU a request here, httpx's async
+    client 4-6 ms (which capped it near 200 requests/s even against a server that does
+    nothing, and took CPU from the servers under test).
+    """
+    import aiohttp
 
     per_client = max(1, total // clients)
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(headers=headers, timeout=120.0, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=120.0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as http:
 
         async def client(offset: int) -> None:
             nonlocal errors
             for i in range(per_client):
-                image = images[(offset + i) % len(images)]
-                files = {"image": ("upload", image, "image/png")}
+                body, content_type = bodies[(offset + i) % len(bodies)]
                 started = time.perf_counter()
                 try:
-                    response = await http.post(url, files=files)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
+                    async with http.post(
+                        url, data=body, headers={"Content-Type": content_type}
+                    ) as response:
+                        await response.read()
+                        ok = response.status == 200
+                except (TimeoutError, aiohttp.ClientError):
                     ok = False
                 latencies.append(time.perf_counter() - started)
                 errors += not ok
@@ -201,6 +227,31 @@ async def drive(url: str, images: list[bytes], clients: int, total: int, headers
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and all its descendants so far."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process (the load generator) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def merge(clients: int, runs: list[dict]) -> dict:
     """One row from several runs of a level: total requests over total time, pooled latency."""
     latencies = [t for run in runs for t in run["latencies"]]
@@ -214,6 +265,8 @@ def merge(clients: int, runs: list[dict]) -> dict:
         "throughput_rps": done / seconds,
         "p50_ms": percentile(latencies, 0.5) * 1000.0,
         "p99_ms": percentile(latencies, 0.99) * 1000.0,
+        "server_cpu_ms": sum(run["server_cpu_s"] for run in runs) / done * 1000.0,
+        "client_cpu_ms": sum(run["client_cpu_s"] for run in runs) / done * 1000.0,
     }
 
 
@@ -242,15 +295,15 @@ def explain_latency(base: str, image: bytes, repeats: int, shap: bool) -> dict:
 
 
 def batch_sizes(base: str) -> dict:
-    """Mean adaptive batch size so far, from the runner's Prometheus histogram."""
+    """Mean predict batch size so far, from the service's Prometheus histogram."""
     import httpx
 
     text = httpx.get(f"{base}/metrics", timeout=10).text
     total = count = 0.0
     for line in text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        if line.startswith("oncoflow_predict_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith("oncoflow_predict_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
     return {"batches": count, "rows": total, "mean_batch": total / count if count else 0.0}
 
@@ -324,27 +377,34 @@ def run(args: argparse.Namespace) -> dict:
         }
         print(f"servers ready (oncoflow {started['oncoflow_s']:.0f} s)", flush=True)
         images = png_images(args.size)
+        bodies = multipart_bodies(images)
         targets = {
-            "baseline": (f"{base_url}/predict", {}),
-            "oncoflow": (f"{bento_url}/predict", {"Authorization": f"Bearer {KEY}"}),
+            "baseline": (f"{base_url}/predict", {}, baseline),
+            "oncoflow": (f"{bento_url}/predict", {"Authorization": f"Bearer {KEY}"}, bento),
         }
-        for url, headers in targets.values():  # warm-up (also trains BentoML's batcher)
-            asyncio.run(drive(url, images, 4, 40, headers))
+        for url, headers, _ in targets.values():  # warm-up
+            asyncio.run(drive(url, bodies, 4, 40, headers))
         load_start = os.getloadavg()
         levels = []
         for clients in LEVELS:
             runs: dict[str, list[dict]] = {"baseline": [], "oncoflow": []}
             half = max(clients, args.totals[clients] // 2)
             batched = {"batches": 0.0, "rows": 0.0}
+            load = os.getloadavg()[0]
             for name in ("baseline", "oncoflow", "oncoflow", "baseline"):  # ABBA: drift cancels
-                url, headers = targets[name]
+                url, headers, server = targets[name]
                 before = batch_sizes(bento_url)
-                runs[name].append(asyncio.run(drive(url, images, clients, half, headers)))
+                cpu_before = (cpu_seconds(server.process.pid), own_cpu_seconds())
+                run_ = asyncio.run(drive(url, bodies, clients, half, headers))
+                run_["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before[0]
+                run_["client_cpu_s"] = own_cpu_seconds() - cpu_before[1]
+                runs[name].append(run_)
                 if name == "oncoflow":
                     after = batch_sizes(bento_url)
                     for key in batched:
                         batched[key] += after[key] - before[key]
-            row = {"clients": clients, **{n: merge(clients, r) for n, r in runs.items()}}
+            row = {"clients": clients, "loadavg": load}
+            row.update({n: merge(clients, r) for n, r in runs.items()})
             row["oncoflow"]["mean_batch"] = batched["rows"] / max(batched["batches"], 1.0)
             row["throughput_ratio"] = (
                 row["oncoflow"]["throughput_rps"] / row["baseline"]["throughput_rps"]
@@ -391,25 +451,29 @@ def report(result: dict) -> str:
         f"{result['cpus']} CPUs, load average {result['loadavg_start'][0]:.2f} at start, "
         f"{result['loadavg_end'][0]:.2f} at end",
         "",
-        f"{'clients':>7} | {'server':<9} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8} | errors",
+        "CPU ms/req: CPU time per request of the server's processes and of the load generator",
+        "",
+        f"{'clients':>7} | {'server':<9} | {'req/s':>7} | {'p50 ms':>8} | {'p99 ms':>8} | "
+        f"{'CPU ms/req':>10} | {'client':>6} | errors",
     ]
     for row in result["levels"]:
         for name in ("baseline", "oncoflow"):
             r = row[name]
             lines.append(
                 f"{row['clients']:>7} | {name:<9} | {r['throughput_rps']:>7.1f} | "
-                f"{r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['errors']}/{r['requests']}"
+                f"{r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['server_cpu_ms']:>10.2f} | "
+                f"{r['client_cpu_ms']:>6.2f} | {r['errors']}/{r['requests']}"
             )
         lines.append(
             f"{row['clients']:>7} | ratio     | {row['throughput_ratio']:>6.2f}x | "
             f"{row['p50_ratio']:>7.2f}x | {row['p99_ratio']:>7.2f}x | "
-            f"mean batch {row['oncoflow']['mean_batch']:.1f}"
+            f"mean batch {row['oncoflow']['mean_batch']:.1f}, load average {row['loadavg']:.2f}"
         )
     b = result["batching"]
     lines += [
         "",
-        f"adaptive batching, whole run (warm-up included): {b['rows']:.0f} rows in "
-        f"{b['batches']:.0f} runner calls (mean batch {b['mean_batch']:.2f})",
+        f"micro-batching, whole run (warm-up included): {b['rows']:.0f} rows in "
+        f"{b['batches']:.0f} model calls (mean batch {b['mean_batch']:.2f})",
     ]
     for e in result["explain"]:
         what = "Grad-CAM + image SHAP" if e["shap"] else "Grad-CAM only"

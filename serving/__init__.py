@@ -1,7 +1,9 @@
 """HTTP serving: the BentoML diagnosis service, its packaging, launcher and typed client.
 
-- `service`: the BentoML services (public `DiagnosisService`, internal batching `ModelRunner`);
+- `service`: the BentoML service `DiagnosisService`;
 - `engine`: one loaded model bundle and what it answers (no BentoML);
+- `batching` / `inference`: in-process micro-batching of predictions, and the model copy
+  rewritten for fast inference (no BentoML);
 - `chat`: the grounded assistant behind the chat endpoints;
 - `middleware`: request log, JSON errors, body limits, upload checks, API keys;
 - `packaging` / `launch`: Bento model store import (+ assistant index), ``bentoml build``,

@@ -1,7 +1,7 @@
 """The model side of the diagnosis service, free of BentoML: one loaded bundle and what it does.
 
 `DiagnosisEngine` turns request bytes into model inputs (`CaseInput`), runs batches of packed
-inputs (`infer_rows`, the function the batching runner calls), and answers explain, similar,
+inputs (`infer_rows`, the function the micro-batcher calls), and answers explain, similar,
 report and model-card requests by calling `components/`. Three kinds of bundle are served:
 
 - ``image``: a zoo architecture; the request is an image;
@@ -16,6 +16,7 @@ Nothing here logs request content.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from components.errors import InputError, ModelError, NotFound
+from serving.inference import for_inference
 from serving.schemas import (
     ClinicalFeatureSpec,
     ExplainResponse,
@@ -106,10 +108,18 @@ class DiagnosisEngine:
     """One loaded bundle: input checks, batched inference, explanations, neighbours, reports.
 
     Model calls in this process (explain, similar, report) are serialised by one lock: the
-    CAM hooks would otherwise record activations of a concurrent forward pass.
+    CAM hooks would otherwise record activations of a concurrent forward pass. Predictions
+    (`infer_rows`) run on a second copy of the model, so they never wait for an explanation;
+    with `optimise` that copy is rewritten for inference (`serving.inference.for_inference`).
     """
 
-    def __init__(self, bundle, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        bundle,
+        ref: ModelRef,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        optimise: bool = True,
+    ) -> None:
         from components.explain.background import split_background
 
         self.bundle = bundle
@@ -140,22 +150,34 @@ class DiagnosisEngine:
             self.similar_index = SimilarCaseIndex.from_bundle(bundle)
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
+        example = self._unpack(self._example_rows(2))
+        self.predict_model = (
+            for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
+        )
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def from_dir(
+        cls, path, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS, optimise: bool = True
+    ):
         from components.bundle import ModelBundle
 
-        engine = cls(ModelBundle.load(path), ref, max_pixels)
+        engine = cls(ModelBundle.load(path), ref, max_pixels, optimise)
         engine.model_dir = Path(path)
         return engine
 
+    def _example_rows(self, n: int):
+        """`n` packed rows of random images and all-missing clinical records (a tensor)."""
+        import torch
+
+        rows = torch.randn(n, self.row_width, generator=torch.Generator().manual_seed(0))
+        if self.layout is not None:
+            rows[:, self.row_width - self.layout.width :] = float("nan")
+        return rows
+
     def warm_up(self, explainers: bool = False) -> None:
         """One forward pass (and the explanation imports), so no request pays for them."""
-        row = np.zeros((1, self.row_width), dtype=np.float32)
-        if self.layout is not None:
-            row[0, self.row_width - self.layout.width :] = np.nan
-        self.infer_rows(row)
+        self.infer_rows(self._example_rows(1).numpy())
         if explainers and self.kind != "tabular":
             from components.explain import warm_up
 
@@ -246,7 +268,7 @@ class DiagnosisEngine:
         return row
 
     def infer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (N, K) for packed rows (N, row_width); what the runner calls."""
+        """Softmax probabilities (N, K) for packed rows (N, row_width); what the batcher calls."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
@@ -254,7 +276,7 @@ class DiagnosisEngine:
             expected = f"(N, {self.row_width})"
             raise ModelError(f"input rows of shape {tuple(x.shape)}; expected {expected}")
         with torch.inference_mode():
-            logits = self.model(*self._unpack(x))
+            logits = self.predict_model(*self._unpack(x))
             return torch.softmax(logits.float(), dim=1).numpy()
 
     def _unpack(self, x) -> tuple:
@@ -276,7 +298,7 @@ class DiagnosisEngine:
         )
 
     def predict(self, case: CaseInput) -> PredictResponse:
-        """In-process prediction (the service batches through its runner instead)."""
+        """One prediction, unbatched (the service goes through its micro-batcher instead)."""
         started = time.perf_counter()
         return self.predict_response(self.infer_rows(self.pack(case))[0], started)
 

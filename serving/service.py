@@ -1,13 +1,17 @@
-"""The diagnosis HTTP service (BentoML, class-based): two services, one public.
+"""The diagnosis HTTP service (BentoML, class-based), one process.
 
 Start it with ``oncoflow serve`` or ``bentoml serve serving.service:DiagnosisService``.
 
-- `DiagnosisService` (public): checks every request, decodes and preprocesses it, and answers
-  predict, explain, similar, report, chat and the model card; explanations, neighbours and
-  reports run on its own copy of the model.
-- `ModelRunner` (internal, `bentoml.depends`): one batchable ``infer`` over packed input rows.
-  BentoML's adaptive batching groups concurrent predictions into one forward pass; a bad
-  upload is refused before batching, so it never fails anyone else's request.
+`DiagnosisService` checks every request, decodes and preprocesses it, and answers predict,
+explain, similar, report, chat and the model card. Predictions are micro-batched in process
+(`serving.batching.MicroBatcher`): whenever the model is free, every prediction waiting (up to
+``ONCOFLOW_MAX_BATCH``) goes into one forward pass on a dedicated thread, so a lone request is
+never held back and concurrent ones share the model call. They run on a copy of the model
+rewritten for inference (`serving.inference`: BatchNorm folded, channels-last); explanations,
+neighbours and reports use the model as trained. A bad upload is refused before batching, so it
+never fails anyone else's request. (An internal BentoML runner service did the batching before:
+its extra HTTP hop cost 3-5 ms of CPU per prediction, about what batching saved on two cores;
+see bench/serve_throughput.py.)
 
 Environment:
 
@@ -17,8 +21,12 @@ Environment:
     ONCOFLOW_ALLOW_NO_AUTH=1  run without authentication (local development only)
     ONCOFLOW_MAX_REQUEST_MB   request body limit in MB (default 20; chat bodies: 64 KB)
     ONCOFLOW_MAX_PIXELS       decoded image size limit (default 50 000 000 pixels)
-    ONCOFLOW_TORCH_THREADS    torch intra-op threads per process (default: torch's choice)
-    ONCOFLOW_MAX_BATCH        largest adaptive batch (default 32)
+    ONCOFLOW_TORCH_THREADS    torch intra-op threads (default: torch's choice)
+    ONCOFLOW_MAX_BATCH        most predictions in one model call (default 32)
+    ONCOFLOW_MAX_QUEUE        most predictions waiting for the model; beyond it /predict answers
+                              503 (default 1024)
+    ONCOFLOW_OPTIMISE_MODEL=0 predict with the model exactly as trained (default 1: the
+                              rewritten copy, checked at start-up to give the same outputs)
     ONCOFLOW_CHAT=0           serve without the chat assistant
     ONCOFLOW_ASSISTANT_CONFIG JSON file with the assistant settings (backend, ...)
 
@@ -45,6 +53,7 @@ from pydantic import BeforeValidator, Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from components.errors import ConfigError, ModelError, OncoflowError
+from serving.batching import MicroBatcher
 from serving.chat import ChatService, card_facts, chat_enabled
 from serving.engine import DEFAULT_SHAP_NSAMPLES, DiagnosisEngine
 from serving.middleware import (
@@ -84,8 +93,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 TORCH_THREADS_ENV = "ONCOFLOW_TORCH_THREADS"
 MAX_BATCH_ENV = "ONCOFLOW_MAX_BATCH"
 JSON_BODY_LIMIT = 64 * 1024
-RUNNER_ATTEMPTS = 3
-RUNNER_POOL_REQUESTS = 100_000
+MAX_QUEUE_ENV = "ONCOFLOW_MAX_QUEUE"
+OPTIMISE_ENV = "ONCOFLOW_OPTIMISE_MODEL"
 UPLOADS = {
     "/predict": UploadSpec.of("image", ["clinical"]),
     "/explain": UploadSpec.of(
@@ -125,7 +134,35 @@ def _max_pixels() -> int:
 
 
 def _max_batch() -> int:
-    return _env_int(MAX_BATCH_ENV, 32, low=2)
+    return _env_int(MAX_BATCH_ENV, 32)
+
+
+def _max_queue() -> int:
+    return _env_int(MAX_QUEUE_ENV, 1024)
+
+
+def _optimise() -> bool:
+    raw = os.environ.get(OPTIMISE_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ConfigError(f"{OPTIMISE_ENV} must be 0 or 1, not {raw!r}")
+    return raw != "0"
+
+
+_batch_histogram = None  # one per process: prometheus_client refuses a second registration
+
+
+def _batch_metric():
+    """Record each predict batch size in ``oncoflow_predict_batch_size`` (on /metrics)."""
+    global _batch_histogram
+    if _batch_histogram is None:
+        import prometheus_client  # after BentoML has set up multi-process metrics
+
+        _batch_histogram = prometheus_client.Histogram(
+            "oncoflow_predict_batch_size",
+            "Rows per model call of POST /predict and /predict_tabular (micro-batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+    return _batch_histogram.observe
 
 
 def _configure_process() -> int | None:
@@ -173,7 +210,7 @@ def load_engine(tag: str | None = None) -> DiagnosisEngine:
         version=str(meta.get("model_version") or ""),
         tag=str(ref.tag),
     )
-    return DiagnosisEngine.from_dir(ref.path, model_ref, _max_pixels())
+    return DiagnosisEngine.from_dir(ref.path, model_ref, _max_pixels(), _optimise())
 
 
 def error_response(exc: OncoflowError) -> JSONResponse:
@@ -187,7 +224,7 @@ def error_response(exc: OncoflowError) -> JSONResponse:
 
 
 class Overloaded(OncoflowError):
-    """The model runner refused work (its latency budget is spent); retry later."""
+    """The service cannot take this request now (503)."""
 
     http_status = 503
 
@@ -224,27 +261,15 @@ def _user(ctx: bentoml.Context) -> str:
     return str(ctx.request.scope.get(USER_SCOPE_KEY) or ANONYMOUS_USER)
 
 
-@bentoml.service(name="oncoflow-runner", traffic={"timeout": 120}, workers=1)
-class ModelRunner:
-    """Internal: the model behind `POST /predict`, with BentoML's adaptive batching."""
-
-    def __init__(self) -> None:
-        _configure_process()
-        self.engine = load_engine()
-        self.engine.warm_up()
-        log.info("model runner ready (max batch %d)", _max_batch())
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_max_batch(), max_latency_ms=60_000)
-    def infer(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities (N, K) for packed input rows (N, row_width) of many requests."""
-        return self.engine.infer_rows(rows)
-
-
-@bentoml.service(name="oncoflow", traffic={"timeout": 120}, workers=1, threads=4)
+@bentoml.service(
+    name="oncoflow",
+    traffic={"timeout": 120},
+    workers=1,
+    threads=4,
+    logging={"access": {"enabled": False}},  # RequestLog writes the access log (no paths)
+)
 class DiagnosisService:
     """Loads ONE model bundle at start-up and answers every endpoint with it."""
-
-    runner = bentoml.depends(ModelRunner)
 
     def __init__(self) -> None:
         global _instance
@@ -263,6 +288,9 @@ class DiagnosisService:
             )
         self.ref = self.engine.ref
         self.classes = self.engine.classes
+        self.batcher = MicroBatcher(
+            self.engine.infer_rows, _max_batch(), _max_queue(), on_batch=_batch_metric()
+        )
         _instance = self
         log.info(
             "serving %s (%s %s, %d classes, registry version %s, chat %s)",
@@ -281,34 +309,9 @@ class DiagnosisService:
     def card(self):
         return self.engine.card(chat=self.chat_service is not None)
 
-    async def _infer(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities through the batching runner (in-process when run without BentoML).
-
-        BentoML's client to a dependency replaces its connection pool every 100 calls and
-        closes the old one under calls still in flight (bentoml 1.4.39), which fails them with
-        a dropped connection; inference is idempotent, so such a call is retried.
-        """
-        import aiohttp
-        from bentoml.exceptions import BentoMLException
-
-        remote = getattr(self.runner, "to_async", None)
-        if remote is None:
-            return await anyio.to_thread.run_sync(self.runner.infer, rows)
-        pool = getattr(remote, "_session_manager", None)
-        if pool is not None and getattr(pool, "max_requests", 0) < RUNNER_POOL_REQUESTS:
-            pool.max_requests = RUNNER_POOL_REQUESTS  # recycle rarely (a unix socket to us)
-        for attempt in range(1, RUNNER_ATTEMPTS + 1):
-            try:
-                return np.asarray(await remote.infer(rows))
-            except aiohttp.ClientConnectionError:
-                if attempt == RUNNER_ATTEMPTS:
-                    raise
-                log.warning("model runner connection dropped; retrying (%d)", attempt)
-            except BentoMLException as exc:
-                if getattr(exc, "error_code", None) is not None and int(exc.error_code) == 503:
-                    raise Overloaded("the model is overloaded; retry in a moment") from exc
-                raise
-        raise AssertionError("unreachable")
+    def _image_row(self, image: Path, clinical: Any) -> np.ndarray:
+        """The packed model input of one upload (blocking: read, decode, check, preprocess)."""
+        return self.engine.pack(self.engine.prepare(image.read_bytes(), clinical))
 
     # -- image endpoints -------------------------------------------------------------------
     @bentoml.api(route="/predict")
@@ -317,10 +320,9 @@ class DiagnosisService:
         record as text field `clinical` when the model takes one."""
         started = time.perf_counter()
         try:
-            data = image.read_bytes()
-            case = await anyio.to_thread.run_sync(self.engine.prepare, data, clinical)
-            probabilities = await self._infer(self.engine.pack(case))
-            return self.engine.predict_response(probabilities[0], started)
+            row = await anyio.to_thread.run_sync(self._image_row, image, clinical)
+            probabilities = await self.batcher.submit(row)  # in a batch with concurrent calls
+            return self.engine.predict_response(probabilities, started)
         except OncoflowError as exc:  # BentoML would turn these into opaque 500s
             return error_response(exc)
 
@@ -387,9 +389,9 @@ class DiagnosisService:
         """Classify one clinical record (JSON `{"clinical": {...}}`; tabular-only models)."""
         started = time.perf_counter()
         try:
-            case = self.engine.prepare_record(clinical)
-            probabilities = await self._infer(self.engine.pack(case))
-            return self.engine.predict_response(probabilities[0], started)
+            row = self.engine.pack(self.engine.prepare_record(clinical))
+            probabilities = await self.batcher.submit(row)
+            return self.engine.predict_response(probabilities, started)
         except OncoflowError as exc:
             return error_response(exc)
 
@@ -488,4 +490,4 @@ DiagnosisService.add_asgi_middleware(
 DiagnosisService.add_asgi_middleware(UploadGuard, uploads=UPLOADS)
 DiagnosisService.mount_asgi_app(_extra_app(), path="/", name="oncoflow-extra")
 
-__all__ = ["DiagnosisService", "ModelRunner", "error_response", "load_engine", "load_model_ref"]
+__all__ = ["DiagnosisService", "error_response", "load_engine", "load_model_ref"]
