@@ -2,21 +2,26 @@
 
 Both servers serve the same model bundle on 127.0.0.1 with the same torch thread count:
 
-- oncoflow: ``bentoml serve serving.service:DiagnosisService`` (API key, upload checks, the
-  internal runner with adaptive batching);
-- baseline: bench/baseline_fastapi.py (FastAPI + torch, one request at a time, no auth).
+- oncoflow: ``bentoml serve serving.service:DiagnosisService`` (API key, upload checks,
+  in-process micro-batching on the model copy rewritten for inference);
+- baseline: bench/baseline_fastapi.py (FastAPI + torch, one request at a time, no auth, the
+  model as trained).
 
 For 1, 8 and 32 concurrent clients each server gets a fixed number of ``POST /predict``
 requests (split evenly between the clients; every client sends its next request when the last
 one is answered), in two halves run in the order baseline, oncoflow, oncoflow, baseline so that
 a drift in the machine's load hits both servers alike. Reported per level: throughput
-(requests/s), p50/p99 latency, errors, and the ratios oncoflow/baseline; then the latency of
+(requests/s), p50/p99 latency, CPU time per request (all the server's processes, and the load
+generator), errors, the ratios oncoflow/baseline, oncoflow's mean batch and the load average;
+with a closed loop of N clients, latency is about N / throughput, so at 8 and 32 clients it
+follows throughput, and at 1 client it is one request's own cost. Then the latency of
 ``POST /explain`` (Grad-CAM + image SHAP, and Grad-CAM only), sequential requests. The model is
 randomly initialised (speed does not depend on the weights): by default EfficientNet-Lite0 at
 96 px, the platform's default model.
 
-The load generator runs in this process (asyncio + httpx) and shares the CPU with both
-servers; on a shared machine the figures are noisy, so the load average is printed with them.
+The load generator runs in this process (asyncio + aiohttp, every request body encoded once)
+and shares the CPU with both servers, so it is kept cheap (see `drive`); on a shared machine
+the figures are noisy, so the load average is printed with them.
 
     python bench/serve_throughput.py                       # ~1-2 minutes
     python bench/serve_throughput.py --arch resnet18 --json /tmp/serve.json

@@ -228,6 +228,63 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
         assert answer.latency_ms > 0
 
 
+def predicted_rows(base: str) -> float:
+    """Rows the service's model has predicted so far (its batch-size histogram's sum)."""
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("oncoflow_predict_batch_size_sum"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_concurrent_predictions_each_get_their_own_answer(server, bundle_dir):
+    """Concurrent uploads share model calls (micro-batching); every caller still gets the
+    probabilities of its own image, and each prediction goes through the model once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    base, _ = server
+    images, expected = [], []
+    ramp = np.linspace(0, 255, 32).astype(np.uint8)
+    for i in range(40):  # ramps with a flipped band; keep those the untrained model tells apart
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        pixels[..., i % 3] = ramp[None, :] if i % 2 else ramp[:, None]
+        pixels[: (3 * i) % 32] = 255 - pixels[: (3 * i) % 32]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        image = buffer.getvalue()
+        probabilities = np.array(in_process_probabilities(bundle_dir, image))
+        if all(np.abs(probabilities - other).max() > 1e-4 for other in expected):
+            images.append(image)
+            expected.append(probabilities)
+        if len(images) == 12:
+            break
+    assert len(images) == 12  # a mix-up of any two answers would show
+    before = predicted_rows(base)
+
+    clients = [DiagnosisClient(base, api_key=KEY, timeout=60) for _ in images]
+    for c in clients:
+        c.model_card()  # connect first, so the uploads arrive together
+    start = threading.Barrier(len(images))
+
+    def ask(c: DiagnosisClient, image: bytes):
+        start.wait(timeout=30)
+        return c.predict(image, "scan.png")
+
+    try:
+        with ThreadPoolExecutor(len(images)) as pool:
+            answers = list(pool.map(ask, clients, images))
+    finally:
+        for c in clients:
+            c.close()
+    for answer, probabilities in zip(answers, expected, strict=True):
+        got = [answer.probabilities[c] for c in CLASSES]
+        assert got == pytest.approx(probabilities.tolist(), abs=1e-5)
+    assert predicted_rows(base) - before == len(images)
+
+
 def test_dicom_is_accepted_and_matches_in_process(client, bundle_dir):
     data = dicom_bytes()
     answer = client.predict(data, "scan.dcm")
