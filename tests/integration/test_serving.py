@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -722,6 +723,7 @@ def test_server_logs_no_identifiers(server, client):
     httpx.get(base + "/Doe_John/records", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     time.sleep(0.5)
     log = proc.log_path.read_text(errors="replace")
+    log = re.sub(r"[0-9a-f]{16,}", "<id>", log)  # random request/trace ids may hold "4242"
     for secret in ("Doe_", KEY, "ROE", "RICHARD", "PID-778899", "4242", "Zebracorn", "12345678"):
         assert secret not in log, secret
     assert "request validation failed" in log  # the failure itself is logged, without values
