@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,49 @@ def start_server(tmp_path_factory) -> Iterator:
     yield start
     for server in servers:
         server.stop()
+
+
+def _import_bundle_tag(bundle_dir: Path, bento_home: Path, **kwargs) -> str:
+    """Import a model bundle into the Bento store at `bento_home` in a subprocess (as
+    `oncoflow` does); returns the Bento model tag. `kwargs` go to `import_bundle`."""
+    from serving.launch import PROJECT_ROOT
+
+    args = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+    code = (
+        "from serving.packaging import import_bundle; "
+        f"print(import_bundle({str(bundle_dir)!r}{args}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "true"},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def import_bundle_tag():
+    """``import_bundle_tag(bundle_dir, bento_home, **import_bundle_kwargs) -> tag``."""
+    return _import_bundle_tag
+
+
+@pytest.fixture(scope="module")
+def serve_bundle(start_server, port):
+    """``serve_bundle(bundle_dir, bento_home, env) -> (base_url, process)``: import the bundle
+    (no assistant index) and `bentoml serve` it on this module's port with `env` added; returns
+    once /readyz answers."""
+    from serving.launch import PROJECT_ROOT, serve_command, serve_env
+
+    def serve(bundle_dir: Path, bento_home: Path, env: dict[str, str]):
+        tag = _import_bundle_tag(bundle_dir, bento_home, assistant_index=False)
+        command = serve_command("127.0.0.1", port)
+        proc = start_server(command, serve_env(tag, bento_home, base={}) | env, PROJECT_ROOT)
+        base = f"http://127.0.0.1:{port}"
+        proc.wait_until(f"{base}/readyz")
+        return base, proc
+
+    return serve

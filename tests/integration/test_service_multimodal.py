@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -125,32 +122,13 @@ def bundle_dir(tmp_path_factory, data):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, port, bundle_dir, tmp_path_factory):
-    from serving.launch import PROJECT_ROOT, serve_command, serve_env
-
-    home = tmp_path_factory.mktemp("bentoml")
-    code = (
-        "from serving.packaging import import_bundle; "
-        f"print(import_bundle({str(bundle_dir)!r}, assistant_index=False))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"},
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    tag = done.stdout.strip().splitlines()[-1]
-    env = serve_env(tag, home, base={}) | {
+def server(serve_bundle, bundle_dir, tmp_path_factory):
+    env = {
         "ONCOFLOW_API_KEYS": KEY,
         "ONCOFLOW_TORCH_THREADS": "1",
         "ONCOFLOW_CHAT": "0",  # this module checks the multimodal endpoints
     }
-    proc = start_server(serve_command("127.0.0.1", port), env, PROJECT_ROOT)
-    base = f"http://127.0.0.1:{port}"
-    proc.wait_until(f"{base}/readyz")
+    base, proc = serve_bundle(bundle_dir, tmp_path_factory.mktemp("bentoml"), env)
     yield base, proc
     proc.stop()
 

@@ -154,15 +154,9 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def model_tag(bundle_dir, bento_home):
-    code = (
-        "from serving.packaging import import_bundle; print(import_bundle("
-        f"{str(bundle_dir)!r}, labels={{'registered_model': 'oncoflow-test', "
-        "'version': '7'}))"
-    )
-    done = run_python(code, {"BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "true"})
-    assert done.returncode == 0, done.stderr
-    tag = done.stdout.strip().splitlines()[-1]
+def model_tag(bundle_dir, bento_home, import_bundle_tag):
+    labels = {"registered_model": "oncoflow-test", "version": "7"}
+    tag = import_bundle_tag(bundle_dir, bento_home, labels=labels)
     assert tag.startswith("oncoflow-model:")
     return tag
 
