@@ -40,7 +40,6 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from components.errors import ConfigError, DataError
 from components.federated.hygiene import Rejection, structural_problem
 from components.federated.runspec import SPEC_KEY
-from components.privacy.settings import SECAGG_MODES, SecAggSettings
+from components.privacy.settings import SecAggSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +72,10 @@ STAGE_NAMES = {
 
 
 def secagg_settings(spec: Any) -> SecAggSettings | None:
-    """The SecAgg+ settings of a run spec (`spec.privacy`, the `PrivacySettings` dict), or None
-    when the run does not use secure aggregation."""
-    privacy = getattr(spec, "privacy", None)
-    if not privacy:
-        return None
-    if not isinstance(privacy, Mapping):  # a PrivacySettings object
-        privacy = privacy.to_dict()
-    if privacy.get("mode") not in SECAGG_MODES:
-        return None
-    raw = dict(privacy.get("secagg") or {})
-    known = {f.name for f in fields(SecAggSettings)}
-    return SecAggSettings(**{k: v for k, v in raw.items() if k in known})
+    """The SecAgg+ settings of a `RunSpec`, or None when the run does not use secure
+    aggregation."""
+    privacy = spec.privacy_settings()
+    return privacy.secagg if privacy.secure_aggregation else None
 
 
 def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:

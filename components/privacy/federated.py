@@ -210,10 +210,6 @@ class ServerPrivacy:
                 )
             self.ledger = PrivacyLedger(settings.accountant, settings.delta, settings.epsilon)
 
-    @property
-    def mode(self) -> str:
-        return self.settings.mode
-
     def wrap(self, strategy: Any) -> Any:
         """Central DP: wrap `strategy` in Flower's server-side DP wrapper (else unchanged)."""
         if not self.settings.central_dp:
