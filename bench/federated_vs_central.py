@@ -6,7 +6,13 @@ runs R × E epochs over the pooled training data (no early stop), as many passes
 images as the federation makes. Reported for each: test accuracy, macro-F1, macro AUROC, wall
 time; for the federation also the mean time per round; then the federated / central wall-time
 ratio. With `--attack`, one site (or `--attackers`) misbehaves and FedAvg is compared with the
-robust rules (Krum, Multi-Krum, trimmed mean, median) against the clean FedAvg run.
+robust rules (Krum, Multi-Krum, trimmed mean, median) against the clean FedAvg run; the robust
+rules run after nearest-neighbour mixing (`--mixing nnm`, the platform's default) or on the raw
+updates (`--mixing none`).
+
+The parts can be run separately (`--parts central,clean,attack`, `--attacked krum,median`) and
+in parallel processes, one per core: every run is seeded and deterministic, so a split run
+gives the same figures as one invocation (wall times aside).
 
     python bench/federated_vs_central.py                                  # synthetic, seconds
     python bench/federated_vs_central.py --data brain_tumor_mri --sites 5 --alpha 0.5 \\
@@ -118,6 +124,7 @@ def config(args, strategy: str, attack: str | None) -> dict:
     }
     if strategy != "fedavg":
         fed["num_malicious"] = args.attackers
+        fed["mixing"] = args.mixing
     if strategy == "trimmed_mean":
         fed["trim_fraction"] = max(0.2, args.attackers / args.sites + 1e-9)
     if attack:
@@ -149,7 +156,7 @@ def run_federated(args, arrays, classes, out: Path, strategy: str, attack: str |
         arrays,
         classes,
         prep,
-        out / f"{strategy}-{attack or 'clean'}",
+        out / f"{strategy}-{attack or 'clean'}-{args.mixing}",
     )
     started = time.perf_counter()
     result = run_prepared(layout)
@@ -157,6 +164,7 @@ def run_federated(args, arrays, classes, out: Path, strategy: str, attack: str |
     return {
         "strategy": strategy,
         "attack": attack,
+        "mixing": args.mixing if strategy not in ("fedavg", "fedprox") else "none",
         "test": {k: result.test_metrics.get(k) for k in HEADLINE},
         "per_round_macro_f1": [
             round(r["server"].get("macro_f1", float("nan")), 4) for r in result.history
@@ -219,6 +227,22 @@ def _spec(args, classes):
     )
 
 
+# arguments that do not change what a run computes
+_VOLATILE = {"parts", "attacked", "mixing", "clean_from", "out", "json", "engine"}
+
+
+def clean_from(path: Path, args) -> dict:
+    """The clean FedAvg run of an earlier report, refused unless it was made with the same
+    data and training settings."""
+    earlier = json.loads(path.read_text())
+    now = {k: str(v) for k, v in vars(args).items() if k not in _VOLATILE}
+    then = {k: v for k, v in earlier["args"].items() if k not in _VOLATILE}
+    differ = sorted(k for k in now if then.get(k) != now[k])
+    if differ or "fedavg" not in earlier:
+        raise SystemExit(f"{path} has no clean FedAvg run with these settings (differs: {differ})")
+    return earlier["fedavg"]
+
+
 def _fmt(value) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
@@ -251,7 +275,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attack", choices=["sign_flip", "scale", "gaussian", "label_flip", "nan"])
     p.add_argument("--attackers", type=int, default=1)
     p.add_argument("--scale", type=float, default=10.0)
-    p.add_argument("--robust", default="krum,multikrum,trimmed_mean,median")
+    p.add_argument(
+        "--attacked",
+        default="fedavg,krum,multikrum,trimmed_mean,median",
+        help="rules run with the attackers (comma-separated)",
+    )
+    p.add_argument("--mixing", choices=["nnm", "none"], default="nnm", help="before robust rules")
+    p.add_argument(
+        "--parts",
+        default="central,clean,attack",
+        help="what to run: central, clean (FedAvg), attack (comma-separated)",
+    )
+    p.add_argument(
+        "--clean-from",
+        type=Path,
+        help="the clean FedAvg run of an earlier --json report with the same data and settings",
+    )
     p.add_argument("--out", type=Path, default=None, help="work directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -280,41 +319,45 @@ def main(argv: list[str] | None = None) -> dict:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
 
-    fed = run_federated(args, arrays, classes, out, "fedavg", None)
-    central = run_central(args, arrays, classes, out)
-    ratio = fed["wall_seconds"] / central["wall_seconds"]
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "data": sizes}
     print(f"\n{'run':<28}{'acc':>7}{'F1':>7}{'AUROC':>7}{'wall s':>9}{'s/round':>9}")
-    print(
-        f"{'central (' + str(central['epochs']) + ' epochs)':<28}"
-        + "".join(f"{_fmt(central['test'][k]):>7}" for k in HEADLINE)
-        + f"{central['wall_seconds']:9.1f}{'':>9}"
-    )
-    print(
-        f"{'fedavg':<28}"
-        + "".join(f"{_fmt(fed['test'][k]):>7}" for k in HEADLINE)
-        + f"{fed['wall_seconds']:9.1f}{fed['mean_round_seconds']:9.1f}"
-    )
-    print(f"\nwall-time ratio federated / central: {ratio:.2f}")
-    report = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "data": sizes,
-        "central": central,
-        "fedavg": fed,
-        "ratio_fed_over_central": ratio,
-    }
+    if "central" in parts:
+        central = report["central"] = run_central(args, arrays, classes, out)
+        print(
+            f"{'central (' + str(central['epochs']) + ' epochs)':<28}"
+            + "".join(f"{_fmt(central['test'][k]):>7}" for k in HEADLINE)
+            + f"{central['wall_seconds']:9.1f}{'':>9}"
+        )
+    fed = None
+    if "clean" in parts:
+        fed = report["fedavg"] = run_federated(args, arrays, classes, out, "fedavg", None)
+    elif args.clean_from:
+        fed = clean_from(args.clean_from, args)
+    if fed is not None:
+        print(
+            f"{'fedavg' + ('' if 'clean' in parts else ' (from ' + args.clean_from.name + ')'):<28}"
+            + "".join(f"{_fmt(fed['test'][k]):>7}" for k in HEADLINE)
+            + f"{fed['wall_seconds']:9.1f}{fed['mean_round_seconds']:9.1f}"
+        )
+    if "central" in parts and "clean" in parts:
+        ratio = report["ratio_fed_over_central"] = fed["wall_seconds"] / central["wall_seconds"]
+        print(f"\nwall-time ratio federated / central: {ratio:.2f}")
 
-    if args.attack:
-        runs = [run_federated(args, arrays, classes, out, "fedavg", args.attack)]
-        for name in [s for s in args.robust.split(",") if s]:
-            runs.append(run_federated(args, arrays, classes, out, name, args.attack))
-        clean = fed["test"]["macro_f1"]
+    if args.attack and "attack" in parts:
+        runs = [
+            run_federated(args, arrays, classes, out, name, args.attack)
+            for name in args.attacked.split(",")
+            if name
+        ]
         print(
             f"\nattack: {args.attackers} of {args.sites} sites, {args.attack}"
-            f"{f' x{args.scale:g}' if args.attack in ('sign_flip', 'scale') else ''}"
+            f"{f' x{args.scale:g}' if args.attack in ('sign_flip', 'scale') else ''}; "
+            f"robust rules after mixing={args.mixing}"
         )
         print(f"{'rule':<16}{'acc':>7}{'F1':>7}{'AUROC':>7}{'dF1 vs clean':>14}{'rejected':>10}")
         for run in runs:
-            delta = run["test"]["macro_f1"] - clean
+            delta = run["test"]["macro_f1"] - fed["test"]["macro_f1"] if fed else float("nan")
             print(
                 f"{run['strategy']:<16}"
                 + "".join(f"{_fmt(run['test'][k]):>7}" for k in HEADLINE)

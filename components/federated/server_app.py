@@ -224,10 +224,15 @@ def _round_train(
         sites[r.site]["status"] = "rejected"
     for site, norm in norms.items():
         sites[site]["update_norm"] = norm
-    chosen = [msg for _, msg in sorted((good[i] for i in accepted), key=lambda pair: pair[0])]
+    ordered = sorted((good[i] for i in accepted), key=lambda pair: pair[0])
+    chosen = [msg for _, msg in ordered]
     if not chosen:
         notes.append("no acceptable update: the global model is unchanged")
         return None, sites, rejections, notes
+    if settings.mixing == "nnm":
+        names = [site for site, _ in ordered]
+        weighted_by = getattr(strategy, "weighted_by_key", "num-examples")
+        _mix_replies(names, chosen, settings.num_malicious, sites, weighted_by)
     _set_multikrum_selection(strategy, settings, len(chosen))
     try:
         aggregated, _ = strategy.aggregate_train(server_round, chosen)
@@ -244,6 +249,26 @@ def _round_train(
         notes.append("the aggregate is not finite; model unchanged")
         return None, sites, rejections, notes
     return new, sites, rejections, notes
+
+
+def _mix_replies(
+    names: list[str], replies: list[Message], f: int, sites: dict[str, dict], weighted_by: str
+) -> None:
+    """Nearest-neighbour mixing (`mixing.mix`) of the replies' weights, in place; each site's
+    row records the sites its update was averaged with."""
+    from flwr.app import RecordDict
+
+    from components.federated.mixing import mix
+    from components.federated.task import from_record, to_record
+
+    weights = [from_record(reply.content.array_records["arrays"]) for reply in replies]
+    counts = [float(reply.content.metric_records["metrics"][weighted_by]) for reply in replies]
+    mixed, groups = mix(weights, f, counts)
+    for reply, arrays, group, name in zip(replies, mixed, groups, names, strict=True):
+        content = RecordDict(dict(reply.content.items()))
+        content["arrays"] = to_record(arrays)
+        reply.content = content
+        sites[name]["mixed_with"] = [names[j] for j in group]
 
 
 def _round_evaluate(

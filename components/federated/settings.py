@@ -86,6 +86,7 @@ class FederationSettings:
     num_malicious: int = 0
     multikrum_select: int | None = None
     trim_fraction: float = 0.2
+    mixing: str = "none"
     proximal_mu: float = 0.0
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
@@ -249,6 +250,7 @@ def _check(s: FederationSettings) -> None:
     if not _is_int(s.num_malicious) or s.num_malicious < 0:
         raise ConfigError("federation.num_malicious (f) must be an integer >= 0")
     _check_strategy(s)
+    _check_mixing(s)
     if s.proximal_mu < 0:
         raise ConfigError("federation.proximal_mu must be >= 0")
     if s.strategy == "fedprox" and s.proximal_mu <= 0:
@@ -340,6 +342,21 @@ def _check_strategy(s: FederationSettings) -> None:
                 f"federation.multikrum_select={m!r} must be an integer in [1, n-f]"
                 + (f" = [1, {upper}]" if upper is not None else "")
             )
+
+
+def _check_mixing(s: FederationSettings) -> None:
+    from components.federated.mixing import MIXING
+
+    if s.mixing not in MIXING:
+        raise ConfigError(
+            f"federation.mixing={s.mixing!r}; choose one of {', '.join(MIXING)} "
+            "(nnm: nearest-neighbour mixing before a robust rule)"
+        )
+    if s.mixing == "nnm" and not s.robust:
+        raise ConfigError(
+            f"federation.mixing=nnm only makes sense before a robust rule (krum, multikrum, "
+            f"trimmed_mean, median, bulyan), not {s.strategy}; set federation.mixing=none"
+        )
 
 
 def _check_hygiene(h: HygieneSettings) -> None:

@@ -56,6 +56,7 @@ def strategy_state(settings: FederationSettings) -> dict[str, Any]:
         "num_malicious",
         "multikrum_select",
         "trim_fraction",
+        "mixing",
         "proximal_mu",
         "fraction_train",
         "min_fit_sites",
