@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from server_process import TELEMETRY_OFF, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "brain_tumor_mri"
@@ -26,13 +23,6 @@ CLASSES = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
 API_KEY = "e2e-service-key-0001"
 ADMIN = ("admin", "chief-e2e-pass-01")
 CLINICIAN = ("dr.morgan", "clinician-pass-01")
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "1",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -42,56 +32,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A subprocess in its own session, output to a log file; stopped with its whole group."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=ROOT,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_for(self, url: str, timeout_s: float = 240.0) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited ({self.process.returncode}):\n{self.tail()}")
-            try:
-                if httpx.get(url, timeout=3.0).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"{url} not ready after {timeout_s:.0f} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-            except ProcessLookupError:
-                pass
-        self._out.close()
 
 
 # ---------------------------------------------------------------- browser
@@ -266,9 +206,9 @@ def service_url(bundle_dir, tmp_path_factory) -> Iterator[str]:
     env["ONCOFLOW_API_KEYS"] = API_KEY
     env.pop("ONCOFLOW_ALLOW_NO_AUTH", None)
     logs = tmp_path_factory.mktemp("logs")
-    server = Server(serve_command("127.0.0.1", port), env, logs / "service.log")
+    server = ServerProcess(serve_command("127.0.0.1", port), env, logs / "service.log", ROOT)
     url = f"http://127.0.0.1:{port}"
-    print(f"service ready after {server.wait_for(url + '/readyz'):.1f} s")
+    print(f"service ready after {server.wait_until(url + '/readyz', timeout_s=240):.1f} s")
     yield url
     server.stop()
 
@@ -288,12 +228,13 @@ def ui_url(service_url, tmp_path_factory) -> Iterator[str]:
         "ONCOFLOW_UI_ADMIN_PASSWORD": ADMIN[1],
         "PYTHONPATH": str(ROOT),
     }
-    server = Server(
+    server = ServerProcess(
         [sys.executable, "-m", "ui", "--host", "127.0.0.1", "--port", str(port)],
         env,
         workspace / "ui.log",
+        ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    print(f"UI ready after {server.wait_for(url + '/'):.1f} s")
+    print(f"UI ready after {server.wait_until(url + '/', timeout_s=240):.1f} s")
     yield url
     server.stop()

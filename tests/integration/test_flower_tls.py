@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from server_process import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +114,7 @@ def test_a_supernode_that_trusts_the_ca_registers(superlink, certs, tmp_path):
     log = tmp_path / "supernode.log"
     with open(log, "wb") as out:
         node = subprocess.Popen(
-            _supernode_command(superlink, certs / "ca.crt", _free_port()),
+            _supernode_command(superlink, certs / "ca.crt", free_port()),
             env=_env(superlink),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -140,13 +141,7 @@ def test_a_supernode_that_trusts_the_ca_registers(superlink, certs, tmp_path):
 
 def test_a_supernode_with_another_ca_is_refused(superlink, tmp_path):
     other = _certs(tmp_path / "other-ca")
-    command = _supernode_command(superlink, other / "ca.crt", _free_port())
+    command = _supernode_command(superlink, other / "ca.crt", free_port())
     done = subprocess.run(command, env=_env(superlink), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in done.stdout + done.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
