@@ -227,8 +227,9 @@ class DiagnosisEngine:
 
         return self.layout.encode(check_clinical_record(raw, self.schema))
 
-    def prepare(self, image: bytes | None, clinical: Any = None) -> CaseInput:
-        """Decode and check one request's image and clinical record (`InputError` if unusable)."""
+    def prepare(self, image: bytes | None, clinical: Any = None, display: bool = True) -> CaseInput:
+        """Decode and check one request's image and clinical record (`InputError` if unusable);
+        `display=False` skips the display copy of the upload (predictions need none)."""
         if self.kind == "tabular":
             if image is not None:
                 raise InputError(
@@ -243,7 +244,8 @@ class DiagnosisEngine:
 
         picture = decode_bytes(image, max_pixels=self.max_pixels)
         tensor = self.bundle.preprocessing.to_tensor(picture)
-        return CaseInput(image=tensor, picture=_display_array(picture), record=record)
+        shown = _display_array(picture) if display else None
+        return CaseInput(image=tensor, picture=shown, record=record)
 
     def prepare_record(self, clinical: Any) -> CaseInput:
         """The input of a tabular-only request."""

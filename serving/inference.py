@@ -1,7 +1,9 @@
-"""A faster copy of a model for batched prediction: BatchNorm folded into convolutions, and
+"""A faster copy of a model for batched prediction: BatchNorm folded into convolutions,
+TensorFlow-style "same" padding computed once for the served image size instead of on every
+call (EfficientNet-Lite pads each input with a copy before each convolution), and
 channels-last memory for convolutional networks.
 
-Both are standard CPU inference rewrites that keep the function the model computes (up to
+All are standard CPU inference rewrites that keep the function the model computes (up to
 float rounding). `for_inference` checks that on the caller's example inputs and keeps the plain
 copy where a rewrite would change the outputs (logged), so a model it cannot handle is served
 as trained. Only prediction uses the copy: explanations hook into the original layers.
@@ -11,6 +13,10 @@ from __future__ import annotations
 
 import copy
 import logging
+
+from torch import nn
+
+from components.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,77 @@ def fold_batchnorm(model, example: tuple) -> int:
     return len(pairs)
 
 
+def _dynamic_same_padding_type():
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+    except ImportError:  # the architecture's package is not installed: nothing to rewrite
+        return None
+    return Conv2dDynamicSamePadding
+
+
+def static_same_padding(model, example: tuple) -> int:
+    """Replace every dynamically "same"-padded convolution by a plain `Conv2d` (plus a
+    `ZeroPad2d` where the padding is uneven) padded for the input size it sees on `example`,
+    in place; returns the number replaced. The model then only computes the same function
+    for inputs of that size."""
+    import torch
+    from torch import nn
+
+    dynamic = _dynamic_same_padding_type()
+    if dynamic is None:
+        return 0
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module, inputs) -> None:
+        sizes[module] = tuple(inputs[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if type(m) is dynamic]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    names = {module: name for name, module in model.named_modules()}
+    for module, (ih, iw) in sizes.items():
+        (kh, kw), (sh, sw), (dh, dw) = module.weight.shape[-2:], module.stride, module.dilation
+        pad_h = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+        pad_w = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+        even = pad_h % 2 == 0 and pad_w % 2 == 0
+        conv = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            (kh, kw),
+            stride=(sh, sw),
+            padding=(pad_h // 2, pad_w // 2) if even else 0,
+            dilation=(dh, dw),
+            groups=module.groups,
+            bias=module.bias is not None,
+        )
+        conv.weight, conv.bias = module.weight, module.bias
+        if not even:
+            pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            conv = nn.Sequential(nn.ZeroPad2d(pad), conv)
+        parent, _, attribute = names[module].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, conv)
+    return len(sizes)
+
+
+class FixedInputSize(nn.Module):
+    """`model` rewritten for one input size: refuses any other instead of padding wrongly."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.size = model, tuple(int(v) for v in size)
+
+    def forward(self, x, *rest):
+        if tuple(x.shape[-2:]) != self.size:
+            raise ModelError(
+                f"the prediction model was built for {self.size} inputs, got {tuple(x.shape)}"
+            )
+        return self.model(x, *rest)
+
+
 def for_inference(model, example: tuple):
     """A rewritten copy of the eval-mode `model` for prediction, checked on `example` (a tuple
     of input tensors, the first one images (N, C, H, W) for an image model); the plain copy
@@ -86,6 +163,7 @@ def for_inference(model, example: tuple):
     fast = copy.deepcopy(plain)
     try:
         folded = fold_batchnorm(fast, example)
+        padded = static_same_padding(fast, example)
         fast = fast.to(memory_format=torch.channels_last)
         with torch.inference_mode():
             expected = plain(*example).float()
@@ -97,8 +175,13 @@ def for_inference(model, example: tuple):
     if not faithful:
         log.warning("prediction model left as trained (the rewrite changed its outputs)")
         return plain
-    log.info("prediction model: %d BatchNorm layers folded, channels-last", folded)
-    return fast
+    log.info(
+        "prediction model: %d BatchNorm layers folded, %d convolutions padded statically, "
+        "channels-last",
+        folded,
+        padded,
+    )
+    return FixedInputSize(fast, example[0].shape[-2:]) if padded else fast
 
 
-__all__ = ["fold_batchnorm", "for_inference"]
+__all__ = ["FixedInputSize", "fold_batchnorm", "for_inference", "static_same_padding"]

@@ -311,7 +311,7 @@ class DiagnosisService:
 
     def _image_row(self, image: Path, clinical: Any) -> np.ndarray:
         """The packed model input of one upload (blocking: read, decode, check, preprocess)."""
-        return self.engine.pack(self.engine.prepare(image.read_bytes(), clinical))
+        return self.engine.pack(self.engine.prepare(image.read_bytes(), clinical, display=False))
 
     # -- image endpoints -------------------------------------------------------------------
     @bentoml.api(route="/predict")
@@ -355,7 +355,9 @@ class DiagnosisService:
         """The `k` most similar training cases: label, distance and a thumbnail (no
         identifiers)."""
         try:
-            return self.engine.similar(self.engine.prepare(image.read_bytes(), clinical), k)
+            return self.engine.similar(
+                self.engine.prepare(image.read_bytes(), clinical, display=False), k
+            )
         except OncoflowError as exc:
             return error_response(exc)
 

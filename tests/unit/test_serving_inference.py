@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from components.errors import ModelError
 from components.models import build_model
 from serving.inference import fold_batchnorm, for_inference
 
@@ -49,6 +50,26 @@ def test_the_rewrite_folds_every_batchnorm_and_keeps_the_outputs(arch: str) -> N
         torch.testing.assert_close(
             probabilities(fast, x), probabilities(model, x), rtol=1e-4, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("size", [16, 15, 96])  # even and odd sizes: uneven padding at stride 2
+def test_efficientnet_same_padding_is_computed_once_for_the_served_size(size: int) -> None:
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    model = with_trained_statistics(
+        build_model("efficientnet_lite0", num_classes=3, small_input=size < 64)
+    )
+    dynamic = sum(type(m) is Conv2dDynamicSamePadding for m in model.modules())
+    assert dynamic > 10
+    fast = for_inference(model, (images(2, size=size),))
+    assert not any(type(m) is Conv2dDynamicSamePadding for m in fast.modules())
+    assert sum(type(m) is nn.Conv2d for m in fast.modules()) >= dynamic
+    x = images(4, size=size, seed=3)
+    torch.testing.assert_close(
+        probabilities(fast, x), probabilities(model, x), rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ModelError, match="built for"):
+        fast(images(1, size=size + 2))
 
 
 def test_group_norm_models_are_only_made_channels_last() -> None:
