@@ -24,6 +24,24 @@ RTOL = 1e-3
 ATOL = 1e-4
 
 
+def _trace(model, example: tuple, hooks: list) -> None:
+    """Run `example` through `model` once (no gradients) for `hooks` to see, then remove them."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _replace(model, name: str, new) -> None:
+    """Put module `new` where the submodule called `name` is."""
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, new)
+
+
 def fold_batchnorm(model, example: tuple) -> int:
     """Fold every eval-mode BatchNorm2d whose input is a Conv2d's output into that conv, in
     place (the BatchNorm becomes Identity); returns the number of pairs folded.
@@ -31,7 +49,6 @@ def fold_batchnorm(model, example: tuple) -> int:
     Pairs are found by running `example` once: a BatchNorm is folded only when the tensor it
     normalises is exactly what one convolution returned.
     """
-    import torch
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -52,12 +69,7 @@ def fold_batchnorm(model, example: tuple) -> int:
             hooks.append(module.register_forward_hook(after_conv))
         elif isinstance(module, nn.BatchNorm2d):
             hooks.append(module.register_forward_hook(after_norm))
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _trace(model, example, hooks)
     convs = [conv for conv, _ in pairs]
     if len(set(map(id, convs))) != len(convs):  # a conv feeding two norms: leave it alone
         return 0
@@ -73,8 +85,7 @@ def fold_batchnorm(model, example: tuple) -> int:
             norm.bias,
         )
         conv.weight, conv.bias = weight, bias
-        parent, _, attribute = names[norm].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, nn.Identity())
+        _replace(model, names[norm], nn.Identity())
     return len(pairs)
 
 
@@ -91,7 +102,6 @@ def static_same_padding(model, example: tuple) -> int:
     `ZeroPad2d` where the padding is uneven) padded for the input size it sees on `example`,
     in place; returns the number replaced. The model then only computes the same function
     for inputs of that size."""
-    import torch
     from torch import nn
 
     dynamic = _dynamic_same_padding_type()
@@ -103,12 +113,7 @@ def static_same_padding(model, example: tuple) -> int:
         sizes[module] = tuple(inputs[0].shape[-2:])
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if type(m) is dynamic]
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _trace(model, example, hooks)
     names = {module: name for name, module in model.named_modules()}
     for module, (ih, iw) in sizes.items():
         (kh, kw), (sh, sw), (dh, dw) = module.weight.shape[-2:], module.stride, module.dilation
@@ -129,8 +134,7 @@ def static_same_padding(model, example: tuple) -> int:
         if not even:
             pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
             conv = nn.Sequential(nn.ZeroPad2d(pad), conv)
-        parent, _, attribute = names[module].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, conv)
+        _replace(model, names[module], conv)
     return len(sizes)
 
 
