@@ -49,7 +49,6 @@ def fold_batchnorm(model, example: tuple) -> int:
     Pairs are found by running `example` once: a BatchNorm is folded only when the tensor it
     normalises is exactly what one convolution returned.
     """
-    from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     made_by: dict[int, nn.Conv2d] = {}
@@ -102,7 +101,6 @@ def static_same_padding(model, example: tuple) -> int:
     `ZeroPad2d` where the padding is uneven) padded for the input size it sees on `example`,
     in place; returns the number replaced. The model then only computes the same function
     for inputs of that size."""
-    from torch import nn
 
     dynamic = _dynamic_same_padding_type()
     if dynamic is None:
@@ -158,7 +156,6 @@ def for_inference(model, example: tuple):
     of input tensors, the first one images (N, C, H, W) for an image model); the plain copy
     if the rewrite is not faithful."""
     import torch
-    from torch import nn
 
     plain = copy.deepcopy(model).eval()
     has_conv = any(isinstance(m, nn.Conv2d) for m in plain.modules())
