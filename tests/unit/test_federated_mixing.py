@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from components.errors import ConfigError
-from components.federated.mixing import mix, neighbourhoods
+from components.federated.mixing import capped_weights, mix, neighbourhoods
 from components.federated.settings import validate_federation
 
 
@@ -53,6 +53,21 @@ def test_mixed_honest_updates_equal_the_honest_mean_and_robust_rules_recover_it(
     assert np.linalg.norm(raw_median - honest_mean) > 10 * np.linalg.norm(median - honest_mean)
     # non-floating arrays are each update's own
     assert [int(m["steps"]) for m in mixed] == [7, 8, 9, 10, 0]
+
+
+def test_mixing_is_weighted_by_sample_counts_and_a_liar_cannot_claim_more_than_the_largest():
+    rng = np.random.default_rng(3)
+    honest = heterogeneous_honest(rng)
+    counts = [400.0, 40.0, 10.0, 200.0]
+    attacker = {"w": -10.0 * honest[0]["w"], "steps": np.array(0, dtype=np.int64)}
+    mixed, _ = mix([*honest, attacker], f=1, weights=[*counts, 1e9])
+    weighted = np.average([u["w"] for u in honest], axis=0, weights=counts)
+    for m in mixed[:4]:
+        np.testing.assert_allclose(m["w"], weighted, rtol=1e-5)
+    # the attacker's claimed 1e9 images are capped at the largest honest count
+    np.testing.assert_array_equal(capped_weights([*counts, 1e9], f=1), [*counts, 400.0])
+    np.testing.assert_array_equal(capped_weights([5.0, 1e9, 1e9], f=2), [5.0, 5.0, 5.0])
+    assert capped_weights([], f=1).size == 0
 
 
 def test_f_zero_mixes_everything_into_the_mean_and_one_update_is_itself():
