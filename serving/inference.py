@@ -101,7 +101,6 @@ def static_same_padding(model, example: tuple) -> int:
     `ZeroPad2d` where the padding is uneven) padded for the input size it sees on `example`,
     in place; returns the number replaced. The model then only computes the same function
     for inputs of that size."""
-
     dynamic = _dynamic_same_padding_type()
     if dynamic is None:
         return 0

@@ -224,15 +224,21 @@ def _round_train(
         sites[r.site]["status"] = "rejected"
     for site, norm in norms.items():
         sites[site]["update_norm"] = norm
-    ordered = sorted((good[i] for i in accepted), key=lambda pair: pair[0])
-    chosen = [msg for _, msg in ordered]
+    ordered = sorted(accepted, key=lambda i: good[i][0])  # site order
+    chosen = [good[i][1] for i in ordered]
     if not chosen:
         notes.append("no acceptable update: the global model is unchanged")
         return None, sites, rejections, notes
     if settings.mixing == "nnm":
-        names = [site for site, _ in ordered]
         weighted_by = getattr(strategy, "weighted_by_key", "num-examples")
-        _mix_replies(names, chosen, settings.num_malicious, sites, weighted_by)
+        _mix_replies(
+            [good[i][0] for i in ordered],
+            chosen,
+            [updates[i][2] for i in ordered],  # already decoded above
+            settings.num_malicious,
+            sites,
+            weighted_by,
+        )
     _set_multikrum_selection(strategy, settings, len(chosen))
     try:
         aggregated, _ = strategy.aggregate_train(server_round, chosen)
@@ -252,16 +258,20 @@ def _round_train(
 
 
 def _mix_replies(
-    names: list[str], replies: list[Message], f: int, sites: dict[str, dict], weighted_by: str
+    names: list[str],
+    replies: list[Message],
+    weights: list[dict[str, np.ndarray]],
+    f: int,
+    sites: dict[str, dict],
+    weighted_by: str,
 ) -> None:
-    """Nearest-neighbour mixing (`mixing.mix`) of the replies' weights, in place; each site's
-    row records the sites its update was averaged with."""
+    """Nearest-neighbour mixing (`mixing.mix`) of the replies' `weights`, written back into
+    the replies; each site's row records the sites its update was averaged with."""
     from flwr.app import RecordDict
 
     from components.federated.mixing import mix
-    from components.federated.task import from_record, to_record
+    from components.federated.task import to_record
 
-    weights = [from_record(reply.content.array_records["arrays"]) for reply in replies]
     counts = [float(reply.content.metric_records["metrics"][weighted_by]) for reply in replies]
     mixed, groups = mix(weights, f, counts)
     for reply, arrays, group, name in zip(replies, mixed, groups, names, strict=True):
