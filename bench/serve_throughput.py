@@ -21,10 +21,9 @@ Reported per level: throughput (requests/s), p50/p99 latency, CPU time per reque
 server's processes, and the load generator), errors, the ratios oncoflow/baseline, oncoflow's
 mean batch and the load average; with a closed loop of N clients, latency is about
 N / throughput, so at 8 and 32 clients it follows throughput, and at 1 client it is one
-request's own cost. Then the latency of
-``POST /explain`` (Grad-CAM + image SHAP, and Grad-CAM only), sequential requests. The model is
-randomly initialised (speed does not depend on the weights): by default EfficientNet-Lite0 at
-96 px, the platform's default model.
+request's own cost. Then the latency of ``POST /explain`` (Grad-CAM + image SHAP, and Grad-CAM
+only), sequential requests. The model is randomly initialised (speed does not depend on the
+weights): by default EfficientNet-Lite0 at 96 px, the platform's default model.
 
 The load generator runs in this process (asyncio + aiohttp, every request body encoded once)
 and shares the CPU with both servers, so it is kept cheap (see `drive`); on a shared machine
