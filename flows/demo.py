@@ -33,11 +33,20 @@ def demo(overrides: list[str], serve: bool = True) -> int:
 
     summary = run_pipeline([*DEMO_OVERRIDES, *overrides])
     print(json.dumps(summary, indent=2, default=str))
-    if not summary.get("bento_model"):
-        print("oncoflow: the new model is a challenger; serving the current champion.", flush=True)
     if not serve:
         return 0
-    return _serve_service_and_ui(summary.get("bento_model"), workspace.root)
+    model_tag = summary.get("bento_model")
+    if not model_tag:  # a challenger: serve this registered model's champion, not any latest
+        from flows.deploy import promote_and_package
+
+        champion = promote_and_package([*DEMO_OVERRIDES, *overrides], build_bento=False)
+        model_tag = champion["bento_model"]
+        print(
+            f"oncoflow: the new model is a challenger; serving the champion "
+            f"{champion['model_name']} v{champion['version']} ({model_tag}).",
+            flush=True,
+        )
+    return _serve_service_and_ui(model_tag, workspace.root)
 
 
 def _serve_service_and_ui(model_tag: str | None, workspace: Path) -> int:
