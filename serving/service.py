@@ -184,9 +184,9 @@ def _configure_process() -> int | None:
         if not any(isinstance(f, RedactValidationErrors) for f in target.filters):
             target.addFilter(RedactValidationErrors())
     # The model thread releases the GIL inside each torch operator and must win it back
-    # between operators; with Python's default 5 ms switch interval a busy event loop keeps it
-    # waiting that long each time (measured: about 10 % more predictions/s at 32 clients with
-    # 0.5 ms).
+    # between operators; with Python's default 5 ms switch interval a busy event loop can keep
+    # it waiting that long each time. Compare with
+    # `ONCOFLOW_GIL_SWITCH_US=5000 python bench/serve_throughput.py`.
     sys.setswitchinterval(_env_int(SWITCH_ENV, DEFAULT_SWITCH_US) / 1e6)
     threads = _env_int(TORCH_THREADS_ENV, None)
     if threads:
