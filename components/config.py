@@ -94,12 +94,21 @@ class PackageConf:
 
 @dataclass
 class ServingConf:
-    host: str = "127.0.0.1"
+    """The diagnosis service (serving/settings.py: ONCOFLOW_* variables override each key)."""
+
+    host: str = "127.0.0.1"  # `oncoflow serve` binds here
     port: int = 3000
-    api_key_env: str = "ONCOFLOW_API_KEYS"
-    max_request_mb: int = 20
-    max_pixels: int = 50_000_000
-    background_size: int = 32
+    model_tag: str = "oncoflow-model:latest"  # Bento model-store tag served
+    max_request_mb: float = 20.0  # request body limit (chat bodies: 64 KB)
+    max_pixels: int = 50_000_000  # decoded image size limit
+    max_batch: int = 32  # most predictions in one model call
+    max_queue: int = 1024  # most predictions waiting for the model; beyond it: 503
+    optimise_model: bool = True  # predict with the rewritten copy (BatchNorm folded, ...)
+    gil_switch_us: int = 500  # Python's thread switch interval (Python's own: 5000)
+    torch_threads: int | None = None  # torch intra-op threads; null: torch's choice
+    chat: bool = True  # serve the chat assistant
+    assistant_config: str | None = None  # JSON file with the assistant settings
+    background_size: int = 32  # SHAP reference images packaged with the model
 
 
 @dataclass
