@@ -1,16 +1,14 @@
-"""Training entry points: `train_classifier` (central, with validation) and `fit_local`
-(a few local epochs on one federated site). Both build the same `ArrayDataModule` and
-`ClassifierModule` and run them with a Lightning `Trainer` — one code path.
+"""Central training: `train_classifier` (the one training loop plus validation, early stopping
+and the best checkpoint) and `train_central`, the pipeline's central training step assembled
+from the run config (architecture, preprocessing, augmentation, DP-SGD with Opacus).
+The federated counterpart is `components.federated.engines.run_federated`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,17 +16,29 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, ModelError
+from components.training.assembly import (
+    architecture_from_config,
+    augmentation_from_config,
+    fit_settings_from_config,
+    preprocessing_from_config,
+)
 from components.training.datamodule import ArrayDataModule, Arrays, Augmentation
+from components.training.loop import (
+    LoaderHook,
+    ThroughputTimer,
+    check_fit_settings,
+    make_trainer,
+    model_num_classes,
+    quiet_lightning,
+)
 from components.training.module import ClassifierModule, OptimizerHook
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_macro_f1"
-LoaderHook = Callable[[DataLoader], DataLoader]
 
 
 @dataclass
@@ -56,100 +66,6 @@ class TrainResult:
             "best_checkpoint": str(self.best_checkpoint),
             "history": self.history,
         }
-
-
-class ThroughputTimer(L.Callback):
-    """Time spent in training batches (validation excluded) and images seen."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.images = 0
-        self._start: float | None = None
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-
-    def _stop(self) -> None:
-        if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += len(batch[1])
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._stop()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._stop()
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def _num_classes(model: nn.Module) -> int:
-    num_classes = getattr(model, "num_classes", None)
-    if not isinstance(num_classes, int):
-        raise ModelError("model must be built by components.models.build_model (no num_classes)")
-    return num_classes
-
-
-@contextmanager
-def _quiet_lightning():
-    """Silence Lightning's chatter about workers, devices and log intervals for small runs."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-        warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=r".*deterministic.*")
-        warnings.filterwarnings("ignore", message=r".*have no `val_dataloader`.*")
-        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
-        for lg in loggers:
-            lg.setLevel(max(lg.level, logging.WARNING))
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-
-
-def _trainer(
-    *,
-    out_dir: Path | None,
-    max_epochs: int,
-    callbacks: list[L.Callback],
-    deterministic: bool,
-    accelerator: str,
-    validate: bool,
-    checkpointing: bool = False,
-    logger: Any = False,
-    steps_per_epoch: int,
-) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=1,
-        callbacks=callbacks,
-        logger=logger,
-        default_root_dir=str(out_dir) if out_dir is not None else None,
-        enable_checkpointing=checkpointing,
-        enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if validate else 0,
-        log_every_n_steps=max(1, min(50, steps_per_epoch)),
-        # "warn": some CUDA kernels (e.g. adaptive pooling backward) have no deterministic version
-        deterministic="warn" if deterministic else False,
-    )
-
-
-def _check_settings(max_epochs: int, batch_size: int, lr: float) -> None:
-    if max_epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ConfigError("epochs, batch_size and lr must be positive")
 
 
 def train_classifier(
@@ -184,10 +100,10 @@ def train_classifier(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    _check_settings(max_epochs, batch_size, lr)
+    check_fit_settings(max_epochs, batch_size, lr)
     if early_stopping_patience < 1:
         raise ConfigError("early_stopping_patience must be at least 1")
-    num_classes = _num_classes(model)
+    num_classes = model_num_classes(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -223,8 +139,8 @@ def train_classifier(
     stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=early_stopping_patience)
     timer = ThroughputTimer()
     start = time.perf_counter()
-    with _quiet_lightning():
-        trainer = _trainer(
+    with quiet_lightning():
+        trainer = make_trainer(
             out_dir=out_dir,
             max_epochs=max_epochs,
             callbacks=[checkpoint, stopper, timer],
@@ -271,105 +187,86 @@ def train_classifier(
     )
 
 
-def fit_local(
-    model: nn.Module,
-    train: Arrays,
-    preprocessing: Preprocessing,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 1e-4,
-    imbalance: str = "none",
-    augment: bool | Augmentation = False,
-    seed: int = 0,
-    proximal_mu: float = 0.0,
-    global_params: Iterable[torch.Tensor] | None = None,
-    deterministic: bool = True,
-    num_workers: int = 0,
-    accelerator: str = "auto",
-    callbacks: list[L.Callback] | None = None,
-    optimizer_hook: OptimizerHook | None = None,
-    loader_hook: LoaderHook | None = None,
-) -> dict[str, Any]:
-    """Train `model` in place for `epochs` epochs on one site's data (no validation).
+@dataclass
+class CentralResult:
+    """What central training returns to the pipeline (cf. `FederatedResult`)."""
 
-    The learning-rate schedule spans the `epochs` of this call. With `proximal_mu > 0` the
-    FedProx term pulls the weights toward `global_params` (default: the model's parameters at
-    the start of the call, i.e. the global model the site just received). Use a different
-    `seed` per site and round. Returns JSON-safe metrics: `train_loss` (last epoch),
-    `num_examples`, `epochs`, `wall_seconds`, `images_per_second`, `history`.
+    training: TrainResult
+    architecture: dict[str, Any]  # `build_model` kwargs
+    privacy: dict[str, Any] | None = None  # DP-SGD report (ε, δ, σ, steps...) and `mode`
 
-    Extension points, for DP-SGD and the like: `loader_hook(train_loader) -> loader` replaces
-    the training loader (e.g. Poisson sampling), `optimizer_hook(module, optimizer) ->
-    optimizer` wraps the optimiser (e.g. Opacus `make_private` on `module`), and `callbacks`
-    are added to the Trainer.
-    """
-    _check_settings(epochs, batch_size, lr)
-    num_classes = _num_classes(model)
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = ArrayDataModule(
-        train,
-        None,
-        preprocessing,
-        num_classes=num_classes,
-        batch_size=batch_size,
-        imbalance=imbalance,
-        augment=augment,
-        seed=seed,
-        num_workers=num_workers,
-    )
-    module = ClassifierModule(
-        model,
-        num_classes,
-        lr=lr,
-        weight_decay=weight_decay,
-        max_epochs=epochs,
-        class_weights=data.class_weights,
-        proximal_mu=proximal_mu,
-        global_params=global_params,
-        optimizer_hook=optimizer_hook,
-    )
-    timer = ThroughputTimer()
-    start = time.perf_counter()
-    with _quiet_lightning():
-        trainer = _trainer(
-            out_dir=None,
-            max_epochs=epochs,
-            callbacks=[timer, *(callbacks or [])],
-            deterministic=deterministic,
-            accelerator=accelerator,
-            validate=False,
-            steps_per_epoch=-(-data.num_train // batch_size),
+    @property
+    def model(self) -> nn.Module:
+        return self.training.model
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.training.history
+
+    @property
+    def epochs_run(self) -> int:
+        return self.training.epochs_run
+
+
+def train_central(
+    cfg: Mapping[str, Any], arrays: Mapping[str, Any], out_dir: Path
+) -> CentralResult:
+    """The central training step of the pipeline: build the model the config describes and
+    train it on `arrays["train"]`, selecting on `arrays["val"]` (`SplitArrays`), with DP-SGD
+    when `privacy` asks for it (the model then uses GroupNorm). Writes under `out_dir`."""
+    from components.models import build_model
+    from components.privacy.settings import validate_privacy
+
+    tr = cfg["trainer"]
+    privacy = validate_privacy(cfg["privacy"], None, tr)
+    architecture = architecture_from_config(cfg, privacy=privacy)
+    model = build_model(**architecture)
+    dp = None
+    if privacy.dp_sgd:
+        model, dp = _dp_sgd(model, privacy, len(arrays["train"].y), tr)
+    hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
+    try:
+        result = train_classifier(
+            model,
+            (arrays["train"].x, arrays["train"].y),
+            (arrays["val"].x, arrays["val"].y),
+            preprocessing_from_config(cfg),
+            max_epochs=tr["max_epochs"],
+            early_stopping_patience=tr["early_stopping_patience"],
+            augment=augmentation_from_config(cfg),
+            seed=cfg["seed"],
+            out_dir=out_dir,
+            num_workers=tr["num_workers"],
+            **fit_settings_from_config(cfg),
+            **hooks,
         )
-        train_loader = data.train_dataloader()
-        if loader_hook is not None:
-            train_loader = loader_hook(train_loader)
-        trainer.fit(module, train_dataloaders=train_loader)
-    wall = time.perf_counter() - start
-    module.model.cpu()
-    history = module.history
-    return {
-        "train_loss": float(history[-1]["train_loss"]) if history else float("nan"),
-        "num_examples": data.num_train,
-        "epochs": len(history),
-        "wall_seconds": wall,
-        "images_per_second": timer.images_per_second,
-        "history": history,
-    }
+    finally:
+        if dp:
+            dp.close()
+    report = dp.report() | {"mode": privacy.mode} if dp else None
+    return CentralResult(training=result, architecture=architecture, privacy=report)
 
 
-def settings_from_config(trainer_conf: Any) -> dict[str, Any]:
-    """Keyword arguments of `train_classifier` from the `trainer` section of the run config."""
-    keys = (
-        "max_epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "early_stopping_patience",
-        "imbalance",
-        "augment",
-        "num_workers",
-        "deterministic",
+def _dp_sgd(model: nn.Module, privacy: Any, num_examples: int, trainer: Mapping[str, Any]):
+    """Make `model` Opacus-compatible and plan σ over the whole training (all epochs)."""
+    from components.privacy.dp import DPSGD, PrivacyLedger, make_private_compatible, plan_noise
+
+    model, _ = make_private_compatible(model)
+    sigma, _, _ = plan_noise(
+        privacy,
+        num_examples=num_examples,
+        batch_size=trainer["batch_size"],
+        epochs_total=trainer["max_epochs"],
     )
-    return {key: trainer_conf[key] for key in keys}
+    ledger = PrivacyLedger(privacy.accountant, privacy.delta, privacy.epsilon)
+    dp = DPSGD(
+        sigma,
+        privacy.max_grad_norm,
+        ledger,
+        grad_sample_mode=privacy.grad_sample_mode,
+        secure_mode=privacy.secure_mode,
+    )
+    return model, dp
+
+
+__all__ = ["MONITOR", "CentralResult", "TrainResult", "train_central", "train_classifier"]

@@ -22,7 +22,8 @@ from components.privacy.dp import (
     plan_noise,
 )
 from components.privacy.settings import validate_privacy
-from components.training.central import fit_local, train_classifier
+from components.training.central import train_classifier
+from components.training.loop import fit_local
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training import PREP, square_task

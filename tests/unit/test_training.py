@@ -11,7 +11,8 @@ from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, DataError
 from components.evaluation.predict import predict_proba
 from components.models import build_model
-from components.training.central import fit_local, train_classifier
+from components.training.central import train_classifier
+from components.training.loop import fit_local
 from components.training.datamodule import (
     ArrayDataModule,
     Augmentation,

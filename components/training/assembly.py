@@ -1,0 +1,82 @@
+"""From the run config to what training needs: preprocessing, augmentation, the model's
+architecture and the `trainer` settings. Central training (`central.train_central`) and the
+federated layout (`components.federated.layout`) both build from here.
+
+`cfg` is the composed run config as a plain mapping (`components.config.to_container`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from components.data.preprocess import Preprocessing
+
+if TYPE_CHECKING:  # importing it needs torch and Lightning; this module stays light
+    from components.training.datamodule import Augmentation
+
+
+def preprocessing_from_config(cfg: Mapping[str, Any]) -> Preprocessing:
+    """Input size and channels from the `dataset` section."""
+    dataset = cfg["dataset"]
+    return Preprocessing(size=dataset["image_size"], channels=dataset["channels"])
+
+
+def augmentation_from_config(cfg: Mapping[str, Any]) -> Augmentation | bool:
+    """The training augmentation (`trainer.augment`), flips allowed by `dataset.hflip`."""
+    from components.training.datamodule import Augmentation
+
+    if not cfg["trainer"]["augment"]:
+        return False
+    return Augmentation(hflip=cfg["dataset"]["hflip"])
+
+
+def needs_group_norm(privacy: Any) -> bool:
+    """DP-SGD needs per-sample-safe normalisation; central DP would noise BatchNorm's running
+    variances (into negative values). Both train with GroupNorm instead."""
+    return privacy is not None and bool(privacy.dp_sgd or privacy.central_dp)
+
+
+def architecture_from_config(
+    cfg: Mapping[str, Any], num_classes: int | None = None, *, privacy: Any = None
+) -> dict[str, Any]:
+    """`build_model` keyword arguments from the `model` and `dataset` sections.
+
+    `num_classes` defaults to the number of `dataset.classes`; with a `privacy` setting
+    (`components.privacy.settings.PrivacySettings`) that needs it, the norm is GroupNorm.
+    """
+    m = cfg["model"]
+    if num_classes is None:
+        num_classes = len(cfg["dataset"]["classes"])
+    return {
+        "name": m["name"],
+        "num_classes": int(num_classes),
+        "in_channels": int(cfg["dataset"]["channels"]),
+        "norm": "group" if needs_group_norm(privacy) else m.get("norm", "batch"),
+        "pretrained": bool(m.get("pretrained", False)),
+        "small_input": bool(m.get("small_input", True)),
+        "width": int(m.get("width", 16)),
+    }
+
+
+def fit_settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `trainer` settings every fit shares, central or on a site: batch size, optimiser,
+    class imbalance handling and determinism (keyword arguments of `train_classifier` and
+    `fit_local`)."""
+    tr = cfg.get("trainer", {})
+    return {
+        "batch_size": int(tr.get("batch_size", 32)),
+        "lr": float(tr.get("lr", 1e-3)),
+        "weight_decay": float(tr.get("weight_decay", 1e-4)),
+        "imbalance": str(tr.get("imbalance", "none")),
+        "deterministic": bool(tr.get("deterministic", True)),
+    }
+
+
+__all__ = [
+    "architecture_from_config",
+    "augmentation_from_config",
+    "fit_settings_from_config",
+    "needs_group_norm",
+    "preprocessing_from_config",
+]
