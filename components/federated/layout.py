@@ -46,6 +46,7 @@ from components.federated.task import (
 )
 from components.privacy.federated import ServerPrivacy, clear_site_ledger
 from components.privacy.settings import validate_privacy
+from components.training.assembly import architecture_from_config, fit_settings_from_config
 
 log = logging.getLogger(__name__)
 
@@ -87,35 +88,16 @@ class FederationLayout:
         return cls(root, spec.settings, spec, spec_path, sites, meta["report"])
 
 
-def architecture_from_config(cfg: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
-    """`build_model` keyword arguments from the run config's `model` and `dataset` sections."""
-    m = cfg["model"]
-    return {
-        "name": m["name"],
-        "num_classes": int(num_classes),
-        "in_channels": int(cfg["dataset"]["channels"]),
-        "norm": m.get("norm", "batch"),
-        "pretrained": bool(m.get("pretrained", False)),
-        "small_input": bool(m.get("small_input", True)),
-        "width": int(m.get("width", 16)),
-    }
-
-
-def training_from_config(
+def _local_training(
     cfg: Mapping[str, Any], settings: FederationSettings, threads: int | None
 ) -> LocalTraining:
-    """Local training settings: the run's `trainer` section, epochs from `federation`."""
-    tr = cfg.get("trainer", {})
+    """A site's local fit: the run's `trainer` settings, epochs and FedProx from `federation`."""
     return LocalTraining(
         epochs=settings.local_epochs,
-        batch_size=int(tr.get("batch_size", 32)),
-        lr=float(tr.get("lr", 1e-3)),
-        weight_decay=float(tr.get("weight_decay", 1e-4)),
-        imbalance=str(tr.get("imbalance", "none")),
-        augment=bool(tr.get("augment", False)),
-        deterministic=bool(tr.get("deterministic", True)),
+        augment=bool(cfg.get("trainer", {}).get("augment", False)),
         proximal_mu=settings.proximal_mu,
         threads=threads,
+        **fit_settings_from_config(cfg),
     )
 
 
@@ -208,11 +190,7 @@ def prepare_federation(
     server_dir = root / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
     write_split(server_dir / "test.npz", x_test, y_test)
-    architecture = architecture_from_config(cfg, len(class_names))
-    if privacy.dp_sgd or privacy.central_dp:
-        # DP-SGD needs per-sample-safe normalisation; central DP would noise BatchNorm's
-        # running variances (into negative values)
-        architecture["norm"] = "group"
+    architecture = architecture_from_config(cfg, len(class_names), privacy=privacy)
     spec = RunSpec(
         settings=settings,
         model=ModelSpec(
@@ -220,7 +198,7 @@ def prepare_federation(
             preprocessing=preprocessing.to_dict(),
             class_names=list(class_names),
         ),
-        training=training_from_config(cfg, settings, threads),
+        training=_local_training(cfg, settings, threads),
         test_path=str(server_dir / "test.npz"),
         out_dir=str(server_dir / "out"),
         sites=list(sites),
@@ -255,9 +233,4 @@ def _check_resume(spec: RunSpec, site_dirs: Mapping[str, Path]) -> None:
         log.info("a checkpoint after round %d exists: the run will resume", existing.round)
 
 
-__all__ = [
-    "FederationLayout",
-    "architecture_from_config",
-    "prepare_federation",
-    "training_from_config",
-]
+__all__ = ["FederationLayout", "prepare_federation"]

@@ -1,6 +1,6 @@
 """What the ServerApp and the ClientApp share: the model spec, weights <-> Flower records,
 site data on disk, and local training / evaluation through the project's one training loop
-(`components.training.central.fit_local`) and metrics (`components.evaluation`).
+(`components.training.loop.fit_local`) and metrics (`components.evaluation`).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def train_local(
     """Local epochs on one site with the project's one training loop (`fit_local`).
 
     `dp`: a `components.privacy.dp.DPSGD` hook pair making the fit DP-SGD (closed after)."""
-    from components.training.central import fit_local
+    from components.training.loop import fit_local
 
     hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
     try:
