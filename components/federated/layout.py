@@ -204,7 +204,7 @@ def prepare_federation(
         sites=list(sites),
         attacks=attacks,
         data_fingerprint=_fingerprint(fingerprint_parts),
-        privacy=privacy.to_dict() if privacy.enabled else {},
+        privacy=privacy,
     )
     _check_resume(spec, site_dirs)
     spec_path = spec.save(server_dir / "spec.json")

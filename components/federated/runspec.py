@@ -17,6 +17,7 @@ from typing import Any
 from components.errors import ConfigError
 from components.federated.settings import FederationSettings
 from components.federated.task import LocalTraining, ModelSpec
+from components.privacy.settings import PrivacySettings
 
 SPEC_KEY = "oncoflow-spec"  # ConfigRecord key carrying the ClientSpec JSON
 
@@ -27,7 +28,7 @@ class ClientSpec:
     training: LocalTraining
     seed: int
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacySettings.to_dict()
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     rounds: int = 1  # the planned rounds (DP-SGD calibrates σ over all of them)
     run_key: str = ""  # identifies the run (a site keeps one privacy ledger per run)
 
@@ -38,18 +39,16 @@ class ClientSpec:
                 "training": asdict(self.training),
                 "seed": self.seed,
                 "attacks": self.attacks,
-                "privacy": self.privacy,
+                "privacy": _privacy_json(self.privacy),
                 "rounds": self.rounds,
                 "run_key": self.run_key,
             },
             sort_keys=True,
         )
 
-    def privacy_settings(self):
+    def privacy_settings(self) -> PrivacySettings:
         """The run's `PrivacySettings`."""
-        from components.privacy.federated import settings_from_dict
-
-        return settings_from_dict(self.privacy)
+        return self.privacy
 
     @classmethod
     def from_json(cls, text: str) -> ClientSpec:
@@ -59,7 +58,7 @@ class ClientSpec:
             training=LocalTraining.from_dict(data["training"]),
             seed=int(data["seed"]),
             attacks=dict(data.get("attacks", {})),
-            privacy=dict(data.get("privacy") or {}),
+            privacy=PrivacySettings.from_dict(data.get("privacy") or {}),
             rounds=int(data.get("rounds", 1)),
             run_key=str(data.get("run_key", "")),
         )
@@ -78,7 +77,7 @@ class RunSpec:
     sites: list[str]
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_fingerprint: str = ""
-    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacySettings.to_dict()
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     @property
     def client_spec(self) -> ClientSpec:
@@ -92,11 +91,9 @@ class RunSpec:
             run_key=self.fingerprint(),
         )
 
-    def privacy_settings(self):
+    def privacy_settings(self) -> PrivacySettings:
         """The run's `PrivacySettings`."""
-        from components.privacy.federated import settings_from_dict
-
-        return settings_from_dict(self.privacy)
+        return self.privacy
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: settings, model, training and data."""
@@ -106,7 +103,7 @@ class RunSpec:
             "training": {k: v for k, v in asdict(self.training).items() if k != "threads"},
             "sites": sorted(self.sites),
             "data": self.data_fingerprint,
-            "privacy": self.privacy,
+            "privacy": _privacy_json(self.privacy),
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -121,7 +118,7 @@ class RunSpec:
             "sites": list(self.sites),
             "attacks": self.attacks,
             "data_fingerprint": self.data_fingerprint,
-            "privacy": self.privacy,
+            "privacy": _privacy_json(self.privacy),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -149,8 +146,13 @@ class RunSpec:
             sites=list(data["sites"]),
             attacks=dict(data.get("attacks", {})),
             data_fingerprint=data.get("data_fingerprint", ""),
-            privacy=dict(data.get("privacy") or {}),
+            privacy=PrivacySettings.from_dict(data.get("privacy") or {}),
         )
+
+
+def _privacy_json(privacy: PrivacySettings) -> dict[str, Any]:
+    """The wire form of the privacy settings ({} without privacy, as specs always had)."""
+    return privacy.to_dict() if privacy.enabled else {}
 
 
 __all__ = ["SPEC_KEY", "ClientSpec", "RunSpec"]

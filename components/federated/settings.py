@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from components.errors import ConfigError
+from components.typed_config import load
 
 STRATEGIES = ("fedavg", "fedprox", "krum", "multikrum", "trimmed_mean", "median", "bulyan")
 ROBUST = frozenset({"krum", "multikrum", "trimmed_mean", "median", "bulyan"})
@@ -24,20 +25,24 @@ ATTACKS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "nan")
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """Byzantine experiment: `sites` (a count k, or explicit site names) behave as `behaviour`.
+    """Byzantine experiments only: `sites` (a count k, or explicit site names) behave as
+    `behaviour`. With a count k, the first k sites in sorted order attack.
 
     - sign_flip: send w_g - scale·Δ (Δ = honest local update)
     - scale:     send w_g + scale·Δ
     - gaussian:  send the honest weights plus N(0, noise_std²) noise
     - label_flip: train on labels y -> K-1-y, send the result honestly
     - nan:       send NaN weights
-    With a count k, the first k sites in sorted order attack.
     """
 
-    behaviour: str = "none"
-    sites: int | tuple[str, ...] = 0
-    scale: float = 10.0
-    noise_std: float = 1.0
+    behaviour: str = "none"  # none | sign_flip | scale | gaussian | label_flip | nan
+    sites: Any = 0  # k (the first k sites, sorted) or a list of site names
+    scale: float = 10.0  # sign_flip / scale factor
+    noise_std: float = 1.0  # gaussian noise σ
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, list | tuple):
+            object.__setattr__(self, "sites", tuple(str(s) for s in self.sites))
 
     @property
     def active(self) -> bool:
@@ -63,36 +68,44 @@ class SimulationSettings:
     """Flower simulation engine (Ray) resources on one machine."""
 
     cpus_per_site: float = 1.0
-    total_cpus: int | None = None  # null -> all cores Ray sees
+    total_cpus: int | None = None  # null: all cores Ray sees
     threads_per_site: int = 1  # torch threads inside each simulated site
 
 
 @dataclass(frozen=True)
 class FederationSettings:
-    """Everything the federated training step needs besides the data and the model."""
+    """The `federation` config section (with training=federated): sites, rule, engine.
 
-    strategy: str = "fedavg"
+    This dataclass is the section's schema and the one place of its defaults; the files in
+    conf/federation/ set only what differs (`oncoflow config training=federated` prints all).
+    """
+
+    strategy: str = "fedavg"  # fedavg | fedprox | krum | multikrum | trimmed_mean | median | bulyan
+    # simulation (Flower + Ray, one machine) | deployment (SuperLink + one SuperNode per site,
+    # TLS) | inline (the same apps in one process; tests)
     engine: str = "simulation"
-    num_sites: int | None = 5
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    min_site_samples: int = 2
+    num_sites: int | None = 5  # null with partition=given: one site per manifest `site` value
+    partition: str = "dirichlet"  # given (manifest site column) | iid | dirichlet (label skew)
+    alpha: float = 0.5  # Dirichlet concentration: 0.1 very skewed, 100 nearly IID
+    min_site_samples: int = 2  # every site keeps at least this many training images
     rounds: int = 3
     local_epochs: int = 1
-    fraction_train: float = 1.0
-    min_fit_sites: int = 2
-    min_available_sites: int = 2
-    evaluate_sites: bool = True
-    num_malicious: int = 0
-    multikrum_select: int | None = None
-    trim_fraction: float = 0.2
+    fraction_train: float = 1.0  # share of connected sites asked to train each round
+    min_fit_sites: int | None = None  # a round goes on with this many (null: num_sites-1, >= 2)
+    min_available_sites: int | None = None  # sites that must connect (null: min_fit_sites)
+    evaluate_sites: bool = True  # sites score each global model on their own validation data
+    num_malicious: int = 0  # f: Byzantine sites a robust rule must tolerate
+    multikrum_select: int | None = None  # Multi-Krum averages this many updates (null: n - f)
+    trim_fraction: float = 0.2  # trimmed mean: share cut from each tail (< 0.5)
+    # robust rules only: nnm = average each update with its n - f nearest before the rule
+    # (Allouah et al. 2023); the robust rules' own files turn it on
     mixing: str = "none"
-    proximal_mu: float = 0.0
-    round_timeout: float = 600.0
-    connect_timeout: float = 120.0
-    resume: bool = True
+    proximal_mu: float = 0.0  # FedProx only (> 0)
+    round_timeout: float = 600.0  # seconds to wait for the sites' replies
+    connect_timeout: float = 120.0  # seconds to wait for sites to connect before a round
+    resume: bool = True  # resume after the last checkpointed round of the same settings
     keep_checkpoints: int = 2
-    seed: int = 42
+    seed: int = 42  # the run's seed (conf/config.yaml sets it to ${seed})
     hygiene: HygieneSettings = field(default_factory=HygieneSettings)
     attack: AttackSettings = field(default_factory=AttackSettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
@@ -106,7 +119,7 @@ class FederationSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederationSettings:
         """Rebuild validated settings from `to_dict()` output (e.g. a run spec on disk)."""
-        return _parse(data, seed=int(data.get("seed", 42)))
+        return validate_federation({"federation": data})
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what a round computes (not timeouts or engine)."""
@@ -126,86 +139,45 @@ class FederationSettings:
         return self.multikrum_select or max(1, n - self.num_malicious)
 
 
-_NESTED = {"hygiene": HygieneSettings, "attack": AttackSettings, "simulation": SimulationSettings}
+def _section(cfg: Any) -> dict[str, Any]:
+    """The federation section (a mapping), with the run seed when the section has none."""
+    from omegaconf import OmegaConf
 
-
-def _section(cfg: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The federation section and the run seed, from a full run config or the section alone."""
-    if not isinstance(cfg, dict) and hasattr(cfg, "_get_node"):  # an OmegaConf DictConfig
-        from omegaconf import OmegaConf
-
+    if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, dict):
         raise ConfigError("the federation configuration must be a mapping")
-    if "federation" in cfg:
-        section = cfg["federation"] or {}
-        seed = cfg.get("seed", 42)
-    else:
-        section, seed = cfg, cfg.get("seed", 42)
+    section = cfg.get("federation", cfg)
+    if section is None:
+        section = {}
     if not isinstance(section, dict):
         raise ConfigError("federation must be a mapping (pick one with federation=fedavg|krum|...)")
-    return dict(section), int(seed if seed is not None else 42)
+    section = dict(section)
+    if "federation" in cfg and cfg.get("seed") is not None:
+        section.setdefault("seed", cfg["seed"])
+    return section
 
 
-def _unknown(keys, allowed, where: str) -> None:
-    extra = sorted(set(keys) - set(allowed))
-    if extra:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(extra)} in {where}; allowed: {', '.join(sorted(allowed))}"
-        )
+def _with_quorum(s: FederationSettings) -> FederationSettings:
+    """min_* default to tolerating one missing site (never below 2, never above num_sites)."""
+    fit, available = s.min_fit_sites, s.min_available_sites
+    if fit is None and isinstance(s.num_sites, int) and s.num_sites >= 1:
+        fit = max(min(2, s.num_sites), s.num_sites - 1)
+    if fit is None:
+        fit = 2
+    if available is None:
+        available = fit
+    return replace(s, min_fit_sites=fit, min_available_sites=available)
 
 
-def _nested(name: str, value: Any):
-    cls = _NESTED[name]
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"federation.{name} must be a mapping")
-    allowed = [f.name for f in fields(cls)]
-    _unknown(value, allowed, f"federation.{name}")
-    data = dict(value)
-    if name == "attack" and isinstance(data.get("sites"), list | tuple):
-        data["sites"] = tuple(str(s) for s in data["sites"])
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"federation.{name}: {exc}") from exc
-
-
-def _parse(section: dict[str, Any], seed: int) -> FederationSettings:
-    allowed = [f.name for f in fields(FederationSettings)]
-    section.pop("_target_", None)
-    _unknown(section, allowed, "federation")
-    data = {k: v for k, v in section.items() if v is not None or k in _NULLABLE}
-    data.setdefault("seed", seed)
-    for name in _NESTED:
-        data[name] = _nested(name, section.get(name))
-    num_sites = data.get("num_sites", FederationSettings.num_sites)
-    # min_* default to "tolerate one missing site" (never below 2, never above num_sites)
-    if isinstance(num_sites, int) and num_sites >= 1:
-        tolerant = max(min(2, num_sites), num_sites - 1)
-        data.setdefault("min_fit_sites", tolerant)
-        data.setdefault("min_available_sites", data["min_fit_sites"])
-    try:
-        settings = FederationSettings(**data)
-    except TypeError as exc:
-        raise ConfigError(f"federation: {exc}") from exc
-    _check(settings)
-    return settings
-
-
-_NULLABLE = {"num_sites", "multikrum_select"}
-
-
-def validate_federation(cfg: dict[str, Any]) -> FederationSettings:
+def validate_federation(cfg: Any) -> FederationSettings:
     """Validate the federation config (full run config or its `federation` section).
 
     Raises `ConfigError` naming the offending key and the fix; nothing is started.
     """
-    section, seed = _section(cfg)
-    return _parse(section, seed)
+    settings = _with_quorum(load(FederationSettings, _section(cfg), "federation"))
+    _check(settings)
+    return settings
 
 
 def _is_int(value: Any) -> bool:

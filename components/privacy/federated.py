@@ -34,20 +34,12 @@ from components.privacy.dp import (
     plan_noise,
     steps_per_epoch,
 )
-from components.privacy.settings import CentralDPSettings, PrivacySettings, SecAggSettings
+from components.privacy.settings import PrivacySettings
 
 log = logging.getLogger(__name__)
 
 SITE_LEDGER = "privacy_ledger.json"
 UNIT_WEIGHT = "unit-weight"  # metric every site reports; central DP averages updates uniformly
-
-
-def settings_from_dict(data: dict[str, Any] | None) -> PrivacySettings:
-    """`PrivacySettings` back from its `to_dict()` form (validated when the run was prepared)."""
-    data = dict(data or {})
-    central = CentralDPSettings(**data.pop("central", {}))
-    secagg = SecAggSettings(**data.pop("secagg", {}))
-    return PrivacySettings(**data, central=central, secagg=secagg)
 
 
 # --------------------------------------------------------------------------- site side
@@ -350,5 +342,4 @@ __all__ = [
     "SiteDP",
     "bound_update",
     "clear_site_ledger",
-    "settings_from_dict",
 ]

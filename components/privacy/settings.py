@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from components.errors import ConfigError
+from components.typed_config import load
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ DP_SGD_MODES = frozenset({"dp_sgd", "secagg_dp"})
 class CentralDPSettings:
     """Server-side DP (Flower `DifferentialPrivacyServerSide{Fixed,Adaptive}Clipping`)."""
 
-    clipping: str = "fixed"
-    noise_multiplier: float | None = None  # None: calibrate to (epsilon, delta) over all rounds
+    clipping: str = "fixed"  # fixed | adaptive
+    noise_multiplier: float | None = None  # null: calibrate to epsilon over federation.rounds
     clipping_norm: float = 1.0  # fixed clipping: the bound; adaptive: the initial bound
     target_clipped_quantile: float = 0.5
     clip_norm_lr: float = 0.2
@@ -52,26 +54,32 @@ class CentralDPSettings:
 class SecAggSettings:
     """Flower SecAgg+ parameters (see `flwr.server.workflow.SecAggPlusWorkflow`)."""
 
-    num_shares: float = 1.0  # float: share of the sampled sites; int: a count
-    reconstruction_threshold: float = 0.67
-    clipping_range: float = 8.0
-    quantization_range: int = 2**22
-    modulus_range: int = 2**32
+    num_shares: Any = 1.0  # a float: share of the sampled sites; an int > 2: a count
+    # a float: share of the shares (or an int count): more = safer, fewer dropouts tolerated
+    reconstruction_threshold: Any = 0.67
+    clipping_range: float = 8.0  # every coordinate clipped to +-range before quantisation
+    quantization_range: int = 2**22  # levels (more: finer, needs a larger modulus)
+    modulus_range: int = 2**32  # a power of two > quantization_range * sites
+    # >= the largest site's example count (larger: coarser quantisation); a site with more
+    # examples refuses to train
     max_weight: float = 1e4
-    timeout: float | None = None
+    timeout: float | None = None  # seconds per protocol stage; null: federation.round_timeout
 
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """Validated privacy configuration (what `validate_privacy` returns)."""
+    """The `privacy` config section: its schema and the one place of its defaults.
 
-    mode: str = "none"
-    epsilon: float | None = None  # target / budget; None: no budget (noise_multiplier given)
+    The presets in conf/privacy/ set only what differs from these defaults.
+    """
+
+    mode: str = "none"  # none | dp_sgd | central_dp | secagg | secagg_dp
+    epsilon: float | None = None  # target / budget; null: no budget (noise_multiplier given)
     delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrated to epsilon over the whole plan
+    noise_multiplier: float | None = None  # DP-SGD σ; null: calibrated to epsilon over the plan
     max_grad_norm: float = 1.0  # per-sample clipping bound C of DP-SGD
-    accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    accountant: str = "rdp"  # rdp | prv
+    grad_sample_mode: str = "hooks"  # hooks | functorch
     secure_mode: bool = False
     update_norm_bound: float | None = None  # client-side L2 bound of a site's update (SecAgg+)
     central: CentralDPSettings = field(default_factory=CentralDPSettings)
@@ -97,78 +105,49 @@ class PrivacySettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _float(section: dict[str, Any], key: str, default: Any, *, positive: bool = True) -> Any:
-    value = section.get(key, default)
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"privacy.{key} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ConfigError(f"privacy.{key} must be a positive finite number, got {value}")
-    return value
+    @classmethod
+    def from_dict(cls, data: Any) -> PrivacySettings:
+        """Typed settings from a mapping (a config section or `to_dict()` read back)."""
+        return load(cls, data if data is not None else {}, "privacy")
 
 
-def _choice(section: dict[str, Any], key: str, default: str, options: tuple[str, ...]) -> str:
-    value = str(section.get(key, default))
+def _positive(where: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{where} must be a positive finite number, got {value}")
+
+
+def _choice(where: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ConfigError(f"privacy.{key}={value!r}; choose one of {', '.join(options)}")
-    return value
+        raise ConfigError(f"{where}={value!r}; choose one of {', '.join(options)}")
 
 
-def _central(section: dict[str, Any]) -> CentralDPSettings:
-    raw = dict(section.get("central") or {})
-    unknown = set(raw) - {f for f in CentralDPSettings.__dataclass_fields__}
-    if unknown:
-        raise ConfigError(f"unknown privacy.central keys {sorted(unknown)}")
-    clipping = _choice(raw, "clipping", "fixed", CENTRAL_CLIPPING)
-    quantile = _float(raw, "target_clipped_quantile", 0.5)
-    if quantile >= 1:
+def _check_central(c: CentralDPSettings) -> None:
+    _choice("privacy.central.clipping", c.clipping, CENTRAL_CLIPPING)
+    for key in ("noise_multiplier", "clipping_norm", "target_clipped_quantile", "clip_norm_lr"):
+        _positive(f"privacy.central.{key}", getattr(c, key))
+    _positive("privacy.central.clipped_count_stddev", c.clipped_count_stddev)
+    if c.target_clipped_quantile >= 1:
         raise ConfigError("privacy.central.target_clipped_quantile must be in (0, 1)")
-    return CentralDPSettings(
-        clipping=clipping,
-        noise_multiplier=_float(raw, "noise_multiplier", None),
-        clipping_norm=_float(raw, "clipping_norm", 1.0),
-        target_clipped_quantile=quantile,
-        clip_norm_lr=_float(raw, "clip_norm_lr", 0.2),
-        clipped_count_stddev=_float(raw, "clipped_count_stddev", None),
-    )
 
 
-def _secagg(section: dict[str, Any]) -> SecAggSettings:
-    raw = dict(section.get("secagg") or {})
-    unknown = set(raw) - {f for f in SecAggSettings.__dataclass_fields__}
-    if unknown:
-        raise ConfigError(f"unknown privacy.secagg keys {sorted(unknown)}")
-    shares = raw.get("num_shares", 1.0)
-    threshold = raw.get("reconstruction_threshold", 0.67)
-    for key, value in (("num_shares", shares), ("reconstruction_threshold", threshold)):
+def _check_secagg(a: SecAggSettings) -> None:
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = getattr(a, key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"privacy.secagg.{key} must be a positive count or fraction")
         if isinstance(value, float) and value > 1:
             raise ConfigError(f"privacy.secagg.{key} as a fraction must be in (0, 1]")
-    quantization = int(raw.get("quantization_range", 2**22))
-    modulus = int(raw.get("modulus_range", 2**32))
+    modulus, quantization = a.modulus_range, a.quantization_range
     if modulus > 2**32 or modulus & (modulus - 1) or modulus <= quantization:
         raise ConfigError(
             "privacy.secagg.modulus_range must be a power of two, at most 2**32 and larger than "
             "quantization_range"
         )
-    timeout = raw.get("timeout")
-    return SecAggSettings(
-        num_shares=shares,
-        reconstruction_threshold=threshold,
-        clipping_range=_float(raw, "clipping_range", 8.0),
-        quantization_range=quantization,
-        modulus_range=modulus,
-        max_weight=_float(raw, "max_weight", 1e4),
-        timeout=float(timeout) if timeout is not None else None,
-    )
+    _positive("privacy.secagg.clipping_range", a.clipping_range)
+    _positive("privacy.secagg.max_weight", a.max_weight)
 
 
-def _check_federation(mode: str, federation: dict[str, Any] | None) -> None:
+def _check_federation(mode: str, federation: Mapping[str, Any] | None) -> None:
     federated = bool(federation)
     if mode in FEDERATED_ONLY and not federated:
         raise ConfigError(
@@ -204,7 +183,7 @@ def _check_federation(mode: str, federation: dict[str, Any] | None) -> None:
         )
 
 
-def check_trainer(settings: PrivacySettings, trainer: dict[str, Any] | None) -> None:
+def check_trainer(settings: PrivacySettings, trainer: Mapping[str, Any] | None) -> None:
     """DP-SGD needs Poisson sampling and per-sample losses that do not depend on each other.
 
     `trainer.imbalance=weighted_sampler` replaces Poisson sampling, and `weighted_loss`
@@ -223,43 +202,31 @@ def check_trainer(settings: PrivacySettings, trainer: dict[str, Any] | None) -> 
 
 
 def validate_privacy(
-    privacy: dict[str, Any] | None,
-    federation: dict[str, Any] | None = None,
-    trainer: dict[str, Any] | None = None,
+    privacy: Any,
+    federation: Mapping[str, Any] | None = None,
+    trainer: Mapping[str, Any] | None = None,
 ) -> PrivacySettings:
-    """Validate the `privacy` config section.
+    """Validate the `privacy` config section (a mapping, DictConfig or `PrivacySettings`).
 
     `federation` is the `federation` section when training is federated (None/empty for central
     training); `trainer` the `trainer` section (checked for DP-SGD compatibility).
     """
-    section = dict(privacy or {"mode": "none"})
-    known = set(PrivacySettings.__dataclass_fields__)
-    unknown = set(section) - known
-    if unknown:
-        raise ConfigError(f"unknown privacy keys {sorted(unknown)}; known: {sorted(known)}")
-    mode = _choice(section, "mode", "none", MODES)
+    settings = PrivacySettings.from_dict(privacy if privacy is not None else {"mode": "none"})
+    mode = settings.mode
+    _choice("privacy.mode", mode, MODES)
     if mode == "none":
         return PrivacySettings()
-    epsilon = _float(section, "epsilon", None)
-    delta = _float(section, "delta", 1e-5)
-    if delta >= 1:
+    _choice("privacy.accountant", settings.accountant, ACCOUNTANTS)
+    _choice("privacy.grad_sample_mode", settings.grad_sample_mode, GRAD_SAMPLE_MODES)
+    for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "update_norm_bound"):
+        _positive(f"privacy.{key}", getattr(settings, key))
+    if settings.delta >= 1:
         raise ConfigError("privacy.delta must be in (0, 1); use about 1/N or smaller")
-    settings = PrivacySettings(
-        mode=mode,
-        epsilon=epsilon,
-        delta=delta,
-        noise_multiplier=_float(section, "noise_multiplier", None),
-        max_grad_norm=_float(section, "max_grad_norm", 1.0),
-        accountant=_choice(section, "accountant", "rdp", ACCOUNTANTS),
-        grad_sample_mode=_choice(section, "grad_sample_mode", "hooks", GRAD_SAMPLE_MODES),
-        secure_mode=bool(section.get("secure_mode", False)),
-        update_norm_bound=_float(section, "update_norm_bound", None),
-        central=_central(section),
-        secagg=_secagg(section),
-    )
+    _check_central(settings.central)
+    _check_secagg(settings.secagg)
     needs_noise = settings.dp_sgd or settings.central_dp
     sigma = settings.central.noise_multiplier if settings.central_dp else settings.noise_multiplier
-    if needs_noise and sigma is None and epsilon is None:
+    if needs_noise and sigma is None and settings.epsilon is None:
         raise ConfigError(
             f"privacy={mode} needs privacy.epsilon (noise calibrated to it over the whole "
             "training) or an explicit noise multiplier"
