@@ -25,12 +25,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from components.errors import DataError
-from components.federated.runspec import SPEC_KEY, ClientSpec
+from components.federated.protocol import ROUND_KEY, SITE_RECORD, SPEC_KEY
+from components.federated.runspec import ClientSpec
+from components.federated.secagg_client import is_secure_train, secure_mod, secure_train
 from components.privacy.federated import UNIT_WEIGHT, bound_update
 
 log = logging.getLogger(__name__)
 
-SITE_RECORD = "site"  # ConfigRecord in every reply naming the site
 TRAIN_KEYS = (
     "train-loss",
     "val-examples",
@@ -64,7 +65,7 @@ def site_dir_for(context: Context, site_dirs: list[str] | None = None) -> Path:
 
 def _spec(msg: Message) -> tuple[ClientSpec, int]:
     config = msg.content["config"]
-    return ClientSpec.from_json(str(config[SPEC_KEY])), int(config["server-round"])
+    return ClientSpec.from_json(str(config[SPEC_KEY])), int(config[ROUND_KEY])
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, Any], site: str) -> Message:
@@ -217,9 +218,7 @@ def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
     """A ClientApp whose site is `data-dir` from the node config, or `site_dirs[partition-id]`.
 
     `secure_mod` runs Flower's SecAgg+ protocol for SecAgg+ messages; its train step reaches
-    `handle_train` through `secure_train` (see `components.federated.secure`)."""
-    from components.federated.secure import is_secure_train, secure_mod, secure_train
-
+    `handle_train` through `secure_train` (see `components.federated.secagg_client`)."""
     client = ClientApp(mods=[secure_mod])
 
     @client.train()

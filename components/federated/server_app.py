@@ -30,9 +30,10 @@ from components.federated.checkpoint import (
     CheckpointStore,
     write_ledger,
 )
-from components.federated.client_app import SITE_RECORD
 from components.federated.hygiene import Rejection, screen_updates
-from components.federated.runspec import SPEC_KEY, RunSpec
+from components.federated.protocol import SPEC_KEY, accepted_row, exchange, site_of
+from components.federated.runspec import RunSpec
+from components.federated.secagg_server import secure_round, uses_secure_aggregation
 from components.federated.settings import FederationSettings
 from components.privacy.federated import UNIT_WEIGHT, ServerPrivacy
 
@@ -41,44 +42,6 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 FINAL_WEIGHTS = "final_model.npz"
 SPEC_FILE_KEY = "spec-file"  # run-config key of the deployment ServerApp
-
-
-def exchange(
-    grid: Grid, messages: list[Message], timeout: float
-) -> tuple[list[tuple[int, Message]], list[int]]:
-    """Send `messages`; return [(destination node, reply)] and the nodes that did not reply.
-
-    Errors the SuperLink generates itself (e.g. "Node Unavailable") carry the SuperLink's node
-    id as sender, so replies are matched to their destination by the message they answer.
-    """
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    sent = {
-        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
-    }
-    pairs = [(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
-    answered = {node for node, _ in pairs}
-    silent = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
-    return pairs, silent
-
-
-def accepted_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The per-site history row of an accepted training reply (from its metrics only)."""
-    return {
-        "status": "accepted",
-        "num_examples": int(metrics.get("num-examples", 0)),
-        "train_loss": float(metrics.get("train-loss", float("nan"))),
-        "local_val_macro_f1": float(metrics.get("local-val-macro-f1", 0.0)),
-        "fit_seconds": float(metrics.get("fit-seconds", 0.0)),
-    } | {k.replace("-", "_"): float(v) for k, v in metrics.items() if k.startswith("dp-")}
-
-
-def _site_of(node: int, msg: Message | None, node_sites: dict[int, str]) -> str:
-    """The site behind `node`: named in the reply, else learnt earlier, else `node-<id>`."""
-    if msg is not None and not msg.has_error() and SITE_RECORD in msg.content.config_records:
-        name = str(msg.content.config_records[SITE_RECORD]["name"])
-        node_sites[node] = name
-        return name
-    return node_sites.get(node, f"node-{node}")
 
 
 def await_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> int:
@@ -129,7 +92,7 @@ def roll_call(grid: Grid, node_sites: dict[int, str], timeout: float) -> None:
         if reply.has_error():
             log.warning("node %d did not answer the roll call: %s", node, reply.error.reason)
             continue
-        site = _site_of(node, reply, node_sites)
+        site = site_of(node, reply, node_sites)
         claimed = [n for n, s in node_sites.items() if s == site]
         if len(claimed) > 1:
             log.warning("nodes %s all claim to be site %s", claimed, site)
@@ -178,7 +141,6 @@ def _round_train(
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, dict], list[Rejection], list[str]]:
     """One training step: send, screen, aggregate. Returns (new arrays or None, per-site rows,
     rejections, notes)."""
-    from components.federated.secure import secure_round, uses_secure_aggregation
     from components.federated.task import from_record, match_dtypes, to_record
 
     if uses_secure_aggregation(spec):  # SecAgg+: the server only ever sees the sum
@@ -192,12 +154,12 @@ def _round_train(
     notes: list[str] = []
     updates, good = [], []
     for node in silent:
-        site = _site_of(node, None, node_sites)
+        site = site_of(node, None, node_sites)
         reason = f"no reply within round_timeout={settings.round_timeout:.0f}s"
         rejections.append(Rejection(server_round, site, reason, node))
         sites[site] = {"status": "failed"}
     for node, msg in pairs:
-        site = _site_of(node, msg, node_sites)
+        site = site_of(node, msg, node_sites)
         if msg.has_error():
             reason = f"no update: {msg.error.reason}"
             rejections.append(Rejection(server_round, site, reason, node))
@@ -300,10 +262,10 @@ def _round_evaluate(
     pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     usable = []
     for node in silent:
-        row = sites.setdefault(_site_of(node, None, node_sites), {"status": "evaluated only"})
+        row = sites.setdefault(site_of(node, None, node_sites), {"status": "evaluated only"})
         row["eval_error"] = "no reply within round_timeout"
     for node, msg in pairs:
-        site = _site_of(node, msg, node_sites)
+        site = site_of(node, msg, node_sites)
         row = sites.setdefault(site, {"status": "evaluated only"})
         if msg.has_error():
             row["eval_error"] = msg.error.reason
@@ -487,7 +449,6 @@ __all__ = [
     "app",
     "await_sites",
     "build_server_app",
-    "exchange",
     "roll_call",
     "run_federation",
 ]

@@ -20,13 +20,8 @@ from components.federated.client_app import build_client_app, handle_train
 from components.federated.engines import run_prepared
 from components.federated.inline import InlineGrid
 from components.federated.layout import prepare_federation
-from components.federated.runspec import SPEC_KEY
-from components.federated.secure import (
-    aggregate_error_bound,
-    masked_names,
-    secagg_settings,
-    secure_round,
-)
+from components.federated.protocol import SPEC_KEY, masked_names
+from components.federated.secagg_server import aggregate_error_bound, secagg_settings, secure_round
 from components.federated.server_app import roll_call
 from components.federated.task import from_record, state_arrays, to_record
 from components.privacy.settings import validate_privacy

@@ -1,4 +1,5 @@
-"""SecAgg+ secure aggregation of the federated rounds (`privacy.mode` = secagg / secagg_dp).
+"""SecAgg+ secure aggregation of the federated rounds (`privacy.mode` = secagg / secagg_dp):
+the server's half (the site's half is `secagg_client`).
 
 One training round runs Flower's SecAgg+ protocol (`SecAggPlusWorkflow` on the server,
 `secaggplus_mod` on each site) in four stages: *setup* (each site sends two public keys),
@@ -26,40 +27,41 @@ drops norm metrics from its reply), so server-side update hygiene and the rules 
 individual updates (Krum family, trimmed mean, median) cannot run under SecAgg+;
 `components.privacy.settings` refuses those combinations.
 
-Client side: `secure_mod` (a ClientApp mod: SecAgg+ messages go through `secaggplus_mod`, all
-others pass) and `secure_train` (serves the SecAgg+ train message with the ClientApp's one
-`handle_train`). Server side: `secure_round` (the SecAgg+ counterpart of the round driver's
-training step).
+Server side (this module): `secure_round` (the SecAgg+ counterpart of the round driver's
+training step), `uses_secure_aggregation` (whether a run's rounds go through it) and
+`aggregate_error_bound` (how far the result may be from exact FedAvg).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from components.errors import ConfigError, DataError
-from components.federated.hygiene import Rejection, structural_problem
-from components.federated.runspec import SPEC_KEY
+from components.federated.hygiene import Rejection
+from components.federated.protocol import (
+    CLIPPING_KEY,
+    MAX_WEIGHT_KEY,
+    NAMES_KEY,
+    ROUND_KEY,
+    SPEC_KEY,
+    accepted_row,
+    exchange,
+    masked_names,
+    site_of,
+)
 from components.privacy.settings import SecAggSettings
 
 log = logging.getLogger(__name__)
 
-FITINS_PARAMETERS = "fitins.parameters"  # legacy FitIns layout that SecAgg+ sends to a site
-FITINS_CONFIG = "fitins.config"
-NAMES_KEY = "oncoflow-array-names"  # fit-config key: JSON list of the tensor names, in order
-MAX_WEIGHT_KEY = "oncoflow-secagg-max-weight"
-CLIPPING_KEY = "oncoflow-secagg-clipping-range"
-SITE_RECORD = "site"  # as `client_app.SITE_RECORD` (not imported: client_app imports us)
-PRIVATE_METRICS = ("update-norm",)  # metric-name prefixes that describe the update itself
 STAGE_NAMES = {
     Stage.SETUP: "setup",
     Stage.SHARE_KEYS: "share keys",
@@ -76,11 +78,6 @@ def secagg_settings(spec: Any) -> SecAggSettings | None:
     aggregation."""
     privacy = spec.privacy_settings()
     return privacy.secagg if privacy.secure_aggregation else None
-
-
-def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """The tensors whose update goes into the secure sum: the floating-point ones, in order."""
-    return [k for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
 
 def uses_secure_aggregation(spec: Any) -> bool:
@@ -129,112 +126,7 @@ def build_workflow(settings: SecAggSettings, default_timeout: float):
         raise ConfigError(f"privacy.secagg: {exc}") from exc
 
 
-# --------------------------------------------------------------------------- site side
-
-
-def is_secagg_message(msg: Message) -> bool:
-    """A message of the SecAgg+ protocol (it carries the protocol's config record)."""
-    return (
-        msg.metadata.message_type == "train"
-        and msg.has_content()
-        and RECORD_KEY_CONFIGS in msg.content.config_records
-    )
-
-
-def secure_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]):
-    """ClientApp mod: SecAgg+ messages go through Flower's `secaggplus_mod`; every other
-    message (plain train, evaluate, query) passes unchanged."""
-    if is_secagg_message(msg):
-        from flwr.client.mod import secaggplus_mod
-
-        # secaggplus_mod pops keys from the protocol's record: hand it its own copy, so a
-        # transport that does not serialise (the inline engine) cannot leak the change into
-        # the message the workflow sends to the next site
-        content = RecordDict(dict(msg.content))
-        content[RECORD_KEY_CONFIGS] = ConfigRecord(dict(msg.content[RECORD_KEY_CONFIGS]))
-        own = Message(content=content, metadata=copy.copy(msg.metadata))
-        return secaggplus_mod(own, ctxt, call_next)
-    return call_next(msg, ctxt)
-
-
-def is_secure_train(msg: Message) -> bool:
-    """A train message in the legacy FitIns layout (SecAgg+'s collect-masked-vectors stage)."""
-    return msg.has_content() and FITINS_PARAMETERS in msg.content.array_records
-
-
-def secure_train(msg: Message, train: Callable[[Message], Message]) -> Message:
-    """Serve a SecAgg+ train message with the ClientApp's own train handler.
-
-    `train` (e.g. `lambda m: handle_train(m, site_dir)`) gets the message in the ClientApp's
-    layout ("arrays" with the named global weights, "config" with the ClientSpec and the round)
-    and replies with "arrays", "metrics" and "site". The reply is turned into the FitRes layout
-    `secaggplus_mod` masks: the update (local - global weights, float64, floating-point tensors
-    in the global order, `masked_names`) and the site's number of examples. "metrics" (less
-    any metric about the update itself) and "site" travel on in the clear; `secaggplus_mod`
-    empties every array record of the reply before it leaves the site.
-    """
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
-
-    from components.federated.task import from_record, to_record
-
-    params = msg.content.array_records[FITINS_PARAMETERS]
-    config = msg.content.config_records[FITINS_CONFIG]
-    names = [str(n) for n in json.loads(str(config[NAMES_KEY]))]
-    if len(params) != len(names):
-        raise DataError(
-            f"the SecAgg+ train message holds {len(params)} tensors for {len(names)} names"
-        )
-    received = {name: params[str(i)].numpy() for i, name in enumerate(names)}
-    ours = {k: v for k, v in config.items() if k not in (NAMES_KEY, MAX_WEIGHT_KEY, CLIPPING_KEY)}
-    view = Message(
-        content=RecordDict({"arrays": to_record(received), "config": ConfigRecord(ours)}),
-        metadata=copy.copy(msg.metadata),
-    )
-    reply = train(view)
-    if reply.has_error():
-        raise DataError(f"local training failed: {reply.error.reason}")
-    weights = from_record(reply.content.array_records["arrays"])
-    problem = structural_problem(weights, received)
-    if problem:
-        raise DataError(f"refusing to mask a malformed update: {problem}")
-    metrics = reply.content.metric_records["metrics"]
-    num_examples = int(metrics["num-examples"])
-    max_weight = float(config[MAX_WEIGHT_KEY])
-    if num_examples > max_weight:
-        raise DataError(
-            f"this site trained on {num_examples} examples, more than privacy.secagg.max_weight="
-            f"{max_weight:g}; raise max_weight to at least the largest site's example count"
-        )
-    update = [
-        np.asarray(weights[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
-        for k in masked_names(received)
-    ]
-    _warn_if_clipped(update, num_examples / max_weight, float(config[CLIPPING_KEY]))
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), num_examples, {})
-    content = compat.fitres_to_recorddict(fitres, keep_input=False)
-    public = {k: v for k, v in metrics.items() if not k.startswith(PRIVATE_METRICS)}
-    content["metrics"] = MetricRecord(public)
-    if SITE_RECORD in reply.content.config_records:
-        content[SITE_RECORD] = reply.content.config_records[SITE_RECORD]
-    return Message(content=content, reply_to=msg)
-
-
-def _warn_if_clipped(update: list[np.ndarray], ratio: float, clipping_range: float) -> None:
-    largest = max((float(np.max(np.abs(u))) for u in update if u.size), default=0.0)
-    if not np.isfinite(largest):
-        raise DataError("refusing to mask a non-finite update (NaN/Inf)")
-    if largest * ratio > clipping_range:
-        log.warning(
-            "SecAgg+ will clip this update (largest coordinate %.3g x weight %.3g > clipping_range"
-            " %g): the aggregate is biased; bound the update norm (privacy.update_norm_bound)",
-            largest,
-            ratio,
-            clipping_range,
-        )
-
-
-# --------------------------------------------------------------------------- server side
+# --------------------------------------------------------------------------- the round
 
 
 class _WatchedGrid:
@@ -254,8 +146,6 @@ class _WatchedGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        from components.federated.server_app import exchange
-
         messages = list(messages)
         if not messages:
             return []
@@ -343,7 +233,6 @@ def secure_round(
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 
-    from components.federated.server_app import _site_of, accepted_row
     from components.federated.task import match_dtypes, to_record
 
     settings = settings or secagg_settings(spec)
@@ -354,7 +243,7 @@ def secure_round(
     names = list(arrays)
     config = {
         SPEC_KEY: spec.client_spec.to_json(),
-        "server-round": int(server_round),
+        ROUND_KEY: int(server_round),
         NAMES_KEY: json.dumps(names),
         MAX_WEIGHT_KEY: float(settings.max_weight),
         CLIPPING_KEY: float(settings.clipping_range),
@@ -386,7 +275,7 @@ def secure_round(
     halted = strategy.contributors is None
     for node in nodes:
         upload = watched.uploads.get(node)
-        site = _site_of(node, upload, node_sites)
+        site = site_of(node, upload, node_sites)
         if node in contributors and upload is not None:
             sites[site] = accepted_row(dict(upload.content.metric_records.get("metrics", {})))
             if node in watched.dropped:
@@ -436,12 +325,8 @@ def secure_round(
 __all__ = [
     "aggregate_error_bound",
     "build_workflow",
-    "is_secagg_message",
-    "is_secure_train",
     "sample_nodes",
     "secagg_settings",
-    "secure_mod",
     "secure_round",
-    "secure_train",
     "uses_secure_aggregation",
 ]
