@@ -1,6 +1,9 @@
 """HTTP serving: the BentoML diagnosis service, its packaging, launcher and typed client.
 
-- `service`: the BentoML service `DiagnosisService`;
+- `service`: the BentoML service `DiagnosisService` (its endpoints and wiring);
+- `settings`: its settings (the composed ``serving`` config + ``ONCOFLOW_*`` overrides);
+- `process` / `metrics` / `api_errors` / `model_store`: start-up tuning (logging, threads),
+  Prometheus metrics, an endpoint's error -> its JSON answer, the served model;
 - `engine`: one loaded model bundle and what it answers (no BentoML);
 - `batching` / `inference`: in-process micro-batching of predictions, and the model copy
   rewritten for fast inference (no BentoML);

@@ -29,31 +29,23 @@ from serving.schemas import (
 log = logging.getLogger(__name__)
 
 ASSISTANT_INDEX_DIR = "assistant-index"  # inside the Bento model directory (see packaging)
-CHAT_ENABLED_ENV = "ONCOFLOW_CHAT"
-ASSISTANT_CONFIG_ENV = "ONCOFLOW_ASSISTANT_CONFIG"
 
 
-def chat_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Chat is on unless ``ONCOFLOW_CHAT=0`` (e.g. a predict-only replica)."""
-    env = os.environ if environ is None else environ
-    value = env.get(CHAT_ENABLED_ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "no", "yes", ""):
-        raise ConfigError(f"{CHAT_ENABLED_ENV}={value!r}: use 1 or 0")
-    return value not in ("0", "false", "no")
-
-
-def assistant_settings(model_dir: str | os.PathLike | None, torch_threads: int | None) -> dict:
-    """The assistant configuration: ``$ONCOFLOW_ASSISTANT_CONFIG`` (a JSON file) if set, with
-    the packaged index as `index_path` unless the file names one."""
+def assistant_settings(
+    model_dir: str | os.PathLike | None,
+    torch_threads: int | None,
+    config_file: str | os.PathLike | None = None,
+) -> dict:
+    """The assistant configuration: `config_file` (JSON; ``serving.assistant_config``) if
+    given, with the packaged index as `index_path` unless the file names one."""
     settings: dict[str, Any] = {}
-    path = os.environ.get(ASSISTANT_CONFIG_ENV, "").strip()
-    if path:
+    if config_file:
         try:
-            settings = json.loads(Path(path).read_text())
+            settings = json.loads(Path(config_file).read_text())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{ASSISTANT_CONFIG_ENV}={path}: cannot read JSON: {exc}") from exc
+            raise ConfigError(f"assistant config {config_file}: cannot read JSON: {exc}") from exc
         if not isinstance(settings, dict):
-            raise ConfigError(f"{ASSISTANT_CONFIG_ENV}={path} must hold a JSON object")
+            raise ConfigError(f"assistant config {config_file} must hold a JSON object")
     packaged = Path(model_dir) / ASSISTANT_INDEX_DIR if model_dir else None
     if not settings.get("index_path") and packaged is not None and packaged.is_dir():
         settings["index_path"] = str(packaged)
@@ -85,10 +77,16 @@ class ChatService:
         self.facts = dict(facts)
 
     @classmethod
-    def load(cls, model_dir, facts: dict[str, Any], torch_threads: int | None = None):
+    def load(
+        cls,
+        model_dir,
+        facts: dict[str, Any],
+        torch_threads: int | None = None,
+        config_file: str | os.PathLike | None = None,
+    ):
         from components.assistant import build_assistant
 
-        settings = assistant_settings(model_dir, torch_threads)
+        settings = assistant_settings(model_dir, torch_threads, config_file)
         if not settings.get("index_path"):
             log.warning(
                 "no prebuilt assistant index next to the model: building it from the notes "
@@ -187,4 +185,4 @@ def _response(answer, session_id: str) -> ChatResponse:
     )
 
 
-__all__ = ["ASSISTANT_INDEX_DIR", "ChatService", "card_facts", "chat_enabled", "sse"]
+__all__ = ["ASSISTANT_INDEX_DIR", "ChatService", "card_facts", "sse"]

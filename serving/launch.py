@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -9,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.middleware import load_api_keys, max_request_bytes
+from components.config import ServingConf
+from serving.middleware import load_api_keys
+from serving.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +54,41 @@ def serve_env(
     return env
 
 
-def preflight(env: dict[str, str]) -> str:
-    """Check keys, limits and the model; return the resolved model tag.
+def preflight(env: dict[str, str]) -> ServingConf:
+    """Check the settings, keys and the model; return the settings, with the model tag
+    resolved (``latest`` -> the version it names now).
 
     `bentoml serve` respawns a worker whose start-up fails, so without this check a
     misconfigured server would crash-loop instead of exiting with the reason.
     """
+    settings = load_settings(env)
     load_api_keys(env)
-    max_request_bytes(env)
-    from serving.chat import chat_enabled
     from serving.packaging import use_bentoml_home
-
-    chat_enabled(env)
 
     if env.get("BENTOML_HOME"):
         use_bentoml_home(env["BENTOML_HOME"])
     from components.bundle import ModelBundle
-    from serving.service import DEFAULT_MODEL_TAG, load_model_ref
+    from serving.model_store import load_model_ref
 
-    ref = load_model_ref(env.get("ONCOFLOW_MODEL_TAG") or DEFAULT_MODEL_TAG)
+    ref = load_model_ref(settings.model_tag)
     ModelBundle.load(ref.path).build_model()  # a worker would crash-loop on a broken one
-    return str(ref.tag)
+    return dataclasses.replace(settings, model_tag=str(ref.tag))
 
 
 def serve(
     model_tag: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 3000,
+    host: str | None = None,
+    port: int | None = None,
     bentoml_home: str | os.PathLike | None = None,
 ) -> int:
-    """Run the service in the foreground until interrupted; return the server's exit code."""
+    """Run the service in the foreground until interrupted; return the server's exit code.
+
+    `host` and `port` default to ``serving.host`` / ``serving.port``."""
     env = serve_env(model_tag, bentoml_home)
-    tag = preflight(env)
+    settings = preflight(env)
+    tag = settings.model_tag
+    host = settings.host if host is None else host
+    port = settings.port if port is None else port
     env["ONCOFLOW_MODEL_TAG"] = tag  # pin the resolved version: `latest` may move meanwhile
     log.info("serving %s on http://%s:%d", tag, host, port)
     process = subprocess.Popen(serve_command(host, port), env=env, cwd=PROJECT_ROOT)

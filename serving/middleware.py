@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from components.config import ServingConf
 from components.errors import ConfigError, InputError, OncoflowError
+from serving.settings import current_settings, request_limit_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 API_KEYS_ENV = "ONCOFLOW_API_KEYS"
 ALLOW_NO_AUTH_ENV = "ONCOFLOW_ALLOW_NO_AUTH"
-MAX_REQUEST_MB_ENV = "ONCOFLOW_MAX_REQUEST_MB"
-DEFAULT_MAX_REQUEST_MB = 20.0
 #: Probes and Prometheus scraping stay open so orchestrators need no secret.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 _BENTOML_PREFIX = "BentoService error handling API request: "
@@ -101,25 +101,14 @@ def key_identity(entry: str) -> tuple[str, str]:
     return "key-" + hashlib.sha256(entry.encode()).hexdigest()[:12], entry
 
 
-def max_request_bytes(environ: MutableMapping[str, str] | None = None) -> int:
-    env = os.environ if environ is None else environ
-    raw = env.get(MAX_REQUEST_MB_ENV, "").strip()
-    try:
-        megabytes = float(raw) if raw else DEFAULT_MAX_REQUEST_MB
-    except ValueError as exc:
-        raise ConfigError(f"{MAX_REQUEST_MB_ENV}={raw!r} is not a number of megabytes") from exc
-    if not megabytes > 0:
-        raise ConfigError(f"{MAX_REQUEST_MB_ENV} must be positive, not {raw!r}")
-    return int(megabytes * 1024 * 1024)
-
-
 def _safe_max_bytes() -> int:
-    """`max_request_bytes`, falling back to the default: middleware must not raise (the
-    service's __init__ performs the strict check and refuses to start)."""
+    """The body limit of this process's settings, falling back to the schema default:
+    middleware must not raise (the service's __init__ loads the settings strictly and refuses
+    to start)."""
     try:
-        return max_request_bytes()
+        return request_limit_bytes(current_settings())
     except ConfigError:
-        return int(DEFAULT_MAX_REQUEST_MB * 1024 * 1024)
+        return request_limit_bytes(ServingConf())
 
 
 def error_body(kind: str, message: str) -> bytes:

@@ -1,4 +1,5 @@
-"""Process-wide settings the service applies at start-up (serving.service._configure_process)."""
+"""Process-wide settings the service applies at start-up (serving.process.configure_process),
+read from the composed `serving` config and its environment overrides (serving.settings)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from components.errors import ConfigError
 
 @pytest.fixture
 def configure(monkeypatch):
-    from serving.service import _configure_process
+    from serving.process import configure_process
+    from serving.settings import load_settings
 
     before = sys.getswitchinterval()
     monkeypatch.delenv("ONCOFLOW_TORCH_THREADS", raising=False)
-    yield _configure_process
+    yield lambda: configure_process(load_settings())
     sys.setswitchinterval(before)
 
 

@@ -1,0 +1,35 @@
+"""Process-wide tuning the service applies once at start-up: logging, thread switching, torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from components.config import ServingConf
+from serving.middleware import DropRecords, RedactValidationErrors
+
+#: BentoML loggers that may print a request-validation error (with the offending input).
+_VALIDATION_LOGGERS = ("bentoml._internal.server.http_app", "_bentoml_impl.server.app", "bentoml")
+
+
+def configure_process(settings: ServingConf) -> None:
+    """Our log lines in, BentoML's path-bearing access log out; the thread switch interval and
+    torch's intra-op threads from `settings`."""
+    logging.getLogger("serving").setLevel(logging.INFO)
+    logging.getLogger("components").setLevel(logging.INFO)
+    access = logging.getLogger("bentoml.access")
+    if not any(isinstance(f, DropRecords) for f in access.filters):
+        access.addFilter(DropRecords())  # RequestLog writes the access log, without paths
+    for name in _VALIDATION_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactValidationErrors) for f in target.filters):
+            target.addFilter(RedactValidationErrors())
+    # The model thread releases the GIL inside each torch operator and must win it back
+    # between operators; with Python's default 5 ms switch interval a busy event loop can keep
+    # it waiting that long each time. Compare with
+    # `ONCOFLOW_GIL_SWITCH_US=5000 python bench/serve_throughput.py`.
+    sys.setswitchinterval(settings.gil_switch_us / 1e6)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
