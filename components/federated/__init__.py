@@ -8,7 +8,10 @@ Modules (import from them; this package stays import-light):
 - `engines`     `run_federated(...) -> FederatedResult` (simulation | deployment | inline)
 - `server_app`  the ServerApp and the round driver (hygiene, checkpoints, evaluation)
 - `client_app`  the ClientApp: local training with `fit_local`, evaluation, best local model
-- `deployment`  SuperLink / SuperNode commands, `submit_run`, `LocalDeployment`
+- `protocol`    what both apps share: record names, site ids, accepted rows, `exchange`
+- `secagg_server` / `secagg_client`  the server's and the site's half of SecAgg+
+- `deployment`  SuperLink / SuperNode commands, `submit_run`, and what
+                `oncoflow fl certs|superlink|supernode|submit` run (flows/fl_commands.py parses)
+- `local_deployment`  `LocalDeployment`: a SuperLink + SuperNodes as child processes here
 - `certs`       TLS certificates and SuperNode authentication keys
-- `cli`         plain functions behind `oncoflow fl certs|prepare|superlink|supernode|submit`
 """

@@ -1,34 +1,41 @@
-"""Flower's deployment engine: a SuperLink, one SuperNode per site, runs submitted with `flwr run`.
+"""Flower's deployment engine, the commands: a SuperLink, one SuperNode per site, runs submitted
+with `flwr run`.
 
-Commands (`superlink_command`, `supernode_command`) are plain argument lists so the CLI, a
+Command lines (`superlink_command`, `supernode_command`) are plain argument lists so the CLI, a
 container entry point or a test can start them. Security defaults: TLS on (certificates from
 `certs.make_certificates`), runtime dependency installation off on the SuperLink (SuperNodes
 have it off by default: hospitals are often air-gapped, so oncoflow must be installed on every
 machine), optional SuperNode authentication (`--enable-supernode-auth` + registered keys).
 
-`LocalDeployment` starts the whole federation as separate processes on 127.0.0.1 (used by
-`federation.engine=deployment` and by the integration tests).
+What each machine of a deployment runs (`oncoflow fl certs|superlink|supernode|submit`; the
+federation is written under <root> by `oncoflow fl prepare <root> dataset=... federation=...`,
+which runs the pipeline's ingest, split and validation steps and then
+`layout.prepare_federation`):
+
+    certs(<root>/certs, hosts=["superlink.example.org"])             # once, on the SuperLink
+    superlink(<root>, port=9092, host="0.0.0.0")                      # SuperLink machine
+    supernode(<site dir>, superlink="superlink.example.org:9092",     # each hospital, its own
+              root_cert="ca.crt")                                     #   site directory only
+    submit(<root>, superlink="superlink.example.org:9092", root_cert=".../ca.crt")
+
+The long-running ones run in the foreground and return their exit code. `local_deployment`
+runs the whole federation as child processes on one machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError, DataError, ModelError
-from components.federated.certs import CertPaths, KeyPair, make_certificates, make_supernode_keys
+from components.federated.certs import CertPaths, make_certificates, make_supernode_keys
 from components.federated.task import check_site_dir
-
-log = logging.getLogger(__name__)
 
 CONNECTION = "oncoflow"  # name of the SuperLink connection in FLWR_HOME/config.toml
 APP_DIR_NAME = "oncoflow-app"
@@ -276,225 +283,152 @@ def register_supernode(
     return int(_json_tail(out)["node-id"])
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+# --------------------------------------------------------------------------- roles
+# What `oncoflow fl certs|superlink|supernode|submit` run on each machine.
 
 
-def _wait_port(
-    host: str, port: int, process: subprocess.Popen, timeout: float, log_path: Path
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            raise ModelError(f"{log_path.stem} exited with code {process.returncode}:\n{tail}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.5)
-    raise ModelError(f"{log_path.stem} did not open {host}:{port} within {timeout:.0f}s")
+def certs(
+    out_dir: str | Path,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    sites: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Create the CA + SuperLink certificate (and SuperNode key pairs for `sites`)."""
+    out = Path(out_dir)
+    paths = make_certificates(out, hosts=hosts)
+    keys = make_supernode_keys(out / "supernode-keys", sites) if sites else {}
+    return {
+        "ca_cert": str(paths.ca_cert),
+        "server_cert": str(paths.server_cert),
+        "server_key": str(paths.server_key),
+        "supernode_keys": {
+            s: {"private": str(k.private_key), "public": str(k.public_key)} for s, k in keys.items()
+        },
+    }
 
 
-class LocalDeployment:
-    """A SuperLink and one SuperNode per site, as separate processes on 127.0.0.1.
+def _certs_in(root: Path) -> CertPaths:
+    cert_dir = root / "certs"
+    paths = CertPaths(cert_dir / "ca.crt", cert_dir / "server.pem", cert_dir / "server.key")
+    missing = [
+        p.name for p in (paths.ca_cert, paths.server_cert, paths.server_key) if not p.is_file()
+    ]
+    if missing:
+        raise ConfigError(
+            f"no TLS certificates in {cert_dir} (missing {', '.join(missing)}); "
+            "create them with `oncoflow fl certs` or pass insecure=True for a local experiment"
+        )
+    return paths
 
-    Every process runs in its own process group (so its ServerApp/ClientApp children go with
-    it) and logs to `<root>/logs/`. Use as a context manager; `close()` stops what is left.
+
+def superlink(
+    root: str | Path,
+    *,
+    port: int = 9092,
+    host: str = "127.0.0.1",
+    insecure: bool = False,
+    supernode_auth: bool = False,
+) -> int:
+    """Run a SuperLink in the foreground (state persisted in <root>/superlink/state.db)."""
+    root = Path(root)
+    database = root / "superlink" / "state.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    cmd = superlink_command(
+        port=port,
+        host=host,
+        certs=None if insecure else _certs_in(root),
+        insecure=insecure,
+        supernode_auth=supernode_auth,
+        database=database,
+    )
+    return subprocess.call(cmd, env=base_env())
+
+
+def supernode(
+    site_dir: str | Path,
+    *,
+    superlink: str,
+    port: int = 9094,
+    root_cert: str | Path | None = None,
+    auth_key: str | Path | None = None,
+    insecure: bool = False,
+) -> int:
+    """Run the SuperNode of one site in the foreground; it reads only `site_dir`."""
+    cmd = supernode_command(
+        site_dir,
+        superlink=superlink,
+        port=port,
+        root_cert=root_cert,
+        insecure=insecure,
+        auth_key=auth_key,
+    )
+    return subprocess.call(cmd, env=base_env())
+
+
+def _connection(root: Path, superlink: str, root_cert: str | Path | None, insecure: bool) -> Path:
+    if root_cert is None and not insecure:
+        default = root / "certs" / "ca.crt"
+        if not default.is_file():
+            raise ConfigError(f"pass root_cert (the federation's ca.crt); {default} is missing")
+        root_cert = default
+    home = root / "flwr_home"
+    write_flwr_config(home, superlink, root_cert=None if insecure else root_cert)
+    return home
+
+
+def register(
+    root: str | Path,
+    public_key: str | Path,
+    *,
+    superlink: str,
+    root_cert: str | Path | None = None,
+) -> int:
+    """Register a site's public key with a SuperLink started with supernode_auth=True."""
+    home = _connection(Path(root), superlink, root_cert, insecure=False)
+    return register_supernode(public_key, home)
+
+
+def submit(
+    root: str | Path,
+    *,
+    superlink: str,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    wait: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Submit the prepared federation under `root` to a SuperLink (`flwr run`).
+
+    With `wait`, block until the run ends and return its summary (the final model and history
+    are in <root>/server/out; `result.load_result(FederationLayout.open(root))` loads them).
     """
+    from components.federated.layout import FederationLayout
+    from components.federated.result import load_result
 
-    def __init__(
-        self,
-        layout,
-        *,
-        tls: bool = True,
-        supernode_auth: bool = False,
-        host: str = "127.0.0.1",
-        superlink_port: int | None = None,
-    ) -> None:
-        self.layout = layout
-        self.root = Path(layout.root)
-        self.host = host
-        self.tls = tls
-        self.supernode_auth = supernode_auth
-        self.port = superlink_port or free_port(host)
-        self.address = f"{host}:{self.port}"
-        self.logs = self.root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.certs = (
-            make_certificates(self.root / "certs", hosts=(host, "localhost")) if tls else None
-        )
-        self.keys: dict[str, KeyPair] = (
-            make_supernode_keys(self.root / "keys", layout.sites) if supernode_auth else {}
-        )
-        # a persistent SuperLink state: after a SuperLink restart the SuperNodes are still known
-        # (with an in-memory state they are refused and exit)
-        self.database = self.root / "superlink" / "state.db"
-        self.database.parent.mkdir(parents=True, exist_ok=True)
-        self.flwr_home = self.root / "flwr_home"
-        write_flwr_config(
-            self.flwr_home, self.address, root_cert=self.certs.ca_cert if self.certs else None
-        )
-        self.app_dir = write_app(self.root / APP_DIR_NAME, layout.spec_path)
-        self.superlink: subprocess.Popen | None = None
-        self.supernodes: dict[str, subprocess.Popen] = {}
-        self._log_handles: list[Any] = []
-        self._registered = False
-
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log_path = self.logs / f"{name}.log"
-        handle = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        self._log_handles.append(handle)
-        log.info("starting %s: %s", name, " ".join(cmd))
-        return subprocess.Popen(
-            cmd,
-            env=base_env(self.flwr_home),
-            cwd=self.root,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def start_superlink(self, timeout: float = 120) -> None:
-        cmd = superlink_command(
-            port=self.port,
-            host=self.host,
-            certs=self.certs,
-            insecure=not self.tls,
-            supernode_auth=self.supernode_auth,
-            database=self.database,
-        )
-        self.superlink = self._spawn("superlink", cmd)
-        _wait_port(self.host, self.port, self.superlink, timeout, self.logs / "superlink.log")
-        if self.supernode_auth and not self._registered:
-            self._registered = True
-            for site, pair in self.keys.items():
-                node_id = register_supernode(pair.public_key, self.flwr_home)
-                log.info("registered site %s as SuperNode %d", site, node_id)
-
-    def start_supernode(self, site: str) -> None:
-        cmd = supernode_command(
-            self.layout.sites[site],
-            superlink=self.address,
-            port=free_port(self.host),
-            host=self.host,
-            root_cert=self.certs.ca_cert if self.certs else None,
-            insecure=not self.tls,
-            auth_key=self.keys[site].private_key if site in self.keys else None,
-        )
-        self.supernodes[site] = self._spawn(f"supernode-{Path(self.layout.sites[site]).name}", cmd)
-
-    def start(self) -> LocalDeployment:
-        self.start_superlink()
-        for site in self.layout.sites:
-            self.start_supernode(site)
-        return self
-
-    def submit(self) -> int:
-        return submit_run(self.app_dir, self.flwr_home)
-
-    def wait(self, run_id: int, timeout: float | None = None) -> str:
-        s = self.layout.settings
-        budget = timeout or (s.connect_timeout + s.rounds * (2 * s.round_timeout) + 120)
-        return wait_for_run(run_id, self.flwr_home, timeout=budget)
-
-    @staticmethod
-    def _stop(
-        process: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: float = 15
-    ) -> None:
-        """Stop `process`, its process group and its descendants (Flower detaches the
-        SuperExec that runs ServerApps/ClientApps into a session of its own)."""
-        if process is None:
-            return
-        family = _descendants(process.pid)
-        if process.poll() is None:
-            _kill_group(process.pid, sig)
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                _kill_group(process.pid, signal.SIGKILL)
-                process.wait(timeout=grace)
-        _kill_group(process.pid, signal.SIGKILL)
-        for child in family:
-            with contextlib.suppress(Exception):
-                child.kill()
-        _wait_gone(family, grace)
-
-    def kill_supernode(self, site: str) -> None:
-        """Simulate a site going away: SIGKILL its SuperNode and its ClientApp processes."""
-        self._stop(self.supernodes.pop(site), signal.SIGKILL)
-
-    def stop_superlink(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the SuperLink with its ServerApp (SIGKILL = a crash)."""
-        self._stop(self.superlink, sig)
-        self.superlink = None
-
-    def close(self) -> None:
-        for site in list(self.supernodes):
-            self._stop(self.supernodes.pop(site))
-        self._stop(self.superlink)
-        self.superlink = None
-        for handle in self._log_handles:
-            handle.close()
-        self._log_handles.clear()
-
-    def __enter__(self) -> LocalDeployment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def log_tail(self, name: str = "superlink", lines: int = 40) -> str:
-        path = self.logs / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _descendants(pid: int) -> list[Any]:
-    """psutil handles of every process started (directly or not) by `pid`."""
-    try:
-        import psutil
-
-        return psutil.Process(pid).children(recursive=True)
-    except Exception:  # psutil missing or the process already gone
-        return []
-
-
-def _wait_gone(processes: list[Any], timeout: float) -> None:
-    if processes:
-        with contextlib.suppress(Exception):
-            import psutil
-
-            psutil.wait_procs(processes, timeout=timeout)
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def run_local_deployment(
-    layout, *, tls: bool = True, supernode_auth: bool = False, timeout: float | None = None
-) -> str:
-    """Run a prepared federation on a SuperLink + SuperNodes on 127.0.0.1; wait for the end."""
-    with LocalDeployment(layout, tls=tls, supernode_auth=supernode_auth) as deployment:
-        deployment.start()
-        run_id = deployment.submit()
-        log.info("submitted federated run %d to %s", run_id, deployment.address)
-        return deployment.wait(run_id, timeout)
+    root = Path(root)
+    layout = FederationLayout.open(root)
+    home = _connection(root, superlink, root_cert, insecure)
+    app = write_app(root / APP_DIR_NAME, layout.spec_path)
+    run_id = submit_run(app, home)
+    if not wait:
+        return {"run_id": run_id, "status": "submitted"}
+    s = layout.settings
+    budget = timeout or (s.connect_timeout + s.rounds * 2 * s.round_timeout + 120)
+    status = wait_for_run(run_id, home, timeout=budget)
+    return {"run_id": run_id, "status": status, **load_result(layout).summary()}
 
 
 __all__ = [
     "CONNECTION",
-    "LocalDeployment",
     "base_env",
+    "certs",
+    "register",
     "register_supernode",
-    "run_local_deployment",
     "run_status",
+    "submit",
     "submit_run",
+    "superlink",
     "superlink_command",
+    "supernode",
     "supernode_command",
     "wait_for_run",
     "write_app",

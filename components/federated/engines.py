@@ -63,7 +63,7 @@ def run_flower_simulation(layout: FederationLayout) -> None:
 
 def run_prepared(layout: FederationLayout, engine: str | None = None) -> FederatedResult:
     """Run an already prepared federation on `engine` (default: federation.engine)."""
-    from components.federated.deployment import run_local_deployment
+    from components.federated.local_deployment import run_local_deployment
 
     engine = engine or layout.settings.engine
     started = time.perf_counter()

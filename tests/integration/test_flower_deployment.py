@@ -17,8 +17,8 @@ import pytest
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
 from components.federated.checkpoint import read_ledger
-from components.federated.deployment import LocalDeployment
 from components.federated.layout import prepare_federation
+from components.federated.local_deployment import LocalDeployment
 from components.federated.result import load_result
 
 pytestmark = pytest.mark.integration

@@ -54,3 +54,15 @@ def test_fl_certs_command_writes_a_ca_and_server_certificate(tmp_path, capsys):
         assert name in out
     assert (tmp_path / "certs").is_dir()
     assert any((tmp_path / "certs").rglob("*.crt")) or any((tmp_path / "certs").rglob("*.pem"))
+
+
+def test_fl_certs_takes_the_directory_as_out_option_too(tmp_path, capsys):
+    assert main(["fl", "certs", "--out", str(tmp_path / "certs")]) == 0
+    assert "ca_cert" in capsys.readouterr().out
+    assert any((tmp_path / "certs").rglob("*.crt"))
+    try:
+        main(["fl", "certs", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("two output directories were accepted")

@@ -234,10 +234,12 @@ def test_a_prepared_federation_reopens_from_disk(data, tmp_path):
 
 
 def test_cli_certs_writes_a_ca_a_server_certificate_and_site_keys(tmp_path):
-    from components.federated import cli
+    from components.federated import deployment
 
-    paths = cli.certs(tmp_path / "certs", hosts=["fl.example.org", "10.0.0.5"], sites=["site-1"])
+    paths = deployment.certs(
+        tmp_path / "certs", hosts=["fl.example.org", "10.0.0.5"], sites=["site-1"]
+    )
     assert all(Path(paths[k]).is_file() for k in ("ca_cert", "server_cert", "server_key"))
     assert Path(paths["supernode_keys"]["site-1"]["public"]).read_text().startswith("ecdsa-")
     with pytest.raises(ConfigError, match="no TLS certificates"):
-        cli.superlink(tmp_path / "nothing-here")
+        deployment.superlink(tmp_path / "nothing-here")

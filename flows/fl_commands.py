@@ -1,0 +1,102 @@
+"""`oncoflow fl ...`: the Flower deployment sub-commands (parsing and dispatch).
+
+`prepare` runs the pipeline's data steps and writes the federation; the other commands are the
+roles of `components.federated.deployment` (certs, superlink, supernode, submit). Imports
+nothing heavy until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_fl_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `fl` and its sub-commands to the `oncoflow` sub-parsers `sub`."""
+    fl = sub.add_parser(
+        "fl", help="Flower deployment: prepare | certs | superlink | supernode | submit"
+    )
+    fl_sub = fl.add_subparsers(dest="fl_command", required=True, metavar="FL_COMMAND")
+    prep = fl_sub.add_parser(
+        "prepare", help="ingest, validate and write one directory per site + the run spec"
+    )
+    prep.add_argument("root", help="where the federation is written (sites/, server/)")
+    prep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation=krum")
+    certs = fl_sub.add_parser("certs", help="CA + SuperLink certificate (+ SuperNode keys)")
+    out = certs.add_mutually_exclusive_group(required=True)
+    out.add_argument("out_dir", nargs="?", help="where the certificates are written")
+    out.add_argument("--out", dest="out_option", metavar="OUT_DIR", help="same as OUT_DIR")
+    certs.add_argument("--host", action="append", dest="hosts", help="SuperLink name (repeat)")
+    certs.add_argument("--site", action="append", dest="sites", default=[], help="site key pair")
+    link = fl_sub.add_parser("superlink", help="run a SuperLink for a prepared federation root")
+    link.add_argument("root")
+    link.add_argument("--host", default="127.0.0.1")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    link.add_argument("--supernode-auth", action="store_true")
+    node = fl_sub.add_parser("supernode", help="run the SuperNode of one site (its dir only)")
+    node.add_argument("site_dir")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--port", type=int, default=9094)
+    node.add_argument("--root-cert")
+    node.add_argument("--auth-key")
+    node.add_argument("--insecure", action="store_true")
+    submit = fl_sub.add_parser("submit", help="submit the prepared federation's run")
+    submit.add_argument("root")
+    submit.add_argument("--superlink", required=True)
+    submit.add_argument("--root-cert")
+    submit.add_argument("--insecure", action="store_true")
+    submit.add_argument("--no-wait", action="store_true")
+
+
+def run_fl(args: argparse.Namespace) -> int:
+    """Run the parsed `oncoflow fl` command; return the exit code."""
+    if args.fl_command == "prepare":
+        from flows.runtime import prepare
+
+        overrides = ["training=federated", *args.overrides]
+        prepare(overrides)
+        from flows.pipeline import prepare_federation_data
+
+        _print_json(prepare_federation_data(args.root, overrides))
+        return 0
+    from components.federated import deployment as fl
+
+    if args.fl_command == "certs":
+        hosts = args.hosts or ["localhost", "127.0.0.1"]
+        out_dir = args.out_dir or args.out_option
+        _print_json(fl.certs(out_dir, hosts=hosts, sites=args.sites))
+        return 0
+    if args.fl_command == "superlink":
+        return fl.superlink(
+            args.root,
+            port=args.port,
+            host=args.host,
+            insecure=args.insecure,
+            supernode_auth=args.supernode_auth,
+        )
+    if args.fl_command == "supernode":
+        return fl.supernode(
+            args.site_dir,
+            superlink=args.superlink,
+            port=args.port,
+            root_cert=args.root_cert,
+            auth_key=args.auth_key,
+            insecure=args.insecure,
+        )
+    summary = fl.submit(
+        args.root,
+        superlink=args.superlink,
+        root_cert=args.root_cert,
+        insecure=args.insecure,
+        wait=not args.no_wait,
+    )
+    _print_json(summary)
+    return 0
+
+
+def _print_json(summary: dict) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+__all__ = ["add_fl_parser", "run_fl"]
