@@ -91,7 +91,7 @@ def make_bench_bundle(out: Path, arch: str, size: int, classes: int) -> Path:
 
     from components.data.preprocess import Preprocessing
     from components.models import build_model
-    from components.packaging import make_bundle
+    from components.bundle_builder import make_bundle
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (4 * classes, 3, size, size), dtype=np.uint8)

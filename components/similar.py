@@ -1,8 +1,8 @@
 """Similar-case search: cosine nearest neighbours over training-image embeddings.
 
 The index holds, per training image, the model's penultimate-layer features, the label and a
-small thumbnail — nothing else, no identifiers (see `components/packaging.py`, which builds
-the bundle's `embeddings` at packaging time).
+small thumbnail — nothing else, no identifiers (see `components/bundle_builder.py`, which
+builds the bundle's `embeddings` when the model is bundled).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import os
 import sys
 
 from flows.fl_commands import add_fl_parser, run_fl
+from flows.prefect_commands import add_prefect_parser, run_prefect
 
 EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
@@ -43,12 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
 
-    prefect = sub.add_parser(
-        "prefect",
-        help="local Prefect server/worker and deployments: up | deploy | status | promote | down",
-        add_help=False,
-    )
-    prefect.add_argument("args", nargs=argparse.REMAINDER)
+    add_prefect_parser(sub)
 
     add_fl_parser(sub)
 
@@ -64,10 +60,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["prefect"]:  # its own parser (flows/deploy.py) owns every flag after it
-        from flows.deploy import main as prefect_main
-
-        return prefect_main(argv[1:] or ["--help"])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -118,6 +110,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from serving.launch import serve
 
         return serve(model_tag=args.model, host=args.host, port=args.port)
+    if args.command == "prefect":
+        return run_prefect(args)
     if args.command == "fl":
         return run_fl(args)
     if args.command == "ui":

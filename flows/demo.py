@@ -37,7 +37,7 @@ def demo(overrides: list[str], serve: bool = True) -> int:
         return 0
     model_tag = summary.get("bento_model")
     if not model_tag:  # a challenger: serve this registered model's champion, not any latest
-        from flows.deploy import promote_and_package
+        from flows.promote import promote_and_package
 
         champion = promote_and_package([*DEMO_OVERRIDES, *overrides], build_bento=False)
         model_tag = champion["bento_model"]

@@ -123,7 +123,7 @@ def train_bundle(work: Path) -> Path:
     from components.evaluation.metrics import evaluate
     from components.evaluation.predict import predict_proba
     from components.models import build_model
-    from components.packaging import make_bundle
+    from components.bundle_builder import make_bundle
     from components.training.central import train_classifier
 
     torch.set_num_threads(2)

@@ -114,7 +114,7 @@ def test_artifacts_live_on_the_server_not_the_training_machine(server, training)
 
 def test_another_machine_packages_the_champion_over_http(server, training, tmp_path):
     serving = tmp_path / "serving-machine"
-    command = [sys.executable, "-m", "flows.deploy", "promote", *training["overrides"]]
+    command = [sys.executable, "-m", "flows.cli", "prefect", "promote", *training["overrides"]]
     first = _run(command, _env(serving))
     assert first["version"] == "1"
     assert first["downloaded"] is True

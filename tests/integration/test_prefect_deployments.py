@@ -1,6 +1,6 @@
 """prefect.yaml against a real Prefect server and process worker.
 
-`python -m flows.deploy up` starts `prefect server start` on a free port and a process worker
+`oncoflow prefect up` starts `prefect server start` on a free port and a process worker
 (PREFECT_HOME in a temporary workspace); `deploy` creates the work pool and runs
 `prefect deploy --all`. Then: the declared schedules, concurrency limits and triggers are on
 the server; a run of the nightly deployment (with tiny synthetic overrides) is picked up by
@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = [sys.executable, "-m", "flows.deploy"]
+DEPLOY = [sys.executable, "-m", "flows.cli", "prefect"]
 TRAIN_OVERRIDES = [
     "dataset=synthetic",
     "dataset.synthetic.n_per_class=20",

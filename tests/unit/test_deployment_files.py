@@ -1,4 +1,4 @@
-"""prefect.yaml, flows/deploy.py helpers and the deployments/ kit, checked without a server.
+"""prefect.yaml, the Prefect helpers of flows/ and the deployments/ kit, checked without a server.
 
 No container engine or cluster runs here, so the kit is validated by schemas (Prefect's own
 models, Kubernetes OpenAPI schemas via kubernetes-validate, a strict Compose subset schema),
@@ -145,7 +145,7 @@ def test_triggers_validate_and_template_the_right_parameters(deployments):
     (validate,) = _initialize_deployment_triggers(
         "validate-data", [dict(t) for t in deployments["validate-data"]["triggers"]]
     )
-    from flows.deploy import DATA_ARRIVED_EVENT
+    from flows.events import DATA_ARRIVED_EVENT
 
     assert validate.expect == {DATA_ARRIVED_EVENT}
     assert validate.parameters == {"overrides": "{{ event.payload.overrides }}"}
@@ -162,7 +162,7 @@ def test_deploy_time_templating_keeps_run_time_templates(deployments):
 
 
 def test_training_deployments_are_limited_to_one_concurrent_run(deployments):
-    from flows.deploy import POOL, TRAINING_QUEUE
+    from flows.prefect_local import POOL, TRAINING_QUEUE
 
     for name in TRAINING:
         d = deployments[name]
@@ -180,7 +180,7 @@ def test_run_environment_is_the_quiet_runtime_environment(deployments):
         assert {k: env[k] for k in _QUIET} == _QUIET
 
 
-# ----------------------------------------------------------------------------- flows/deploy.py
+# ----------------------------------------------------------------------------- flows/ helpers
 
 
 def test_failure_hook_records_why_a_run_failed(tmp_path, monkeypatch):
@@ -227,7 +227,7 @@ def test_retries_only_for_transient_failures():
 
 def test_bundle_cache_is_keyed_by_immutable_version_and_run(tmp_path):
     from components.workspace import Workspace
-    from flows.deploy import bundle_cache_dir
+    from flows.promote import bundle_cache_dir
 
     ws = Workspace(tmp_path)
     a = bundle_cache_dir(ws, {"name": "oncoflow-busi", "version": "3", "run_id": "r1"})
@@ -239,7 +239,7 @@ def test_bundle_cache_is_keyed_by_immutable_version_and_run(tmp_path):
 
 
 def test_a_bento_import_is_reused_only_for_identical_bytes(tmp_path):
-    from flows.deploy import same_files
+    from flows.promote import same_files
 
     bundle, stored = tmp_path / "bundle", tmp_path / "stored"
     for d in (bundle, stored):
@@ -256,7 +256,7 @@ def test_a_bento_import_is_reused_only_for_identical_bytes(tmp_path):
 
 
 def test_model_card_reports_the_bundle_and_registry_facts(tmp_path):
-    from flows.deploy import model_card
+    from flows.promote import model_card
 
     (tmp_path / "bundle.json").write_text(
         json.dumps(
@@ -290,7 +290,7 @@ def test_model_card_reports_the_bundle_and_registry_facts(tmp_path):
 
 
 def test_down_without_a_stack_does_nothing(tmp_path):
-    from flows.deploy import down, read_stack
+    from flows.prefect_local import down, read_stack
 
     assert read_stack(__import__("components.workspace").workspace.Workspace(tmp_path)) is None
     assert down(tmp_path) == []
@@ -298,7 +298,7 @@ def test_down_without_a_stack_does_nothing(tmp_path):
 
 def test_down_never_stops_a_process_that_is_not_prefect(tmp_path):
     from components.workspace import Workspace
-    from flows.deploy import STACK_FILE, _alive, down
+    from flows.prefect_local import STACK_FILE, _alive, down
 
     ws = Workspace(tmp_path)
     ws.prefect_home.mkdir(parents=True)
@@ -317,7 +317,7 @@ def test_down_never_stops_a_process_that_is_not_prefect(tmp_path):
 
 def test_announcing_data_needs_a_prefect_api(tmp_path, monkeypatch):
     from components.errors import ConfigError
-    from flows.deploy import announce_data
+    from flows.events import announce_data
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(ConfigError, match="no Prefect API"):
@@ -327,7 +327,7 @@ def test_announcing_data_needs_a_prefect_api(tmp_path, monkeypatch):
 def test_settings_set_after_prefect_was_imported_take_effect(monkeypatch):
     from prefect.settings import get_current_settings
 
-    from flows.deploy import settings_from_environment
+    from flows.promote import settings_from_environment
 
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "123")
     with settings_from_environment():
@@ -336,7 +336,7 @@ def test_settings_set_after_prefect_was_imported_take_effect(monkeypatch):
 
 def test_stack_env_points_every_home_into_the_workspace(tmp_path, monkeypatch):
     from components.workspace import Workspace
-    from flows.deploy import PROJECT_ROOT, stack_env
+    from flows.prefect_local import PROJECT_ROOT, stack_env
 
     monkeypatch.delenv("ONCOFLOW_ROOT", raising=False)
     env = stack_env(Workspace(tmp_path), "http://127.0.0.1:4200/api")
@@ -886,8 +886,8 @@ def test_readme_documents_every_piece():
     for command in (
         "docker compose -f deployments/compose.yaml",
         "kubectl apply -k deployments/k8s",
-        "python -m flows.deploy up",
-        "python -m flows.deploy deploy",
+        "oncoflow prefect up",
+        "oncoflow prefect deploy",
         "bentoml containerize",
         "generate.sh",
     ):

@@ -15,7 +15,7 @@ from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
 from components.errors import InputError, ModelError
 from components.models import build_model
-from components.packaging import THUMBNAIL_SIZE, make_bundle
+from components.bundle_builder import THUMBNAIL_SIZE, make_bundle
 from components.similar import SimilarCaseIndex
 
 RESULT_KEYS = {"rank", "label", "label_index", "distance", "thumbnail_png_base64"}

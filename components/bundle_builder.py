@@ -1,4 +1,7 @@
-"""Assemble a model bundle from a trained model: weights, metadata, SHAP background, case index."""
+"""Build a model bundle from a trained model: weights, metadata, SHAP background, case index.
+
+The bundle format itself (save, load, rebuild the model) is `components.bundle`.
+"""
 
 from __future__ import annotations
 

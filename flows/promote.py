@@ -1,0 +1,254 @@
+"""The `promote_and_package` flow: a registered model version, ready to serve.
+
+It takes the champion (or a given version) from the MLflow registry, downloads its model
+bundle, imports it into the Bento model store and builds the Bento. prefect.yaml triggers it
+after every completed `train_pipeline` run, with the training run's own overrides, so it reads
+the same registry and writes the same workspace; `oncoflow prefect promote` runs it by hand.
+
+Caching: registry aliases move, so nothing that resolves one is cached (``NO_CACHE``). A
+downloaded bundle is kept under a directory named by the immutable registry version *and*
+the MLflow run id it came from, so a reused download is always the bytes of that version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.config import PROJECT_ROOT
+from components.workspace import Workspace
+from flows import artifacts
+from flows.hooks import IO_RETRIES, record_failure, slug
+from flows.runtime import prepare_environment
+
+BENTO_MODEL = "oncoflow-model"
+
+
+@task(name="resolve-model-version", cache_policy=NO_CACHE, **IO_RETRIES)
+def resolve_version_task(
+    tracking_uri: str | None, workspace: Workspace, model_name: str, ref: str, reason: str | None
+) -> dict[str, Any]:
+    """Resolve `ref` (alias or number) to a concrete version; promote it first if `reason`."""
+    from components.registry import RegistryClient
+
+    client = RegistryClient.for_workspace(workspace, tracking_uri)
+    if reason:
+        client.promote(model_name, ref, reason)
+        get_run_logger().info("promoted %s v%s to champion: %s", model_name, ref, reason)
+    return client.version_info(model_name, ref)
+
+
+@task(name="download-bundle", cache_policy=NO_CACHE, **IO_RETRIES)
+def download_task(
+    tracking_uri: str | None, workspace: Workspace, info: dict[str, Any]
+) -> tuple[Path, bool]:
+    """Download the version's bundle once; the directory name pins version and run id."""
+    from components.registry import RegistryClient
+
+    target = bundle_cache_dir(workspace, info)
+    if (target / "bundle.json").is_file():
+        return target, False
+    if target.exists():  # an interrupted download: start again
+        import shutil
+
+        shutil.rmtree(target)
+    client = RegistryClient.for_workspace(workspace, tracking_uri)
+    client.download_bundle(info["name"], target, info["version"])
+    return target, True
+
+
+def bundle_cache_dir(workspace: Workspace, info: dict[str, Any]) -> Path:
+    """``<workspace>/bundles/<model>/v<version>-<run id>``: immutable registry coordinates."""
+    return workspace.bundles / slug(info["name"]) / f"v{info['version']}-{info['run_id']}"
+
+
+@task(name="import-into-bento-store", cache_policy=NO_CACHE, retries=1)
+def import_task(bundle_dir: Path, info: dict[str, Any], bentoml_home: Path) -> tuple[str, bool]:
+    """Make `bundle_dir` the latest ``oncoflow-model``; reuse the import when it already is."""
+    from serving.packaging import import_bundle, use_bentoml_home
+
+    use_bentoml_home(bentoml_home)
+    current = latest_bento_model(info["name"], info["version"], bundle_dir)
+    if current is not None:
+        return current, False
+    tag = import_bundle(
+        bundle_dir,
+        name=BENTO_MODEL,
+        labels={
+            "registered_model": info["name"],
+            "version": str(info["version"]),
+            "run_id": str(info.get("run_id", "")),
+        },
+        metadata={"registered_model": info["name"], "model_version": str(info["version"])},
+    )
+    return tag, True
+
+
+def latest_bento_model(model_name: str, version: str | int, bundle_dir: Path) -> str | None:
+    """The newest ``oncoflow-model`` tag if it *is* this bundle (labels and bytes), else None.
+
+    Only the newest counts: `bentoml build` and `oncoflow serve` default to ``:latest``. The
+    files are compared too, so a registry rebuilt under the same version numbers (or any other
+    mix-up) leads to a fresh import, never to serving a stale model.
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound as BentoNotFound
+
+    try:
+        latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
+    except BentoNotFound:
+        return None
+    labels = latest.info.labels
+    if labels.get("registered_model") != model_name or labels.get("version") != str(version):
+        return None
+    return str(latest.tag) if same_files(bundle_dir, Path(latest.path)) else None
+
+
+def same_files(bundle_dir: Path, other: Path) -> bool:
+    """True when every file of `bundle_dir` exists in `other` with the same SHA-256."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    files = [p for p in bundle_dir.rglob("*") if p.is_file()]
+    return bool(files) and all(
+        (other / p.relative_to(bundle_dir)).is_file()
+        and digest(p) == digest(other / p.relative_to(bundle_dir))
+        for p in files
+    )
+
+
+@task(name="build-bento", cache_policy=NO_CACHE, retries=1)
+def build_task(bentoml_home: Path) -> str:
+    from serving.packaging import build_bento
+
+    return build_bento(PROJECT_ROOT, bentoml_home=bentoml_home)
+
+
+def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: str | None) -> str:
+    """A markdown model card from the registry entry and the bundle's own metadata."""
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    metrics = meta.get("metrics") or {}
+    headline = [
+        f"| {name} | {metrics[name]:.4f} |"
+        for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
+        if isinstance(metrics.get(name), int | float)
+    ]
+    pre = meta.get("preprocessing") or {}
+    privacy = meta.get("privacy") or {"mode": "none"}
+    lines = [
+        f"# Model card: {info['name']} v{info['version']}",
+        "",
+        f"- Aliases: {', '.join(info.get('aliases') or []) or 'none'}",
+        f"- Architecture: `{meta.get('architecture')}`",
+        f"- Classes (output order): {', '.join(meta.get('class_names', []))}",
+        f"- Input: {pre.get('size')}px, {pre.get('channels')} channel(s)",
+        f"- Data fingerprint: `{meta.get('data_fingerprint', '')}`",
+        f"- Test-set fingerprint: `{info.get('test_set_fingerprint', '')}`",
+        f"- Gate: {info.get('gate_decision', '')} — {info.get('gate_reason', '')}",
+        f"- Privacy: `{json.dumps(privacy, default=str)}`",
+        f"- MLflow run: `{info.get('run_id')}`",
+        f"- Bento model: `{bento_model}`" + (f", Bento: `{bento}`" if bento else ""),
+        "",
+        "| test metric | value |",
+        "|---|---|",
+        *headline,
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="promote_and_package", on_failure=[record_failure], on_crashed=[record_failure])
+def promote_and_package(
+    overrides: list[str] | None = None,
+    version: str = "champion",
+    model_name: str | None = None,
+    reason: str | None = None,
+    build_bento: bool | None = None,
+) -> dict[str, Any]:
+    """Package a registered model version for serving.
+
+    overrides:   Hydra overrides of the training run (registry URI, model name, workspace)
+    version:     alias or version number; default the champion
+    model_name:  registered model (default ``registry.model_name`` of the composed config)
+    reason:      when set, first move the champion alias to `version` (a manual promotion)
+    build_bento: run ``bentoml build`` (default ``package.build_bento`` of the config)
+    """
+    from components.config import compose, to_container
+
+    cfg = to_container(compose(list(overrides or [])))
+    workspace = Workspace.from_env(cfg["paths"]["workspace"])
+    prepare_environment(workspace)
+    tracking_uri = cfg["registry"]["tracking_uri"]
+    name = model_name or cfg["registry"]["model_name"]
+    build = cfg["package"]["build_bento"] if build_bento is None else build_bento
+    logger = get_run_logger()
+
+    info = resolve_version_task(tracking_uri, workspace, name, str(version), reason)
+    bundle_dir, downloaded = download_task(tracking_uri, workspace, info)
+    bento_model, imported = import_task(bundle_dir, info, workspace.bentoml_home)
+    bento = build_task(workspace.bentoml_home) if build else None
+    logger.info(
+        "%s v%s: bundle %s, Bento model %s (%s)%s",
+        name,
+        info["version"],
+        "downloaded" if downloaded else "already local",
+        bento_model,
+        "imported" if imported else "already the latest import",
+        f", Bento {bento}" if bento else "",
+    )
+    artifacts.markdown(
+        f"model-card-{slug(name)}"[:100], model_card(info, bundle_dir, bento_model, bento)
+    )
+    summary = {
+        "model_name": name,
+        "version": str(info["version"]),
+        "aliases": info.get("aliases", []),
+        "run_id": info.get("run_id"),
+        "bundle_dir": str(bundle_dir),
+        "downloaded": downloaded,
+        "bento_model": bento_model,
+        "imported": imported,
+        "bento": bento,
+    }
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    out = workspace.root / "runs" / f"{stamp}-promote-{slug(name)}" / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_promote(args: list[str], version: str, reason: str | None, build: bool | None) -> dict:
+    """Entry for ``oncoflow prefect promote``: prepare the environment, then run the flow."""
+    from components.config import compose
+
+    prepare_environment(Workspace.from_env(compose(args).paths.workspace))
+    with settings_from_environment():
+        return promote_and_package(list(args), version=version, reason=reason, build_bento=build)
+
+
+@contextlib.contextmanager
+def settings_from_environment() -> Iterator[None]:
+    """Run with Prefect settings re-read from ``os.environ``.
+
+    Prefect reads its settings once, when first imported; `prepare_environment` runs later
+    (this module imports prefect at the top), so its PREFECT_HOME and ephemeral-server
+    start-up timeout would otherwise be ignored.
+    """
+    import prefect.context
+    from prefect.settings import Settings
+
+    current = prefect.context.get_settings_context()
+    with prefect.context.SettingsContext(profile=current.profile, settings=Settings()):
+        yield

@@ -1,0 +1,374 @@
+"""The pipeline's Prefect tasks. Each calls one component function and records what it did
+(logs, JSON files in the run directory, Prefect artifacts); each returns a small dataclass.
+The flows that chain them are in `flows.pipeline`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import get_run_logger, task
+
+from components.config import PROJECT_ROOT, compose, to_container
+from components.training.assembly import preprocessing_from_config
+from components.workspace import Workspace
+from flows import artifacts
+from flows.hooks import IO_RETRIES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from components.data.cache import SplitArrays
+    from components.federated.layout import FederationLayout
+    from components.registry.gate import GateDecision
+
+
+@dataclass
+class RunContext:
+    """What every task needs: the resolved config (as a plain dict) and where to write."""
+
+    cfg: dict[str, Any]
+    workspace: Workspace
+    run_dir: Path
+
+    @classmethod
+    def create(cls, overrides: list[str] | None, suffix: str = "") -> RunContext:
+        """Compose the config and make a fresh `runs/<stamp>-<dataset><suffix>/` directory."""
+        cfg = to_container(compose(overrides or []))
+        workspace = Workspace.from_env(cfg["paths"]["workspace"])
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        run_dir = workspace.root / "runs" / f"{stamp}-{cfg['dataset']['name']}{suffix}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(cfg=cfg, workspace=workspace, run_dir=run_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cfg["dataset"]["classes"])
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class SplitResult:
+    frame: pd.DataFrame  # the manifest with a `split` column
+    report: dict[str, Any]  # JSON-safe split report
+
+
+@dataclass
+class ValidationResult:
+    frame: pd.DataFrame  # the rows that passed (quarantined rows removed)
+    report: dict[str, Any]
+    quarantined: int
+
+    def fingerprints(self) -> dict[str, str]:
+        """Hashes of what the model saw: every split ("data") and the test split ("test")."""
+        from components.data.manifest import fingerprint
+
+        test = self.frame[self.frame["split"] == "test"]
+        return {"data": fingerprint(self.frame), "test": fingerprint(test)}
+
+
+@dataclass
+class TrainedModel:
+    """A trained model, central or federated, with what the bundle and registry need."""
+
+    model: Any
+    history: list[dict[str, Any]]  # rows for the MLflow run
+    epochs_run: int  # epochs (central) or rounds (federated)
+    architecture: dict[str, Any]  # `build_model` kwargs
+    privacy: dict[str, Any] | None = None  # privacy report (mode, ε, δ...), or None
+    federation: dict[str, Any] | None = None  # FederatedResult.summary() when federated
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # test metrics (components.evaluation.metrics.evaluate)
+    confusion_png: Path
+
+
+@dataclass
+class Registration:
+    run_id: str  # the MLflow run
+    decision: GateDecision  # the gate's verdict and the registered version
+
+
+@dataclass
+class Packaged:
+    bento_model: str  # tag in the Bento model store
+    bento: str | None  # the built Bento, when package.build_bento
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@task(name="ingest", **IO_RETRIES)
+def ingest_task(ctx: RunContext) -> pd.DataFrame:
+    from components.data import manifest as manifest_io
+    from components.data.ingest import ingest
+
+    ds = ctx.cfg["dataset"]
+    frame = ingest(
+        ds["adapter"],
+        ds["root"],
+        classes=list(ds["classes"]),
+        workspace=ctx.workspace,
+        max_per_class=ds.get("max_per_class"),
+        seed=ctx.cfg["seed"],
+        options=ds.get("synthetic") or {},
+    )
+    manifest_io.save(frame, ctx.run_dir / "manifest_raw.parquet")
+    get_run_logger().info("ingested %d images from %s (%s)", len(frame), ds["name"], ds["adapter"])
+    return frame
+
+
+@task(name="split")
+def split_task(ctx: RunContext, frame: pd.DataFrame) -> SplitResult:
+    from components.data.splits import assign_splits
+
+    split = ctx.cfg["dataset"]["split"]
+    frame, report = assign_splits(
+        frame,
+        keep_given=split["keep_given"],
+        val_fraction=split["val_fraction"],
+        test_fraction=split["test_fraction"],
+        seed=ctx.cfg["seed"],
+    )
+    summary = report.summary()
+    get_run_logger().info("split report: %s", summary)
+    artifacts.write_json(ctx.run_dir / "split_report.json", report.to_dict())
+    artifacts.markdown("split-report", f"# Split report\n\n{summary}")
+    return SplitResult(frame=frame, report=report.to_dict())
+
+
+@task(name="validate")
+def validate_task(ctx: RunContext, frame: pd.DataFrame) -> ValidationResult:
+    from components.data import manifest as manifest_io
+    from validation import validate_manifest
+
+    ds = ctx.cfg["dataset"]
+    outcome = validate_manifest(
+        frame,
+        list(ds["classes"]),
+        min_side=ds["limits"]["min_side"],
+        max_side=ds["limits"]["max_side"],
+        min_per_class=ctx.cfg["validation"]["min_per_class"],
+        on_failure=ctx.cfg["validation"]["on_failure"],
+        workspace=ctx.workspace,
+    )
+    manifest_io.save(outcome.validated, ctx.run_dir / "manifest.parquet")
+    artifacts.write_json(ctx.run_dir / "validation_report.json", outcome.report)
+    artifacts.markdown("validation-report", f"# Validation\n\n```\n{outcome.summary()}\n```")
+    get_run_logger().info(
+        "validation passed=%s, kept %d rows, quarantined %d",
+        outcome.passed,
+        len(outcome.validated),
+        len(outcome.quarantined),
+    )
+    return ValidationResult(
+        frame=outcome.validated, report=outcome.report, quarantined=len(outcome.quarantined)
+    )
+
+
+@task(name="load-arrays")
+def arrays_task(ctx: RunContext, frame: pd.DataFrame) -> dict[str, SplitArrays]:
+    from components.data.cache import load_split_arrays
+
+    return load_split_arrays(
+        frame, ctx.class_names, preprocessing_from_config(ctx.cfg), ctx.workspace.cache
+    )
+
+
+@task(name="train")
+def train_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
+    """Central training (Lightning), with DP-SGD when the privacy config asks for it."""
+    from components.training.central import train_central
+
+    result = train_central(ctx.cfg, arrays, ctx.run_dir / "training")
+    log = get_run_logger()
+    log.info(
+        "trained %d epochs (best %d) in %.1fs, %.0f img/s",
+        result.training.epochs_run,
+        result.training.best_epoch,
+        result.training.wall_seconds,
+        result.training.images_per_second,
+    )
+    if result.privacy:
+        log.info(
+            "DP-SGD: epsilon=%.3f at delta=%g", result.privacy["epsilon"], result.privacy["delta"]
+        )
+    return TrainedModel(
+        model=result.model,
+        history=result.history,
+        epochs_run=result.epochs_run,
+        architecture=result.architecture,
+        privacy=result.privacy,
+    )
+
+
+@task(name="train-federated")
+def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
+    """Federated training (Flower): sites from the train split, the same local training loop."""
+    from components.federated.engines import run_federated
+    from components.federated.partition import site_report_markdown
+
+    cfg = ctx.cfg
+    result = run_federated(
+        cfg, arrays, ctx.class_names, preprocessing_from_config(cfg), ctx.run_dir / "federation"
+    )
+    artifacts.write_json(ctx.run_dir / "site_report.json", result.site_report)
+    artifacts.markdown("site-report", site_report_markdown(result.site_report))
+    summary = result.summary()
+    log = get_run_logger()
+    log.info(
+        "federated %s: %d rounds, %.1fs/round, %d updates rejected",
+        summary["strategy"],
+        summary["rounds"],
+        summary["mean_round_seconds"],
+        summary["rejected_updates"],
+    )
+    if summary["status"] != "completed":
+        log.warning("federated run %s", summary["status"])
+    if result.privacy:
+        log.info(
+            "privacy (%s): epsilon=%.3f at delta=%g",
+            result.privacy["mode"],
+            result.privacy.get("epsilon", float("nan")),
+            result.privacy["delta"],
+        )
+    return TrainedModel(
+        model=result.model,
+        history=result.mlflow_history(),
+        epochs_run=summary["rounds"],
+        architecture=result.architecture,
+        privacy=result.privacy,
+        federation=summary,
+    )
+
+
+@task(name="prepare-federation")
+def federation_layout_task(
+    ctx: RunContext, arrays: dict[str, SplitArrays], root: str | Path
+) -> FederationLayout:
+    """Write one directory per site, the server's test split and the run spec under `root`."""
+    from components.federated.layout import prepare_federation
+
+    layout = prepare_federation(
+        ctx.cfg, arrays, ctx.class_names, preprocessing_from_config(ctx.cfg), root
+    )
+    artifacts.markdown("site-report", layout.report_markdown)
+    get_run_logger().info("prepared %d sites under %s", len(layout.sites), layout.root)
+    return layout
+
+
+@task(name="evaluate")
+def evaluate_task(ctx: RunContext, model: Any, test: SplitArrays) -> Evaluation:
+    from components.evaluation.metrics import evaluate
+    from components.evaluation.plots import confusion_matrix_png
+    from components.evaluation.predict import predict_proba
+
+    classes = ctx.class_names
+    probs = predict_proba(model, test.x, preprocessing_from_config(ctx.cfg))
+    metrics = evaluate(test.y, probs, classes)
+    png = confusion_matrix_png(metrics["confusion_matrix"], classes, ctx.run_dir / "confusion.png")
+    artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
+    artifacts.metrics_table("test-metrics", metrics)
+    return Evaluation(metrics=metrics, confusion_png=png)
+
+
+@task(name="bundle")
+def bundle_task(
+    ctx: RunContext,
+    trained: TrainedModel,
+    train: SplitArrays,
+    metrics: dict[str, Any],
+    data_fingerprint: str,
+) -> Path:
+    """Write the model bundle (weights, metadata, SHAP background, case index)."""
+    from components.bundle_builder import make_bundle
+
+    bundle_dir = make_bundle(
+        trained.model,
+        architecture=trained.architecture,
+        privacy=trained.privacy,
+        class_names=ctx.class_names,
+        preprocessing=preprocessing_from_config(ctx.cfg),
+        train_x=train.x,
+        train_y=train.y,
+        metrics=metrics,
+        data_fingerprint=data_fingerprint,
+        config=ctx.cfg,
+        background_size=ctx.cfg["serving"]["background_size"],
+        out_dir=ctx.run_dir / "bundle",
+    )
+    get_run_logger().info("model bundle written to %s", bundle_dir)
+    return bundle_dir
+
+
+@task(name="register")
+def register_task(
+    ctx: RunContext,
+    bundle_dir: Path,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    reports: dict[str, Any],
+    fingerprints: dict[str, str],
+) -> Registration:
+    from components.registry import GateConfig, RegistryClient, TrainingRecord
+
+    reg = ctx.cfg["registry"]
+    client = RegistryClient(
+        reg["tracking_uri"] or ctx.workspace.mlflow_uri, ctx.workspace.mlflow_artifacts
+    )
+    record = TrainingRecord(
+        config=ctx.cfg,
+        bundle_dir=bundle_dir,
+        test_metrics=metrics,
+        history=history,
+        manifest_fingerprint=fingerprints["data"],
+        test_fingerprint=fingerprints["test"],
+        reports=reports,
+        figures={"confusion_matrix": ctx.run_dir / "confusion.png"},
+        run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
+        tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
+    )
+    run_id = client.log_training_run(record)
+    gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
+    decision = _with_retries(
+        lambda: client.register_candidate(
+            run_id, reg["model_name"], metrics, gate, test_fingerprint=fingerprints["test"]
+        )
+    )
+    get_run_logger().info("registry: %s", decision.reason)
+    return Registration(run_id=run_id, decision=decision)
+
+
+def _with_retries(call, attempts: int = 3, delay_s: float = 2.0):
+    """Retry a registry call on transient failures (the run itself is logged only once)."""
+    from components.errors import RegistryError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except RegistryError:
+            if attempt == attempts:
+                raise
+            time.sleep(delay_s * attempt)
+    raise AssertionError("unreachable")
+
+
+@task(name="package", retries=1)
+def package_task(ctx: RunContext, bundle_dir: Path, model_version: str, build: bool) -> Packaged:
+    from serving.packaging import build_bento, import_bundle
+
+    tag = import_bundle(
+        bundle_dir,
+        labels={"registered_model": ctx.cfg["registry"]["model_name"], "version": model_version},
+    )
+    bento = build_bento(PROJECT_ROOT) if build else None
+    get_run_logger().info("packaged model %s, bento %s", tag, bento)
+    return Packaged(bento_model=tag, bento=bento)
