@@ -49,10 +49,10 @@ class LimitsConf:
 
 @dataclass
 class DatasetConf:
-    name: str = "synthetic"
-    adapter: str = "synthetic"  # folder | csv | npz | dicom | synthetic
+    name: str = MISSING  # every dataset file names itself, its adapter and its classes
+    adapter: str = MISSING  # folder | csv | npz | dicom | synthetic
     root: str = ""  # where the images are (folder/csv/npz/dicom adapters)
-    classes: list[str] = field(default_factory=list)
+    classes: list[str] = MISSING  # in the model's output order
     image_size: int = 64
     channels: int = 3
     split: SplitConf = field(default_factory=SplitConf)

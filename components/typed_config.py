@@ -31,9 +31,11 @@ def _unfreeze(node: Any) -> None:
     from omegaconf import OmegaConf
 
     node._set_flag("readonly", None)
+    if not OmegaConf.is_dict(node):
+        return
     for key in node:
         child = node._get_node(key)
-        if OmegaConf.is_config(child):
+        if OmegaConf.is_config(child) and not child._is_missing() and not child._is_none():
             _unfreeze(child)
 
 

@@ -1,9 +1,12 @@
-"""Suite-wide settings: telemetry off, offline model hubs, a throwaway Prefect home."""
+"""Suite-wide settings: telemetry off, offline model hubs, a throwaway Prefect home; the
+`tiny_cfg` fixture (the real config tree composed with tiny overrides, see tiny_config.py)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+
+import pytest
 
 for _key, _value in {
     "DO_NOT_TRACK": "1",
@@ -20,3 +23,11 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="oncoflow-prefect-"))
+
+
+@pytest.fixture
+def tiny_cfg():
+    """`tiny_cfg(*overrides, **sections)` -> the composed run config as a dict."""
+    from tiny_config import tiny_cfg as compose_tiny
+
+    return compose_tiny

@@ -96,13 +96,12 @@ def test_ties_break_by_index_so_the_result_does_not_depend_on_luck():
         ({"strategy": "median", "num_malicious": 1, "mixing": "bucket"}, "choose one of"),
     ],
 )
-def test_bad_mixing_settings_fail_fast(section, message):
+def test_bad_mixing_settings_fail_fast(section, message, tiny_cfg):
     with pytest.raises(ConfigError, match=message):
-        validate_federation({"federation": section})
+        tiny_cfg("training=federated", federation=section)
 
 
-def test_robust_rules_accept_nnm():
-    s = validate_federation(
-        {"federation": {"strategy": "krum", "num_malicious": 1, "mixing": "nnm"}}
-    )
+def test_robust_rules_accept_nnm(tiny_cfg):
+    cfg = tiny_cfg("training=federated", "federation=krum")
+    s = validate_federation(cfg)
     assert s.mixing == "nnm"

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from tiny_config import tiny_cfg
 
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
@@ -43,14 +44,13 @@ def prepare(data, root, privacy: dict, **federation):
         "local_epochs": LOCAL_EPOCHS,
         "evaluate_sites": False,
     }
-    cfg = {
-        "seed": 5,
-        "model": {"name": "small_cnn", "width": 4, "norm": "batch"},
-        "dataset": {"channels": 3},
-        "trainer": {"batch_size": BATCH, "lr": 0.05, "imbalance": "none", "augment": False},
-        "federation": fed | federation,
-        "privacy": privacy,
-    }
+    cfg = tiny_cfg(
+        "training=federated",
+        "seed=5",
+        trainer={"batch_size": BATCH, "lr": 0.05, "imbalance": "none", "augment": False},
+        federation=fed | federation,
+        privacy=privacy,
+    )
     arrays, classes = data
     return prepare_federation(cfg, arrays, classes, PREP, root, threads=1)
 

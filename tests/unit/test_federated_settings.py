@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_config import tiny_cfg
 
 from components.config import CONF_DIR, compose, to_container
 from components.errors import ConfigError
@@ -21,13 +22,18 @@ FEDERATION_CONFS = sorted(p.stem for p in (Path(CONF_DIR) / "federation").glob("
 
 
 def fed(**overrides) -> dict:
-    """A federation section: fedavg over 5 Dirichlet sites, plus `overrides`."""
+    """Federation overrides: fedavg over 5 Dirichlet sites, plus `overrides`."""
     return {
         "strategy": "fedavg",
         "num_sites": 5,
         "partition": "dirichlet",
         "alpha": 0.5,
     } | overrides
+
+
+def settings(section: dict):
+    """Compose the real config with `section` as federation overrides, then validate it."""
+    return validate_federation(tiny_cfg("training=federated", "seed=0", federation=section))
 
 
 def test_every_strategy_has_a_config_file():
@@ -64,8 +70,8 @@ def test_a_composed_dictconfig_is_accepted_as_is():
 
 
 def test_defaults_tolerate_one_site_dropping_out():
-    settings = validate_federation(fed(num_sites=5))
-    assert settings.min_fit_sites == 4 and settings.min_available_sites == 4
+    five = settings(fed(num_sites=5))
+    assert five.min_fit_sites == 4 and five.min_available_sites == 4
 
 
 @pytest.mark.parametrize(
@@ -102,19 +108,24 @@ def test_defaults_tolerate_one_site_dropping_out():
 )
 def test_bad_configuration_fails_fast_with_the_fix(section, fragment):
     with pytest.raises(ConfigError) as info:
+        settings(section)
+    assert fragment in str(info.value)
+    # the same section handed over as a mapping (e.g. a run spec read back) fails the same way
+    with pytest.raises(ConfigError) as info:
         validate_federation({"federation": section, "seed": 0})
     assert fragment in str(info.value)
 
 
 def test_settings_round_trip_and_fingerprint():
-    settings = validate_federation(
+    krum = settings(
         fed(strategy="krum", num_malicious=1, attack={"behaviour": "sign_flip", "sites": ["a"]})
     )
-    again = FederationSettings.from_dict(settings.to_dict())
-    assert again == settings
-    assert again.fingerprint() == settings.fingerprint()
+    assert krum.attack.sites == ("a",)
+    again = FederationSettings.from_dict(krum.to_dict())
+    assert again == krum
+    assert again.fingerprint() == krum.fingerprint()
     # rounds and timeouts do not change what a round computes; the rule does
-    longer = validate_federation(
+    longer = settings(
         fed(
             strategy="krum",
             num_malicious=1,
@@ -122,5 +133,5 @@ def test_settings_round_trip_and_fingerprint():
             attack={"behaviour": "sign_flip", "sites": ["a"]},
         )
     )
-    assert longer.fingerprint() == settings.fingerprint()
-    assert validate_federation(fed()).fingerprint() != settings.fingerprint()
+    assert longer.fingerprint() == krum.fingerprint()
+    assert settings(fed()).fingerprint() != krum.fingerprint()

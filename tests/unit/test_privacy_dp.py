@@ -140,13 +140,18 @@ def test_hooks_refuse_a_model_that_was_not_made_compatible(tmp_path):
         )
 
 
-def test_weighted_imbalance_is_refused_under_dp():
+def test_weighted_imbalance_is_refused_under_dp(tiny_cfg):
+    with pytest.raises(ConfigError, match="imbalance=none"):
+        tiny_cfg("privacy=dp_eps8", "trainer.imbalance=weighted_loss")
     with pytest.raises(ConfigError, match="imbalance=none"):
         validate_privacy({"mode": "dp_sgd", "epsilon": 8}, None, {"imbalance": "weighted_loss"})
 
 
-def test_central_dp_sgd_learns_at_a_loose_budget_and_reports(tmp_path):
-    settings = validate_privacy({"mode": "dp_sgd", "epsilon": 50.0, "delta": 1e-3})
+def test_central_dp_sgd_learns_at_a_loose_budget_and_reports(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(
+        "privacy=dp_eps8", "trainer.imbalance=none", privacy={"epsilon": 50.0, "delta": 1e-3}
+    )
+    settings = validate_privacy(cfg["privacy"], None, cfg["trainer"])
     train, val = square_task(512, 0), square_task(64, 1)
     torch.manual_seed(0)  # noise norm ~ σ·sqrt(d)/B: a narrow net and big batches
     model, _ = make_private_compatible(

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from tiny_config import tiny_cfg
 
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
@@ -41,14 +42,14 @@ def data():
 
 def prepare(data, root, privacy=SECAGG, **federation):
     fed = {"engine": "inline", "num_sites": 3, "partition": "iid", "rounds": 1, "local_epochs": 1}
-    cfg = {
-        "seed": 3,
-        "model": {"name": "small_cnn", "width": 4, "norm": "group"},
-        "dataset": {"channels": 3},
-        "trainer": {"batch_size": 8, "lr": 0.05, "imbalance": "none", "augment": False},
-        "federation": fed | federation,
-        "privacy": privacy,
-    }
+    cfg = tiny_cfg(
+        "training=federated",
+        "seed=3",
+        "model.norm=group",
+        trainer={"batch_size": 8, "lr": 0.05, "imbalance": "none", "augment": False},
+        federation=fed | federation,
+        privacy=privacy,
+    )
     arrays, classes = data
     return prepare_federation(cfg, arrays, classes, PREP, root, threads=1)
 
@@ -280,6 +281,8 @@ def test_secagg_with_dp_sgd_at_the_sites(data, tmp_path):
 
 
 def test_per_update_rules_are_refused_under_secagg():
+    with pytest.raises(ConfigError, match="cannot run with privacy=secagg"):
+        tiny_cfg("training=federated", "federation=krum", "privacy=secagg")
     with pytest.raises(ConfigError, match="cannot run with privacy=secagg"):
         validate_privacy({"mode": "secagg", "update_norm_bound": 1.0}, {"strategy": "krum"})
 
