@@ -12,12 +12,12 @@ from components.errors import ConfigError, DataError
 from components.evaluation.predict import predict_proba
 from components.models import build_model
 from components.training.central import train_classifier
-from components.training.loop import fit_local
 from components.training.datamodule import (
     ArrayDataModule,
     Augmentation,
     inverse_frequency_weights,
 )
+from components.training.loop import fit_local
 
 SIZE = 32
 PREP = Preprocessing(size=SIZE, channels=3)
@@ -285,3 +285,60 @@ def test_fit_local_extension_points_are_used():
     )
     assert seen == {"optimizer": "AdamW", "module": "ClassifierModule"}
     assert BatchCounter.batches == 4  # 16 images in batches of 4 from the hook's loader
+
+
+# ----------------------------------------------------------------------------- from the config
+
+
+def _config(*overrides: str) -> dict:
+    from components.config import compose, to_container
+
+    tiny = ["dataset=synthetic", "model=small_cnn", "model.width=4", "trainer.batch_size=16"]
+    return to_container(compose([*tiny, *overrides]))
+
+
+def test_architecture_from_config_uses_groupnorm_whenever_privacy_needs_it():
+    from components.privacy.settings import validate_privacy
+    from components.training.assembly import architecture_from_config
+
+    cfg = _config()
+    plain = architecture_from_config(cfg)
+    assert plain == {
+        "name": "small_cnn",
+        "num_classes": 3,
+        "in_channels": 3,
+        "norm": "batch",
+        "pretrained": False,
+        "small_input": True,
+        "width": 4,
+    }
+    dp_cfg = _config("privacy=dp_eps8", "trainer.imbalance=none")
+    dp = validate_privacy(dp_cfg["privacy"], None, dp_cfg["trainer"])
+    assert architecture_from_config(dp_cfg, privacy=dp)["norm"] == "group"
+    assert architecture_from_config(cfg, 5)["num_classes"] == 5
+
+
+def test_preprocessing_and_augmentation_follow_the_dataset():
+    from components.training.assembly import augmentation_from_config, preprocessing_from_config
+
+    cfg = _config("dataset.image_size=48")
+    assert preprocessing_from_config(cfg).size == 48
+    assert augmentation_from_config(cfg) == Augmentation(hflip=False)  # synthetic: no flips
+    assert augmentation_from_config(_config("trainer.augment=false")) is False
+
+
+def test_train_central_trains_the_configured_model(tmp_path):
+    from components.data.cache import SplitArrays
+    from components.training.central import train_central
+
+    def split(n: int, seed: int) -> SplitArrays:
+        x, y = square_task(n, seed)
+        return SplitArrays(x=x, y=y, ids=[str(i) for i in range(n)])
+
+    cfg = _config("trainer.max_epochs=2", "trainer.augment=false")
+    result = train_central(cfg, {"train": split(48, 0), "val": split(24, 1)}, tmp_path)
+    assert result.architecture["width"] == 4 and result.architecture["num_classes"] == 3
+    assert result.model.num_classes == 3 and not result.model.training
+    assert result.epochs_run == len(result.history) == 2
+    assert result.privacy is None
+    assert (tmp_path / "metrics.csv").is_file()
