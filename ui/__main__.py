@@ -1,4 +1,4 @@
-"""``python -m ui [--host H] [--port P]``: serve the clinician UI (settings: see ui/config.py)."""
+"""``python -m ui [--host H] [--port P]``: serve the clinician UI (settings: see ui/settings.py)."""
 
 from __future__ import annotations
 

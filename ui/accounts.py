@@ -294,7 +294,7 @@ class AccountStore:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ui.accounts create-admin NAME``: create an admin (password asked twice)."""
-    from ui.config import UiConfig
+    from ui.settings import UiConfig
 
     parser = argparse.ArgumentParser(prog="python -m ui.accounts")
     sub = parser.add_subparsers(dest="command", required=True)

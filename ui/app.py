@@ -17,6 +17,7 @@ import gradio as gr
 from ui import html
 from ui.context import UiContext
 from ui.errors import SessionExpired
+from ui.gateway import ServiceGateway
 from ui.messages import friendly
 from ui.pages.analytics_page import AnalyticsPage
 from ui.pages.assistant_page import AssistantPage, case_line
@@ -24,7 +25,6 @@ from ui.pages.diagnose import DiagnosePage
 from ui.pages.history import HistoryPage
 from ui.pages.model_page import ModelPage
 from ui.pages.users import UsersPage
-from ui.service import DiagnosisService
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class App:
 
 def build_app(ctx: UiContext | None = None) -> App:
     ctx = ctx or UiContext.create()
-    service = DiagnosisService(ctx.client)
+    service = ServiceGateway(ctx.client)
     diagnose = DiagnosePage(ctx, service)
     history = HistoryPage(ctx)
     analytics = AnalyticsPage(ctx)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from serving.client import DiagnosisClient
 from ui.accounts import AccountStore
 from ui.cases import CaseStore
-from ui.config import UiConfig
 from ui.db import Database
 from ui.sessions import SessionStore
+from ui.settings import UiConfig
 
 
 @dataclass

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from components.assistant.assistant import DISCLAIMER, Answer, Assistant, Citation
 from components.assistant.case import CaseContext, ShapFeature
-from components.assistant.config import AssistantConfig
 from components.assistant.history import HistoryStore, Turn
 from components.assistant.index import Index, build_index, load_index
 from components.assistant.retriever import Passage, RetrievalSettings, Retriever
+from components.assistant.settings import AssistantConfig
 
 __all__ = [
     "DISCLAIMER",

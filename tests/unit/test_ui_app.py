@@ -17,8 +17,8 @@ from argon2 import PasswordHasher
 
 from ui import messages
 from ui.accounts import AccountStore
-from ui.config import UiConfig
 from ui.context import UiContext
+from ui.settings import UiConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["benign", "malignant", "normal"]

@@ -9,9 +9,9 @@ from ui import html
 from ui.charts import pretty_label
 from ui.context import UiContext
 from ui.errors import InvalidInput
+from ui.gateway import ChatAnswer, ServiceGateway
 from ui.messages import friendly
 from ui.pages.diagnose import OpenCase
-from ui.service import ChatAnswer, DiagnosisService
 
 MAX_QUESTION = 2000
 WELCOME = (
@@ -40,7 +40,7 @@ def with_sources(answer: ChatAnswer) -> str:
 
 
 class AssistantPage:
-    def __init__(self, ctx: UiContext, service: DiagnosisService) -> None:
+    def __init__(self, ctx: UiContext, service: ServiceGateway) -> None:
         self.ctx = ctx
         self.service = service
 

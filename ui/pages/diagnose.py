@@ -19,9 +19,9 @@ from ui.charts import pretty_label, probability_chart
 from ui.clinical import NO, YES, field_info, field_label, record_from_fields
 from ui.context import UiContext
 from ui.errors import InvalidInput
+from ui.gateway import Explanation, ModelInfo, Prediction, ServiceGateway, SimilarCase
 from ui.images import blend, enlarge, preview
 from ui.messages import friendly
-from ui.service import DiagnosisService, Explanation, ModelInfo, Prediction, SimilarCase
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def method_choices(info: ModelInfo | None) -> list[tuple[str, str]]:
 
 
 class DiagnosePage:
-    def __init__(self, ctx: UiContext, service: DiagnosisService) -> None:
+    def __init__(self, ctx: UiContext, service: ServiceGateway) -> None:
         self.ctx = ctx
         self.service = service
         self.reports_dir = Path(tempfile.mkdtemp(prefix="oncoflow-ui-reports-"))

@@ -9,10 +9,10 @@ import gradio as gr
 from ui import html
 from ui.charts import pretty_label
 from ui.context import UiContext
+from ui.gateway import ServiceGateway
 from ui.html import Markup
 from ui.messages import friendly
 from ui.pages.diagnose import METHOD_NAMES
-from ui.service import DiagnosisService
 
 KIND_WORDS = {
     "image": "an image",
@@ -112,7 +112,7 @@ def card_html(card) -> str:
 
 
 class ModelPage:
-    def __init__(self, ctx: UiContext, service: DiagnosisService) -> None:
+    def __init__(self, ctx: UiContext, service: ServiceGateway) -> None:
         self.ctx = ctx
         self.service = service
 

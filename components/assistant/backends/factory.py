@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components.assistant.config import AssistantConfig
+from components.assistant.settings import AssistantConfig
 
 
 def make_backend(config: AssistantConfig):

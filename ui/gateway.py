@@ -140,7 +140,9 @@ def model_info(card: ModelCard) -> ModelInfo:
     )
 
 
-class DiagnosisService:
+class ServiceGateway:
+    """The diagnosis service as the pages need it, over HTTP (a `DiagnosisClient`)."""
+
     def __init__(self, client: DiagnosisClient) -> None:
         self.client = client
 
