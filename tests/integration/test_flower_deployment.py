@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+from tiny_config import tiny_cfg
 
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
@@ -40,14 +41,14 @@ def prepare(root, privacy=None, **federation):
         "min_available_sites": 2,
         "round_timeout": 300,
     } | federation
-    cfg = {
-        "seed": 0,
-        "model": {"name": "small_cnn", "width": 4, "norm": "group"},
-        "dataset": {"channels": 3},
-        "trainer": {"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
-        "federation": fed,
-        "privacy": privacy or {"mode": "none"},
-    }
+    cfg = tiny_cfg(
+        "training=federated",
+        "seed=0",
+        "model.norm=group",
+        trainer={"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
+        federation=fed,
+        privacy=privacy or {"mode": "none"},
+    )
     return prepare_federation(cfg, arrays, d.class_names, Preprocessing(SIZE, 3), root)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_config import tiny_cfg
 
 from components.bundle import ModelBundle
 from components.data.preprocess import Preprocessing
@@ -38,13 +39,13 @@ def data():
 
 def config(**federation) -> dict:
     fed = {"engine": "inline", "num_sites": 3, "partition": "iid", "rounds": 2, "local_epochs": 2}
-    return {
-        "seed": 3,
-        "model": {"name": "small_cnn", "width": 4, "norm": "group"},
-        "dataset": {"channels": 3},
-        "trainer": {"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
-        "federation": fed | federation,
-    }
+    return tiny_cfg(
+        "training=federated",
+        "seed=3",
+        "model.norm=group",
+        trainer={"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
+        federation=fed | federation,
+    )
 
 
 def prepare(data, root, **federation) -> FederationLayout:

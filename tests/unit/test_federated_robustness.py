@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_config import tiny_cfg
 
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
@@ -56,13 +57,14 @@ def run(
         fed["num_malicious"] = 1
     if attack:
         fed["attack"] = {"behaviour": "sign_flip", "sites": 1, "scale": 10.0}
-    cfg = {
-        "seed": 0,
-        "model": {"name": "small_cnn", "width": 8, "norm": "group"},
-        "dataset": {"channels": 3},
-        "trainer": {"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
-        "federation": fed,
-    }
+    cfg = tiny_cfg(
+        "training=federated",
+        "seed=0",
+        "model.width=8",
+        "model.norm=group",
+        trainer={"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
+        federation=fed,
+    )
     root = tmp_path_factory.mktemp(f"{strategy}-{attack}-{alpha}-{mixing}")
     layout = prepare_federation(
         cfg, arrays, classes, Preprocessing(size=SIZE, channels=3), root, threads=1
