@@ -110,7 +110,7 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
     if attack and attack["behaviour"] == "label_flip":
         y = poison_labels(y, spec.model.num_classes)
     seed = local_seed(spec.seed, server_round, site.name)
-    privacy = spec.privacy_settings()
+    privacy = spec.privacy
     dp = _site_dp(privacy, spec, site, server_round, model)
     started = time.perf_counter()
     fit = train_local(model, site.x_train, y, spec.model, spec.training, seed, dp and dp.hooks())

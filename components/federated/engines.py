@@ -3,7 +3,7 @@
 - `simulation`: Flower's simulation engine (`flwr.simulation.run_simulation`, Ray backend) on
   this machine; each site is a virtual SuperNode reading its own directory.
 - `deployment`: a real SuperLink and one SuperNode per site as separate processes on
-  127.0.0.1 with TLS (`deployment.LocalDeployment`); the same commands start them on
+  127.0.0.1 with TLS (`local_deployment.LocalDeployment`); the same commands start them on
   separate machines (`oncoflow fl superlink|supernode|submit`).
 - `inline`: the same ServerApp driver and ClientApp handlers called in this process, one site
   after another (`inline.InlineGrid`); for tests and machines too small for Ray.

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from components.federated.runspec import SPEC_KEY  # the ClientSpec JSON in "config"
-
 if TYPE_CHECKING:
     from flwr.app import Message
     from flwr.serverapp import Grid
 
+SPEC_KEY = "oncoflow-spec"  # "config" key carrying the ClientSpec JSON
 SITE_RECORD = "site"  # ConfigRecord in every reply naming the site: {"name": <site>}
 ROUND_KEY = "server-round"  # set by Flower's strategies (and by the SecAgg+ round)
 

@@ -19,8 +19,6 @@ from components.federated.settings import FederationSettings
 from components.federated.task import LocalTraining, ModelSpec
 from components.privacy.settings import PrivacySettings
 
-SPEC_KEY = "oncoflow-spec"  # ConfigRecord key carrying the ClientSpec JSON
-
 
 @dataclass(frozen=True)
 class ClientSpec:
@@ -45,10 +43,6 @@ class ClientSpec:
             },
             sort_keys=True,
         )
-
-    def privacy_settings(self) -> PrivacySettings:
-        """The run's `PrivacySettings`."""
-        return self.privacy
 
     @classmethod
     def from_json(cls, text: str) -> ClientSpec:
@@ -90,10 +84,6 @@ class RunSpec:
             rounds=self.settings.rounds,
             run_key=self.fingerprint(),
         )
-
-    def privacy_settings(self) -> PrivacySettings:
-        """The run's `PrivacySettings`."""
-        return self.privacy
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: settings, model, training and data."""
@@ -155,4 +145,4 @@ def _privacy_json(privacy: PrivacySettings) -> dict[str, Any]:
     return privacy.to_dict() if privacy.enabled else {}
 
 
-__all__ = ["SPEC_KEY", "ClientSpec", "RunSpec"]
+__all__ = ["ClientSpec", "RunSpec"]

@@ -76,7 +76,7 @@ STAGE_NAMES = {
 def secagg_settings(spec: Any) -> SecAggSettings | None:
     """The SecAgg+ settings of a `RunSpec`, or None when the run does not use secure
     aggregation."""
-    privacy = spec.privacy_settings()
+    privacy = spec.privacy
     return privacy.secagg if privacy.secure_aggregation else None
 
 

@@ -308,7 +308,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
     settings = spec.settings
     out = Path(spec.out_dir)
     store = CheckpointStore(out / CHECKPOINT_DIR, spec.fingerprint(), settings.keep_checkpoints)
-    privacy = ServerPrivacy(spec.privacy_settings(), settings.rounds, len(spec.sites))
+    privacy = ServerPrivacy(spec.privacy, settings.rounds, len(spec.sites))
     weighting = UNIT_WEIGHT if privacy.settings.central_dp else "num-examples"
     strategy = privacy.wrap(build_strategy(settings, weighted_by_key=weighting))
     test = _TestSet(spec)

@@ -195,7 +195,7 @@ def check_site_dir(directory: str | Path) -> Path:
     if missing:
         raise DataError(
             f"no site data in {path} (missing {', '.join(missing)}); write the partition with "
-            "`oncoflow fl prepare` (components.federated.deployment.prepare_federation) first"
+            "`oncoflow fl prepare` (components.federated.layout.prepare_federation) first"
         )
     return path
 
