@@ -106,6 +106,9 @@ def load_brain_mri(
 
 
 def config(args, strategy: str, attack: str | None) -> dict:
+    """The run configuration: the real conf/ tree composed with this bench's overrides."""
+    from components.config import compose, to_container
+
     fed = {
         "strategy": strategy,
         "engine": args.engine,
@@ -114,13 +117,11 @@ def config(args, strategy: str, attack: str | None) -> dict:
         "alpha": args.alpha,
         "rounds": args.rounds,
         "local_epochs": args.epochs,
-        "evaluate_sites": not args.no_site_eval,
-        "resume": False,
-        "simulation": {
-            "cpus_per_site": 1,
-            "total_cpus": os.cpu_count() or 1,
-            "threads_per_site": 1,
-        },
+        "evaluate_sites": str(not args.no_site_eval).lower(),
+        "resume": "false",
+        "simulation.cpus_per_site": 1,
+        "simulation.total_cpus": os.cpu_count() or 1,
+        "simulation.threads_per_site": 1,
     }
     if strategy != "fedavg":
         fed["num_malicious"] = args.attackers
@@ -128,21 +129,22 @@ def config(args, strategy: str, attack: str | None) -> dict:
     if strategy == "trimmed_mean":
         fed["trim_fraction"] = max(0.2, args.attackers / args.sites + 1e-9)
     if attack:
-        fed["attack"] = {"behaviour": attack, "sites": args.attackers, "scale": args.scale}
-    return {
-        "seed": args.seed,
-        "model": {"name": args.model, "width": args.width, "norm": args.norm, "small_input": True},
-        "dataset": {"channels": 3},
-        "trainer": {
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "weight_decay": 1e-4,
-            "imbalance": "none",
-            "augment": False,
-            "deterministic": True,
-        },
-        "federation": fed,
-    }
+        fed |= {"attack.behaviour": attack, "attack.sites": args.attackers}
+        fed["attack.scale"] = args.scale
+    overrides = [
+        "training=federated",
+        f"seed={args.seed}",
+        f"model.name={args.model}",
+        f"model.width={args.width}",
+        f"model.norm={args.norm}",
+        "model.small_input=true",
+        f"trainer.batch_size={args.batch_size}",
+        f"trainer.lr={args.lr}",
+        "trainer.imbalance=none",
+        "trainer.augment=false",
+        *(f"federation.{key}={value}" for key, value in fed.items()),
+    ]
+    return to_container(compose(overrides))
 
 
 def run_federated(args, arrays, classes, out: Path, strategy: str, attack: str | None) -> dict:
@@ -295,7 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from components.telemetry import quiet_environment
+
+    quiet_environment()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="oncoflow-bench-fl-"))
     if args.data == "synthetic":

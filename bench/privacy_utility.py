@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from components.telemetry import TELEMETRY_OFF
+
 ROOT = Path(__file__).resolve().parent.parent
 PRIVACY = ("none", "dp_eps8", "dp_eps3")
 BRAIN = [
@@ -56,8 +58,7 @@ def run_cell(overrides: list[str], workspace: Path) -> dict:
     env = {
         **os.environ,
         "ONCOFLOW_WORKSPACE": str(workspace),
-        "DO_NOT_TRACK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
+        **TELEMETRY_OFF,
         "PREFECT_TASKS_DISABLE_CACHING": "true",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }

@@ -44,7 +44,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,14 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from components.net import free_port  # noqa: E402
+from components.telemetry import TELEMETRY_OFF  # noqa: E402
+
 KEY = "bench-key"
 LEVELS = (1, 8, 32)
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "1",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,12 +71,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------ set-up
 
 
@@ -89,9 +79,9 @@ def make_bench_bundle(out: Path, arch: str, size: int, classes: int) -> Path:
     import numpy as np
     import torch
 
+    from components.bundle_builder import make_bundle
     from components.data.preprocess import Preprocessing
     from components.models import build_model
-    from components.bundle_builder import make_bundle
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (4 * classes, 3, size, size), dtype=np.uint8)

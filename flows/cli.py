@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the champion model over HTTP (BentoML)")
     serve.add_argument("--model", default=None, help="Bento model tag (default: latest import)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=3000)
+    serve.add_argument("--host", default=None, help="default: serving.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default: serving.port (3000)")
 
     add_prefect_parser(sub)
 
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from components.errors import OncoflowError
+    from components.telemetry import quiet_environment
 
+    quiet_environment()  # before any tool is imported: they read these settings on import
     try:
         return _dispatch(args)
     except OncoflowError as exc:

@@ -38,9 +38,9 @@ def _prefect_cli() -> list[str]:
 
 def stack_env(workspace: Workspace, api_url: str | None = None) -> dict[str, str]:
     """Environment for the server, worker and CLI calls: homes in the workspace, quiet."""
-    from flows.runtime import _QUIET
+    from components.telemetry import TELEMETRY_OFF
 
-    env = {**os.environ, **_QUIET}
+    env = {**os.environ, **TELEMETRY_OFF}
     env.update(
         {
             "ONCOFLOW_WORKSPACE": str(workspace.root),

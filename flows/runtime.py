@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import os
 
+from components.telemetry import quiet_environment
 from components.workspace import Workspace
-
-_QUIET = {
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 
 
 def prepare_environment(workspace: Workspace) -> None:
     """Telemetry off, and every tool's home inside the workspace (unless set by the caller)."""
-    for key, value in _QUIET.items():
-        os.environ.setdefault(key, value)
+    quiet_environment()
     workspace.ensure()
     os.environ.setdefault("BENTOML_HOME", str(workspace.bentoml_home))
     if not os.environ.get("PREFECT_API_URL"):

@@ -117,9 +117,9 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
         ds["root"],
         classes=list(ds["classes"]),
         workspace=ctx.workspace,
-        max_per_class=ds.get("max_per_class"),
+        max_per_class=ds["max_per_class"],
         seed=ctx.cfg["seed"],
-        options=ds.get("synthetic") or {},
+        options=ds["synthetic"],
     )
     manifest_io.save(frame, ctx.run_dir / "manifest_raw.parquet")
     get_run_logger().info("ingested %d images from %s (%s)", len(frame), ds["name"], ds["adapter"])
@@ -333,7 +333,7 @@ def register_task(
         test_fingerprint=fingerprints["test"],
         reports=reports,
         figures={"confusion_matrix": ctx.run_dir / "confusion.png"},
-        run_name=ctx.cfg.get("run_name") or ctx.run_dir.name,
+        run_name=ctx.cfg["run_name"] or ctx.run_dir.name,
         tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
     )
     run_id = client.log_training_run(record)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from components.config import ServingConf
+from components.telemetry import quiet_environment
 from serving.middleware import load_api_keys
 from serving.settings import load_settings
 
@@ -48,8 +49,7 @@ def serve_env(
         env["ONCOFLOW_MODEL_TAG"] = model_tag
     if bentoml_home is not None:
         env["BENTOML_HOME"] = str(Path(bentoml_home).expanduser().resolve())
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    env.setdefault("DO_NOT_TRACK", "1")
+    quiet_environment(env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
 

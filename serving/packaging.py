@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError, ModelError
+from components.telemetry import quiet_environment
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,7 @@ def build_bento(
     env = dict(os.environ)
     if bentoml_home is not None:
         env["BENTOML_HOME"] = str(use_bentoml_home(bentoml_home))
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    env.setdefault("DO_NOT_TRACK", "1")
+    quiet_environment(env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), env.get("PYTHONPATH")]))
     command = [*_bentoml_cli(), "build", str(project), "--output", "tag"]
     try:

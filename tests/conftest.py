@@ -8,20 +8,10 @@ import tempfile
 
 import pytest
 
-for _key, _value in {
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_TASKS_DISABLE_CACHING": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+from components.telemetry import quiet_environment
+
+quiet_environment()
+os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="oncoflow-prefect-"))
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from components.errors import ConfigError, DataError, ModelError
 from components.federated.certs import CertPaths, make_certificates, make_supernode_keys
 from components.federated.task import check_site_dir
+from components.telemetry import TELEMETRY_OFF
 
 CONNECTION = "oncoflow"  # name of the SuperLink connection in FLWR_HOME/config.toml
 APP_DIR_NAME = "oncoflow-app"
@@ -52,8 +53,7 @@ def flower_executable(name: str) -> str:
 
 def base_env(flwr_home: str | Path | None = None) -> dict[str, str]:
     """Environment for Flower processes: telemetry off, the venv first on PATH, FLWR_HOME."""
-    env = dict(os.environ)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env = {**os.environ, **TELEMETRY_OFF}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

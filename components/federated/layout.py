@@ -94,7 +94,7 @@ def _local_training(
     """A site's local fit: the run's `trainer` settings, epochs and FedProx from `federation`."""
     return LocalTraining(
         epochs=settings.local_epochs,
-        augment=bool(cfg.get("trainer", {}).get("augment", False)),
+        augment=bool(cfg["trainer"]["augment"]),
         proximal_mu=settings.proximal_mu,
         threads=threads,
         **fit_settings_from_config(cfg),
@@ -141,7 +141,7 @@ def prepare_federation(
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
     settings = validate_federation(dict(cfg))
-    privacy = validate_privacy(cfg.get("privacy"), settings.to_dict(), cfg.get("trainer"))
+    privacy = validate_privacy(cfg["privacy"], settings.to_dict(), cfg["trainer"])
     ServerPrivacy(privacy, settings.rounds, settings.num_sites).wrap(build_strategy(settings))
     if threads is None and settings.engine == "simulation":
         threads = settings.simulation.threads_per_site

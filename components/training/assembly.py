@@ -52,10 +52,10 @@ def architecture_from_config(
         "name": m["name"],
         "num_classes": int(num_classes),
         "in_channels": int(cfg["dataset"]["channels"]),
-        "norm": "group" if needs_group_norm(privacy) else m.get("norm", "batch"),
-        "pretrained": bool(m.get("pretrained", False)),
-        "small_input": bool(m.get("small_input", True)),
-        "width": int(m.get("width", 16)),
+        "norm": "group" if needs_group_norm(privacy) else m["norm"],
+        "pretrained": bool(m["pretrained"]),
+        "small_input": bool(m["small_input"]),
+        "width": int(m["width"]),
     }
 
 
@@ -63,14 +63,9 @@ def fit_settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The `trainer` settings every fit shares, central or on a site: batch size, optimiser,
     class imbalance handling and determinism (keyword arguments of `train_classifier` and
     `fit_local`)."""
-    tr = cfg.get("trainer", {})
-    return {
-        "batch_size": int(tr.get("batch_size", 32)),
-        "lr": float(tr.get("lr", 1e-3)),
-        "weight_decay": float(tr.get("weight_decay", 1e-4)),
-        "imbalance": str(tr.get("imbalance", "none")),
-        "deterministic": bool(tr.get("deterministic", True)),
-    }
+    tr = cfg["trainer"]
+    keys = ("batch_size", "lr", "weight_decay", "imbalance", "deterministic")
+    return {key: tr[key] for key in keys}
 
 
 __all__ = [

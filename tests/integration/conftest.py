@@ -47,7 +47,7 @@ def _import_bundle_tag(bundle_dir: Path, bento_home: Path, **kwargs) -> str:
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "true"},
+        env={**os.environ, **TELEMETRY_OFF, "BENTOML_HOME": str(bento_home)},
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

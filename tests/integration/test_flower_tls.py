@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from server_process import free_port
 
+from components.telemetry import TELEMETRY_OFF
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deployments" / "flower" / "certs" / "generate.sh"
@@ -93,11 +95,7 @@ def _supernode_command(superlink: dict, ca: Path, runtime_port: int) -> list[str
 
 
 def _env(superlink: dict) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FLWR_HOME": str(superlink["home"]),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
+    return {**os.environ, **TELEMETRY_OFF, "FLWR_HOME": str(superlink["home"])}
 
 
 def test_the_certificate_is_served_for_the_superlinks_names(superlink, certs):

@@ -173,11 +173,11 @@ def test_training_deployments_are_limited_to_one_concurrent_run(deployments):
 
 
 def test_run_environment_is_the_quiet_runtime_environment(deployments):
-    from flows.runtime import _QUIET
+    from components.telemetry import TELEMETRY_OFF
 
     for d in deployments.values():
         env = d["work_pool"]["job_variables"]["env"]
-        assert {k: env[k] for k in _QUIET} == _QUIET
+        assert {k: env[k] for k in TELEMETRY_OFF} == TELEMETRY_OFF
 
 
 # ----------------------------------------------------------------------------- flows/ helpers
