@@ -119,11 +119,11 @@ def train_bundle(work: Path) -> Path:
     import numpy as np
     import torch
 
+    from components.bundle_builder import make_bundle
     from components.data.preprocess import Preprocessing
     from components.evaluation.metrics import evaluate
     from components.evaluation.predict import predict_proba
     from components.models import build_model
-    from components.bundle_builder import make_bundle
     from components.training.central import train_classifier
 
     torch.set_num_threads(2)

@@ -109,9 +109,9 @@ def training_images():
 def bundle_dir(tmp_path_factory, training_images):
     import torch
 
+    from components.bundle_builder import make_bundle
     from components.data.preprocess import Preprocessing
     from components.models import build_model
-    from components.bundle_builder import make_bundle
 
     architecture = {"name": "small_cnn", "num_classes": len(CLASSES), "in_channels": 3}
     architecture["width"] = 4

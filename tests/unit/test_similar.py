@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from components.bundle import ModelBundle
+from components.bundle_builder import THUMBNAIL_SIZE, make_bundle
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
 from components.errors import InputError, ModelError
 from components.models import build_model
-from components.bundle_builder import THUMBNAIL_SIZE, make_bundle
 from components.similar import SimilarCaseIndex
 
 RESULT_KEYS = {"rank", "label", "label_index", "distance", "thumbnail_png_base64"}
