@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 
@@ -25,16 +24,16 @@ from components.training.assembly import (
     fit_settings_from_config,
     preprocessing_from_config,
 )
-from components.training.datamodule import ArrayDataModule, Arrays, Augmentation
+from components.training.datamodule import Arrays, Augmentation
 from components.training.loop import (
     LoaderHook,
     ThroughputTimer,
     check_fit_settings,
     make_trainer,
-    model_num_classes,
     quiet_lightning,
+    seeded_data_and_module,
 )
-from components.training.module import ClassifierModule, OptimizerHook
+from components.training.module import OptimizerHook
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +102,21 @@ def train_classifier(
     check_fit_settings(max_epochs, batch_size, lr)
     if early_stopping_patience < 1:
         raise ConfigError("early_stopping_patience must be at least 1")
-    num_classes = model_num_classes(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = ArrayDataModule(
+    data, module = seeded_data_and_module(
+        model,
         train,
         val,
         preprocessing,
-        num_classes=num_classes,
+        seed=seed,
         batch_size=batch_size,
         imbalance=imbalance,
         augment=augment,
-        seed=seed,
         num_workers=num_workers,
-    )
-    module = ClassifierModule(
-        model,
-        num_classes,
         lr=lr,
         weight_decay=weight_decay,
         max_epochs=max_epochs,
-        class_weights=data.class_weights,
         optimizer_hook=optimizer_hook,
     )
     checkpoint = ModelCheckpoint(

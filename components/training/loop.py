@@ -124,6 +124,52 @@ def make_trainer(
     )
 
 
+def seeded_data_and_module(
+    model: nn.Module,
+    train: Arrays,
+    val: Arrays | None,
+    preprocessing: Preprocessing,
+    *,
+    seed: int,
+    batch_size: int,
+    imbalance: str,
+    augment: Augmentation | bool,
+    num_workers: int,
+    lr: float,
+    weight_decay: float,
+    max_epochs: int,
+    optimizer_hook: OptimizerHook | None,
+    proximal_mu: float = 0.0,
+    global_params: Any = None,
+) -> tuple[ArrayDataModule, ClassifierModule]:
+    """Seed everything, then the data module and the LightningModule every fit uses."""
+    num_classes = model_num_classes(model)
+    L.seed_everything(seed, workers=True, verbose=False)
+    data = ArrayDataModule(
+        train,
+        val,
+        preprocessing,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        imbalance=imbalance,
+        augment=augment,
+        seed=seed,
+        num_workers=num_workers,
+    )
+    module = ClassifierModule(
+        model,
+        num_classes,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_epochs=max_epochs,
+        class_weights=data.class_weights,
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+        optimizer_hook=optimizer_hook,
+    )
+    return data, module
+
+
 def fit_local(
     model: nn.Module,
     train: Arrays,
@@ -159,29 +205,22 @@ def fit_local(
     are added to the Trainer.
     """
     check_fit_settings(epochs, batch_size, lr)
-    num_classes = model_num_classes(model)
-    L.seed_everything(seed, workers=True, verbose=False)
-    data = ArrayDataModule(
+    data, module = seeded_data_and_module(
+        model,
         train,
         None,
         preprocessing,
-        num_classes=num_classes,
+        seed=seed,
         batch_size=batch_size,
         imbalance=imbalance,
         augment=augment,
-        seed=seed,
         num_workers=num_workers,
-    )
-    module = ClassifierModule(
-        model,
-        num_classes,
         lr=lr,
         weight_decay=weight_decay,
         max_epochs=epochs,
-        class_weights=data.class_weights,
+        optimizer_hook=optimizer_hook,
         proximal_mu=proximal_mu,
         global_params=global_params,
-        optimizer_hook=optimizer_hook,
     )
     timer = ThroughputTimer()
     start = time.perf_counter()
