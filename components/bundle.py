@@ -2,10 +2,16 @@
 
 Layout of a bundle directory::
 
-    bundle.json      architecture, classes, preprocessing, schema, metrics, privacy, config...
+    bundle.json      architecture, classes, preprocessing, schema, metrics, privacy, config,
+                     and `contents`: what the bundle holds besides its weights
     weights.pt       the model's state dict
-    background.pt    (optional) preprocessed background images for SHAP, float (N,C,H,W)
-    embeddings.npz   (optional) similar-case index: features, labels, thumbnails (no identifiers)
+    background.pt    (optional) the SHAP background, float (N,C,H,W) in the model's normalised
+                     space: constant grey levels unless `package.training_images`
+    embeddings.npz   (optional, only with `package.training_images`: central runs without DP)
+                     similar-case index of training images: features, labels, thumbnails
+
+By default a bundle carries no image, thumbnail, embedding or label of training data; a
+serving site builds its own similar-case library (`components.case_library`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from components.data.preprocess import Preprocessing
 from components.errors import ModelError
 
 FORMAT_VERSION = 1
+#: `contents.background` values: what the SHAP background is made of
+BACKGROUND_BASELINES = "constant grey levels (not patient data)"
+BACKGROUND_TRAINING = "training images"
+BACKGROUND_UNRECORDED = "unrecorded (bundle written before contents were recorded)"
 _META = "bundle.json"
 _WEIGHTS = "weights.pt"
 _BACKGROUND = "background.pt"
@@ -44,6 +54,26 @@ class ModelBundle:
     background: Any = None
     embeddings: dict[str, Any] | None = None  # {"features", "labels", "thumbnails"} arrays
     extra: dict[str, Any] = field(default_factory=dict)
+    # what `background` is made of (BACKGROUND_BASELINES, BACKGROUND_TRAINING, ...)
+    background_source: str = ""
+
+    def contents(self) -> dict[str, Any]:
+        """What the bundle holds besides the weights, from the data itself (so it cannot
+        drift): SHAP background kind, size of its own case index, whether any training
+        image (or anything derived per image) is inside."""
+        if self.background is None:
+            background = "none"
+        else:
+            background = self.background_source or BACKGROUND_UNRECORDED
+        case_index = 0
+        if self.embeddings:
+            case_index = len(self.embeddings.get("labels", ()))
+        return {
+            "weights": True,
+            "background": background,
+            "case_index": case_index,
+            "training_images": case_index > 0 or background not in (BACKGROUND_BASELINES, "none"),
+        }
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -58,6 +88,7 @@ class ModelBundle:
             "config": self.config,
             "tabular_schema": self.tabular_schema,
             "extra": self.extra,
+            "contents": self.contents(),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -108,6 +139,7 @@ class ModelBundle:
             background=background,
             embeddings=embeddings,
             extra=meta.get("extra", {}),
+            background_source=(meta.get("contents") or {}).get("background", ""),
         )
 
     def build_model(self):
@@ -131,6 +163,33 @@ class ModelBundle:
         return model.eval()
 
 
+def model_fingerprint(bundle: ModelBundle) -> str:
+    """sha256 of what makes the model's features: architecture, its arguments, classes,
+    preprocessing and every weight (names, shapes, dtypes, bytes). A case library built with
+    one model is refused by any other."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    head = {
+        "architecture": bundle.architecture,
+        "architecture_kwargs": bundle.architecture_kwargs,
+        "class_names": list(bundle.class_names),
+        "preprocessing": bundle.preprocessing.to_dict(),
+    }
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for name in sorted(bundle.state_dict):
+        tensor = bundle.state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            digest.update(f"{name}={tensor!r};".encode())
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
     """A JSON-safe description of a bundle (no weights)."""
     meta = bundle.metadata()
@@ -140,4 +199,10 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
     }
 
 
-__all__ = ["ModelBundle", "bundle_summary"]
+__all__ = [
+    "BACKGROUND_BASELINES",
+    "BACKGROUND_TRAINING",
+    "ModelBundle",
+    "bundle_summary",
+    "model_fingerprint",
+]

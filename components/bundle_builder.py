@@ -1,4 +1,11 @@
-"""Build a model bundle from a trained model: weights, metadata, SHAP background, case index.
+"""Build a model bundle from a trained model: weights, metadata and a SHAP background.
+
+By default the bundle holds no training-derived data: the SHAP background is constant grey
+levels (`components.explain.background.grey_levels`) and there is no similar-case index (the
+serving site builds its own, `components.case_library`). Only a central run without
+differential privacy may add training images (`package.training_images`, checked by
+`components.config.check` and again here): a class-stratified background sample and a
+thumbnail + embedding + label of every training image.
 
 The bundle format itself (save, load, rebuild the model) is `components.bundle`.
 """
@@ -10,10 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from components.bundle import ModelBundle
+from components.bundle import BACKGROUND_BASELINES, BACKGROUND_TRAINING, ModelBundle
+from components.case_library import THUMBNAIL_SIZE, thumbnails
 from components.data.preprocess import Preprocessing
+from components.errors import ConfigError
 
-THUMBNAIL_SIZE = 48
+
+def bundle_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `make_bundle` keywords a composed run config sets (what `bundle_task` passes)."""
+    return {
+        "background_size": int(cfg["serving"]["background_size"]),
+        "training_images": bool(cfg["package"]["training_images"]),
+    }
 
 
 def make_bundle(
@@ -22,33 +37,39 @@ def make_bundle(
     architecture: dict[str, Any],
     class_names: list[str],
     preprocessing: Preprocessing,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
     metrics: dict[str, Any],
     data_fingerprint: str,
     config: dict[str, Any],
     background_size: int,
     out_dir: Path,
+    train_x: np.ndarray | None = None,
+    train_y: np.ndarray | None = None,
+    training_images: bool = False,
     privacy: dict[str, Any] | None = None,
     tabular_schema: list[dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> Path:
     """Write the bundle for `model` to `out_dir` and return that directory.
 
-    The background set is a class-stratified sample of training images (SHAP); the similar-case
-    index holds penultimate-layer features, labels and small thumbnails of every training image,
-    and no identifiers.
+    Without `training_images` (the default) `train_x`/`train_y` are not read: the bundle holds
+    the weights, metadata and `background_size` constant grey images. With it (central runs
+    without DP only) the background is a class-stratified sample of `train_x` and the bundle
+    carries a similar-case index of every training image (features, labels, thumbnails; no
+    identifiers).
     """
-    import torch
-
-    from components.evaluation.predict import embed_arrays
-
     kwargs = {k: v for k, v in architecture.items() if k != "name"}
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
-    rng = np.random.default_rng(seed)
-    picked = _stratified_sample(train_y, background_size, rng)
-    background = preprocessing.normalise(torch.from_numpy(train_x[picked]))
-    features = embed_arrays(model, train_x, preprocessing)
+    if training_images:
+        _check_training_images_allowed(config, privacy, train_x, train_y)
+        background, embeddings = _training_images(
+            model, preprocessing, train_x, train_y, background_size, seed
+        )
+        source = BACKGROUND_TRAINING
+    else:
+        from components.explain.background import grey_levels
+
+        background, embeddings = grey_levels(preprocessing, background_size), None
+        source = BACKGROUND_BASELINES
     bundle = ModelBundle(
         architecture=architecture["name"],
         architecture_kwargs=kwargs,
@@ -61,13 +82,40 @@ def make_bundle(
         config=config,
         tabular_schema=tabular_schema,
         background=background,
-        embeddings={
-            "features": features.astype(np.float32),
-            "labels": train_y.astype(np.int64),
-            "thumbnails": _thumbnails(train_x),
-        },
+        embeddings=embeddings,
+        background_source=source,
     )
     return bundle.save(out_dir)
+
+
+def _check_training_images_allowed(config, privacy, train_x, train_y) -> None:
+    """The config check, once more where the images would be written (defence in depth)."""
+    mode = ((config or {}).get("training") or {}).get("mode", "central")
+    privacy = privacy or {}
+    private = str(privacy.get("mode", "none")) != "none" or privacy.get("epsilon") is not None
+    if mode == "federated" or private:
+        raise ConfigError(
+            "training images may only enter the bundle of a central run without differential "
+            "privacy (package.training_images)"
+        )
+    if train_x is None or train_y is None:
+        raise ConfigError("training_images=True needs train_x and train_y")
+
+
+def _training_images(model, preprocessing, train_x, train_y, background_size: int, seed: int):
+    import torch
+
+    from components.evaluation.predict import embed_arrays
+
+    rng = np.random.default_rng(seed)
+    picked = _stratified_sample(train_y, background_size, rng)
+    background = preprocessing.normalise(torch.from_numpy(train_x[picked]))
+    embeddings = {
+        "features": embed_arrays(model, train_x, preprocessing).astype(np.float32),
+        "labels": train_y.astype(np.int64),
+        "thumbnails": thumbnails(train_x),
+    }
+    return background, embeddings
 
 
 def _stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,16 +128,4 @@ def _stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) 
     return np.sort(np.concatenate(picked))
 
 
-def _thumbnails(x: np.ndarray) -> np.ndarray:
-    """uint8 (N,C,H,W) -> uint8 (N,t,t,C) thumbnails for the similar-case gallery."""
-    import torch
-    import torch.nn.functional as F
-
-    out = []
-    for start in range(0, len(x), 512):
-        batch = torch.from_numpy(x[start : start + 512]).float()
-        small = F.interpolate(batch, size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="area")
-        out.append(small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return (
-        np.concatenate(out) if out else np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
-    )
+__all__ = ["THUMBNAIL_SIZE", "bundle_settings", "make_bundle"]

@@ -102,6 +102,12 @@ class RegistryConf:
 @dataclass
 class PackageConf:
     build_bento: bool = True
+    # Put training images into the model bundle: a class-stratified sample as the SHAP
+    # background and a thumbnail + embedding + label of every training image as a similar-case
+    # index. Off by default: a bundle then holds the weights and no training-derived data (SHAP
+    # uses constant grey baselines; similar cases come from the serving site's own case
+    # library). Only a central run without differential privacy may switch it on (`check`).
+    training_images: bool = False
 
 
 @dataclass
@@ -121,6 +127,9 @@ class ServingConf:
     chat: bool = True  # serve the chat assistant
     assistant_config: str | None = None  # JSON file with the assistant settings
     background_size: int = 32  # SHAP reference images packaged with the model
+    # the site-local similar-case library `/similar` answers from (`oncoflow case-library
+    # build`); null: /similar answers 404 (a bundle's own index only with package.training_images)
+    case_library: str | None = None
 
 
 @dataclass
@@ -221,10 +230,29 @@ def check(cfg) -> None:
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")
     if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1 or cfg.trainer.lr <= 0:
         raise ConfigError("trainer.max_epochs, trainer.batch_size and trainer.lr must be positive")
+    _check_bundle_contents(cfg)
     federation = None
     if cfg.training.mode == "federated":
         federation = validate_federation(cfg).to_dict()
     validate_privacy(cfg.privacy, federation, cfg.trainer)
+
+
+def _check_bundle_contents(cfg) -> None:
+    """Training images may enter a bundle only from a central run without privacy."""
+    if not cfg.package.training_images:
+        return
+    if cfg.training.mode == "federated":
+        raise ConfigError(
+            "package.training_images=true cannot be used with training=federated: the sites' "
+            "images never leave the sites, so a federated bundle holds the weights only "
+            "(similar cases come from the serving site's own case library)"
+        )
+    if cfg.privacy.mode != "none":
+        raise ConfigError(
+            f"package.training_images=true cannot be used with privacy={cfg.privacy.mode}: the "
+            "privacy guarantee covers the weights, not training images copied into the bundle; "
+            "set package.training_images=false"
+        )
 
 
 def to_container(cfg) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Similar-case search: cosine nearest neighbours over training-image embeddings.
+"""Similar-case search: cosine nearest neighbours over labelled images' embeddings.
 
-The index holds, per training image, the model's penultimate-layer features, the label and a
-small thumbnail — nothing else, no identifiers (see `components/bundle_builder.py`, which
-builds the bundle's `embeddings` when the model is bundled).
+The index holds, per case, the model's penultimate-layer features, the label and a small
+thumbnail — nothing else, no identifiers. Its cases are a serving site's own images
+(`components.case_library`), or, for a central non-DP bundle built with
+`package.training_images`, the training images (`from_bundle`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class SimilarCaseIndex:
         """Build from a `ModelBundle`'s `embeddings` (features, labels, thumbnails)."""
         embeddings = bundle.embeddings
         if not embeddings:
-            raise ModelError("this model bundle has no similar-case index; re-package it")
+            raise ModelError(
+                "this model bundle has no similar-case index (bundles carry none unless "
+                "package.training_images); use a site-local case library"
+            )
         missing = {"features", "labels", "thumbnails"} - set(embeddings)
         if missing:
             raise ModelError(f"the bundle's similar-case index lacks {sorted(missing)}")

@@ -7,13 +7,15 @@ import logging
 import os
 import sys
 
+from flows.case_library_commands import add_case_library_parser, run_case_library
 from flows.fl_commands import add_fl_parser, run_fl
 from flows.prefect_commands import add_prefect_parser, run_prefect
 
 EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
   oncoflow validate dataset=busi
-  oncoflow serve
+  oncoflow serve --case-library ./case-library
+  oncoflow case-library build --images ./our-cases --out ./case-library
   oncoflow ui
   oncoflow prefect up && oncoflow prefect deploy
   oncoflow demo
@@ -43,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="Bento model tag (default: latest import)")
     serve.add_argument("--host", default=None, help="default: serving.host (127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="default: serving.port (3000)")
+    serve.add_argument(
+        "--case-library",
+        default=None,
+        help="this site's similar-case library (oncoflow case-library build); default: "
+        "serving.case_library; without one /similar answers 404",
+    )
+    add_case_library_parser(sub)
 
     add_prefect_parser(sub)
 
@@ -111,7 +120,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         prepare([])  # the workspace's Bento store, unless BENTOML_HOME says otherwise
         from serving.launch import serve
 
-        return serve(model_tag=args.model, host=args.host, port=args.port)
+        return serve(
+            model_tag=args.model, host=args.host, port=args.port, case_library=args.case_library
+        )
+    if args.command == "case-library":
+        return run_case_library(args)
     if args.command == "prefect":
         return run_prefect(args)
     if args.command == "fl":

@@ -161,12 +161,26 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         f"- Privacy: `{json.dumps(privacy, default=str)}`",
         f"- MLflow run: `{info.get('run_id')}`",
         f"- Bento model: `{bento_model}`" + (f", Bento: `{bento}`" if bento else ""),
+        *bundle_contents_lines(meta.get("contents")),
         "",
         "| test metric | value |",
         "|---|---|",
         *headline,
     ]
     return "\n".join(lines)
+
+
+def bundle_contents_lines(contents: dict[str, Any] | None) -> list[str]:
+    """The model card's account of what the bundle holds besides the weights."""
+    if not contents:
+        return ["- Bundle contents: not recorded (bundle written before contents were recorded)"]
+    index = contents.get("case_index") or 0
+    return [
+        "- Bundle contents: weights"
+        + f"; SHAP background: {contents.get('background', 'none')}"
+        + f"; similar-case index: {f'{index} training images' if index else 'none'}"
+        + f"; training images: {'yes' if contents.get('training_images') else 'no'}",
+    ]
 
 
 @flow(name="promote_and_package", on_failure=[record_failure], on_crashed=[record_failure])

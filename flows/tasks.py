@@ -288,8 +288,10 @@ def bundle_task(
     metrics: dict[str, Any],
     data_fingerprint: str,
 ) -> Path:
-    """Write the model bundle (weights, metadata, SHAP background, case index)."""
-    from components.bundle_builder import make_bundle
+    """Write the model bundle: weights, metadata and a SHAP background of constant grey
+    levels; training images (background sample, case index) only with
+    `package.training_images` (central runs without DP)."""
+    from components.bundle_builder import bundle_settings, make_bundle
 
     bundle_dir = make_bundle(
         trained.model,
@@ -302,8 +304,8 @@ def bundle_task(
         metrics=metrics,
         data_fingerprint=data_fingerprint,
         config=ctx.cfg,
-        background_size=ctx.cfg["serving"]["background_size"],
         out_dir=ctx.run_dir / "bundle",
+        **bundle_settings(ctx.cfg),
     )
     get_run_logger().info("model bundle written to %s", bundle_dir)
     return bundle_dir

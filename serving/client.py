@@ -41,6 +41,9 @@ from serving.schemas import (
     SimilarResponse,
 )
 
+#: The error type of `/similar` on a server without a site-local case library (404).
+NO_CASE_LIBRARY = "NoCaseLibrary"
+
 
 class ServiceError(Exception):
     """The service answered with an error, or could not be reached (`status` 0)."""
@@ -208,7 +211,9 @@ class DiagnosisClient:
         clinical: Mapping[str, Any] | None = None,
         k: int = 5,
     ) -> SimilarResponse:
-        """The `k` most similar training cases (label, distance, base64 thumbnail)."""
+        """The `k` most similar cases of the server's site-local case library (label,
+        distance, base64 thumbnail; `source` names the library). A server without a library
+        raises `ServiceError` 404 of type `NO_CASE_LIBRARY`."""
         response = self._upload("/similar", image_bytes, filename, _form(clinical, k=k))
         return SimilarResponse.model_validate(response.json())
 
@@ -333,6 +338,7 @@ def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 __all__ = [
+    "NO_CASE_LIBRARY",
     "DiagnosisClient",
     "ServiceError",
     "case_from",

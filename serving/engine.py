@@ -10,6 +10,9 @@ report and model-card requests by calling `components/`. Three kinds of bundle a
 
 A bundle with a clinical schema gets every record checked with `check_clinical_record`
 (`InputError` naming each bad field); a bundle without one refuses clinical data.
+Similar cases come from the site-local case library the engine is given
+(`components.case_library`); without one, only a central non-DP bundle built with
+`package.training_images` answers from its own index, and any other answers `NoCaseLibrary`.
 Nothing here logs request content.
 """
 
@@ -28,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from components.errors import InputError, ModelError, NotFound
+from components.errors import ConfigError, InputError, ModelError, NotFound
 from serving.inference import for_inference
 from serving.schemas import (
+    BundleContents,
     ClinicalFeatureSpec,
     ExplainResponse,
     FeatureAttribution,
@@ -119,6 +123,7 @@ class DiagnosisEngine:
         ref: ModelRef,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         optimise: bool = True,
+        case_library: str | Path | None = None,
     ) -> None:
         from components.explain.background import split_background
 
@@ -143,11 +148,7 @@ class DiagnosisEngine:
                 bundle.architecture,
             )
         self.image_background, self.tabular_background = split_background(bundle.background)
-        self.similar_index = None
-        if self.kind != "tabular" and bundle.embeddings:
-            from components.similar import SimilarCaseIndex
-
-            self.similar_index = SimilarCaseIndex.from_bundle(bundle)
+        self.case_library = self._case_library(case_library)
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
         example = self._unpack(self._example_rows(2))
@@ -158,13 +159,33 @@ class DiagnosisEngine:
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def from_dir(
-        cls, path, ref: ModelRef, max_pixels: int = DEFAULT_MAX_PIXELS, optimise: bool = True
+        cls,
+        path,
+        ref: ModelRef,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        optimise: bool = True,
+        case_library: str | Path | None = None,
     ):
         from components.bundle import ModelBundle
 
-        engine = cls(ModelBundle.load(path), ref, max_pixels, optimise)
+        engine = cls(ModelBundle.load(path), ref, max_pixels, optimise, case_library)
         engine.model_dir = Path(path)
         return engine
+
+    def _case_library(self, directory: str | Path | None):
+        """The site-local library at `directory` (refused unless built with this model), else
+        the bundle's own training-image index if it has one, else None."""
+        from components.case_library import bundle_case_index, load_case_library
+
+        if self.kind == "tabular":
+            if directory:
+                raise ConfigError("a tabular model reads no images: it takes no case library")
+            return None
+        if directory:
+            library = load_case_library(directory, self.bundle)
+            log.info("similar cases: %s, %d cases", library.source, len(library))
+            return library
+        return bundle_case_index(self.bundle)
 
     def _example_rows(self, n: int):
         """`n` packed rows of random images and all-missing clinical records (a tensor)."""
@@ -435,13 +456,21 @@ class DiagnosisEngine:
         return [FeatureAttribution(**item) for item in result.top(TOP_FEATURES)]
 
     # -- similar cases ---------------------------------------------------------------------
+    def check_similar(self) -> None:
+        """`NoCaseLibrary` (404) when an image model has no cases to search (before any
+        upload is decoded); a tabular model is refused by `prepare` instead."""
+        if self.case_library is None and self.kind != "tabular":
+            from components.case_library import BUILD_HINT, NoCaseLibrary
+
+            raise NoCaseLibrary(f"this server has no site-local case library; {BUILD_HINT}")
+
     def similar(self, case: CaseInput, k: int = 5) -> SimilarResponse:
+        """The `k` nearest cases of the site-local library (or of a central non-DP bundle's
+        own index); `NoCaseLibrary` (404) without either."""
         started = time.perf_counter()
-        if self.similar_index is None:
-            raise NotFound(
-                "this model has no similar-case index (a tabular model, or a bundle packaged "
-                "without embeddings)"
-            )
+        self.check_similar()
+        if self.case_library is None:
+            raise NotFound("a tabular model has no similar cases")
         import torch
 
         with self._lock, torch.inference_mode():
@@ -453,7 +482,7 @@ class DiagnosisEngine:
             else:
                 probs = torch.softmax(self.model(batch), dim=1)[0]
                 feature = self.model.embed(batch)[0]
-        found = self.similar_index.query(feature.numpy(), k)
+        found = self.case_library.index.query(feature.numpy(), k)
         return SimilarResponse(
             label=self.classes[int(probs.argmax())],
             neighbours=[
@@ -465,7 +494,8 @@ class DiagnosisEngine:
                 )
                 for n in found
             ],
-            index_size=len(self.similar_index),
+            index_size=len(self.case_library),
+            source=self.case_library.source,
             model=self.ref,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
@@ -532,7 +562,9 @@ class DiagnosisEngine:
             intended_use=INTENDED_USE,
             limitations=self.limitations(),
             explain_methods=list(CAM_METHODS) if self.kind != "tabular" else [],
-            similar_cases=len(self.similar_index) if self.similar_index is not None else 0,
+            similar_cases=len(self.case_library) if self.case_library is not None else 0,
+            similar_source=self.case_library.source if self.case_library is not None else None,
+            contents=BundleContents(**self.bundle.contents()),
             chat=chat,
         )
 

@@ -42,11 +42,15 @@ def serve_env(
     model_tag: str | None,
     bentoml_home: str | os.PathLike | None = None,
     base: dict[str, str] | None = None,
+    case_library: str | os.PathLike | None = None,
 ) -> dict[str, str]:
-    """Environment for the server process (model tag, Bento home, telemetry off)."""
+    """Environment for the server process (model tag, Bento home, the site's case library,
+    telemetry off)."""
     env = dict(os.environ if base is None else base)
     if model_tag:
         env["ONCOFLOW_MODEL_TAG"] = model_tag
+    if case_library is not None:
+        env["ONCOFLOW_CASE_LIBRARY"] = str(Path(case_library).expanduser().resolve())
     if bentoml_home is not None:
         env["BENTOML_HOME"] = str(Path(bentoml_home).expanduser().resolve())
     quiet_environment(env)
@@ -55,8 +59,9 @@ def serve_env(
 
 
 def preflight(env: dict[str, str]) -> ServingConf:
-    """Check the settings, keys and the model; return the settings, with the model tag
-    resolved (``latest`` -> the version it names now).
+    """Check the settings, keys, the model and the case library (built with this model);
+    return the settings, with the model tag resolved (``latest`` -> the version it names now)
+    and the case library's path made absolute.
 
     `bentoml serve` respawns a worker whose start-up fails, so without this check a
     misconfigured server would crash-loop instead of exiting with the reason.
@@ -71,8 +76,15 @@ def preflight(env: dict[str, str]) -> ServingConf:
     from serving.model_store import load_model_ref
 
     ref = load_model_ref(settings.model_tag)
-    ModelBundle.load(ref.path).build_model()  # a worker would crash-loop on a broken one
-    return dataclasses.replace(settings, model_tag=str(ref.tag))
+    bundle = ModelBundle.load(ref.path)
+    bundle.build_model()  # a worker would crash-loop on a broken one
+    library = settings.case_library
+    if library:
+        from components.case_library import load_case_library
+
+        library = str(Path(library).expanduser().resolve())
+        load_case_library(library, bundle)  # refused unless built with this very model
+    return dataclasses.replace(settings, model_tag=str(ref.tag), case_library=library or None)
 
 
 def serve(
@@ -80,17 +92,27 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     bentoml_home: str | os.PathLike | None = None,
+    case_library: str | os.PathLike | None = None,
 ) -> int:
     """Run the service in the foreground until interrupted; return the server's exit code.
 
-    `host` and `port` default to ``serving.host`` / ``serving.port``."""
-    env = serve_env(model_tag, bentoml_home)
+    `host` and `port` default to ``serving.host`` / ``serving.port``; `case_library` (default
+    ``serving.case_library``) is the site-local library `/similar` answers from."""
+    env = serve_env(model_tag, bentoml_home, case_library=case_library)
     settings = preflight(env)
     tag = settings.model_tag
     host = settings.host if host is None else host
     port = settings.port if port is None else port
     env["ONCOFLOW_MODEL_TAG"] = tag  # pin the resolved version: `latest` may move meanwhile
-    log.info("serving %s on http://%s:%d", tag, host, port)
+    if settings.case_library:
+        env["ONCOFLOW_CASE_LIBRARY"] = settings.case_library
+    log.info(
+        "serving %s on http://%s:%d (similar cases: %s)",
+        tag,
+        host,
+        port,
+        "site-local case library" if settings.case_library else "no case library",
+    )
     process = subprocess.Popen(serve_command(host, port), env=env, cwd=PROJECT_ROOT)
     previous = _forward_sigterm(process)
     try:

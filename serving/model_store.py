@@ -29,7 +29,8 @@ def load_model_ref(tag: str) -> bentoml.Model:
 
 
 def load_engine(settings: ServingConf) -> DiagnosisEngine:
-    """The engine for the model `settings.model_tag`."""
+    """The engine for the model `settings.model_tag`, with the site-local case library
+    `settings.case_library` (if any) for similar cases."""
     ref = load_model_ref(settings.model_tag)
     meta = ref.info.metadata or {}
     model_ref = ModelRef(
@@ -38,5 +39,9 @@ def load_engine(settings: ServingConf) -> DiagnosisEngine:
         tag=str(ref.tag),
     )
     return DiagnosisEngine.from_dir(
-        ref.path, model_ref, settings.max_pixels, settings.optimise_model
+        ref.path,
+        model_ref,
+        settings.max_pixels,
+        settings.optimise_model,
+        case_library=settings.case_library,
     )

@@ -81,15 +81,31 @@ class Neighbour(BaseModel):
     rank: int
     label: str
     distance: float = Field(description="1 - cosine similarity of the model's features")
-    thumbnail_png: str = Field(description="base64 PNG thumbnail of the training image")
+    thumbnail_png: str = Field(description="base64 PNG thumbnail of the library case")
 
 
 class SimilarResponse(BaseModel):
     label: str = Field(description="the query's predicted class")
     neighbours: list[Neighbour]
-    index_size: int
+    index_size: int = Field(description="number of cases the neighbours were chosen from")
+    source: str = Field(
+        default="",
+        description="where the cases come from: 'site-local case library' (this site's own "
+        "images) or 'model bundle (training images)' (central non-DP bundles only)",
+    )
     model: ModelRef
     latency_ms: float
+
+
+class BundleContents(BaseModel):
+    """What the served model bundle holds besides its weights."""
+
+    weights: bool = True
+    background: str = Field(description="what the SHAP background is made of ('none' if absent)")
+    case_index: int = Field(description="training images indexed in the bundle (0: none)")
+    training_images: bool = Field(
+        description="whether any training image, thumbnail, embedding or label is inside"
+    )
 
 
 class ClinicalFeatureSpec(BaseModel):
@@ -124,6 +140,12 @@ class ModelCard(BaseModel):
     limitations: list[str] = Field(default_factory=list)
     explain_methods: list[str] = Field(default_factory=list)
     similar_cases: int = Field(default=0, description="size of the similar-case index")
+    similar_source: str | None = Field(
+        default=None, description="where /similar's cases come from (None: /similar is off)"
+    )
+    contents: BundleContents | None = Field(
+        default=None, description="what the model bundle contains besides the weights"
+    )
     chat: bool = Field(default=False, description="whether /chat is available")
 
 

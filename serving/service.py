@@ -181,7 +181,8 @@ class DiagnosisService:
     @get_routes.get("/model_card", response_model=ModelCard, tags=["Service APIs"])
     async def model_card(self) -> ModelCard:
         """Version, classes, held-out test metrics, privacy (epsilon, delta), data
-        fingerprint, intended use, limitations and the clinical schema of the served model."""
+        fingerprint, intended use, limitations, the clinical schema of the served model, what
+        its bundle contains and where similar cases come from."""
         return self.card()
 
     def _image_row(self, image: Path, clinical: Any) -> np.ndarray:
@@ -224,8 +225,11 @@ class DiagnosisService:
     def similar(
         self, image: Path, clinical: Clinical = None, k: Annotated[int, Field(ge=1, le=50)] = 5
     ) -> SimilarResponse:
-        """The `k` most similar training cases: label, distance and a thumbnail (no
-        identifiers)."""
+        """The `k` most similar cases of this site's own case library (`oncoflow serve
+        --case-library`): label, distance and a thumbnail (no identifiers); `source` says where
+        the cases come from. Without a library: 404 `NoCaseLibrary` (a model bundle carries
+        no training images unless a central non-DP run put them in)."""
+        self.engine.check_similar()
         return self.engine.similar(
             self.engine.prepare(image.read_bytes(), clinical, display=False), k
         )

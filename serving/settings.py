@@ -17,6 +17,7 @@ empty, overrides its key:
     ONCOFLOW_TORCH_THREADS      torch_threads             ``2`` (unset: torch's choice)
     ONCOFLOW_CHAT               chat                      ``0``: serve without the assistant
     ONCOFLOW_ASSISTANT_CONFIG   assistant_config          a JSON file (backend, ...)
+    ONCOFLOW_CASE_LIBRARY       case_library              the site's case library directory
     ==========================  ========================  =====================================
 
 Booleans take 1/0, true/false or yes/no. Two variables have no config key, on purpose: the
@@ -137,6 +138,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_TORCH_THREADS": "torch_threads",
     "ONCOFLOW_CHAT": "chat",
     "ONCOFLOW_ASSISTANT_CONFIG": "assistant_config",
+    "ONCOFLOW_CASE_LIBRARY": "case_library",
 }
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "model_tag": _text,
@@ -149,6 +151,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "torch_threads": _integer,
     "chat": _flag,
     "assistant_config": _text,
+    "case_library": _text,
 }
 
 

@@ -13,7 +13,13 @@ from typing import Any
 
 from PIL import Image
 
-from serving.client import DiagnosisClient, case_from, decode_png
+from serving.client import (
+    NO_CASE_LIBRARY,
+    DiagnosisClient,
+    ServiceError,
+    case_from,
+    decode_png,
+)
 from serving.schemas import ChatResponse, ExplainResponse, ModelCard, PredictResponse
 from ui.errors import UiError
 from ui.images import from_png
@@ -27,6 +33,22 @@ class FeatureUnavailable(UiError):
     """The connected model does not offer this feature (e.g. a report without an image)."""
 
 
+class NoCaseLibrary(FeatureUnavailable):
+    """The service has no site-local case library, so it shows no similar cases."""
+
+
+NO_CASE_LIBRARY_TEXT = (
+    "Similar cases are shown from this hospital's own case library, and none has been set up "
+    "for this model yet (IT: `oncoflow case-library build`, then `oncoflow serve "
+    "--case-library`). The model itself carries no patient images."
+)
+#: How the Diagnose page names each source of similar cases the service reports.
+SOURCE_NAMES = {
+    "site-local case library": "this hospital's own case library",
+    "model bundle (training images)": "the model's training images",
+}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the Diagnose page needs to know about the served model."""
@@ -37,6 +59,7 @@ class ModelInfo:
     explain_methods: list[str]
     similar_cases: int
     chat: bool
+    similar_source: str | None = None  # where /similar's cases come from; None: no cases
 
     @property
     def takes_image(self) -> bool:
@@ -77,6 +100,20 @@ class SimilarCase:
     thumbnail: Image.Image
     label: str
     distance: float
+
+
+@dataclass(frozen=True)
+class SimilarCases:
+    """The neighbours of one case and where they come from."""
+
+    cases: list[SimilarCase]
+    source: str  # as the service names it (SOURCE_NAMES)
+    size: int  # cases searched
+
+    @property
+    def caption(self) -> str:
+        where = SOURCE_NAMES.get(self.source, self.source or "the service's case index")
+        return f"From {where} ({self.size} cases)."
 
 
 @dataclass(frozen=True)
@@ -137,6 +174,7 @@ def model_info(card: ModelCard) -> ModelInfo:
         explain_methods=list(card.explain_methods),
         similar_cases=card.similar_cases,
         chat=card.chat,
+        similar_source=card.similar_source,
     )
 
 
@@ -185,14 +223,20 @@ class ServiceGateway:
         clinical: Mapping[str, Any] | None,
         k: int,
         filename: str = "image",
-    ) -> list[SimilarCase]:
+    ) -> SimilarCases:
         if image is None:
             raise FeatureUnavailable("Similar cases need an image.")
-        answer = self.client.similar(image, filename, clinical=clinical, k=k)
-        return [
+        try:
+            answer = self.client.similar(image, filename, clinical=clinical, k=k)
+        except ServiceError as exc:
+            if exc.type == NO_CASE_LIBRARY:
+                raise NoCaseLibrary(NO_CASE_LIBRARY_TEXT) from exc
+            raise
+        cases = [
             SimilarCase(from_png(decode_png(n.thumbnail_png)), n.label, n.distance)
             for n in sorted(answer.neighbours, key=lambda n: n.rank)
         ]
+        return SimilarCases(cases, answer.source, answer.index_size)
 
     def report(
         self,

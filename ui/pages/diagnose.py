@@ -19,7 +19,14 @@ from ui.charts import pretty_label, probability_chart
 from ui.clinical import NO, YES, field_info, field_label, record_from_fields
 from ui.context import UiContext
 from ui.errors import InvalidInput
-from ui.gateway import Explanation, ModelInfo, Prediction, ServiceGateway, SimilarCase
+from ui.gateway import (
+    Explanation,
+    ModelInfo,
+    NoCaseLibrary,
+    Prediction,
+    ServiceGateway,
+    SimilarCase,
+)
 from ui.images import blend, enlarge, preview
 from ui.messages import friendly
 
@@ -189,8 +196,10 @@ class DiagnosePage:
                             self.shap_text = gr.Markdown(elem_id="of-shap-text")
                         with gr.Tab("Similar cases", id="similar"):
                             gr.Markdown(
-                                "The training images the model finds most alike (thumbnails "
-                                "only; no patient data)."
+                                "The cases most alike in this hospital's own case library, "
+                                "built here from the site's own labelled images (thumbnails "
+                                "and labels only, no identifiers). The model itself carries "
+                                "no patient images."
                             )
                             self.gallery = gr.Gallery(
                                 show_label=False,
@@ -532,14 +541,16 @@ class DiagnosePage:
             similar = self.service.similar(
                 case.image, case.clinical or None, SIMILAR_K, case.filename
             )
+        except NoCaseLibrary as exc:
+            return None, html.notice("info", str(exc)), case
         except Exception as exc:
             return None, html.notice("warn", friendly(exc, "similar-case search")), case
-        case.similar = similar
+        case.similar = similar.cases
         items = [
             (enlarge(s.thumbnail, 160), f"{pretty_label(s.label)} · {1 - s.distance:.2f}")
-            for s in similar
+            for s in similar.cases
         ]
-        return items, "", case
+        return items, html.notice("info", similar.caption), case
 
     def make_report(self, token, case: OpenCase | None, method, target, progress=PROGRESS):
         if case is None:

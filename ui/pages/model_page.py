@@ -9,7 +9,7 @@ import gradio as gr
 from ui import html
 from ui.charts import pretty_label
 from ui.context import UiContext
-from ui.gateway import ServiceGateway
+from ui.gateway import SOURCE_NAMES, ServiceGateway
 from ui.html import Markup
 from ui.messages import friendly
 from ui.pages.diagnose import METHOD_NAMES
@@ -104,11 +104,29 @@ def card_html(card) -> str:
             )
         )
     if data.get("similar_cases"):
-        rows.append(("Similar-case index", f"{data['similar_cases']} training images"))
+        where = SOURCE_NAMES.get(data.get("similar_source") or "", "the service's case index")
+        rows.append(("Similar cases", f"{data['similar_cases']} cases from {where}"))
+    elif data.get("kind") != "tabular":
+        rows.append(("Similar cases", "none: this hospital has no case library for this model"))
+    contents = data.get("contents")
+    if isinstance(contents, dict):
+        rows.append(("Model bundle holds", contents_text(contents)))
     rows.append(("Assistant", "available" if data.get("chat") else "not available"))
     if data.get("data_fingerprint"):
         rows.append(("Training data fingerprint", data["data_fingerprint"][:16] + "…"))
     return html.table(rows)
+
+
+def contents_text(contents: dict) -> str:
+    """What the model bundle holds, in words."""
+    index = contents.get("case_index") or 0
+    parts = [
+        "the weights",
+        f"SHAP reference: {contents.get('background', 'none')}",
+        f"{index} training images for similar cases" if index else "no similar-case index",
+    ]
+    images = "training images: yes" if contents.get("training_images") else "no training images"
+    return "; ".join([*parts, images])
 
 
 class ModelPage:
