@@ -69,3 +69,48 @@ def test_weights_that_do_not_fit_raise_model_error(tmp_path):
 def test_loading_a_folder_that_is_not_a_bundle_says_so(tmp_path):
     with pytest.raises(ModelError, match="not a model bundle"):
         ModelBundle.load(tmp_path)
+
+
+def test_contents_are_recorded_and_read_back(tmp_path):
+    from components.bundle import BACKGROUND_BASELINES, model_fingerprint
+    from components.explain.background import grey_levels
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, width=8)
+    plain = _bundle(model, "small_cnn", {"num_classes": 2, "width": 8}, ["a", "b"])
+    assert plain.contents() == {
+        "weights": True,
+        "background": "none",
+        "case_index": 0,
+        "training_images": False,
+    }
+    plain.background = grey_levels(plain.preprocessing, 4)
+    plain.background_source = BACKGROUND_BASELINES
+    loaded = ModelBundle.load(plain.save(tmp_path / "b"))
+    assert loaded.contents()["background"] == BACKGROUND_BASELINES
+    assert loaded.contents()["training_images"] is False
+    assert model_fingerprint(loaded) == model_fingerprint(plain)
+    # a background whose origin was never recorded counts as training images (to be safe)
+    unrecorded = _bundle(model, "small_cnn", {"num_classes": 2, "width": 8}, ["a", "b"])
+    unrecorded.background = torch.zeros(2, 3, 32, 32)
+    assert unrecorded.contents()["training_images"] is True
+    # an index is counted from the arrays themselves
+    unrecorded.embeddings = {"labels": torch.zeros(5).numpy()}
+    assert unrecorded.contents()["case_index"] == 5
+
+
+def test_the_model_fingerprint_changes_with_any_weight():
+    from components.bundle import model_fingerprint
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, width=8)
+    bundle = _bundle(model, "small_cnn", {"num_classes": 2, "width": 8}, ["a", "b"])
+    before = model_fingerprint(bundle)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] += 1e-6
+    bundle.state_dict = state
+    assert model_fingerprint(bundle) != before
+    bundle.state_dict = model.state_dict()
+    bundle.class_names = ["b", "a"]
+    assert model_fingerprint(bundle) != before

@@ -163,3 +163,22 @@ def test_the_schema_is_what_a_run_is_composed_of():
     assert set(cfg) == {f.name for f in fields(RunConf)}
     assert cfg["trainer"] == asdict(TrainerConf())
     assert cfg["federation"]["seed"] == cfg["seed"]  # one seed for the whole run
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training=federated"], "training=federated"),
+        (["privacy=dp_eps8", "trainer.imbalance=none"], "privacy=dp_sgd"),
+        (["training=federated", "privacy=central_dp"], "training=federated"),
+    ],
+)
+def test_training_images_in_a_bundle_are_refused_for_federated_or_private_runs(overrides, message):
+    assert compose(overrides).package.training_images is False  # the default
+    with pytest.raises(ConfigError, match=message) as info:
+        compose([*overrides, "package.training_images=true"])
+    assert "package.training_images" in str(info.value)
+
+
+def test_a_central_run_without_privacy_may_keep_training_images_when_it_says_so():
+    assert compose(["package.training_images=true"]).package.training_images is True

@@ -29,12 +29,15 @@ def test_environment_variables_override_with_the_key_type():
         "ONCOFLOW_TORCH_THREADS": "2",
         "ONCOFLOW_OPTIMISE_MODEL": "0",
         "ONCOFLOW_CHAT": "false",
+        "ONCOFLOW_CASE_LIBRARY": "/srv/oncoflow/case-library",
         "ONCOFLOW_MAX_QUEUE": "  ",  # empty: not set
     }
     settings = with_environment(ServingConf(), env)
     assert settings.model_tag == "oncoflow-model:abc"
     assert settings.max_batch == 8 and settings.torch_threads == 2
     assert settings.optimise_model is False and settings.chat is False
+    assert settings.case_library == "/srv/oncoflow/case-library"
+    assert ServingConf().case_library is None  # no library unless the site builds one
     assert settings.max_queue == ServingConf().max_queue
     assert request_limit_bytes(settings) == int(1.5 * 1024 * 1024)
 

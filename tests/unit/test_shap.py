@@ -13,7 +13,7 @@ from scipy.ndimage import binary_dilation
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
 from components.errors import InputError, ModelError
-from components.explain.background import fusion_background, split_background
+from components.explain.background import fusion_background, grey_levels, split_background
 from components.explain.shap_image import explain_shap_image, shap_png
 from components.explain.shap_tabular import explain_tabular
 from components.models import build_model
@@ -199,3 +199,26 @@ def test_background_parts_are_told_apart():
         split_background(torch.zeros(4))
     with pytest.raises(ModelError):
         split_background({"image": images, "audio": table})
+
+
+def test_image_shap_against_grey_levels_sits_on_the_lesion_and_adds_up(lesion_model):
+    """The default bundle background (constant grey levels, no patient data) explains too."""
+    model, _, test, xt = lesion_model
+    background = grey_levels(Preprocessing(size=32, channels=3), 8)
+    assert background.shape == (8, 3, 32, 32)
+    with torch.no_grad():
+        predicted = model(xt).argmax(1).numpy()
+    shares, areas = [], []
+    for i in np.flatnonzero((test.labels > 0) & (predicted == 1)):
+        result = explain_shap_image(model, xt[i], background, nsamples=32, target_class=1)
+        assert result.background_size == 8
+        mask = test.masks[i]
+        extent = binary_dilation(mask, iterations=round(float(np.sqrt(mask.sum() / np.pi))))
+        positive = np.clip(result.attribution, 0, None)
+        shares.append(positive[extent].sum() / positive.sum())
+        areas.append(extent.mean())
+    assert np.mean(shares) > 0.5
+    assert np.mean(shares) > 2.5 * np.mean(areas)
+    # the paths from constant images are long: more samples for the sum to add up as closely
+    exact = explain_shap_image(model, xt[0], background, nsamples=1000, seed=3)
+    assert exact.total == pytest.approx(exact.probability - exact.expected, abs=0.05)

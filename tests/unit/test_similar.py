@@ -1,9 +1,12 @@
-"""Similar cases: a training image finds itself first; neighbours share its class; no ids."""
+"""Similar cases from a site-local case library: a library image finds itself first;
+neighbours share its class; no ids; a library is refused by any other model; without one the
+engine answers 404 (a central non-DP bundle's own index is labelled as such)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -11,10 +14,19 @@ import torch
 from PIL import Image
 
 from components.bundle import ModelBundle
-from components.bundle_builder import THUMBNAIL_SIZE, make_bundle
+from components.bundle_builder import make_bundle
+from components.case_library import (
+    BUNDLE_SOURCE,
+    LIBRARY_SOURCE,
+    THUMBNAIL_SIZE,
+    NoCaseLibrary,
+    build_case_library,
+    build_from_folder,
+    load_case_library,
+)
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
-from components.errors import InputError, ModelError
+from components.errors import ConfigError, DataError, InputError, ModelError
 from components.models import build_model
 from components.similar import SimilarCaseIndex
 
@@ -23,7 +35,8 @@ RESULT_KEYS = {"rank", "label", "label_index", "distance", "thumbnail_png_base64
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
-    """A small_cnn trained briefly on synthetic lesions, packaged and loaded back."""
+    """A small_cnn trained briefly on synthetic lesions, packaged (weights only) and loaded
+    back, with a case library of the same images (as a site would build from its own)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -58,15 +71,46 @@ def packaged(tmp_path_factory):
             out_dir=tmp_path_factory.mktemp("bundle"),
         )
         bundle = ModelBundle.load(out)
-        yield bundle, bundle.build_model(), x, data
+        assert bundle.embeddings is None  # the bundle carries no case index
+        library_dir = build_case_library(
+            bundle, x_uint8, data.labels, tmp_path_factory.mktemp("library")
+        )
+        library = load_case_library(library_dir, bundle)
+        yield bundle, bundle.build_model(), x, data, library
     finally:
         torch.set_num_threads(threads)
 
 
-def test_a_training_image_finds_itself_first(packaged):
-    bundle, model, x, data = packaged
-    index = SimilarCaseIndex.from_bundle(bundle)
-    assert len(index) == len(data.labels)
+@pytest.fixture(scope="module")
+def training_images_bundle(packaged, tmp_path_factory):
+    """The same model packaged by a central non-DP run with package.training_images."""
+    bundle, model, _, data, _ = packaged
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = make_bundle(
+            model,
+            architecture={"name": "small_cnn", "num_classes": 3, "width": 8},
+            class_names=data.class_names,
+            preprocessing=bundle.preprocessing,
+            train_x=np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)),
+            train_y=data.labels,
+            training_images=True,
+            metrics={},
+            data_fingerprint="synthetic-test",
+            config={"training": {"mode": "central"}},
+            background_size=12,
+            out_dir=tmp_path_factory.mktemp("bundle-with-images"),
+        )
+        yield out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_library_image_finds_itself_first(packaged):
+    _bundle, model, x, data, library = packaged
+    index = library.index
+    assert library.source == LIBRARY_SOURCE and len(index) == len(data.labels)
     for i in (0, 7, 42, len(data.labels) - 1):
         results = index.query_image(model, x[i], k=5)
         assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
@@ -80,9 +124,9 @@ def test_a_training_image_finds_itself_first(packaged):
 
 
 def test_neighbours_of_a_trained_model_share_the_class(packaged):
-    bundle, model, _, data = packaged
+    bundle, model, _, data, library = packaged
     preprocessing = bundle.preprocessing
-    index = SimilarCaseIndex.from_bundle(bundle)
+    index = library.index
     test = make_synthetic(10, size=32, seed=5)
     xt = preprocessing.normalise(torch.from_numpy(test.images).permute(0, 3, 1, 2))
     agree = [
@@ -132,3 +176,113 @@ def test_bundle_without_index_is_a_model_error(packaged):
     )
     with pytest.raises(ModelError, match="no similar-case index"):
         SimilarCaseIndex.from_bundle(empty)
+
+
+def _png(image_hwc: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_hwc).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_library_is_refused_by_another_model(packaged, tmp_path):
+    bundle, _, _, data, _ = packaged
+    torch.manual_seed(1)
+    other = build_model("small_cnn", num_classes=3, width=8)
+    retrained = ModelBundle(
+        architecture=bundle.architecture,
+        architecture_kwargs=bundle.architecture_kwargs,
+        class_names=bundle.class_names,
+        preprocessing=bundle.preprocessing,
+        state_dict=other.state_dict(),
+    )
+    library_dir = build_case_library(
+        retrained,
+        np.ascontiguousarray(data.images[:6].transpose(0, 3, 1, 2)),
+        data.labels[:6],
+        tmp_path / "other",
+    )
+    with pytest.raises(ConfigError, match=r"built with model .* not with the served model"):
+        load_case_library(library_dir, bundle)
+    with pytest.raises(ConfigError, match="not a case library"):
+        load_case_library(tmp_path / "nowhere", bundle)
+    meta = json.loads((library_dir / "library.json").read_text())
+    assert meta["size"] == 6 and meta["source"] == LIBRARY_SOURCE
+    assert not any(str(tmp_path) in str(v) for v in meta.values())  # no paths stored
+
+
+def test_library_from_a_folder_of_class_subfolders(packaged, tmp_path):
+    bundle, model, x, data, _ = packaged
+    images = tmp_path / "our-cases"
+    picked = [0, 1, 40, 41, 80]
+    for i in picked:
+        folder = images / data.class_names[data.labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"case-{i}.png").write_bytes(_png(data.images[i]))
+    (images / data.class_names[0] / "notes.txt").write_text("not an image")
+    out = build_from_folder(bundle, images, tmp_path / "library")
+    library = load_case_library(out, bundle)
+    assert len(library) == len(picked)
+    counts = library.index.label_counts()
+    assert counts == {
+        name: sum(data.labels[i] == c for i in picked) for c, name in enumerate(data.class_names)
+    }
+    found = library.index.query_image(model, x[40], k=1)[0]
+    assert found["distance"] == pytest.approx(0.0, abs=1e-5)
+    (images / "not-a-class").mkdir()
+    with pytest.raises(DataError, match="not-a-class"):
+        build_from_folder(bundle, images, tmp_path / "again")
+
+
+def _engine(bundle_dir, library=None):
+    from serving.engine import DiagnosisEngine
+    from serving.schemas import ModelRef
+
+    ref = ModelRef(name="m", version="1", tag="oncoflow-model:t")
+    return DiagnosisEngine.from_dir(bundle_dir, ref, optimise=False, case_library=library)
+
+
+def test_engine_answers_from_the_site_library_only(packaged, tmp_path):
+    bundle, _, _, data, _ = packaged
+    bundle_dir = bundle.save(tmp_path / "bundle")
+    library_dir = build_case_library(
+        bundle,
+        np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)),
+        data.labels,
+        tmp_path / "library",
+    )
+    without = _engine(bundle_dir)
+    with pytest.raises(NoCaseLibrary, match="no site-local case library") as info:
+        without.check_similar()
+    assert info.value.http_status == 404 and "oncoflow case-library build" in str(info.value)
+    card = without.card()
+    assert card.similar_cases == 0 and card.similar_source is None
+    assert card.contents.training_images is False and card.contents.case_index == 0
+    assert card.contents.background == "constant grey levels (not patient data)"
+
+    served = _engine(bundle_dir, library_dir)
+    answer = served.similar(served.prepare(_png(data.images[7])), k=3)
+    assert answer.source == LIBRARY_SOURCE and answer.index_size == len(data.labels)
+    assert answer.neighbours[0].distance == pytest.approx(0.0, abs=1e-5)
+    assert served.card().similar_source == LIBRARY_SOURCE
+
+
+def test_a_central_bundle_with_training_images_keeps_its_own_index(
+    packaged, training_images_bundle, tmp_path
+):
+    _, _, _, data, _ = packaged
+    engine = _engine(training_images_bundle)
+    answer = engine.similar(engine.prepare(_png(data.images[3])), k=2)
+    assert answer.source == BUNDLE_SOURCE and answer.index_size == len(data.labels)
+    card = engine.card()
+    assert card.contents.training_images and card.contents.case_index == len(data.labels)
+    assert card.contents.background == "training images"
+    # a site library, when given, replaces the bundle's index
+    library_dir = build_case_library(
+        ModelBundle.load(training_images_bundle),
+        np.ascontiguousarray(data.images[:9].transpose(0, 3, 1, 2)),
+        data.labels[:9],
+        tmp_path / "library",
+    )
+    engine = _engine(training_images_bundle, library_dir)
+    answer = engine.similar(engine.prepare(_png(data.images[3])), k=2)
+    assert answer.source == LIBRARY_SOURCE and answer.index_size == 9
