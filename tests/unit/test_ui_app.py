@@ -30,6 +30,14 @@ CARD = {
     "metrics": {"macro_f1": 0.71, "accuracy": 0.8},
     "privacy": {"epsilon": 8.0, "delta": 1e-5},
     "intended_use": "Decision support for trained clinicians.",
+    "similar_cases": 10,
+    "similar_source": "site-local case library",
+    "contents": {
+        "weights": True,
+        "background": "constant grey levels (not patient data)",
+        "case_index": 0,
+        "training_images": False,
+    },
 }
 
 
@@ -130,6 +138,10 @@ class FakeService(BaseHTTPRequestHandler):
         )
 
     def _similar(self) -> None:
+        if FakeService.behaviour == "no-library":
+            message = "this server has no site-local case library; build one with ..."
+            self._send(404, {"error": {"type": "NoCaseLibrary", "message": message}})
+            return
         self._send(
             200,
             {
@@ -149,6 +161,7 @@ class FakeService(BaseHTTPRequestHandler):
                     },
                 ],
                 "index_size": 10,
+                "source": "site-local case library",
                 "model": CARD["model"],
                 "latency_ms": 5.0,
             },
@@ -394,6 +407,16 @@ def test_explanations_similar_cases_report_and_assistant(built):
 
     items, notice, case = d.find_similar(token, case)
     assert [caption for _, caption in items] == ["Malignant · 0.90", "Benign · 0.80"]
+    assert "From this hospital&#x27;s own case library (10 cases)." in notice
+    FakeService.behaviour = "no-library"  # a server without a site-local case library
+    items, notice, case = d.find_similar(token, case)
+    assert items is None and "info" in notice and "own case library" in notice
+    assert "oncoflow case-library build" in notice and "no patient images" in notice
+    FakeService.behaviour = "ok"
+    card = app.model.refresh(token).replace("&#x27;", "'")
+    assert "10 cases from this hospital's own case library" in card
+    assert "SHAP reference: constant grey levels (not patient data)" in card
+    assert "no similar-case index; no training images" in card
 
     update, notice = d.make_report(token, case, "gradcam", None, NoProgress())
     pdf = Path(update["value"])
