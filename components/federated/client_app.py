@@ -9,8 +9,15 @@ train:    load the global weights, train `local_epochs` with `fit_local` (FedPro
           best model on the site, reply with the weights and training metrics.
 evaluate: score the global weights on the site's validation data, keep them as the site's best
           model if they beat it, reply with the metrics.
-query:    roll call: reply with the site's name and data sizes (so the server can name a site
-          that fails before it ever sent an update).
+query:    roll call ("site"): reply with the site's name and data sizes (so the server can name
+          a site that fails before it ever sent an update); preflight ("preflight"): reply with
+          the site's approval of the spec and its released statistics (stats.json) only.
+final evaluate (an evaluate message flagged `FINAL_KEY`): score the final global model on the
+          site's held-out test split and reply with counts and sums only (`site_metrics`).
+
+A site prepared by `oncoflow site prepare` requires approval: every train/evaluate message is
+checked against `approval.json` first (`approval.require`); a refusal is an error reply with
+code `REFUSED_CODE` and a sanitised reason, and nothing is trained or evaluated.
 """
 
 from __future__ import annotations
@@ -21,11 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from components.errors import DataError
-from components.federated.protocol import ROUND_KEY, SITE_RECORD, SPEC_KEY
+from components.federated.approval import SiteRefused, require, sanitise
+from components.federated.protocol import (
+    FINAL_KEY,
+    PREFLIGHT_RECORD,
+    QUERY_KEY,
+    REFUSED_CODE,
+    REFUSED_PREFIX,
+    ROUND_KEY,
+    SITE_RECORD,
+    SPEC_KEY,
+)
 from components.federated.runspec import ClientSpec
 from components.federated.secagg_client import is_secure_train, secure_mod, secure_train
 from components.privacy.federated import UNIT_WEIGHT, bound_update
@@ -68,6 +85,26 @@ def _spec(msg: Message) -> tuple[ClientSpec, int]:
     return ClientSpec.from_json(str(config[SPEC_KEY])), int(config[ROUND_KEY])
 
 
+def _approval_required(site_dir: Path) -> bool:
+    import json
+
+    from components.federated.task import SITE_META, check_site_dir
+
+    meta = json.loads((check_site_dir(site_dir) / SITE_META).read_text())
+    return bool(meta.get("approval_required", False))
+
+
+def check_approval(msg: Message, site_dir: Path) -> None:
+    """`SiteRefused` unless this site has approved the message's spec and code."""
+    spec_json = str(msg.content["config"][SPEC_KEY])
+    require(site_dir, spec_json, required=_approval_required(site_dir))
+
+
+def _refusal(msg: Message, reason: str) -> Message:
+    log.warning("refused a %s message: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=REFUSED_CODE, reason=REFUSED_PREFIX + sanitise(reason)), reply_to=msg)
+
+
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, Any], site: str) -> Message:
     content = RecordDict(
         {"metrics": MetricRecord(metrics), SITE_RECORD: ConfigRecord({"name": site})}
@@ -99,6 +136,7 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
         train_local,
     )
 
+    check_approval(msg, site_dir)
     spec, server_round = _spec(msg)
     site = load_site(site_dir)
     set_threads(spec.training.threads)
@@ -174,6 +212,9 @@ def _site_dp(privacy, spec: ClientSpec, site, server_round: int, model):
 def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     from components.federated.task import best_score, from_record, keep_best, load_arrays, load_site
 
+    check_approval(msg, site_dir)
+    if bool(msg.content["config"].get(FINAL_KEY, False)):
+        return handle_final_evaluate(msg, site_dir)
     spec, server_round = _spec(msg)
     site = load_site(site_dir)
     model = spec.model.build()
@@ -203,12 +244,69 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     return _reply(msg, None, metrics, site.name)
 
 
-def handle_query(msg: Message, site_dir: Path) -> Message:
-    """Roll call: name the site and its data sizes (reads only `site.json`)."""
+def handle_final_evaluate(msg: Message, site_dir: Path) -> Message:
+    """Score the final global model on the site's held-out test split; reply with counts and
+    sums only (confusion matrix, ECE bin sums, macro-AUROC, size)."""
+    from components.evaluation.predict import predict_proba
+    from components.federated.site_metrics import site_summary
+    from components.federated.task import from_record, load_arrays, load_site_test
+
+    spec, _ = _spec(msg)
+    x, y = load_site_test(site_dir)
+    model = load_arrays(spec.model.build(), from_record(msg.content["arrays"]))
+    summary = site_summary(y, predict_proba(model, x, spec.model.prep()), spec.model.class_names)
+    metrics = {
+        "num-examples": int(summary["n"]),
+        "confusion-matrix": [int(v) for row in summary["confusion_matrix"] for v in row],
+        "ece-count": [int(v) for v in summary["ece_count"]],
+        "ece-correct": [float(v) for v in summary["ece_correct"]],
+        "ece-confidence": [float(v) for v in summary["ece_confidence"]],
+        "macro-auroc": -1.0 if summary["macro_auroc"] is None else float(summary["macro_auroc"]),
+    }
+    return _reply(msg, None, metrics, _site_name(site_dir))
+
+
+def _site_name(site_dir: Path) -> str:
     import json
 
     from components.federated.task import SITE_META, check_site_dir
 
+    return str(json.loads((check_site_dir(site_dir) / SITE_META).read_text())["site"])
+
+
+def handle_preflight(msg: Message, site_dir: Path) -> Message:
+    """The site's answer to the coordinator's preflight: its approval of the spec (with the
+    sanitised reason) and its released statistics (`stats.json`), nothing else."""
+    import json
+
+    from components.federated.approval import check
+    from components.federated.site_stats import read_stats
+
+    spec_json = str(msg.content["config"][SPEC_KEY])
+    verdict = check(site_dir, spec_json, required=_approval_required(site_dir))
+    stats = read_stats(site_dir)
+    record = ConfigRecord(
+        {
+            "approved": verdict.approved,
+            "reason": sanitise(verdict.reason),
+            "spec-fingerprint": verdict.spec_fingerprint,
+            "stats": json.dumps(stats) if stats is not None else "",
+        }
+    )
+    reply = _reply(msg, None, {}, _site_name(site_dir))
+    reply.content[PREFLIGHT_RECORD] = record
+    return reply
+
+
+def handle_query(msg: Message, site_dir: Path) -> Message:
+    """Roll call (name the site and its data sizes; reads only `site.json`) or preflight."""
+    import json
+
+    from components.federated.task import SITE_META, check_site_dir
+
+    config = msg.content.config_records.get("config")
+    if config is not None and str(config.get(QUERY_KEY, "")) == "preflight":
+        return handle_preflight(msg, site_dir)
     meta = json.loads((check_site_dir(site_dir) / SITE_META).read_text())
     counts = {"num-train": int(meta["num_train"]), "num-val": int(meta["num_val"])}
     return _reply(msg, None, counts, str(meta["site"]))
@@ -226,11 +324,17 @@ def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
         site_dir = site_dir_for(context, site_dirs)
         if is_secure_train(msg):
             return secure_train(msg, lambda plain: handle_train(plain, site_dir))
-        return handle_train(msg, site_dir)
+        try:
+            return handle_train(msg, site_dir)
+        except SiteRefused as exc:
+            return _refusal(msg, str(exc))
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, site_dir_for(context, site_dirs))
+        try:
+            return handle_evaluate(msg, site_dir_for(context, site_dirs))
+        except SiteRefused as exc:
+            return _refusal(msg, str(exc))
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
@@ -244,7 +348,10 @@ app = build_client_app()
 __all__ = [
     "app",
     "build_client_app",
+    "check_approval",
     "handle_evaluate",
+    "handle_final_evaluate",
+    "handle_preflight",
     "handle_query",
     "handle_train",
     "site_dir_for",

@@ -88,7 +88,7 @@ class FederationLayout:
         return cls(root, spec.settings, spec, spec_path, sites, meta["report"])
 
 
-def _local_training(
+def local_training(
     cfg: Mapping[str, Any], settings: FederationSettings, threads: int | None
 ) -> LocalTraining:
     """A site's local fit: the run's `trainer` settings, epochs and FedProx from `federation`."""
@@ -110,7 +110,7 @@ def _xy(split: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x), np.asarray(y)
 
 
-def _fingerprint(parts: list[np.ndarray]) -> str:
+def array_fingerprint(parts: list[np.ndarray]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(str(part.shape).encode())
@@ -198,12 +198,12 @@ def prepare_federation(
             preprocessing=preprocessing.to_dict(),
             class_names=list(class_names),
         ),
-        training=_local_training(cfg, settings, threads),
+        training=local_training(cfg, settings, threads),
         test_path=str(server_dir / "test.npz"),
         out_dir=str(server_dir / "out"),
         sites=list(sites),
         attacks=attacks,
-        data_fingerprint=_fingerprint(fingerprint_parts),
+        data_fingerprint=array_fingerprint(fingerprint_parts),
         privacy=privacy,
     )
     _check_resume(spec, site_dirs)

@@ -26,6 +26,12 @@ SPEC_KEY = "oncoflow-spec"  # "config" key carrying the ClientSpec JSON
 SITE_RECORD = "site"  # ConfigRecord in every reply naming the site: {"name": <site>}
 ROUND_KEY = "server-round"  # set by Flower's strategies (and by the SecAgg+ round)
 
+QUERY_KEY = "query"  # a query message's "config" key: "site" (roll call) | "preflight"
+PREFLIGHT_RECORD = "preflight"  # ConfigRecord of a preflight reply: approval + statistics
+FINAL_KEY = "oncoflow-final"  # evaluate-message flag: score the site's held-out test split
+REFUSED_CODE = 4030  # error code of a site's refusal (its reason follows "refused by site: ")
+REFUSED_PREFIX = "refused by site: "
+
 FITINS_PARAMETERS = "fitins.parameters"  # legacy FitIns layout that SecAgg+ sends to a site
 FITINS_CONFIG = "fitins.config"
 NAMES_KEY = "oncoflow-array-names"  # fit-config key: JSON list of the tensor names, in order
@@ -72,6 +78,13 @@ def exchange(
     return pairs, silent
 
 
+def refusal_of(msg: Message) -> str | None:
+    """The reason of a site's refusal reply, or None for any other reply."""
+    if msg.has_error() and int(msg.error.code) == REFUSED_CODE:
+        return str(msg.error.reason).removeprefix(REFUSED_PREFIX)
+    return None
+
+
 def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
     """The tensors whose update goes into the SecAgg+ sum: the floating-point ones, in order."""
     return [k for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
@@ -79,15 +92,21 @@ def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 __all__ = [
     "CLIPPING_KEY",
+    "FINAL_KEY",
     "FITINS_CONFIG",
     "FITINS_PARAMETERS",
     "MAX_WEIGHT_KEY",
     "NAMES_KEY",
+    "PREFLIGHT_RECORD",
+    "QUERY_KEY",
+    "REFUSED_CODE",
+    "REFUSED_PREFIX",
     "ROUND_KEY",
     "SITE_RECORD",
     "SPEC_KEY",
     "accepted_row",
     "exchange",
     "masked_names",
+    "refusal_of",
     "site_of",
 ]

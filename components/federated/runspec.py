@@ -61,7 +61,10 @@ class ClientSpec:
 @dataclass(frozen=True)
 class RunSpec:
     """Everything the ServerApp needs: settings, model, local training, where the test split
-    and the outputs live, the expected sites and the data fingerprint."""
+    and the outputs live, the expected sites and the data fingerprint.
+
+    `test_path` is "" when the coordinator holds no test set (a real federation); `site_test`:
+    the sites hold held-out test splits and score the final model on them."""
 
     settings: FederationSettings
     model: ModelSpec
@@ -72,6 +75,7 @@ class RunSpec:
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_fingerprint: str = ""
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    site_test: bool = False
 
     @property
     def client_spec(self) -> ClientSpec:
@@ -109,6 +113,7 @@ class RunSpec:
             "attacks": self.attacks,
             "data_fingerprint": self.data_fingerprint,
             "privacy": _privacy_json(self.privacy),
+            "site_test": self.site_test,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -137,6 +142,7 @@ class RunSpec:
             attacks=dict(data.get("attacks", {})),
             data_fingerprint=data.get("data_fingerprint", ""),
             privacy=PrivacySettings.from_dict(data.get("privacy") or {}),
+            site_test=bool(data.get("site_test", False)),
         )
 
 

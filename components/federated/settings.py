@@ -73,6 +73,18 @@ class SimulationSettings:
 
 
 @dataclass(frozen=True)
+class SiteStatsSettings:
+    """What a site publishes about its data (`oncoflow site prepare` writes it to stats.json):
+    class counts, an image-size histogram and an intensity histogram, optionally with DP noise
+    (each histogram changes by at most 1 in L1 when one image is added or removed)."""
+
+    histogram_bins: int = 16  # intensity histogram bins over 0..255
+    noise: str = "none"  # none | laplace | gaussian: DP noise on every released number
+    epsilon: float = 1.0  # ε of the whole release (split evenly over its histograms)
+    delta: float = 1e-5  # gaussian only
+
+
+@dataclass(frozen=True)
 class FederationSettings:
     """The `federation` config section (with training=federated): sites, rule, engine.
 
@@ -109,6 +121,7 @@ class FederationSettings:
     hygiene: HygieneSettings = field(default_factory=HygieneSettings)
     attack: AttackSettings = field(default_factory=AttackSettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
+    site_stats: SiteStatsSettings = field(default_factory=SiteStatsSettings)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,6 +140,7 @@ class FederationSettings:
         for volatile in ("engine", "round_timeout", "connect_timeout", "resume", "rounds"):
             data.pop(volatile)
         data.pop("simulation")
+        data.pop("site_stats")  # what a site publishes, not what a round computes
         text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -240,11 +254,28 @@ def _check(s: FederationSettings) -> None:
         raise ConfigError("federation.keep_checkpoints must be an integer >= 1")
     _check_hygiene(s.hygiene)
     _check_attack(s)
+    _check_site_stats(s.site_stats)
     sim = s.simulation
     if sim.cpus_per_site <= 0 or sim.threads_per_site < 1:
         raise ConfigError("federation.simulation.cpus_per_site and threads_per_site must be > 0")
     if sim.total_cpus is not None and (not _is_int(sim.total_cpus) or sim.total_cpus < 1):
         raise ConfigError("federation.simulation.total_cpus must be null or an integer >= 1")
+
+
+STATS_NOISE = ("none", "laplace", "gaussian")
+
+
+def _check_site_stats(st: SiteStatsSettings) -> None:
+    if st.noise not in STATS_NOISE:
+        raise ConfigError(
+            f"federation.site_stats.noise={st.noise!r}; choose one of {', '.join(STATS_NOISE)}"
+        )
+    if not _is_int(st.histogram_bins) or not 2 <= st.histogram_bins <= 256:
+        raise ConfigError("federation.site_stats.histogram_bins must be an integer in [2, 256]")
+    if not (math.isfinite(st.epsilon) and st.epsilon > 0):
+        raise ConfigError("federation.site_stats.epsilon must be a positive finite number")
+    if not 0 < st.delta < 1:
+        raise ConfigError("federation.site_stats.delta must be in (0, 1)")
 
 
 def _check_minimums(s: FederationSettings) -> None:
@@ -376,6 +407,7 @@ __all__ = [
     "FederationSettings",
     "HygieneSettings",
     "SimulationSettings",
+    "SiteStatsSettings",
     "required_sites",
     "validate_federation",
 ]

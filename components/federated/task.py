@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SITE_META = "site.json"
 TRAIN_FILE = "train.npz"
 VAL_FILE = "val.npz"
+TEST_FILE = "test.npz"  # a site's held-out test split (a real site: `oncoflow site prepare`)
 BEST_MODEL_DIR = "best_model"
 BEST_META = "best.json"
 
@@ -177,15 +178,31 @@ def write_site(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     meta: Mapping[str, Any] | None = None,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
-    """Write one site's partition to `directory` (train.npz, val.npz, site.json)."""
+    """Write one site's partition to `directory` (train.npz, val.npz, site.json; test.npz,
+    the split only the site's final evaluation reads, when `test` is given)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_split(directory / TRAIN_FILE, *train)
     write_split(directory / VAL_FILE, *val)
     info = {"site": name, "num_train": len(train[1]), "num_val": len(val[1])}
+    if test is not None:
+        write_split(directory / TEST_FILE, *test)
+        info["num_test"] = len(test[1])
     (directory / SITE_META).write_text(json.dumps({**info, **(meta or {})}, indent=1))
     return directory
+
+
+def load_site_test(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The site's held-out test split (`DataError` when the site has none)."""
+    path = check_site_dir(directory) / TEST_FILE
+    if not path.is_file():
+        raise DataError(
+            "this site holds no test split; prepare it with `oncoflow site prepare` "
+            "(components.federated.site_prepare)"
+        )
+    return read_split(path)
 
 
 def check_site_dir(directory: str | Path) -> Path:
@@ -346,6 +363,7 @@ __all__ = [
     "keep_best",
     "load_arrays",
     "load_site",
+    "load_site_test",
     "local_seed",
     "match_dtypes",
     "read_split",

@@ -136,9 +136,12 @@ def test_missing_site_data_is_reported_per_site(data, tmp_path):
     dirs[2] = str(tmp_path / "not-there")
     grid = InlineGrid(build_client_app(), [{"data-dir": d} for d in dirs])
     result = run_federation(grid, layout.spec)
-    failed = [r for r in result["rejected"] if "no site data in" in r["reason"]]
-    assert len(failed) == 1 and failed[0]["node_id"] == 3
-    assert result["history"][0]["accepted"] == 2
+    # the preflight finds it (sanitised: no path) and the rounds go on without it
+    sites = result["preflight"]["sites"]
+    row = sites["node-3"]  # it could not even read its own name
+    assert row["status"] == "site_data" and sites["site-3"]["status"] == "absent"
+    assert "no site data in <path>" in row["reason"] and str(tmp_path) not in row["reason"]
+    assert result["history"][0]["accepted"] == 2 and not result["rejected"]
 
 
 def test_too_few_connected_sites_fail_instead_of_hanging(data, tmp_path):
