@@ -14,7 +14,7 @@ import json
 def add_fl_parser(sub: argparse._SubParsersAction) -> None:
     """Add `fl` and its sub-commands to the `oncoflow` sub-parsers `sub`."""
     fl = sub.add_parser(
-        "fl", help="Flower deployment: prepare | certs | superlink | supernode | submit"
+        "fl", help="Flower deployment: prepare | certs | superlink | supernode | submit | status"
     )
     fl_sub = fl.add_subparsers(dest="fl_command", required=True, metavar="FL_COMMAND")
     prep = fl_sub.add_parser(
@@ -47,10 +47,17 @@ def add_fl_parser(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--root-cert")
     submit.add_argument("--insecure", action="store_true")
     submit.add_argument("--no-wait", action="store_true")
+    status = fl_sub.add_parser(
+        "status", help="a run's state, rounds and each site's last status, from the coordinator"
+    )
+    status.add_argument("root", help="the federation root (or a pipeline run directory)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run_fl(args: argparse.Namespace) -> int:
     """Run the parsed `oncoflow fl` command; return the exit code."""
+    if args.fl_command == "status":
+        return _status(args.root, as_json=args.json)
     if args.fl_command == "prepare":
         from flows.runtime import prepare
 
@@ -93,6 +100,18 @@ def run_fl(args: argparse.Namespace) -> int:
     )
     _print_json(summary)
     return 0
+
+
+def _status(root: str, *, as_json: bool) -> int:
+    """`oncoflow fl status`: exit code 1 when the run failed or its driver stopped reporting."""
+    from components.federated.status import format_status, read_status
+
+    status = read_status(root)
+    if as_json:
+        _print_json(status.to_dict())
+    else:
+        print(format_status(status))
+    return 0 if status.ok else 1
 
 
 def _print_json(summary: dict) -> None:

@@ -18,6 +18,7 @@ from flows.tasks import (
     RunContext,
     arrays_task,
     bundle_task,
+    close_failed_run,
     evaluate_task,
     federated_task,
     federation_layout_task,
@@ -44,14 +45,26 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         trained = federated_task(ctx, arrays)
     else:
         trained = train_task(ctx, arrays)
-    evaluation = evaluate_task(ctx, trained.model, arrays["test"])
-    metrics = evaluation.metrics
-    fingerprints = validated.fingerprints()
-    bundle_dir = bundle_task(ctx, trained, arrays["train"], metrics, fingerprints["data"])
+    try:  # a run opened before training is closed as FAILED if a step before register fails
+        evaluation = evaluate_task(ctx, trained.model, arrays["test"])
+        metrics = evaluation.metrics
+        fingerprints = validated.fingerprints()
+        bundle_dir = bundle_task(ctx, trained, arrays["train"], metrics, fingerprints["data"])
+    except BaseException:
+        close_failed_run(ctx, trained.mlflow_run_id)
+        raise
     reports = {"split": split.report, "validation": validated.report}
     if trained.privacy:
         reports["privacy"] = trained.privacy
-    registration = register_task(ctx, bundle_dir, metrics, trained.history, reports, fingerprints)
+    registration = register_task(
+        ctx,
+        bundle_dir,
+        metrics,
+        trained.history_to_log(),
+        reports,
+        fingerprints,
+        run_id=trained.mlflow_run_id,
+    )
     decision = registration.decision
     packaged = None
     if decision.promote:

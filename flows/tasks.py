@@ -83,6 +83,13 @@ class TrainedModel:
     architecture: dict[str, Any]  # `build_model` kwargs
     privacy: dict[str, Any] | None = None  # privacy report (mode, ε, δ...), or None
     federation: dict[str, Any] | None = None  # FederatedResult.summary() when federated
+    mlflow_run_id: str | None = None  # the MLflow run opened before training, if any
+    logged_steps: tuple[int, ...] = ()  # history steps already logged to that run, live
+
+    def history_to_log(self) -> list[dict[str, Any]]:
+        """The history rows not yet in the MLflow run (all of them without a live run)."""
+        done = set(self.logged_steps)
+        return [row for row in self.history if int(row.get("step", -1)) not in done]
 
 
 @dataclass
@@ -212,14 +219,29 @@ def train_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
 
 @task(name="train-federated")
 def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
-    """Federated training (Flower): sites from the train split, the same local training loop."""
+    """Federated training (Flower): sites from the train split, the same local training loop.
+
+    The MLflow run is opened first; each round's metrics, ε and failing sites reach it (and a
+    Prefect artifact) as the round ends (`flows.live_rounds`). A failed federation fails this
+    task with the round driver's sanitised reason and closes the run as FAILED."""
     from components.federated.engines import run_federated
     from components.federated.partition import site_report_markdown
+    from components.federated.status import out_dir_of
+    from flows.live_rounds import TAG_STATUS, live_federation
 
     cfg = ctx.cfg
-    result = run_federated(
-        cfg, arrays, ctx.class_names, preprocessing_from_config(cfg), ctx.run_dir / "federation"
+    root = ctx.run_dir / "federation"
+    client = registry_client(ctx)
+    run_id = client.start_training_run(
+        cfg["run_name"] or ctx.run_dir.name, cfg, {"training": "federated", TAG_STATUS: "starting"}
     )
+    try:
+        with live_federation(client, run_id, out_dir_of(root)) as watcher:
+            result = run_federated(
+                cfg, arrays, ctx.class_names, preprocessing_from_config(cfg), root
+            )
+    except Exception as exc:
+        raise _federation_failure(out_dir_of(root), exc) from exc
     artifacts.write_json(ctx.run_dir / "site_report.json", result.site_report)
     artifacts.markdown("site-report", site_report_markdown(result.site_report))
     summary = result.summary()
@@ -240,6 +262,8 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
             result.privacy.get("epsilon", float("nan")),
             result.privacy["delta"],
         )
+    for site, why in summary["last_round_failures"].items():
+        log.warning("site %s did not contribute to the last round: %s", site, why)
     return TrainedModel(
         model=result.model,
         history=result.mlflow_history(),
@@ -247,7 +271,24 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
         architecture=result.architecture,
         privacy=result.privacy,
         federation=summary,
+        mlflow_run_id=run_id,
+        logged_steps=tuple(watcher.logged),
     )
+
+
+def _federation_failure(out_dir: Path, exc: Exception) -> Exception:
+    """The exception a failed federation ends the task with: the round driver's sanitised
+    reason when it recorded one, the original error when it is oncoflow's own."""
+    from components.errors import ModelError, OncoflowError
+    from components.federated.reasons import server_error
+    from flows.live_rounds import failure_reason
+
+    reason = failure_reason(out_dir)
+    if reason:
+        return ModelError(f"federated training failed: {reason}")
+    if isinstance(exc, OncoflowError):
+        return exc
+    return ModelError(f"federated training failed: {server_error(exc).message}")
 
 
 @task(name="prepare-federation")
@@ -311,6 +352,23 @@ def bundle_task(
     return bundle_dir
 
 
+def registry_client(ctx: RunContext):
+    """The run's MLflow registry (`registry.tracking_uri`, else the workspace's SQLite)."""
+    from components.registry import RegistryClient
+
+    uri = ctx.cfg["registry"]["tracking_uri"] or ctx.workspace.mlflow_uri
+    return RegistryClient(uri, ctx.workspace.mlflow_artifacts)
+
+
+def close_failed_run(ctx: RunContext, run_id: str | None) -> None:
+    """Close a run opened before training as FAILED (a later step of the flow failed)."""
+    import contextlib
+
+    if run_id:
+        with contextlib.suppress(Exception):
+            registry_client(ctx).end_run(run_id, "FAILED")
+
+
 @task(name="register")
 def register_task(
     ctx: RunContext,
@@ -319,13 +377,14 @@ def register_task(
     history: list[dict[str, Any]],
     reports: dict[str, Any],
     fingerprints: dict[str, str],
+    run_id: str | None = None,
 ) -> Registration:
-    from components.registry import GateConfig, RegistryClient, TrainingRecord
+    """Log the run to MLflow (into `run_id` when training opened it; `history` is then only
+    what was not logged live), register the bundle and apply the champion gate."""
+    from components.registry import GateConfig, TrainingRecord
 
     reg = ctx.cfg["registry"]
-    client = RegistryClient(
-        reg["tracking_uri"] or ctx.workspace.mlflow_uri, ctx.workspace.mlflow_artifacts
-    )
+    client = registry_client(ctx)
     record = TrainingRecord(
         config=ctx.cfg,
         bundle_dir=bundle_dir,
@@ -338,7 +397,7 @@ def register_task(
         run_name=ctx.cfg["run_name"] or ctx.run_dir.name,
         tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
     )
-    run_id = client.log_training_run(record)
+    run_id = client.log_training_run(record, run_id=run_id)
     gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
     decision = _with_retries(
         lambda: client.register_candidate(

@@ -25,11 +25,12 @@ runs the whole federation as child processes on one machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from components.errors import ConfigError, DataError, ModelError
 from components.federated.certs import CertPaths, make_certificates, make_supernode_keys
 from components.federated.task import check_site_dir
 from components.telemetry import TELEMETRY_OFF
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "oncoflow"  # name of the SuperLink connection in FLWR_HOME/config.toml
 APP_DIR_NAME = "oncoflow-app"
@@ -205,16 +208,24 @@ def write_flwr_config(
     return path
 
 
-def _flwr(args: list[str], flwr_home: str | Path, timeout: float = 120) -> str:
+FLWR_TIMEOUT = 120.0  # seconds one `flwr` command may take (the SuperLink answers in ms)
+
+
+def _flwr(args: list[str], flwr_home: str | Path, timeout: float = FLWR_TIMEOUT) -> str:
     cmd = [flower_executable("flwr"), *args]
-    proc = subprocess.run(
-        cmd,
-        env=base_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            cmd,
+            env=base_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelError(
+            f"`flwr {args[0]}` got no answer within {timeout:.0f}s; is the SuperLink reachable?"
+        ) from None
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise ModelError(f"`flwr {args[0]}` failed: {' | '.join(detail)}")
@@ -247,8 +258,27 @@ def run_status(run_id: int, flwr_home: str | Path, *, connection: str = CONNECTI
 def run_log(run_id: int, flwr_home: str | Path, *, connection: str = CONNECTION) -> str:
     try:
         return _flwr(["log", str(run_id), connection], flwr_home, timeout=60)
-    except (ModelError, subprocess.TimeoutExpired) as exc:
+    except ModelError as exc:
         return f"(log unavailable: {exc})"
+
+
+def stop_run(run_id: int, flwr_home: str | Path, *, connection: str = CONNECTION) -> bool:
+    """Ask the SuperLink to stop a run (`flwr stop`); False when it could not."""
+    try:
+        _flwr(["stop", str(run_id), connection], flwr_home, timeout=60)
+    except ModelError as exc:
+        log.warning("could not stop federated run %d: %s", run_id, exc)
+        return False
+    return True
+
+
+def run_budget(settings: Any) -> float:
+    """The longest a whole federated run may take, from the federation's own timeouts: every
+    round may wait `connect_timeout` for sites and `round_timeout` for each of its roll call,
+    training and evaluation; two more exchanges (preflight, final evaluation) and two minutes
+    for starting the ServerApp and scoring on the server."""
+    per_round = settings.connect_timeout + 3 * settings.round_timeout
+    return float(settings.rounds * per_round + 2 * settings.round_timeout + 120)
 
 
 def wait_for_run(
@@ -258,19 +288,40 @@ def wait_for_run(
     timeout: float,
     connection: str = CONNECTION,
     poll: float = 5.0,
+    alive: Callable[[], str | None] | None = None,
 ) -> str:
-    """Poll until the run finishes; return `finished:completed` or raise `ModelError`."""
+    """Poll until the run finishes; return `finished:completed` or raise `ModelError`.
+
+    A failed status query (the SuperLink restarting) is retried until `timeout`; `alive()`,
+    when given, names why waiting is pointless (e.g. the local SuperLink exited). A run still
+    going at `timeout` is stopped (`flwr stop`) before the error is raised: no wait is
+    unbounded and no run is left behind. The round driver's sanitised reason is in the run's
+    `run_state.json` (`oncoflow fl status`); the ServerApp log is `flwr log <run id>`."""
     deadline = time.monotonic() + timeout
-    status = "unknown"
+    status, unreachable = "unknown", None
     while time.monotonic() < deadline:
-        status = run_status(run_id, flwr_home, connection=connection)
+        try:
+            status, unreachable = run_status(run_id, flwr_home, connection=connection), None
+        except ModelError as exc:
+            unreachable = unreachable or str(exc)
         if status.startswith("finished"):
             if status == TERMINAL_OK:
                 return status
-            tail = "\n".join(run_log(run_id, flwr_home, connection=connection).splitlines()[-60:])
-            raise ModelError(f"federated run {run_id} ended as {status}:\n{tail}")
-        time.sleep(poll)
-    raise ModelError(f"federated run {run_id} still {status} after {timeout:.0f}s")
+            raise ModelError(
+                f"federated run {run_id} ended as {status}; `oncoflow fl status <root>` gives "
+                f"each site's last state, `flwr log {run_id}` the ServerApp log"
+            )
+        gone = alive() if alive is not None else None
+        if gone:
+            raise ModelError(f"federated run {run_id} cannot finish: {gone}")
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+    stopped = stop_run(run_id, flwr_home, connection=connection)
+    detail = f"; the SuperLink did not answer: {unreachable}" if unreachable else ""
+    raise ModelError(
+        f"federated run {run_id} still {status} after {timeout:.0f}s (the budget from "
+        f"federation.rounds, connect_timeout and round_timeout){detail}; "
+        + ("it was stopped" if stopped else "stop it with `flwr stop`")
+    )
 
 
 def register_supernode(
@@ -411,9 +462,7 @@ def submit(
     run_id = submit_run(app, home)
     if not wait:
         return {"run_id": run_id, "status": "submitted"}
-    s = layout.settings
-    budget = timeout or (s.connect_timeout + s.rounds * 2 * s.round_timeout + 120)
-    status = wait_for_run(run_id, home, timeout=budget)
+    status = wait_for_run(run_id, home, timeout=timeout or run_budget(layout.settings))
     return {"run_id": run_id, "status": status, **load_result(layout).summary()}
 
 
@@ -423,7 +472,9 @@ __all__ = [
     "certs",
     "register",
     "register_supernode",
+    "run_budget",
     "run_status",
+    "stop_run",
     "submit",
     "submit_run",
     "superlink",

@@ -22,6 +22,7 @@ from components.federated.deployment import (
     APP_DIR_NAME,
     base_env,
     register_supernode,
+    run_budget,
     submit_run,
     superlink_command,
     supernode_command,
@@ -148,9 +149,18 @@ class LocalDeployment:
         return submit_run(self.app_dir, self.flwr_home)
 
     def wait(self, run_id: int, timeout: float | None = None) -> str:
-        s = self.layout.settings
-        budget = timeout or (s.connect_timeout + s.rounds * (2 * s.round_timeout) + 120)
-        return wait_for_run(run_id, self.flwr_home, timeout=budget)
+        """Wait for the run, at most `timeout` (default: `run_budget` of the federation);
+        fail at once if the SuperLink process exits meanwhile."""
+        budget = timeout or run_budget(self.layout.settings)
+        return wait_for_run(run_id, self.flwr_home, timeout=budget, alive=self._superlink_gone)
+
+    def _superlink_gone(self) -> str | None:
+        if self.superlink is None:
+            return "the SuperLink is not running"
+        code = self.superlink.poll()
+        if code is not None:
+            return f"the SuperLink exited with code {code} (see {self.logs / 'superlink.log'})"
+        return None
 
     @staticmethod
     def _stop(

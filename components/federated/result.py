@@ -46,13 +46,8 @@ class FederatedResult:
         return float(np.mean(self.round_seconds)) if self.round_seconds else 0.0
 
     def mlflow_history(self) -> list[dict[str, Any]]:
-        """Rows for `TrainingRecord.history`: `step` = round; nested keys flatten to
-        `server.macro_f1`, `sites.<site>.train_loss`, `sites_eval.val_macro_f1`, ..."""
-        keep = ("step", "server", "sites", "sites_eval", "accepted", "rejected", "failed")
-        return [
-            {k: row[k] for k in keep if k in row} | {"round_seconds": row["round_seconds"]}
-            for row in self.history
-        ]
+        """Rows for `TrainingRecord.history` (`round_metrics` of every round)."""
+        return [round_metrics(row) for row in self.history]
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe summary (no model)."""
@@ -66,9 +61,32 @@ class FederatedResult:
             "mean_round_seconds": self.mean_round_seconds,
             "wall_seconds": self.wall_seconds,
             "rejected_updates": len(self.rejected),
+            "last_round_failures": {
+                f["site"]: f"{f['category']}: {f['message']}"
+                for f in (self.history[-1].get("failures", []) if self.history else [])
+            },
             "sites": self.site_report.get("num_sites"),
             "out_dir": str(self.out_dir),
         }
+
+
+ROUND_METRICS = (
+    "server",
+    "sites",
+    "sites_eval",
+    "accepted",
+    "rejected",
+    "failed",
+    "round_seconds",
+    "privacy",
+)
+
+
+def round_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A round's row (history or ledger) as MLflow metrics: `step` = round; nested keys
+    flatten to `server.macro_f1`, `sites.<site>.train_loss`, `sites_eval.val_macro_f1`,
+    `privacy.epsilon`, `privacy.site_epsilon.<site>`, ... (strings are dropped)."""
+    return {"step": int(row["round"])} | {k: row[k] for k in ROUND_METRICS if k in row}
 
 
 def per_site_rows(history: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -90,10 +108,7 @@ def load_result(layout) -> FederatedResult:
         with np.load(out / FINAL_WEIGHTS, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
-        raise ModelError(
-            f"the federated run left no result in {out} (missing {Path(exc.filename).name}); "
-            "see the ServerApp log"
-        ) from exc
+        raise ModelError(_no_result_message(out, Path(exc.filename).name)) from exc
     model = load_arrays(layout.spec.model.build(), arrays).eval()
     history = data["history"]
     return FederatedResult(
@@ -116,4 +131,18 @@ def load_result(layout) -> FederatedResult:
     )
 
 
-__all__ = ["FederatedResult", "load_result", "per_site_rows"]
+def _no_result_message(out: Path, missing: str) -> str:
+    """Why there is no result: the failure `run_state.json` recorded, else the ServerApp log."""
+    from components.federated.status import read_status
+
+    status = read_status(out)
+    if status.reason:
+        why = f"{status.reason['category']}: {status.reason['message']}"
+        return (
+            f"the federated run {status.state} after {status.rounds_done} round(s): {why} "
+            f"(`oncoflow fl status` shows each site's last state)"
+        )
+    return f"the federated run left no result in {out} (missing {missing}); see the ServerApp log"
+
+
+__all__ = ["ROUND_METRICS", "FederatedResult", "load_result", "per_site_rows", "round_metrics"]

@@ -32,9 +32,17 @@ from components.federated.checkpoint import (
 )
 from components.federated.hygiene import Rejection, screen_updates
 from components.federated.protocol import SPEC_KEY, accepted_row, exchange, site_of
+from components.federated.reasons import classify, site_error
 from components.federated.runspec import RunSpec
 from components.federated.secagg_server import secure_round, uses_secure_aggregation
 from components.federated.settings import FederationSettings
+from components.federated.status import (
+    annotate_round,
+    note_round_progress,
+    recorded_run,
+    round_failures,
+    sanitise_rejections,
+)
 from components.privacy.federated import UNIT_WEIGHT, ServerPrivacy
 
 log = logging.getLogger(__name__)
@@ -90,7 +98,8 @@ def roll_call(grid: Grid, node_sites: dict[int, str], timeout: float) -> None:
         log.warning("node %d did not answer the roll call within %.0fs", node, timeout)
     for node, reply in pairs:
         if reply.has_error():
-            log.warning("node %d did not answer the roll call: %s", node, reply.error.reason)
+            why = site_error(reply.error.reason).text
+            log.warning("node %d did not answer the roll call: %s", node, why)
             continue
         site = site_of(node, reply, node_sites)
         claimed = [n for n, s in node_sites.items() if s == site]
@@ -164,7 +173,12 @@ def _round_train(
             reason = f"no update: {msg.error.reason}"
             rejections.append(Rejection(server_round, site, reason, node))
             sites[site] = {"status": "failed"}
-            log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+            log.warning(
+                "round %d: site %s failed: %s",
+                server_round,
+                site,
+                site_error(msg.error.reason).text,
+            )
             continue
         if site in sites:
             reason = (
@@ -251,14 +265,19 @@ def _round_evaluate(
     arrays: dict[str, np.ndarray],
     node_sites: dict[int, str],
     sites: dict[str, dict],
+    unreachable: frozenset[int] = frozenset(),
 ) -> dict[str, float]:
-    """Ask the sites to evaluate the global model; fill per-site rows, return the aggregate."""
+    """Ask the sites to evaluate the global model; fill per-site rows, return the aggregate.
+
+    Nodes in `unreachable` (no training reply this round) are not asked again, so a crashed or
+    stuck site costs the round one `round_timeout`, not two."""
     from components.federated.task import to_record
 
     if not spec.settings.evaluate_sites:
         return {}
     config = ConfigRecord({SPEC_KEY: spec.client_spec.to_json()})
     messages = list(strategy.configure_evaluate(server_round, to_record(arrays), config, grid))
+    messages = [m for m in messages if m.metadata.dst_node_id not in unreachable]
     pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     usable = []
     for node in silent:
@@ -268,7 +287,7 @@ def _round_evaluate(
         site = site_of(node, msg, node_sites)
         row = sites.setdefault(site, {"status": "evaluated only"})
         if msg.has_error():
-            row["eval_error"] = msg.error.reason
+            row["eval_error"] = site_error(msg.error.reason).text
             continue
         metrics = dict(msg.content.metric_records["metrics"])
         if int(metrics.get("num-examples", 0)) > 0:
@@ -300,8 +319,26 @@ def _write_result(spec: RunSpec, arrays: dict[str, np.ndarray], state: dict[str,
     return path
 
 
+def _ledger_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "step"} for r in history]
+
+
+def _unreachable(rejections: list[Rejection]) -> frozenset[int]:
+    """Nodes that did not answer this round's training (timed out or gone)."""
+    gone = ("timeout", "unavailable")
+    return frozenset(
+        r.node_id
+        for r in rejections
+        if r.node_id is not None and classify(r.reason).category in gone
+    )
+
+
+@recorded_run  # run_state.json: running -> completed | stopped-budget | failed (with why)
 def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
-    """Run (or resume) the federated rounds of `spec` over `grid`; return the result dict."""
+    """Run (or resume) the federated rounds of `spec` over `grid`; return the result dict.
+
+    Every finished round is appended to `ledger.jsonl` at once, with its real end time and a
+    sanitised reason for each site that did not contribute (`status.annotate_round`)."""
     from components.federated.strategies import build_strategy, strategy_state
     from components.federated.task import headline
 
@@ -329,13 +366,15 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
     else:
         arrays, history, rejected, node_sites, first = _initial_arrays(spec), [], [], {}, 1
     resumed_from = first - 1
+    write_ledger(out / LEDGER, _ledger_rows(history))  # no stale rounds of an earlier run
 
     for server_round in range(first, settings.rounds + 1):
         privacy.stopped = privacy.stopped or privacy.stop_reason(server_round)
         if privacy.stopped:
             log.warning("stopping before round %d: %s", server_round, privacy.stopped)
             break
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
+        note_round_progress(out, server_round, "training", [])
         await_sites(
             grid,
             expected=len(spec.sites) if server_round == first else settings.min_available_sites,
@@ -346,10 +385,12 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         new, sites, rejections, notes = _round_train(
             strategy, grid, spec, server_round, arrays, node_sites
         )
+        rejections = sanitise_rejections(rejections)
+        note_round_progress(out, server_round, "evaluating", round_failures(sites, rejections))
         if new is not None:
             arrays = new
         federated_eval = _round_evaluate(
-            strategy, grid, spec, server_round, arrays, node_sites, sites
+            strategy, grid, spec, server_round, arrays, node_sites, sites, _unreachable(rejections)
         )
         server_metrics = headline(test.evaluate(arrays))
         seconds = time.perf_counter() - t0
@@ -372,6 +413,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         if refused:
             privacy.stopped = f"site {refused[0].site} refused to train: {refused[0].reason}"
             notes.append(privacy.stopped)
+        site_epsilon = {site: v["epsilon"] for site, v in privacy.sites.items()}
+        annotate_round(row, rejections, started_at=started_at, site_epsilon=site_epsilon)
         history.append(row)
         rejected.extend(r.to_dict() for r in rejections)
         for note in notes:
@@ -397,7 +440,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
                 "privacy": privacy.state(),
             },
         )
-        write_ledger(out / LEDGER, [{k: v for k, v in r.items() if k != "step"} for r in history])
+        write_ledger(out / LEDGER, _ledger_rows(history))
 
     final_metrics = test.evaluate(arrays)
     result = {

@@ -225,9 +225,73 @@ class RegistryClient:
 
     # ---------------------------------------------------------------- tracking
 
-    def log_training_run(self, record: TrainingRecord) -> str:
-        """Log `record` as one finished MLflow run and return its run id."""
-        from mlflow.entities import Metric, Param
+    def _create_run(self, run_name: str | None, tags: dict[str, str]) -> str:
+        """A new RUNNING run tagged with `tags` and the code's git commit; returns its id."""
+        tags = dict(tags)
+        git = _git_commit()
+        if git:
+            tags[TAG_GIT_COMMIT] = git[0]
+            tags["git_dirty"] = str(git[1]).lower()
+        with _mlflow_errors("cannot create MLflow run"):
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={k: _truncate(str(v), _MAX_TAG_VALUE) for k, v in tags.items() if v != ""},
+            )
+        return run.info.run_id
+
+    def start_training_run(
+        self, run_name: str | None, config: dict[str, Any], tags: dict[str, str] | None = None
+    ) -> str:
+        """Open a RUNNING run before training starts (its params are the config), so metrics
+        can be logged as they come (`log_round`); `log_training_run(record, run_id=...)`
+        completes and closes it."""
+        run_id = self._create_run(run_name, tags or {})
+        with _mlflow_errors(f"cannot log the config of run {run_id}"):
+            self.client.log_batch(run_id, params=_params(config))  # MLflow splits the batch
+        return run_id
+
+    def log_round(
+        self,
+        run_id: str,
+        metrics: dict[str, Any],
+        *,
+        step: int,
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> int:
+        """Log one round (or epoch) as it ends: `metrics` (nested allowed, flattened to
+        `a.b`) at `step`, stamped with `timestamp` (Unix seconds; now when None), and `tags`.
+        Returns the number of metrics logged."""
+        from mlflow.entities import Metric
+
+        stamp = int((time.time() if timestamp is None else float(timestamp)) * 1000)
+        entries = [
+            Metric(_safe_name(k), v, stamp, int(step))
+            for k, v in flatten_metrics(metrics).items()
+            if k not in ("epoch", "step")
+        ]
+        with _mlflow_errors(f"cannot log step {step} of run {run_id}"):
+            self.client.log_batch(run_id, metrics=entries, tags=_run_tags(tags or {}))
+        return len(entries)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set run tags (values truncated to MLflow's limit)."""
+        with _mlflow_errors(f"cannot tag run {run_id}"):
+            self.client.log_batch(run_id, tags=_run_tags(tags))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a run opened by `start_training_run` (FINISHED, FAILED or KILLED)."""
+        with _mlflow_errors(f"cannot close run {run_id}"):
+            self.client.set_terminated(run_id, status)
+
+    def log_training_run(self, record: TrainingRecord, run_id: str | None = None) -> str:
+        """Log `record` as one finished MLflow run and return its run id.
+
+        With `run_id` (a run opened by `start_training_run`), the record goes into that run:
+        its params are already there, and its history rows are expected to have been logged
+        as they came (`record.history` is logged as well, so pass only what is missing)."""
+        from mlflow.entities import Metric
 
         bundle_dir = Path(record.bundle_dir)
         if not (bundle_dir / "bundle.json").is_file():
@@ -236,23 +300,13 @@ class RegistryClient:
             TAG_MANIFEST_FINGERPRINT: record.manifest_fingerprint,
             TAG_TEST_FINGERPRINT: record.test_fingerprint,
         } | dict(record.tags)
-        git = _git_commit()
-        if git:
-            tags[TAG_GIT_COMMIT] = git[0]
-            tags["git_dirty"] = str(git[1]).lower()
-        with _mlflow_errors("cannot create MLflow run"):
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=record.run_name,
-                tags={k: _truncate(str(v), _MAX_TAG_VALUE) for k, v in tags.items() if v != ""},
-            )
-        run_id = run.info.run_id
+        if run_id is None:
+            run_id = self._create_run(record.run_name, tags)
+            params, extra_tags = _params(record.config), []
+        else:  # opened by start_training_run: params are there (MLflow refuses to rewrite them)
+            params, extra_tags = [], _run_tags({k: v for k, v in tags.items() if v != ""})
         try:
             now = int(time.time() * 1000)
-            params = [
-                Param(_safe_name(k), _truncate(v, _MAX_PARAM_VALUE))
-                for k, v in _flatten_params(record.config).items()
-            ]
             metrics = [
                 Metric(_safe_name(f"{METRIC_PREFIX}{k}"), v, now, 0)
                 for k, v in flatten_metrics(record.test_metrics).items()
@@ -265,7 +319,7 @@ class RegistryClient:
                     if k not in ("epoch", "step")
                 ]
             with _mlflow_errors(f"cannot log run {run_id}"):
-                self.client.log_batch(run_id, metrics=metrics, params=params, tags=[])
+                self.client.log_batch(run_id, metrics=metrics, params=params, tags=extra_tags)
                 self.client.log_dict(run_id, _json_safe(record.test_metrics), "test_metrics.json")
                 self.client.log_dict(run_id, _json_safe(record.config), "config.json")
                 for name, report in record.reports.items():
@@ -439,6 +493,21 @@ class RegistryClient:
             return self.version_info(model_name, CHAMPION)
         except NotFound:
             return None
+
+
+def _params(config: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [
+        Param(_safe_name(k), _truncate(v, _MAX_PARAM_VALUE))
+        for k, v in _flatten_params(config).items()
+    ]
+
+
+def _run_tags(tags: dict[str, Any]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(_safe_name(k), _truncate(str(v), _MAX_TAG_VALUE)) for k, v in tags.items()]
 
 
 def _tag_metrics(tags: dict[str, str]) -> dict[str, float]:
