@@ -1,9 +1,10 @@
 """The BentoML diagnosis service over real HTTP: one `bentoml serve` for the whole module.
 
-The served bundle is a seeded, untrained small_cnn packaged by `make_bundle` (SHAP background
-and similar-case index from synthetic images): this module checks serving mechanics (loading,
-preprocessing parity, every endpoint, auth, error handling, logs), not model quality. In the
-product only trained, registered bundles are packaged.
+The served bundle is a seeded, untrained small_cnn packaged by `make_bundle` (weights and a
+grey-level SHAP background, no training data), served with a site-local case library built
+from synthetic images (`oncoflow serve --case-library`): this module checks serving mechanics
+(loading, preprocessing parity, every endpoint, auth, error handling, logs), not model quality.
+In the product only trained, registered bundles are packaged.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def dicom_bytes() -> bytes:
 
 @pytest.fixture(scope="module")
 def training_images():
-    """uint8 (N, 3, 32, 32) synthetic images and labels: the bundle's background and index."""
+    """uint8 (N, 3, 32, 32) synthetic images and labels: the 'training set' the bundle must
+    not contain, and the site's own cases its case library is built from."""
     from components.data.synthetic import make_synthetic
 
     data = make_synthetic(10, size=32, seed=0, classes=CLASSES)
@@ -135,6 +137,17 @@ def bundle_dir(tmp_path_factory, training_images):
 
 
 @pytest.fixture(scope="module")
+def case_library(bundle_dir, training_images, tmp_path_factory):
+    """The site-local case library (what `oncoflow case-library build` writes)."""
+    from components.bundle import ModelBundle
+    from components.case_library import build_case_library
+
+    x, y = training_images
+    bundle = ModelBundle.load(bundle_dir)
+    return build_case_library(bundle, x, y, tmp_path_factory.mktemp("case-library"))
+
+
+@pytest.fixture(scope="module")
 def bento_home(tmp_path_factory):
     return tmp_path_factory.mktemp("bentoml")
 
@@ -162,11 +175,12 @@ def model_tag(bundle_dir, bento_home, import_bundle_tag):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, port, model_tag, bento_home):
-    """One real `bentoml serve` for this module; yields (base_url, seconds until ready)."""
+def server(start_server, port, model_tag, bento_home, case_library):
+    """One real `bentoml serve` for this module, with the site's case library; yields
+    (base_url, process)."""
     from serving.launch import PROJECT_ROOT, serve_command, serve_env
 
-    env = serve_env(model_tag, bento_home, base={})
+    env = serve_env(model_tag, bento_home, base={}, case_library=case_library)
     env |= {
         "ONCOFLOW_API_KEYS": f"other-key, {KEY}",
         "ONCOFLOW_MAX_REQUEST_MB": "1",
@@ -355,7 +369,7 @@ def test_explain_returns_maps_summary_and_shap(client, bundle_dir):
     assert plain.shap_png is None and plain.shap_image is None
 
 
-def test_similar_cases_find_the_training_image_itself(client, training_images):
+def test_similar_cases_come_from_the_site_library_and_find_its_image(client, training_images):
     from PIL import Image
 
     x, y = training_images
@@ -367,7 +381,7 @@ def test_similar_cases_find_the_training_image_itself(client, training_images):
         distances = [n.distance for n in answer.neighbours]
         assert distances == sorted(distances) and distances[0] < 1e-4
         assert answer.neighbours[0].label == CLASSES[y[i]]
-        assert answer.index_size == len(y)
+        assert answer.index_size == len(y) and answer.source == "site-local case library"
         assert decode_image(answer.neighbours[0].thumbnail_png).size == (48, 48)
         assert set(answer.neighbours[0].model_dump()) == {
             "rank",
@@ -575,7 +589,42 @@ def test_model_card(client, model_tag):
     assert any("32x32" in line for line in card.limitations)
     assert {"gradcam", "gradcam++", "scorecam"} <= set(card.explain_methods)
     assert card.similar_cases == 30 and card.chat
+    assert card.similar_source == "site-local case library"
+    assert card.contents.model_dump() == {
+        "weights": True,
+        "background": "constant grey levels (not patient data)",
+        "case_index": 0,
+        "training_images": False,
+    }
     assert client.ready()
+
+
+def test_the_served_model_holds_no_training_pixels(model_tag, bento_home, training_images):
+    """The model as imported into the Bento store: no file (nor zip member) holds a training
+    image's pixels, its normalised floats or its thumbnail; the library is not copied in."""
+    import zipfile
+
+    import torch
+
+    from components.case_library import thumbnails
+    from components.data.preprocess import Preprocessing
+
+    name, version = model_tag.split(":")
+    model_dir = bento_home / "models" / name / version
+    blobs = []
+    for path in (p for p in model_dir.rglob("*") if p.is_file()):
+        blobs.append(path.read_bytes())
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs += [archive.read(member) for member in archive.namelist()]
+    assert len(blobs) >= 3 and not list(model_dir.rglob("cases.npz"))
+    x, _ = training_images
+    normalised = Preprocessing(size=32, channels=3).normalise(torch.from_numpy(x)).numpy()
+    forms = [x, x.transpose(0, 2, 3, 1), thumbnails(x), normalised]
+    for form in forms:
+        for image in form:
+            needle = image.tobytes()[:192]
+            assert not any(needle in blob for blob in blobs)
 
 
 def test_openapi_lists_every_route(client):
@@ -744,6 +793,39 @@ def test_serve_refuses_to_start_without_a_model(tmp_path):
     assert done.returncode != 0
     assert "ModelError: no model 'oncoflow-model:latest'" in done.stderr
     assert "never serves an untrained model" in done.stderr
+
+
+def test_serve_refuses_a_case_library_built_for_another_model(
+    tmp_path, model_tag, bento_home, training_images
+):
+    """`oncoflow serve --case-library` checks the library against the model before the
+    server starts (a library of another model's features would give meaningless neighbours)."""
+    import torch
+
+    from components.bundle import ModelBundle
+    from components.case_library import build_case_library
+    from components.data.preprocess import Preprocessing
+    from components.models import build_model
+
+    torch.manual_seed(99)
+    other = build_model("small_cnn", num_classes=len(CLASSES), in_channels=3, width=4)
+    bundle = ModelBundle(
+        architecture="small_cnn",
+        architecture_kwargs={"num_classes": 3, "in_channels": 3, "width": 4},
+        class_names=CLASSES,
+        preprocessing=Preprocessing(size=32, channels=3),
+        state_dict=other.state_dict(),
+    )
+    x, y = training_images
+    library = build_case_library(bundle, x[:6], y[:6], tmp_path / "other-library")
+    code = (
+        "from serving.launch import serve; "
+        f"serve({model_tag!r}, '127.0.0.1', 1, case_library={str(library)!r})"
+    )
+    done = run_python(code, {"BENTOML_HOME": str(bento_home), "ONCOFLOW_API_KEYS": KEY})
+    assert done.returncode != 0
+    assert "ConfigError: the case library" in done.stderr
+    assert "not with the served model" in done.stderr
 
 
 def test_serve_refuses_to_start_without_keys(tmp_path):
