@@ -114,12 +114,15 @@ def _pick(split: str, per_class: int) -> tuple[list[Path], list[int]]:
 
 def train_bundle(work: Path) -> Path:
     """A small_cnn trained for a few epochs on a small subsample of the real brain MRI data,
-    evaluated on real held-out Testing images, packaged as a model bundle (with SHAP
-    background and similar-case index) under `work`."""
+    evaluated on real held-out Testing images, packaged as a model bundle (weights and a
+    grey-level SHAP background) under `work`, with the site-local case library the service
+    answers similar cases from (`work/case-library`, built from the same images)."""
     import numpy as np
     import torch
 
+    from components.bundle import ModelBundle
     from components.bundle_builder import make_bundle
+    from components.case_library import build_case_library
     from components.data.preprocess import Preprocessing
     from components.evaluation.metrics import evaluate
     from components.evaluation.predict import predict_proba
@@ -162,19 +165,19 @@ def train_bundle(work: Path) -> Path:
     probs = predict_proba(result.model, _load(test_files, size), pre)
     metrics = evaluate(np.asarray(test_labels), probs, CLASSES)
     digest = hashlib.sha256("\n".join(str(f.relative_to(DATA)) for f in files).encode())
-    return make_bundle(
+    bundle_dir = make_bundle(
         result.model,
         architecture=architecture,
         class_names=CLASSES,
         preprocessing=pre,
-        train_x=x[~val],
-        train_y=y[~val],
         metrics=metrics,
         data_fingerprint=digest.hexdigest(),
         config={"note": "e2e test model"},
         background_size=8,
         out_dir=work / "bundle",
     )
+    build_case_library(ModelBundle.load(bundle_dir), x[~val], y[~val], work / "case-library")
+    return bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +205,8 @@ def service_url(bundle_dir, tmp_path_factory) -> Iterator[str]:
     assert done.returncode == 0, done.stderr
     tag = done.stdout.strip().splitlines()[-1]
     port = free_port()
-    env = serve_env(tag, home, base={**os.environ, **TELEMETRY_OFF})
+    library = bundle_dir.parent / "case-library"
+    env = serve_env(tag, home, base={**os.environ, **TELEMETRY_OFF}, case_library=library)
     env["ONCOFLOW_API_KEYS"] = API_KEY
     env.pop("ONCOFLOW_ALLOW_NO_AUTH", None)
     logs = tmp_path_factory.mktemp("logs")

@@ -2,7 +2,8 @@
 
 A small fusion model is trained for a few epochs on synthetic lesion images and a synthetic
 screening table (the label needs both: a lesion AND a positive HPV test), packaged with a
-SHAP background for both inputs and a similar-case index, and served by `bentoml serve`.
+SHAP background for both inputs, and served by `bentoml serve` with a site-local case library
+of image + record cases embedded by the served model.
 Every image endpoint then requires a clinical record checked against the bundle's schema.
 """
 
@@ -97,9 +98,6 @@ def bundle_dir(tmp_path_factory, data):
                 F.cross_entropy(logits, y[start : start + 16]).backward()
                 optimiser.step()
         model.eval()
-        with torch.no_grad():
-            features = model.embed(x_img, x_tab).numpy()
-        thumbnails = F.interpolate(torch.from_numpy(images).float(), size=(48, 48), mode="area")
         bundle = ModelBundle(
             architecture="fusion",
             architecture_kwargs=kwargs,  # the schema comes from bundle.tabular_schema
@@ -110,11 +108,6 @@ def bundle_dir(tmp_path_factory, data):
             data_fingerprint="e" * 64,
             tabular_schema=SCHEMA,
             background=fusion_background(x_img[:8], x_tab[:8]),
-            embeddings={
-                "features": features.astype(np.float32),
-                "labels": labels,
-                "thumbnails": thumbnails.round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
-            },
         )
         return bundle.save(tmp_path_factory.mktemp("fusion") / "bundle")
     finally:
@@ -122,8 +115,22 @@ def bundle_dir(tmp_path_factory, data):
 
 
 @pytest.fixture(scope="module")
-def server(serve_bundle, bundle_dir, tmp_path_factory):
+def case_library(bundle_dir, data, tmp_path_factory):
+    """The site's own cases (image + clinical record), embedded by the served fusion model."""
+    from components.bundle import ModelBundle
+    from components.case_library import build_case_library
+    from components.models.tabular import encode_table
+
+    images, rows, labels = data
+    bundle = ModelBundle.load(bundle_dir)
+    out = tmp_path_factory.mktemp("case-library")
+    return build_case_library(bundle, images, labels, out, records=encode_table(rows, SCHEMA))
+
+
+@pytest.fixture(scope="module")
+def server(serve_bundle, bundle_dir, case_library, tmp_path_factory):
     env = {
+        "ONCOFLOW_CASE_LIBRARY": str(case_library),
         "ONCOFLOW_API_KEYS": KEY,
         "ONCOFLOW_TORCH_THREADS": "1",
         "ONCOFLOW_CHAT": "0",  # this module checks the multimodal endpoints
@@ -218,6 +225,7 @@ def test_similar_and_report_with_a_record(client, data):
     images, _, labels = data
     found = client.similar(png_of(images[5]), clinical=RECORD, k=3)
     assert len(found.neighbours) == 3 and found.index_size == len(labels)
+    assert found.source == "site-local case library"
     pdf = client.report(png_of(images[5]), clinical=RECORD)
     pages = PdfReader(io.BytesIO(pdf)).pages
     text = " ".join(" ".join(page.extract_text() for page in pages).split())
