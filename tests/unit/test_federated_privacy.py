@@ -15,7 +15,7 @@ from tiny_config import tiny_cfg
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
 from components.errors import ConfigError
-from components.federated.checkpoint import CHECKPOINT_DIR
+from components.federated.checkpoint import CHECKPOINT_DIR, read_ledger
 from components.federated.engines import run_prepared
 from components.federated.layout import prepare_federation
 from components.privacy.dp import steps_per_epoch
@@ -93,6 +93,11 @@ def test_site_dp_sgd_epsilon_matches_opacus_and_grows_every_round(data, tmp_path
             assert site["dp_epsilon"] == pytest.approx(opacus_epsilon(1.0, q, steps), rel=1e-9)
         ledger = json.loads((layout.sites[name] / SITE_LEDGER).read_text())
         assert ledger["rounds"] == [1, 2, 3]  # kept on the site's own disk
+
+    # each round's ledger line carries every site's ε as that round ended (what MLflow gets)
+    for row in read_ledger(layout.out_dir / "ledger.jsonl"):
+        spent = {name: row["sites"][name]["dp_epsilon"] for name in sizes}
+        assert row["privacy"]["site_epsilon"] == spent
 
     report = json.loads((layout.out_dir / "result.json").read_text())["privacy"]
     assert report["mode"] == "dp_sgd" and report["epsilon"] == pytest.approx(worst[-1])
