@@ -10,6 +10,7 @@ import sys
 from flows.case_library_commands import add_case_library_parser, run_case_library
 from flows.fl_commands import add_fl_parser, run_fl
 from flows.prefect_commands import add_prefect_parser, run_prefect
+from flows.site_commands import add_site_parser, run_site
 
 EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     add_prefect_parser(sub)
 
     add_fl_parser(sub)
+
+    add_site_parser(sub)
 
     ui = sub.add_parser("ui", help="the clinician web UI (Gradio) on top of the service")
     ui.add_argument("--host", default="127.0.0.1")
@@ -129,6 +132,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_prefect(args)
     if args.command == "fl":
         return run_fl(args)
+    if args.command == "site":
+        return run_site(args)
     if args.command == "ui":
         from ui.__main__ import main as ui_main
 

@@ -47,6 +47,19 @@ def add_fl_parser(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--root-cert")
     submit.add_argument("--insecure", action="store_true")
     submit.add_argument("--no-wait", action="store_true")
+    local = fl_sub.add_parser(
+        "local", help="a real federation on this machine from per-hospital folders (TLS)"
+    )
+    local.add_argument(
+        "--site",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a hospital and its image folder (repeat, at least two)",
+    )
+    local.add_argument("--root", default=None, help="default: <workspace>/local-federation")
+    local.add_argument("--max-epsilon", type=float, default=None, help="every site's maximum ε")
+    local.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=3")
     status = fl_sub.add_parser(
         "status", help="a run's state, rounds and each site's last status, from the coordinator"
     )
@@ -56,6 +69,8 @@ def add_fl_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_fl(args: argparse.Namespace) -> int:
     """Run the parsed `oncoflow fl` command; return the exit code."""
+    if args.fl_command == "local":
+        return _local(args)
     if args.fl_command == "status":
         return _status(args.root, as_json=args.json)
     if args.fl_command == "prepare":
@@ -112,6 +127,20 @@ def _status(root: str, *, as_json: bool) -> int:
     else:
         print(format_status(status))
     return 0 if status.ok else 1
+
+
+def _local(args: argparse.Namespace) -> int:
+    from flows.runtime import prepare
+
+    workspace = prepare(["training=federated", *args.overrides])
+    from flows.federated_local import parse_sites, run_local_federation
+
+    root = args.root or workspace.root / "local-federation"
+    sites = parse_sites(args.site)
+    _print_json(
+        run_local_federation(sites, list(args.overrides), root, max_epsilon=args.max_epsilon)
+    )
+    return 0
 
 
 def _print_json(summary: dict) -> None:

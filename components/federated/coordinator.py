@@ -150,6 +150,7 @@ class FederationConnection:
     def _run_superlink(self, layout: FederationLayout, phase: str) -> None:
         from components.federated.deployment import (
             APP_DIR_NAME,
+            run_budget,
             submit_run,
             wait_for_run,
             write_app,
@@ -159,9 +160,7 @@ class FederationConnection:
         run_id = submit_run(app, self.flwr_home, run_config={"phase": phase})
         s = layout.settings
         budget = self.timeout or (
-            s.connect_timeout + (s.rounds + 2) * 2 * s.round_timeout + 120
-            if phase == "federate"
-            else s.connect_timeout + s.round_timeout + 120
+            run_budget(s) if phase == "federate" else s.connect_timeout + s.round_timeout + 120
         )
         log.info("federated %s run %d submitted", phase, run_id)
         try:
@@ -172,8 +171,32 @@ class FederationConnection:
                 raise
 
 
+def connect(
+    layout: FederationLayout,
+    *,
+    superlink: str | None = None,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    flwr_home: str | Path | None = None,
+    site_dirs: Mapping[str, str | Path] | None = None,
+) -> FederationConnection:
+    """The connection a coordinator flow uses: an existing `flwr_home` (a local deployment),
+    a SuperLink address with the federation's CA, or (engine=inline, tests) site dirs."""
+    if flwr_home is not None:
+        return FederationConnection(flwr_home=Path(flwr_home))
+    if superlink is not None:
+        return FederationConnection.superlink(layout.root, superlink, root_cert, insecure)
+    if site_dirs and layout.settings.engine == "inline":
+        return FederationConnection(inline_sites={n: Path(d) for n, d in site_dirs.items()})
+    raise ConfigError(
+        "the coordinator needs the SuperLink's address (--superlink HOST:PORT --root-cert "
+        "ca.crt), or federation.engine=inline with site directories on this machine"
+    )
+
+
 __all__ = [
     "FederationConnection",
+    "connect",
     "coordinator_layout",
     "federated_test_fingerprint",
     "request_path",

@@ -182,6 +182,7 @@ clientapp = "{CLIENT_APP}"
 
 [tool.flwr.app.config]
 spec-file = {spec}
+phase = "federate"
 """
     )
     return app
@@ -239,9 +240,19 @@ def _json_tail(text: str) -> dict[str, Any]:
     return json.loads(text[start:])
 
 
-def submit_run(app_dir: str | Path, flwr_home: str | Path, *, connection: str = CONNECTION) -> int:
-    """`flwr run <app_dir> <connection>`; returns the run id."""
-    out = _flwr(["run", str(app_dir), connection, "--format", "json"], flwr_home)
+def submit_run(
+    app_dir: str | Path,
+    flwr_home: str | Path,
+    *,
+    connection: str = CONNECTION,
+    run_config: dict[str, str] | None = None,
+) -> int:
+    """`flwr run <app_dir> <connection>` (string `run_config` values override the app's run
+    config, e.g. {"phase": "preflight"}); returns the run id."""
+    extra = [f"{k}={json.dumps(str(v))}" for k, v in (run_config or {}).items()]
+    args = ["run", str(app_dir), connection, "--format", "json"]
+    args += [a for item in extra for a in ("--run-config", item)]
+    out = _flwr(args, flwr_home)
     data = _json_tail(out)
     if not data.get("success") or not data.get("run-id"):
         raise ModelError(f"the SuperLink did not start the run: {data}")

@@ -31,6 +31,7 @@ from components.federated.checkpoint import (
     write_ledger,
 )
 from components.federated.hygiene import Rejection, screen_updates
+from components.federated.preflight import ApprovedGrid, Preflight, run_preflight
 from components.federated.protocol import SPEC_KEY, accepted_row, exchange, site_of
 from components.federated.reasons import classify, site_error
 from components.federated.runspec import RunSpec
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 FINAL_WEIGHTS = "final_model.npz"
 SPEC_FILE_KEY = "spec-file"  # run-config key of the deployment ServerApp
+PHASE_KEY = "phase"  # run-config key: "preflight" (ask the sites only) | "federate" (default)
 
 
 def await_sites(grid: Grid, expected: int, minimum: int, timeout: float) -> int:
@@ -115,12 +117,15 @@ class _TestSet:
         from components.federated.task import read_split
 
         self.spec = spec
-        self.x, self.y = read_split(Path(spec.test_path))
+        self.held = bool(spec.test_path)  # a real federation's coordinator may hold none
+        self.x, self.y = read_split(Path(spec.test_path)) if self.held else (None, None)
         self.model = spec.model.build()
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         from components.federated.task import evaluate_model, load_arrays
 
+        if not self.held:
+            return {}
         load_arrays(self.model, arrays)
         return evaluate_model(self.model, self.x, self.y, self.spec.model)
 
@@ -367,6 +372,9 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         arrays, history, rejected, node_sites, first = _initial_arrays(spec), [], [], {}, 1
     resumed_from = first - 1
     write_ledger(out / LEDGER, _ledger_rows(history))  # no stale rounds of an earlier run
+    preflight = _preflight(grid, spec, node_sites)  # refusing sites never train
+    preflight.raise_unless_ok()
+    grid, approved = ApprovedGrid(grid, preflight.nodes), len(preflight.nodes)
 
     for server_round in range(first, settings.rounds + 1):
         privacy.stopped = privacy.stopped or privacy.stop_reason(server_round)
@@ -377,7 +385,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         note_round_progress(out, server_round, "training", [])
         await_sites(
             grid,
-            expected=len(spec.sites) if server_round == first else settings.min_available_sites,
+            expected=approved if server_round == first else settings.min_available_sites,
             minimum=settings.min_available_sites,
             timeout=settings.connect_timeout,
         )
@@ -443,6 +451,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         write_ledger(out / LEDGER, _ledger_rows(history))
 
     final_metrics = test.evaluate(arrays)
+    site_evaluation = final_evaluation(grid, spec, arrays, node_sites) if spec.site_test else None
     result = {
         "status": "stopped: " + privacy.stopped if privacy.stopped else "completed",
         "rounds": settings.rounds,
@@ -454,11 +463,84 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         "history": history,
         "rejected": rejected,
         "test_metrics": final_metrics,
+        "preflight": preflight.to_dict(),
+        "federated_evaluation": site_evaluation,
         "wall_seconds": time.perf_counter() - started,
         "checkpoint_dir": str(store.directory),
     }
     _write_result(spec, arrays, result)
     return result
+
+
+def final_evaluation(
+    grid: Grid, spec: RunSpec, arrays: dict[str, np.ndarray], node_sites: dict[int, str]
+) -> dict[str, Any]:
+    """Each site scores the final global model on its own held-out test split and returns
+    counts only; returns per-site and pooled metrics (`site_metrics.pool`) and the sites that
+    did not answer, with a sanitised reason."""
+    from flwr.app import MessageType, RecordDict
+
+    from components.federated.protocol import FINAL_KEY, ROUND_KEY
+    from components.federated.reasons import site_error
+    from components.federated.site_metrics import pool
+    from components.federated.task import to_record
+
+    k = spec.model.num_classes
+    config = ConfigRecord(
+        {SPEC_KEY: spec.client_spec.to_json(), ROUND_KEY: spec.settings.rounds, FINAL_KEY: True}
+    )
+    messages = [
+        Message(
+            content=RecordDict({"arrays": to_record(arrays), "config": config}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in grid.get_node_ids()
+    ]
+    pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
+    summaries: dict[str, dict[str, Any]] = {}
+    missing = {site_of(n, None, node_sites): "no reply within round_timeout" for n in silent}
+    for node, reply in pairs:
+        site = site_of(node, reply, node_sites)
+        if reply.has_error():
+            missing[site] = site_error(reply.error.reason).text
+            continue
+        m = dict(reply.content.metric_records["metrics"])
+        auroc = float(m["macro-auroc"])
+        summaries[site] = {
+            "n": int(m["num-examples"]),
+            "confusion_matrix": np.asarray(m["confusion-matrix"], dtype=np.int64).reshape(k, k),
+            "ece_count": list(m["ece-count"]),
+            "ece_correct": list(m["ece-correct"]),
+            "ece_confidence": list(m["ece-confidence"]),
+            "macro_auroc": None if auroc < 0 else auroc,
+        }
+    pooled = pool(summaries, spec.model.class_names)
+    pooled["missing"] = missing
+    pooled["sizes"] = {site: s["n"] for site, s in summaries.items()}
+    log.info(
+        "federated evaluation on %d site(s): pooled macro-F1 %s",
+        len(summaries),
+        pooled["pooled"].get("macro_f1"),
+    )
+    return pooled
+
+
+def _preflight(grid: Grid, spec: RunSpec, node_sites: dict[int, str]) -> Preflight:
+    """Wait for the sites (as the first round would), ask them, write preflight.json."""
+    settings = spec.settings
+    try:
+        await_sites(grid, len(spec.sites), settings.min_available_sites, settings.connect_timeout)
+    except DataError as exc:  # the preflight names every site that is missing
+        log.warning("preflight: %s", exc)
+    preflight = run_preflight(grid, spec, node_sites)
+    preflight.save(spec.out_dir)
+    return preflight
+
+
+def run_preflight_only(grid: Grid, spec: RunSpec) -> dict[str, Any]:
+    """The preflight phase of a deployment run: ask the sites, write preflight.json."""
+    return _preflight(grid, spec, {}).to_dict()
 
 
 def build_server_app(spec: RunSpec) -> ServerApp:
@@ -483,15 +565,22 @@ def main(grid: Grid, context: Context) -> None:
     spec_file = context.run_config.get(SPEC_FILE_KEY)
     if not spec_file:
         raise ConfigError(f"the run config has no {SPEC_FILE_KEY!r}; submit with submit_run()")
-    run_federation(grid, RunSpec.load(str(spec_file)))
+    spec = RunSpec.load(str(spec_file))
+    if str(context.run_config.get(PHASE_KEY, "federate")) == "preflight":
+        run_preflight_only(grid, spec)
+    else:
+        run_federation(grid, spec)
 
 
 __all__ = [
     "FINAL_WEIGHTS",
+    "PHASE_KEY",
     "RESULT_FILE",
     "app",
     "await_sites",
     "build_server_app",
+    "final_evaluation",
     "roll_call",
     "run_federation",
+    "run_preflight_only",
 ]

@@ -1,0 +1,103 @@
+"""Write N per-hospital image folders from one dataset, as hospitals would hold them.
+
+    python bench/make_hospital_folders.py SOURCE OUT --hospitals 5 --alpha 0.5 [--seed 0]
+    python bench/make_hospital_folders.py --synthetic 40 OUT --hospitals 3
+
+SOURCE is a folder of `<class>/<image>` (a `train/`/`test/` level is flattened: a hospital
+holds one pile of labelled images and splits it itself). Each class is shared among the
+hospitals with Dirichlet(α) proportions (label skew; `federation.partition=dirichlet` does the
+same for the simulation), every hospital keeping at least `--min-per-class` images of each
+class it holds. Files are copied to `OUT/hospital-<i>/<class>/` under their own names; then
+
+    oncoflow fl local --site hospital-1=OUT/hospital-1 --site hospital-2=OUT/hospital-2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
+
+
+def labelled_images(source: Path) -> dict[str, list[Path]]:
+    """{class: [files]} from `<class>/<file>` or `<split>/<class>/<file>`."""
+    by_class: dict[str, list[Path]] = {}
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            by_class.setdefault(path.parent.name, []).append(path)
+    return by_class
+
+
+def dirichlet_shares(
+    by_class: dict[str, list[Path]], hospitals: int, alpha: float, seed: int, min_per_class: int
+) -> list[dict[str, list[Path]]]:
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, list[Path]]] = [{} for _ in range(hospitals)]
+    for label, files in sorted(by_class.items()):
+        order = rng.permutation(len(files))
+        floor = min(min_per_class, len(files) // hospitals)
+        rest = len(files) - floor * hospitals
+        counts = np.floor(rng.dirichlet([alpha] * hospitals) * rest).astype(int)
+        counts[: rest - counts.sum()] += 1  # hand out the rounding remainder
+        counts += floor
+        start = 0
+        for h, n in enumerate(counts):
+            if n:
+                out[h][label] = [files[i] for i in order[start : start + n]]
+            start += n
+    return out
+
+
+def write_hospitals(shares: list[dict[str, list[Path]]], out: Path) -> dict[str, dict[str, int]]:
+    report = {}
+    for h, share in enumerate(shares, start=1):
+        name = f"hospital-{h}"
+        for label, files in share.items():
+            folder = out / name / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in files:
+                shutil.copy2(path, folder / path.name)
+        report[name] = {label: len(files) for label, files in sorted(share.items())}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", nargs="?", help="dataset folder (<class>/<image>)")
+    parser.add_argument("out")
+    parser.add_argument("--synthetic", type=int, default=None, help="n per class, no SOURCE")
+    parser.add_argument("--hospitals", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-per-class", type=int, default=4)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.synthetic:
+        sys.path.insert(0, str(ROOT))
+        from components.data.synthetic import write_synthetic_folder
+
+        source = out / "_source"
+        write_synthetic_folder(source, n_per_class=args.synthetic, seed=args.seed)
+    elif args.source:
+        source = Path(args.source)
+    else:
+        parser.error("give SOURCE or --synthetic N")
+    shares = dirichlet_shares(
+        labelled_images(source), args.hospitals, args.alpha, args.seed, args.min_per_class
+    )
+    report = write_hospitals(shares, out)
+    if args.synthetic:
+        shutil.rmtree(source)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""`federated_pipeline`: the coordinator's flow of a real federation (no site data here).
+
+run spec from the config (+ the approval request for the sites) → preflight through the
+SuperLink (which sites are up, approved, their statistics; refuse below
+`federation.min_available_sites` with the reason per site) → the Flower run → federated
+evaluation (each site scores the final model on its own test split; per-site and pooled
+metrics) → bundle → MLflow (site statistics, per-site and pooled metrics, privacy report) and
+the champion gate on the pooled metric → BentoML packaging.
+
+The sites are reached through a SuperLink (`superlink` + `root_cert`, or the `flwr_home` of a
+`LocalDeployment`), or, in tests, on the inline engine over `site_dirs`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+from flows.hooks import record_failure
+from flows.tasks import (
+    RunContext,
+    TrainedModel,
+    bundle_task,
+    package_task,
+    register_task,
+)
+
+
+@task(name="federation-spec")
+def spec_task(ctx: RunContext, sites: list[str], site_dirs: dict[str, str] | None):
+    from components.federated.coordinator import coordinator_layout
+
+    layout = coordinator_layout(ctx.cfg, sites, ctx.run_dir / "federation", site_dirs=site_dirs)
+    get_run_logger().info(
+        "run spec for %d sites written; sites approve %s",
+        len(sites),
+        layout.root / "server" / "site_request.json",
+    )
+    return layout
+
+
+@task(name="preflight")
+def preflight_task(ctx: RunContext, layout, connection) -> dict[str, Any]:
+    from components.federated.preflight import FederationRefused, read_preflight
+
+    connection.run(layout, "preflight")
+    report = read_preflight(layout.out_dir)
+    if report is None:
+        raise FederationRefused("the preflight left no report; see the SuperLink's log")
+    artifacts.write_json(ctx.run_dir / "preflight.json", report)
+    artifacts.markdown("preflight", _preflight_markdown(report))
+    get_run_logger().info("preflight: %s", report["reason"])
+    if not report["ok"]:
+        raise FederationRefused(f"the federated run does not start: {report['reason']}")
+    return report
+
+
+def _preflight_markdown(report: dict[str, Any]) -> str:
+    rows = ["| site | status | reason | images (train/val/test) |", "|---|---|---|---|"]
+    for site, row in sorted(report["sites"].items()):
+        sizes = (row.get("stats") or {}).get("num_images") or {}
+        shown = "/".join(str(sizes.get(s, "-")) for s in ("train", "val", "test"))
+        rows.append(f"| {site} | {row['status']} | {row['reason']} | {shown} |")
+    return f"# Preflight\n\n{report['reason']}\n\n" + "\n".join(rows)
+
+
+@task(name="federated-training")
+def federate_task(ctx: RunContext, layout, connection) -> TrainedModel:
+    import json
+
+    from components.federated.preflight import FederationRefused, read_preflight
+    from components.federated.result import load_result
+    from components.federated.server_app import RESULT_FILE
+
+    connection.run(layout, "federate")
+    report = read_preflight(layout.out_dir)
+    if report is not None and not report["ok"]:
+        raise FederationRefused(f"the federated run did not start: {report['reason']}")
+    result = load_result(layout)
+    raw = json.loads((Path(layout.out_dir) / RESULT_FILE).read_text())
+    summary = result.summary() | {
+        "preflight": raw.get("preflight"),
+        "federated_evaluation": raw.get("federated_evaluation"),
+    }
+    get_run_logger().info("federated run %s after %d round(s)", result.status, len(result.history))
+    return TrainedModel(
+        model=result.model,
+        history=result.mlflow_history(),
+        epochs_run=len(result.history),
+        architecture=result.architecture,
+        privacy=result.privacy,
+        federation=summary,
+    )
+
+
+@task(name="federated-evaluation")
+def federated_evaluation_task(ctx: RunContext, trained: TrainedModel) -> dict[str, Any]:
+    """The pooled and per-site metrics of the sites' test splits (confusion matrix figure,
+    test_metrics.json, a metrics artifact)."""
+    from components.evaluation.plots import confusion_matrix_png
+
+    metrics = federated_metrics(trained)
+    confusion_matrix_png(
+        metrics["confusion_matrix"], ctx.class_names, ctx.run_dir / "confusion.png"
+    )
+    artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
+    artifacts.metrics_table("federated-test-metrics", metrics)
+    get_run_logger().info(
+        "federated evaluation: pooled macro-F1 %s over %d site(s)",
+        metrics.get("macro_f1"),
+        len(trained.federation["federated_evaluation"]["sites"]),
+    )
+    return metrics
+
+
+def federated_metrics(trained: TrainedModel) -> dict[str, Any]:
+    """The pooled federated metrics (what the gate compares) plus per-site headline metrics."""
+    evaluation = (trained.federation or {}).get("federated_evaluation") or {}
+    pooled = dict(evaluation.get("pooled") or {})
+    if not pooled:
+        raise ValueError("the federated evaluation returned no metrics from any site")
+    for site, metrics in (evaluation.get("sites") or {}).items():
+        for key in ("macro_f1", "macro_auroc", "accuracy", "ece"):
+            if metrics.get(key) is not None:
+                pooled[f"site.{site}.{key}"] = metrics[key]
+    return pooled
+
+
+@flow(name="federated_pipeline", on_failure=[record_failure], on_crashed=[record_failure])
+def federated_pipeline(
+    overrides: list[str] | None = None,
+    sites: list[str] | None = None,
+    superlink: str | None = None,
+    root_cert: str | None = None,
+    flwr_home: str | None = None,
+    site_dirs: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Coordinate one federated run over `sites` (names); returns a JSON-safe summary."""
+    from components.federated.coordinator import connect, federated_test_fingerprint
+
+    started = time.perf_counter()
+    ctx = RunContext.create(["training=federated", *(overrides or [])], "-federated")
+    names = list(sites or (site_dirs or {}).keys())
+    layout = spec_task(ctx, names, site_dirs)
+    connection = connect(
+        layout, superlink=superlink, root_cert=root_cert, flwr_home=flwr_home, site_dirs=site_dirs
+    )
+    preflight = preflight_task(ctx, layout, connection)
+    trained = federate_task(ctx, layout, connection)
+    metrics = federated_evaluation_task(ctx, trained)
+    stats = {s: row.get("stats") for s, row in preflight["sites"].items()}
+    test_fp = federated_test_fingerprint({s: stats[s] for s in preflight["approved"]})
+    fingerprints = {"data": layout.spec.fingerprint(), "test": test_fp}
+    bundle_dir = bundle_task(ctx, trained, _NO_TRAINING_IMAGES, metrics, fingerprints["data"])
+    reports = {
+        "site_statistics": stats,
+        "preflight": preflight,
+        "federated_evaluation": trained.federation["federated_evaluation"],
+    }
+    if trained.privacy:
+        reports["privacy"] = trained.privacy
+    registration = register_task(ctx, bundle_dir, metrics, trained.history, reports, fingerprints)
+    decision = registration.decision
+    packaged = None
+    if decision.promote:
+        packaged = package_task(
+            ctx, bundle_dir, decision.version, ctx.cfg["package"]["build_bento"]
+        )
+    summary = {
+        "sites": names,
+        "approved": preflight["approved"],
+        "preflight": preflight["reason"],
+        "pooled_metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict | list)},
+        "rounds": trained.epochs_run,
+        "privacy": trained.privacy,
+        "mlflow_run_id": registration.run_id,
+        "model_version": decision.version,
+        "champion": decision.promote,
+        "gate_reason": decision.reason,
+        "bento_model": packaged.bento_model if packaged else None,
+        "bento": packaged.bento if packaged else None,
+        "run_dir": str(ctx.run_dir),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    artifacts.write_json(ctx.run_dir / "summary.json", summary)
+    return summary
+
+
+class _NoTrainingImages:
+    """The coordinator holds no training images: the bundle gets none (`bundle_task`)."""
+
+    x = None
+    y = None
+
+
+_NO_TRAINING_IMAGES = _NoTrainingImages()
+
+
+__all__ = ["federated_metrics", "federated_pipeline"]
