@@ -79,13 +79,31 @@ def make_bundle(
         metrics=metrics,
         privacy=privacy,
         data_fingerprint=data_fingerprint,
-        config=config,
+        config=shareable_config(config),
         tabular_schema=tabular_schema,
         background=background,
         embeddings=embeddings,
         background_source=source,
     )
     return bundle.save(out_dir)
+
+
+# Keys of the run config that name this machine's files or services: a bundle leaves the site.
+_LOCAL_KEYS = (("paths",), ("dataset", "root"), ("registry", "tracking_uri"))
+
+
+def shareable_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The run config without local paths or service addresses (which may hold credentials)."""
+    import copy
+
+    out = copy.deepcopy(dict(config or {}))
+    for path in _LOCAL_KEYS:
+        parent = out
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return out
 
 
 def _check_training_images_allowed(config, privacy, train_x, train_y) -> None:

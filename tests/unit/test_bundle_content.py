@@ -127,6 +127,9 @@ def test_federated_and_dp_bundles_hold_no_training_pixels(run, train, tmp_path):
         "normalised float32": 0,
     }
     meta = json.loads((out / "bundle.json").read_text())
+    text = (out / "bundle.json").read_text()
+    assert cfg["paths"]["workspace"] not in text and cfg["dataset"]["root"] not in text
+    assert "paths" not in meta["config"] and "root" not in meta["config"]["dataset"]
     assert meta["contents"] == {
         "weights": True,
         "background": BACKGROUND_BASELINES,
