@@ -216,14 +216,19 @@ class LiveMlflow:
     def on_progress(self, current: dict[str, Any]) -> None:
         self.client.set_tags(self.run_id, progress_tags(current))
 
-    def finish(self, out_dir: str | Path) -> str:
-        """Tag the run with the federation's final state (and why, if it did not complete)."""
+    def finish(self, out_dir: str | Path, *, failed: bool = False) -> str:
+        """Tag the run with the federation's final state (and why, if it did not complete);
+        with `failed` (the federation raised), the state is `failed` whatever was recorded."""
+        if not Path(out_dir).exists():  # it failed before the round driver started
+            self.client.set_tags(self.run_id, {TAG_STATUS: "failed"})
+            return "failed"
         status = read_status(out_dir)
-        tags = {TAG_STATUS: status.state, TAG_ROUNDS_DONE: str(status.rounds_done)}
+        state = "failed" if failed and status.state != "stalled" else status.state
+        tags = {TAG_STATUS: state, TAG_ROUNDS_DONE: str(status.rounds_done)}
         if status.reason:
             tags[TAG_REASON] = f"{status.reason['category']}: {status.reason['message']}"
         self.client.set_tags(self.run_id, tags)
-        return status.state
+        return state
 
 
 @contextlib.contextmanager
@@ -241,7 +246,8 @@ def live_federation(
     except BaseException:
         watcher.stop()
         with contextlib.suppress(Exception):
-            live.finish(out_dir)
+            live.finish(out_dir, failed=True)
+        with contextlib.suppress(Exception):
             client.end_run(run_id, "FAILED")
         raise
     watcher.stop()
@@ -250,6 +256,8 @@ def live_federation(
 
 def failure_reason(out_dir: str | Path) -> str | None:
     """The sanitised reason the round driver recorded for a failed run, or None."""
+    if not Path(out_dir).exists():
+        return None
     status = read_status(out_dir)
     if status.state in ("failed", "stalled") and status.reason:
         return f"{status.reason['category']}: {status.reason['message']}"

@@ -288,6 +288,9 @@ def read_status(root: str | Path, now: float | None = None) -> FederationStatus:
                 epsilon if epsilon is not None else (previous.epsilon if previous else None),
             )
     current = state_file.get("current") if state in (RUNNING, STALLED) else None
+    last_round = max((int(r["round"]) for r in rows), default=0)
+    if current and int(current.get("round", 0)) <= last_round:
+        current = None  # that round has ended: the ledger has it
     for failure in (current or {}).get("failures", []):
         known = sites.setdefault(failure["site"], SiteStatus(failure["site"]))
         known.round, known.status = int(current["round"]), str(failure["status"])

@@ -175,6 +175,50 @@ def test_a_failing_site_shows_with_a_sanitised_reason(data, tmp_path, registry, 
         assert "patient-0042" not in text and "hospital-3" not in text
 
 
+def test_a_silent_site_shows_before_its_round_ends(data, tmp_path, registry, capsys):
+    layout, cfg = prepare(data, tmp_path / "fed", rounds=2, min_fit_sites=2, round_timeout=5)
+    run_id = registry.start_training_run("silent-site", cfg)
+    grid = inline_grid(layout)
+    original = grid.send_and_receive
+    during: dict[str, object] = {}
+
+    def send_and_receive(messages, *, timeout=None):
+        messages = list(messages)
+        kind, current = messages[0].metadata.message_type, message_round(messages[0])
+        if kind == "train" and current == 2:  # site-3 (node 3) never answers round 2
+            messages = [m for m in messages if m.metadata.dst_node_id != 3]
+        if kind == "evaluate" and current == 2:  # round 2 is still running
+            during["asked"] = sorted(m.metadata.dst_node_id for m in messages)
+            deadline, tags = time.monotonic() + 30, {}
+            while time.monotonic() < deadline:
+                tags = registry.client.get_run(run_id).data.tags
+                if tags.get("federation.failed_sites") == "site-3":
+                    break
+                time.sleep(0.1)
+            during["tags"] = tags
+            during["status"] = status_output(capsys, layout.root, "--json")
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+    with live_federation(registry, run_id, layout.out_dir, artifacts=False, poll_s=0.2):
+        run_federation(grid, layout.spec)
+
+    assert during["asked"] == [1, 2]  # a site that missed training is not asked to evaluate
+    timeout = {"category": "timeout", "message": "no reply within round_timeout=5s"}
+    assert during["tags"]["federation.failed_sites"] == "site-3"
+    assert during["tags"]["federation.site.site-3"] == (
+        "failed (timeout: no reply within round_timeout=5s)"
+    )
+    code, out = during["status"]
+    live = json.loads(out)
+    assert code == 0 and live["state"] == "running" and live["rounds_done"] == 1
+    assert live["current"]["round"] == 2 and live["current"]["phase"] == "evaluating"
+    site3 = next(s for s in live["sites"] if s["site"] == "site-3")
+    assert (site3["round"], site3["status"], site3["category"]) == (2, "failed", "timeout")
+    second = read_ledger(layout.out_dir / "ledger.jsonl")[1]
+    assert second["failures"] == [{"site": "site-3", "status": "failed", **timeout}]
+
+
 def test_a_failed_run_is_reported_by_fl_status_and_ends_the_mlflow_run(
     data, tmp_path, registry, capsys
 ):
