@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from components.errors import DataError
 from flows import artifacts
 from flows.hooks import record_failure
 from flows.tasks import (
@@ -122,7 +123,8 @@ def federated_metrics(trained: TrainedModel) -> dict[str, Any]:
     evaluation = (trained.federation or {}).get("federated_evaluation") or {}
     pooled = dict(evaluation.get("pooled") or {})
     if not pooled:
-        raise ValueError("the federated evaluation returned no metrics from any site")
+        why = "; ".join(f"{s}: {r}" for s, r in sorted((evaluation.get("missing") or {}).items()))
+        raise DataError(f"the federated evaluation returned no metrics from any site ({why})")
     for site, metrics in (evaluation.get("sites") or {}).items():
         for key in ("macro_f1", "macro_auroc", "accuracy", "ece"):
             if metrics.get(key) is not None:

@@ -28,7 +28,8 @@ K8S = DEPLOY / "k8s"
 POOLS = DEPLOY / "prefect" / "work-pools"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 K8S_VERSION = "1.32.0"
-TRAINING = ("nightly-central", "weekly-federated")
+TRAINING = ("nightly-central", "weekly-federated", "federated-coordinator")
+SITE_DEPLOYMENTS = ("site-prepare",)  # on each hospital's own pool
 
 
 def _yaml_docs(path: Path) -> list[dict]:
@@ -71,6 +72,8 @@ def test_prefect_yaml_validates_against_prefects_own_models(prefect_yaml):
         "weekly-federated",
         "validate-data",
         "promote-and-package",
+        "site-prepare",
+        "federated-coordinator",
     ]
     assert model.pull == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ONCOFLOW_ROOT }}"}}
@@ -85,6 +88,8 @@ def test_entrypoints_load_flows_that_take_hydra_overrides(deployments):
         "weekly-federated": "train_pipeline",
         "validate-data": "validate_data",
         "promote-and-package": "promote_and_package",
+        "site-prepare": "site_pipeline",
+        "federated-coordinator": "federated_pipeline",
     }
     for name, d in deployments.items():
         path, func = d["entrypoint"].split(":")
@@ -168,8 +173,11 @@ def test_training_deployments_are_limited_to_one_concurrent_run(deployments):
         d = deployments[name]
         assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
         assert d["work_pool"]["work_queue_name"] == TRAINING_QUEUE
-    for d in deployments.values():
-        assert d["work_pool"]["name"] == POOL
+    for name, d in deployments.items():
+        if name in SITE_DEPLOYMENTS:  # each hospital's own pool, its worker outbound only
+            assert d["work_pool"]["name"] == "oncoflow-site-{{ $ONCOFLOW_SITE }}"
+        else:
+            assert d["work_pool"]["name"] == POOL
 
 
 def test_run_environment_is_the_quiet_runtime_environment(deployments):
