@@ -186,6 +186,32 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
     assert summary["federation"]["status"] == "completed"
     assert summary["model_version"] == "3"
     assert (Path(summary["run_dir"]) / "site_report.json").exists()
+    # the rounds reached MLflow as they ended, in the run that was then registered
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{env['ONCOFLOW_WORKSPACE']}/mlflow.db")
+    history = client.get_metric_history(summary["mlflow_run_id"], "server.macro_f1")
+    stamps = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    assert stamps[0] < stamps[1]  # each round's own end time
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["federation.status"] == "completed"
+    assert "privacy.site_epsilon.site-1" in run.data.metrics
+    status = subprocess.run(
+        [*ONCOFLOW, "fl", "status", summary["run_dir"], "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    report = json.loads(status.stdout)
+    assert report["state"] == "completed" and report["rounds_done"] == 2
+    assert {s["site"]: s["status"] for s in report["sites"]} == dict.fromkeys(
+        ("site-1", "site-2", "site-3"), "accepted"
+    )
+    assert all(0 < s["epsilon"] <= 8.0 for s in report["sites"])
     privacy = summary["privacy"]
     assert privacy["mode"] == "dp_sgd" and privacy["level"].startswith("sample")
     assert len(privacy["per_site"]) == 3
