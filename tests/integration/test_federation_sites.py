@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~4 min on a busy 2-core machine
 ROOT = Path(__file__).resolve().parents[2]
 
 
