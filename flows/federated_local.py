@@ -4,6 +4,8 @@ For each `--site NAME=DIR`: the `site_pipeline` flow prepares `<root>/sites/NAME
 the coordinator's run spec is written and every site approves it explicitly (what was approved
 is printed); a SuperLink and one SuperNode per site start as local processes with TLS
 (`LocalDeployment`); then the coordinator's `federated_pipeline` runs through that SuperLink.
+With `federation.engine=inline` the same ClientApp and ServerApp run in this process instead
+(a quick try, and the default test suite's path).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def run_local_federation(
                 }
             )
         )
+    if cfg["federation"]["engine"] == "inline":  # the same apps in this process (quick tries)
+        return federated_pipeline(overrides, sites=list(sites), site_dirs=site_dirs)
     with LocalDeployment(preview, tls=True) as deployment:
         deployment.start()
         return federated_pipeline(overrides, sites=list(sites), flwr_home=str(deployment.flwr_home))

@@ -26,6 +26,7 @@ from flows.tasks import (
     RunContext,
     TrainedModel,
     bundle_task,
+    close_failed_run,
     package_task,
     register_task,
 )
@@ -71,23 +72,44 @@ def _preflight_markdown(report: dict[str, Any]) -> str:
 
 @task(name="federated-training")
 def federate_task(ctx: RunContext, layout, connection) -> TrainedModel:
+    """The Flower run through the SuperLink. The MLflow run is opened first and each round
+    reaches it (and a Prefect artifact) as it ends (`flows.live_rounds`); a failed federation
+    fails this task with the round driver's sanitised reason."""
     import json
 
     from components.federated.preflight import FederationRefused, read_preflight
     from components.federated.result import load_result
     from components.federated.server_app import RESULT_FILE
+    from flows.live_rounds import TAG_STATUS, live_federation
+    from flows.tasks import federation_failure, registry_client
 
-    connection.run(layout, "federate")
-    report = read_preflight(layout.out_dir)
-    if report is not None and not report["ok"]:
-        raise FederationRefused(f"the federated run did not start: {report['reason']}")
-    result = load_result(layout)
+    client = registry_client(ctx)
+    run_id = client.start_training_run(
+        ctx.cfg["run_name"] or ctx.run_dir.name,
+        ctx.cfg,
+        {"training": "federated", "federation.sites": "real", TAG_STATUS: "starting"},
+    )
+    try:
+        with live_federation(client, run_id, layout.out_dir) as watcher:
+            connection.run(layout, "federate")
+        report = read_preflight(layout.out_dir)
+        if report is not None and not report["ok"]:
+            raise FederationRefused(f"the federated run did not start: {report['reason']}")
+        result = load_result(layout)
+    except Exception as exc:
+        close_failed_run(ctx, run_id)
+        if isinstance(exc, FederationRefused):
+            raise
+        raise federation_failure(Path(layout.out_dir), exc) from exc
     raw = json.loads((Path(layout.out_dir) / RESULT_FILE).read_text())
     summary = result.summary() | {
         "preflight": raw.get("preflight"),
         "federated_evaluation": raw.get("federated_evaluation"),
     }
-    get_run_logger().info("federated run %s after %d round(s)", result.status, len(result.history))
+    log = get_run_logger()
+    log.info("federated run %s after %d round(s)", result.status, len(result.history))
+    for site, why in summary.get("last_round_failures", {}).items():
+        log.warning("site %s did not contribute to the last round: %s", site, why)
     return TrainedModel(
         model=result.model,
         history=result.mlflow_history(),
@@ -95,6 +117,8 @@ def federate_task(ctx: RunContext, layout, connection) -> TrainedModel:
         architecture=result.architecture,
         privacy=result.privacy,
         federation=summary,
+        mlflow_run_id=run_id,
+        logged_steps=tuple(watcher.logged),
     )
 
 
@@ -153,11 +177,15 @@ def federated_pipeline(
     )
     preflight = preflight_task(ctx, layout, connection)
     trained = federate_task(ctx, layout, connection)
-    metrics = federated_evaluation_task(ctx, trained)
-    stats = {s: row.get("stats") for s, row in preflight["sites"].items()}
-    test_fp = federated_test_fingerprint({s: stats[s] for s in preflight["approved"]})
-    fingerprints = {"data": layout.spec.fingerprint(), "test": test_fp}
-    bundle_dir = bundle_task(ctx, trained, _NO_TRAINING_IMAGES, metrics, fingerprints["data"])
+    try:  # the run opened before training is closed as FAILED if a step before register fails
+        metrics = federated_evaluation_task(ctx, trained)
+        stats = {s: row.get("stats") for s, row in preflight["sites"].items()}
+        test_fp = federated_test_fingerprint({s: stats[s] for s in preflight["approved"]})
+        fingerprints = {"data": layout.spec.fingerprint(), "test": test_fp}
+        bundle_dir = bundle_task(ctx, trained, _NO_TRAINING_IMAGES, metrics, fingerprints["data"])
+    except BaseException:
+        close_failed_run(ctx, trained.mlflow_run_id)
+        raise
     reports = {
         "site_statistics": stats,
         "preflight": preflight,
@@ -165,7 +193,15 @@ def federated_pipeline(
     }
     if trained.privacy:
         reports["privacy"] = trained.privacy
-    registration = register_task(ctx, bundle_dir, metrics, trained.history, reports, fingerprints)
+    registration = register_task(
+        ctx,
+        bundle_dir,
+        metrics,
+        trained.history_to_log(),
+        reports,
+        fingerprints,
+        run_id=trained.mlflow_run_id,
+    )
     decision = registration.decision
     packaged = None
     if decision.promote:

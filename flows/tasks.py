@@ -241,7 +241,7 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
                 cfg, arrays, ctx.class_names, preprocessing_from_config(cfg), root
             )
     except Exception as exc:
-        raise _federation_failure(out_dir_of(root), exc) from exc
+        raise federation_failure(out_dir_of(root), exc) from exc
     artifacts.write_json(ctx.run_dir / "site_report.json", result.site_report)
     artifacts.markdown("site-report", site_report_markdown(result.site_report))
     summary = result.summary()
@@ -276,7 +276,7 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
     )
 
 
-def _federation_failure(out_dir: Path, exc: Exception) -> Exception:
+def federation_failure(out_dir: Path, exc: Exception) -> Exception:
     """The exception a failed federation ends the task with: the round driver's sanitised
     reason when it recorded one, the original error when it is oncoflow's own."""
     from components.errors import ModelError, OncoflowError

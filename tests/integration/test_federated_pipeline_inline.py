@@ -1,0 +1,102 @@
+"""The coordinator's `federated_pipeline` end to end in one process (engine=inline): three
+hospital folders become sites that approve the spec, the MLflow run opened before training gets
+each round as it ends (its own end time), the federated evaluation's pooled and per-site
+metrics, and the champion gate; nothing the coordinator wrote to MLflow names a site's files.
+(The same flow through real SuperLink/SuperNodes: test_federation_sites.py, slow.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_coordinator_flow_logs_rounds_live_and_registers_the_pooled_result(tmp_path):
+    folders = tmp_path / "hospitals"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "make_hospital_folders.py"),
+            "--synthetic",
+            "24",
+            str(folders),
+            "--hospitals",
+            "3",
+            "--alpha",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    workspace = tmp_path / "workspace"
+    env = {
+        **os.environ,
+        "ONCOFLOW_WORKSPACE": str(workspace),
+        "PREFECT_HOME": str(workspace / "prefect"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    sites = [f"--site=h{i}={folders / f'hospital-{i}'}" for i in (1, 2, 3)]
+    overrides = [
+        "dataset=synthetic",
+        "dataset.adapter=folder",
+        "model=small_cnn",
+        "model.width=8",
+        "validation.min_per_class=2",
+        "trainer.batch_size=16",
+        "federation.rounds=3",
+        "federation.engine=inline",
+        "package.build_bento=false",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "fl", "local", *sites, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads(proc.stdout[proc.stdout.rfind("\n{\n") + 1 :])
+    assert summary["approved"] == ["h1", "h2", "h3"] and summary["rounds"] == 3
+    assert summary["champion"] is True
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["federation.status"] == "completed"
+    pooled = summary["pooled_metrics"]
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(pooled["macro_f1"])
+    assert "site.h2.macro_f1" in pooled
+    # each round was logged as it ended: one point per round, each with its own end time
+    ledger = summary["run_dir"] + "/federation/server/out/ledger.jsonl"
+    rows = [json.loads(line) for line in Path(ledger).read_text().splitlines()]
+    series = client.get_metric_history(run.info.run_id, _round_metric(client, run.info.run_id))
+    assert [p.step for p in series] == [1, 2, 3]
+    ends = [p.timestamp for p in series]
+    assert ends == sorted(ends) and len(set(ends)) == 3
+    assert len(rows) == 3
+    # nothing in the MLflow database names a hospital's folder or file
+    db = (workspace / "mlflow.db").read_bytes()
+    for folder in folders.iterdir():
+        assert str(folder).encode() not in db
+        for image in list(folder.rglob("*.png"))[:20]:
+            assert image.name.encode() not in db
+
+
+def _round_metric(client, run_id: str) -> str:
+    """A server metric logged per round (the first one with three points)."""
+    run = client.get_run(run_id)
+    for key in sorted(run.data.metrics):
+        if len(client.get_metric_history(run_id, key)) == 3:
+            return key
+    raise AssertionError(f"no per-round metric among {sorted(run.data.metrics)}")
