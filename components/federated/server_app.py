@@ -44,6 +44,7 @@ from components.federated.status import (
     round_failures,
     sanitise_rejections,
 )
+from components.federated.traffic import MeteredGrid
 from components.privacy.federated import UNIT_WEIGHT, ServerPrivacy
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
     write_ledger(out / LEDGER, _ledger_rows(history))  # no stale rounds of an earlier run
     preflight = _preflight(grid, spec, node_sites)  # refusing sites never train
     preflight.raise_unless_ok()
-    grid, approved = ApprovedGrid(grid, preflight.nodes), len(preflight.nodes)
+    grid, approved = MeteredGrid(ApprovedGrid(grid, preflight.nodes)), len(preflight.nodes)
 
     for server_round in range(first, settings.rounds + 1):
         privacy.stopped = privacy.stopped or privacy.stop_reason(server_round)
@@ -414,6 +415,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
             "aggregated": new is not None,
             "notes": notes,
             "round_seconds": seconds,
+            "bytes": grid.take(node_sites),  # array bytes sent to / received from each site
         }
         if privacy.settings.enabled:
             row["privacy"] = privacy.after_round(sites, new is not None)

@@ -7,7 +7,8 @@ Two files in the run's output directory (`<root>/server/out/`), both rewritten a
   metrics, `annotate_round` adds the round's real start/end time (`started_at`, `ended_at`,
   Unix seconds), the accepted/rejected/failed site lists, a sanitised `reason`
   (`reasons.SiteReason`) on every site row that did not contribute, a `failures` list and the
-  per-site ε where privacy reports it (`privacy.site_epsilon`).
+  per-site ε where privacy reports it (`privacy.site_epsilon`); the round driver adds the
+  array bytes sent to and received from each site (`bytes`, `traffic.MeteredGrid`).
 - `run_state.json`: the run's state (`running`, `completed`, `stopped-budget`, `failed`), the
   planned rounds and sites, the sanitised reason of a failure or stop, a heartbeat
   (`updated_at`), and, mid-round, the round in progress with the failures known so far.
@@ -196,6 +197,8 @@ class SiteStatus:
     category: str | None = None
     message: str | None = None
     epsilon: float | None = None
+    bytes_sent: int = 0  # array bytes sent to the site over all finished rounds
+    bytes_received: int = 0  # array bytes received from it
 
 
 @dataclass
@@ -287,6 +290,11 @@ def read_status(root: str | Path, now: float | None = None) -> FederationStatus:
                 reason.get("message"),
                 epsilon if epsilon is not None else (previous.epsilon if previous else None),
             )
+    for row in rows:  # what crossed the wire per site (`traffic.MeteredGrid`)
+        for name, counted in (row.get("bytes") or {}).items():
+            known = sites.setdefault(name, SiteStatus(name))
+            known.bytes_sent += int(counted.get("sent", 0))
+            known.bytes_received += int(counted.get("received", 0))
     current = state_file.get("current") if state in (RUNNING, STALLED) else None
     last_round = max((int(r["round"]) for r in rows), default=0)
     if current and int(current.get("round", 0)) <= last_round:
