@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from components.errors import DataError
 from components.federated.approval import SiteRefused, require, sanitise
@@ -43,6 +44,7 @@ from components.federated.protocol import (
     SITE_RECORD,
     SPEC_KEY,
 )
+from components.federated.reasons import outgoing_error
 from components.federated.runspec import ClientSpec
 from components.federated.secagg_client import is_secure_train, secure_mod, secure_train
 from components.privacy.federated import UNIT_WEIGHT, bound_update
@@ -103,6 +105,14 @@ def check_approval(msg: Message, site_dir: Path) -> None:
 def _refusal(msg: Message, reason: str) -> Message:
     log.warning("refused a %s message: %s", msg.metadata.message_type, reason)
     return Message(Error(code=REFUSED_CODE, reason=REFUSED_PREFIX + sanitise(reason)), reply_to=msg)
+
+
+def _site_error(msg: Message, exc: Exception) -> Message:
+    """The error reply for an exception at the site: its details stay in this site's log; the
+    coordinator gets the class and, for oncoflow's own errors, a path-free message."""
+    log.exception("the %s handler failed", msg.metadata.message_type)
+    reason = outgoing_error(exc)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, Any], site: str) -> Message:
@@ -328,6 +338,8 @@ def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
             return handle_train(msg, site_dir)
         except SiteRefused as exc:
             return _refusal(msg, str(exc))
+        except Exception as exc:
+            return _site_error(msg, exc)
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -335,10 +347,15 @@ def build_client_app(site_dirs: list[str] | None = None) -> ClientApp:
             return handle_evaluate(msg, site_dir_for(context, site_dirs))
         except SiteRefused as exc:
             return _refusal(msg, str(exc))
+        except Exception as exc:
+            return _site_error(msg, exc)
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, site_dir_for(context, site_dirs))
+        try:
+            return handle_query(msg, site_dir_for(context, site_dirs))
+        except Exception as exc:
+            return _site_error(msg, exc)
 
     return client
 

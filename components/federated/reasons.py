@@ -55,6 +55,15 @@ def scrub(text: str, limit: int = MAX_MESSAGE, *, paths: bool = True) -> str:
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
+def outgoing_error(exc: BaseException) -> str:
+    """What a site sends the coordinator about its own exception (`Message.error.reason`):
+    the exception's class, and its message only for oncoflow's own errors (scrubbed of paths);
+    a foreign exception's text may carry data and stays in the site's own log."""
+    qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    message = scrub(str(exc)).replace("'", "") if _is_ours(qualname) else ""
+    return f"<class '{qualname}'>:<'{message}'>"
+
+
 def _oncoflow_error_names() -> set[str]:
     from components.errors import OncoflowError
 
@@ -156,4 +165,12 @@ CATEGORIES = (
     "stopped",
 )
 
-__all__ = ["CATEGORIES", "SiteReason", "classify", "scrub", "server_error", "site_error"]
+__all__ = [
+    "CATEGORIES",
+    "SiteReason",
+    "classify",
+    "outgoing_error",
+    "scrub",
+    "server_error",
+    "site_error",
+]

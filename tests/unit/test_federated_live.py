@@ -298,3 +298,17 @@ def test_site_errors_are_reduced_to_a_category_and_a_safe_message(raw, category,
     assert "patient" not in reason.message and "\n" not in reason.message
     assert classify(f"no update: {raw}") == reason
     assert classify(reason.text) == reason  # sanitising twice changes nothing
+
+
+def test_a_site_sends_no_foreign_exception_text_to_the_coordinator():
+    """Sanitised at the source: the error reply a site sends carries the class and, for
+    oncoflow's own errors only, a path-free message; the coordinator reads it back the same."""
+    from components.errors import DataError
+    from components.federated.reasons import outgoing_error, site_error
+
+    foreign = outgoing_error(OSError(f"cannot read {SECRET}"))
+    assert "patient" not in foreign and "hospital" not in foreign
+    assert site_error(foreign).message == "the site's ClientApp raised OSError"
+    ours = outgoing_error(DataError(f"no training images in {SECRET}"))
+    assert "patient" not in ours and "no training images in <path>" in ours
+    assert site_error(ours).category == "site_data"
