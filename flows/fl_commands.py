@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_fl_parser(sub: argparse._SubParsersAction) -> None:
     """Add `fl` and its sub-commands to the `oncoflow` sub-parsers `sub`."""
     fl = sub.add_parser(
-        "fl", help="Flower deployment: prepare | certs | superlink | supernode | submit | status"
+        "fl",
+        help="federation: prepare | certs | superlink | supernode | submit | request | "
+        "coordinate | local | status",
     )
     fl_sub = fl.add_subparsers(dest="fl_command", required=True, metavar="FL_COMMAND")
     prep = fl_sub.add_parser(
@@ -60,6 +63,19 @@ def add_fl_parser(sub: argparse._SubParsersAction) -> None:
     local.add_argument("--root", default=None, help="default: <workspace>/local-federation")
     local.add_argument("--max-epsilon", type=float, default=None, help="every site's maximum ε")
     local.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=3")
+    request = fl_sub.add_parser(
+        "request", help="write the approval request (run spec + code fingerprint) sites approve"
+    )
+    request.add_argument("--site", action="append", required=True, metavar="NAME", dest="sites")
+    request.add_argument("--out", required=True, help="the request file to send to the sites")
+    request.add_argument("overrides", nargs="*", help="Hydra overrides (the run's config)")
+    coordinate = fl_sub.add_parser(
+        "coordinate", help="the coordinator's flow through a SuperLink (sites on other machines)"
+    )
+    coordinate.add_argument("--site", action="append", required=True, metavar="NAME", dest="sites")
+    coordinate.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    coordinate.add_argument("--root-cert", required=True, help="the federation's CA certificate")
+    coordinate.add_argument("overrides", nargs="*", help="Hydra overrides (as in the request)")
     status = fl_sub.add_parser(
         "status", help="a run's state, rounds and each site's last status, from the coordinator"
     )
@@ -73,6 +89,8 @@ def run_fl(args: argparse.Namespace) -> int:
         return _local(args)
     if args.fl_command == "status":
         return _status(args.root, as_json=args.json)
+    if args.fl_command in ("request", "coordinate"):
+        return _coordinator(args)
     if args.fl_command == "prepare":
         from flows.runtime import prepare
 
@@ -127,6 +145,35 @@ def _status(root: str, *, as_json: bool) -> int:
     else:
         print(format_status(status))
     return 0 if status.ok else 1
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    """`fl request` writes what each site approves; `fl coordinate` runs the coordinator's flow
+    with the same config and sites (the spec is the same, so the approvals match it)."""
+    import shutil
+    import tempfile
+
+    from flows.runtime import prepare
+
+    overrides = ["training=federated", *args.overrides]
+    prepare(overrides)
+    if args.fl_command == "request":
+        from components.config import compose, to_container
+        from components.federated.coordinator import coordinator_layout, request_path
+
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch) / "federation"
+            layout = coordinator_layout(to_container(compose(overrides)), args.sites, root)
+            shutil.copyfile(request_path(layout), args.out)
+        _print_json({"request": args.out, "sites": args.sites})
+        return 0
+    from flows.federated_pipeline import federated_pipeline
+
+    summary = federated_pipeline(
+        list(args.overrides), sites=args.sites, superlink=args.superlink, root_cert=args.root_cert
+    )
+    _print_json(summary)
+    return 0
 
 
 def _local(args: argparse.Namespace) -> int:

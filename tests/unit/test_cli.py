@@ -66,3 +66,26 @@ def test_fl_certs_takes_the_directory_as_out_option_too(tmp_path, capsys):
         assert exc.code == 2
     else:
         raise AssertionError("two output directories were accepted")
+
+
+def test_fl_request_writes_the_spec_the_coordinator_flow_will_run(tmp_path, monkeypatch, capsys):
+    """Sites on other machines approve `fl request`'s file before `fl coordinate` runs: it must
+    name the very spec the coordinator's flow builds from the same sites and overrides."""
+    import json
+
+    from components.config import compose, to_container
+    from components.federated import approval
+    from components.federated.coordinator import coordinator_layout, request_path
+
+    monkeypatch.setenv("ONCOFLOW_WORKSPACE", str(tmp_path / "ws"))
+    overrides = ["dataset.adapter=folder", "federation.rounds=2"]
+    out = tmp_path / "request.json"
+    assert main(["fl", "request", "--site", "a", "--site", "b", "--out", str(out), *overrides]) == 0
+    sent = approval.read_request(out)
+    cfg = to_container(compose(["training=federated", *overrides]))
+    flow_side = coordinator_layout(cfg, ["a", "b"], tmp_path / "run" / "federation")
+    assert (
+        sent["spec_fingerprint"]
+        == approval.read_request(request_path(flow_side))["spec_fingerprint"]
+    )
+    assert json.loads(capsys.readouterr().out)["sites"] == ["a", "b"]
