@@ -7,7 +7,10 @@ SOURCE is a folder of `<class>/<image>` (a `train/`/`test/` level is flattened: 
 holds one pile of labelled images and splits it itself). Each class is shared among the
 hospitals with Dirichlet(α) proportions (label skew; `federation.partition=dirichlet` does the
 same for the simulation), every hospital keeping at least `--min-per-class` images of each
-class it holds. Files are copied to `OUT/hospital-<i>/<class>/` under their own names; then
+class it holds. Byte-identical files of a class go to the same hospital (two hospitals do not
+hold the same image; otherwise one site could be tested on what another trained on). Files are
+copied to `OUT/hospital-<i>/<class>/` under their own names (a name already taken there, e.g.
+`Training/x/a.jpg` and `Testing/x/a.jpg`, gets a `-2`, `-3`, ... suffix); then
 
     oncoflow fl local --site hospital-1=OUT/hospital-1 --site hospital-2=OUT/hospital-2 ...
 """
@@ -15,6 +18,7 @@ class it holds. Files are copied to `OUT/hospital-<i>/<class>/` under their own 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -35,24 +39,45 @@ def labelled_images(source: Path) -> dict[str, list[Path]]:
     return by_class
 
 
+def identical_groups(files: list[Path]) -> list[list[Path]]:
+    """`files` grouped by content (byte-identical files together), in first-seen order."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        groups.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
+    return list(groups.values())
+
+
 def dirichlet_shares(
     by_class: dict[str, list[Path]], hospitals: int, alpha: float, seed: int, min_per_class: int
 ) -> list[dict[str, list[Path]]]:
+    """Each class's distinct images shared with Dirichlet(α) proportions (copies follow)."""
     rng = np.random.default_rng(seed)
     out: list[dict[str, list[Path]]] = [{} for _ in range(hospitals)]
     for label, files in sorted(by_class.items()):
-        order = rng.permutation(len(files))
-        floor = min(min_per_class, len(files) // hospitals)
-        rest = len(files) - floor * hospitals
+        groups = identical_groups(files)
+        order = rng.permutation(len(groups))
+        floor = min(min_per_class, len(groups) // hospitals)
+        rest = len(groups) - floor * hospitals
         counts = np.floor(rng.dirichlet([alpha] * hospitals) * rest).astype(int)
         counts[: rest - counts.sum()] += 1  # hand out the rounding remainder
         counts += floor
         start = 0
         for h, n in enumerate(counts):
             if n:
-                out[h][label] = [files[i] for i in order[start : start + n]]
+                out[h][label] = [p for i in order[start : start + n] for p in groups[i]]
             start += n
     return out
+
+
+def free_name(folder: Path, name: str, taken: set[str]) -> str:
+    """`name`, or `<stem>-<k><suffix>` when `folder` already holds a file of that name."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{stem}-{k}{suffix}"
+    taken.add(candidate)
+    return candidate
 
 
 def write_hospitals(shares: list[dict[str, list[Path]]], out: Path) -> dict[str, dict[str, int]]:
@@ -62,8 +87,9 @@ def write_hospitals(shares: list[dict[str, list[Path]]], out: Path) -> dict[str,
         for label, files in share.items():
             folder = out / name / label
             folder.mkdir(parents=True, exist_ok=True)
+            taken = {p.name for p in folder.iterdir()}
             for path in files:
-                shutil.copy2(path, folder / path.name)
+                shutil.copy2(path, folder / free_name(folder, path.name, taken))
         report[name] = {label: len(files) for label, files in sorted(share.items())}
     return report
 
