@@ -1,0 +1,76 @@
+"""`Calibration`: what a model bundle carries so serving gives calibrated probabilities,
+conformal prediction sets and referrals (the bundle's `calibration` block)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from components.calibration import conformal, referral, temperature
+from components.errors import ModelError
+
+SCORE = "aps"  # conformal score: adaptive prediction sets, not randomised
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str  # temperature | none (T = 1)
+    temperature: float  # probabilities = softmax(logits / temperature)
+    coverage: float  # target share of cases whose prediction set holds the true class
+    qhat: float  # conformal threshold on the APS score (1.0: every class in every set)
+    fitted_on: str  # the data T and qhat were fitted on, in words
+    n_fit: int  # cases they were fitted on
+    classes: list[str]
+    dangerous: list[str] = field(default_factory=list)
+    score: str = SCORE
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and np.isfinite(self.temperature)):
+            raise ModelError(f"calibration temperature must be positive; got {self.temperature}")
+        if not 0.0 < self.coverage < 1.0:
+            raise ModelError(f"calibration coverage must lie in (0, 1); got {self.coverage}")
+        unknown = set(self.dangerous) - set(self.classes)
+        if unknown:
+            raise ModelError(f"dangerous classes {sorted(unknown)} are not model classes")
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) from logits."""
+        return temperature.softmax(logits, self.temperature)
+
+    def recalibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities from uncalibrated softmax probabilities."""
+        return temperature.temper(probs, self.temperature)
+
+    def decide(self, calibrated_row: Sequence[float]) -> referral.Referral:
+        """One case's prediction set, `refer` and its reason from calibrated probabilities."""
+        indices = conformal.set_indices(np.asarray(calibrated_row), self.qhat)
+        names = [self.classes[k] for k in indices]
+        return referral.decide(names, self.dangerous, self.coverage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Calibration | None:
+        if not data:
+            return None
+        try:
+            return cls(
+                method=str(data["method"]),
+                temperature=float(data["temperature"]),
+                coverage=float(data["coverage"]),
+                qhat=float(data["qhat"]),
+                fitted_on=str(data.get("fitted_on", "")),
+                n_fit=int(data.get("n_fit", 0)),
+                classes=[str(c) for c in data["classes"]],
+                dangerous=[str(c) for c in data.get("dangerous") or []],
+                score=str(data.get("score", SCORE)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"the bundle's calibration block is unreadable: {exc}") from exc
+
+
+__all__ = ["SCORE", "Calibration"]
