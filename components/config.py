@@ -60,6 +60,9 @@ class DatasetConf:
     max_per_class: int | None = None  # cap per class (quick runs); null: all images
     hflip: bool = True  # may training flip images left-right? (off when laterality matters)
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic adapter
+    # classes a clinician must not miss (tumours, malignant, ...): a case whose conformal
+    # prediction set holds one of them while another class is top is referred (with its name)
+    dangerous: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +136,17 @@ class ServingConf:
 
 
 @dataclass
+class CalibrationConf:
+    """Calibrated probabilities and conformal referral, fitted after training (central runs;
+    federated runs are served uncalibrated for now)."""
+
+    method: str = "temperature"  # temperature (one scalar T, minimum NLL) | none (T = 1)
+    # conformal prediction sets (APS): target share of cases whose set holds the true class
+    coverage: float = 0.9
+    fit_on: str = "val"  # the split T and the conformal threshold are fitted on (val only)
+
+
+@dataclass
 class TrainingConf:
     mode: str = "central"  # central (Lightning) | federated (Flower, see `federation`)
 
@@ -152,6 +166,7 @@ class RunConf:
     validation: ValidationConf = field(default_factory=ValidationConf)
     registry: RegistryConf = field(default_factory=RegistryConf)
     package: PackageConf = field(default_factory=PackageConf)
+    calibration: CalibrationConf = field(default_factory=CalibrationConf)
 
 
 _CHOICES = {
@@ -161,6 +176,8 @@ _CHOICES = {
     "validation.on_failure": {"stop", "quarantine"},
     "registry.gate_mode": {"max", "min"},
     "training.mode": {"central", "federated"},
+    "calibration.method": {"temperature", "none"},
+    "calibration.fit_on": {"val"},
 }
 
 
@@ -225,6 +242,11 @@ def check(cfg) -> None:
         raise ConfigError("dataset.channels must be 1 or 3")
     if not 8 <= ds.image_size <= 1024:
         raise ConfigError("dataset.image_size must be between 8 and 1024")
+    unknown = sorted(set(ds.dangerous) - set(ds.classes))
+    if unknown:
+        raise ConfigError(f"dataset.dangerous names {unknown}, which are not in dataset.classes")
+    if not 0.0 < cfg.calibration.coverage < 1.0:
+        raise ConfigError("calibration.coverage must lie in (0, 1), e.g. 0.9")
     fractions = ds.split.val_fraction + ds.split.test_fraction
     if not (0 < ds.split.val_fraction < 1 and 0 < ds.split.test_fraction < 1 and fractions < 1):
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")
