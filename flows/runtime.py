@@ -20,6 +20,9 @@ def prepare_environment(workspace: Workspace) -> None:
     os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # Training progress (numbers only, no paths) also goes to the task's log in Prefect's API/UI;
+    # the terminal gets it through the root logger either way.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components.training")
 
 
 def prepare(overrides: list[str]) -> Workspace:

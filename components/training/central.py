@@ -34,6 +34,7 @@ from components.training.loop import (
     seeded_data_and_module,
 )
 from components.training.module import OptimizerHook
+from components.training.progress import TrainingProgress
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,16 @@ def train_classifier(
     accelerator: str = "auto",
     optimizer_hook: OptimizerHook | None = None,
     loader_hook: LoaderHook | None = None,
+    progress_interval_s: float | None = 30.0,
 ) -> TrainResult:
     """Train `model` on `train`, select the epoch with the best validation macro-F1.
 
     Early stopping watches `val_macro_f1` (mode max, `early_stopping_patience` epochs without
     improvement); the best epoch's weights are checkpointed under `out_dir/checkpoints`,
     restored into `model` and returned in eval mode. Per-epoch metrics go to `history` and to
-    `out_dir/metrics.csv`. `optimizer_hook` and `loader_hook` are extension points (e.g. DP-SGD):
-    see `fit_local`.
+    `out_dir/metrics.csv`. Progress is logged at INFO (`TrainingProgress`: one line per epoch,
+    one every `progress_interval_s` within a long epoch). `optimizer_hook` and `loader_hook` are
+    extension points (e.g. DP-SGD): see `fit_local`.
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -130,12 +133,24 @@ def train_classifier(
     )
     stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=early_stopping_patience)
     timer = ThroughputTimer()
+    log.info(
+        "training on %d images (validation %d), up to %d epochs of %d batches",
+        data.num_train,
+        len(val[1]),
+        max_epochs,
+        -(-data.num_train // batch_size),
+    )
     start = time.perf_counter()
     with quiet_lightning():
         trainer = make_trainer(
             out_dir=out_dir,
             max_epochs=max_epochs,
-            callbacks=[checkpoint, stopper, timer],
+            callbacks=[
+                checkpoint,
+                stopper,
+                timer,
+                TrainingProgress(interval_s=progress_interval_s, monitor=MONITOR, mode="max"),
+            ],
             deterministic=deterministic,
             accelerator=accelerator,
             validate=True,
@@ -160,10 +175,10 @@ def train_classifier(
     best_epoch = int(history[max(range(len(scores)), key=scores.__getitem__)]["epoch"])
     best_score = checkpoint.best_model_score
     log.info(
-        "trained %d epochs in %.1fs; best epoch %d (%s=%.4f)",
+        "trained %d epochs in %.1fs; best epoch %d (counting from 1; %s=%.4f)",
         len(history),
         wall,
-        best_epoch,
+        best_epoch + 1,
         MONITOR,
         float(best_score) if best_score is not None else float("nan"),
     )

@@ -7,7 +7,6 @@ checkpoints on top of the same pieces.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, ModelError
 from components.training.datamodule import ArrayDataModule, Arrays, Augmentation
 from components.training.module import ClassifierModule, OptimizerHook
+from components.training.progress import TrainingProgress
 
 LoaderHook = Callable[[DataLoader], DataLoader]
 
@@ -105,7 +105,8 @@ def make_trainer(
     logger: Any = False,
     steps_per_epoch: int,
 ) -> L.Trainer:
-    """A single-device Trainer without progress bar (unless on a terminal) or sanity checks."""
+    """A single-device Trainer without sanity checks or progress bar: progress is logged by a
+    `TrainingProgress` callback instead (a bar would garble log lines on the same terminal)."""
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator=accelerator,
@@ -114,7 +115,7 @@ def make_trainer(
         logger=logger,
         default_root_dir=str(out_dir) if out_dir is not None else None,
         enable_checkpointing=checkpointing,
-        enable_progress_bar=sys.stderr.isatty(),
+        enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
@@ -190,6 +191,7 @@ def fit_local(
     callbacks: list[L.Callback] | None = None,
     optimizer_hook: OptimizerHook | None = None,
     loader_hook: LoaderHook | None = None,
+    progress_label: str | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `epochs` epochs on one site's data (no validation).
 
@@ -203,6 +205,9 @@ def fit_local(
     the training loader (e.g. Poisson sampling), `optimizer_hook(module, optimizer) ->
     optimizer` wraps the optimiser (e.g. Opacus `make_private` on `module`), and `callbacks`
     are added to the Trainer.
+
+    Progress: one log line per local epoch (no in-epoch lines), at INFO prefixed with
+    `progress_label` (e.g. the site's name) when given, else at DEBUG.
     """
     check_fit_settings(epochs, batch_size, lr)
     data, module = seeded_data_and_module(
@@ -223,12 +228,18 @@ def fit_local(
         global_params=global_params,
     )
     timer = ThroughputTimer()
+    progress = TrainingProgress(
+        label=progress_label,
+        level=logging.INFO if progress_label else logging.DEBUG,
+        interval_s=None,
+        monitor=None,
+    )
     start = time.perf_counter()
     with quiet_lightning():
         trainer = make_trainer(
             out_dir=None,
             max_epochs=epochs,
-            callbacks=[timer, *(callbacks or [])],
+            callbacks=[timer, progress, *(callbacks or [])],
             deterministic=deterministic,
             accelerator=accelerator,
             validate=False,
