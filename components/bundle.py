@@ -3,7 +3,8 @@
 Layout of a bundle directory::
 
     bundle.json      architecture, classes, preprocessing, schema, metrics, privacy, config,
-                     and `contents`: what the bundle holds besides its weights
+                     `calibration` (temperature, conformal threshold, dangerous classes; absent:
+                     uncalibrated) and `contents`: what the bundle holds besides its weights
     weights.pt       the model's state dict
     background.pt    (optional) the SHAP background, float (N,C,H,W) in the model's normalised
                      space: constant grey levels unless `package.training_images`
@@ -56,6 +57,9 @@ class ModelBundle:
     extra: dict[str, Any] = field(default_factory=dict)
     # what `background` is made of (BACKGROUND_BASELINES, BACKGROUND_TRAINING, ...)
     background_source: str = ""
+    # temperature, conformal threshold, coverage, dangerous classes, what they were fitted on
+    # (`components.calibration.record.Calibration.to_dict`); None: served uncalibrated
+    calibration: dict[str, Any] | None = None
 
     def contents(self) -> dict[str, Any]:
         """What the bundle holds besides the weights, from the data itself (so it cannot
@@ -88,6 +92,7 @@ class ModelBundle:
             "config": self.config,
             "tabular_schema": self.tabular_schema,
             "extra": self.extra,
+            "calibration": self.calibration,
             "contents": self.contents(),
         }
 
@@ -140,6 +145,7 @@ class ModelBundle:
             embeddings=embeddings,
             extra=meta.get("extra", {}),
             background_source=(meta.get("contents") or {}).get("background", ""),
+            calibration=meta.get("calibration"),
         )
 
     def build_model(self):

@@ -48,6 +48,7 @@ def make_bundle(
     privacy: dict[str, Any] | None = None,
     tabular_schema: list[dict[str, Any]] | None = None,
     seed: int = 0,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write the bundle for `model` to `out_dir` and return that directory.
 
@@ -55,7 +56,8 @@ def make_bundle(
     the weights, metadata and `background_size` constant grey images. With it (central runs
     without DP only) the background is a class-stratified sample of `train_x` and the bundle
     carries a similar-case index of every training image (features, labels, thumbnails; no
-    identifiers).
+    identifiers). `calibration` (`Calibration.to_dict()`) is what serving applies: calibrated
+    probabilities, conformal prediction sets and referrals.
     """
     kwargs = {k: v for k, v in architecture.items() if k != "name"}
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
@@ -84,6 +86,7 @@ def make_bundle(
         background=background,
         embeddings=embeddings,
         background_source=source,
+        calibration=calibration,
     )
     return bundle.save(out_dir)
 

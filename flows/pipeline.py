@@ -1,5 +1,5 @@
-"""The pipeline's flows: `train_pipeline` (ingest → split → validate → train → evaluate →
-bundle → register → package), `validate_data` and `prepare_federation`.
+"""The pipeline's flows: `train_pipeline` (ingest → split → validate → train → calibrate →
+evaluate → bundle → register → package), `validate_data` and `prepare_federation`.
 
 Each step is a task of `flows.tasks`: one component call and a record of what it did.
 Splitting runs before validation so the suite can check the final splits for leakage.
@@ -18,6 +18,7 @@ from flows.tasks import (
     RunContext,
     arrays_task,
     bundle_task,
+    calibrate_task,
     close_failed_run,
     evaluate_task,
     federated_task,
@@ -46,10 +47,19 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     else:
         trained = train_task(ctx, arrays)
     try:  # a run opened before training is closed as FAILED if a step before register fails
-        evaluation = evaluate_task(ctx, trained.model, arrays["test"])
+        # federated runs are not calibrated yet: that needs the sites' held-out data, unpooled
+        calibrated = None if trained.federation else calibrate_task(ctx, trained.model, arrays)
+        evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated)
         metrics = evaluation.metrics
         fingerprints = validated.fingerprints()
-        bundle_dir = bundle_task(ctx, trained, arrays["train"], metrics, fingerprints["data"])
+        bundle_dir = bundle_task(
+            ctx,
+            trained,
+            arrays["train"],
+            metrics,
+            fingerprints["data"],
+            calibrated.calibration if calibrated else None,
+        )
     except BaseException:
         close_failed_run(ctx, trained.mlflow_run_id)
         raise
@@ -76,6 +86,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         "quarantined": validated.quarantined,
         "split_report": split.report,
         "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},
+        "calibration": calibrated.report if calibrated else None,
         "training": cfg["training"]["mode"],
         "epochs_run": trained.epochs_run,
         "federation": trained.federation,

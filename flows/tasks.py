@@ -93,6 +93,15 @@ class TrainedModel:
 
 
 @dataclass
+class Calibrated:
+    """Calibration fitted after training: the bundle's block and its effect on the test split."""
+
+    calibration: dict[str, Any] | None  # Calibration.to_dict(); None: not fitted (see report)
+    report: dict[str, Any]  # calibration_report on the test split, or why it was not fitted
+    figure: Path | None = None  # reliability diagram before/after on the test split
+
+
+@dataclass
 class Evaluation:
     metrics: dict[str, Any]  # test metrics (components.evaluation.metrics.evaluate)
     confusion_png: Path
@@ -306,15 +315,85 @@ def federation_layout_task(
     return layout
 
 
+@task(name="calibrate")
+def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) -> Calibrated:
+    """Fit temperature scaling and the conformal threshold on `calibration.fit_on` (the
+    validation split) and measure them on the test split. A split too small or one-class to
+    fit on leaves the model uncalibrated, with a warning and the reason in the report."""
+    from components.calibration.fit import calibration_report, fit_calibration
+    from components.calibration.temperature import softmax
+    from components.errors import DataError
+    from components.evaluation.plots import reliability_comparison_png
+    from components.evaluation.predict import predict_logits
+
+    conf, pre = ctx.cfg["calibration"], preprocessing_from_config(ctx.cfg)
+    held_out, test = arrays[conf["fit_on"]], arrays["test"]
+    fitted_on = (
+        f"validation split ({len(held_out.y)} cases: never trained on, also used for early "
+        "stopping)"
+    )
+    log = get_run_logger()
+    try:
+        calibration = fit_calibration(
+            predict_logits(model, held_out.x, pre),
+            held_out.y,
+            ctx.class_names,
+            method=conf["method"],
+            coverage=conf["coverage"],
+            dangerous=ctx.cfg["dataset"]["dangerous"],
+            fitted_on=fitted_on,
+        )
+    except DataError as exc:
+        log.warning("model left uncalibrated: %s", exc)
+        return Calibrated(None, {"fitted": False, "reason": str(exc)})
+    test_logits = predict_logits(model, test.x, pre)
+    report = calibration_report(calibration, test_logits, test.y)
+    figure = reliability_comparison_png(
+        test.y,
+        {
+            "uncalibrated": softmax(test_logits),
+            "calibrated": calibration.probabilities(test_logits),
+        },
+        ctx.run_dir / "reliability.png",
+    )
+    artifacts.write_json(ctx.run_dir / "calibration.json", report)
+    sets = report["conformal"]
+    log.info(
+        "calibration: T=%.3f, test ECE %.3f -> %.3f, NLL %.3f -> %.3f; %.0f%% sets: coverage "
+        "%.3f, mean size %.2f, referred %.1f%%",
+        calibration.temperature,
+        report["ece_before"],
+        report["ece_after"],
+        report["nll_before"],
+        report["nll_after"],
+        100 * calibration.coverage,
+        sets["coverage"],
+        sets["mean_set_size"],
+        100 * sets["referral_rate"],
+    )
+    return Calibrated(calibration.to_dict(), report, figure)
+
+
 @task(name="evaluate")
-def evaluate_task(ctx: RunContext, model: Any, test: SplitArrays) -> Evaluation:
+def evaluate_task(
+    ctx: RunContext, model: Any, test: SplitArrays, calibrated: Calibrated | None = None
+) -> Evaluation:
+    """Test metrics of the probabilities the model is served with: calibrated ones when a
+    calibration was fitted (`metrics["calibration"]`: ECE/NLL before and after, coverage,
+    set size, referral rate)."""
+    from components.calibration.record import Calibration
     from components.evaluation.metrics import evaluate
     from components.evaluation.plots import confusion_matrix_png
     from components.evaluation.predict import predict_proba
 
     classes = ctx.class_names
     probs = predict_proba(model, test.x, preprocessing_from_config(ctx.cfg))
+    calibration = Calibration.from_dict(calibrated.calibration if calibrated else None)
+    if calibration is not None:
+        probs = calibration.recalibrate(probs)
     metrics = evaluate(test.y, probs, classes)
+    if calibrated is not None:
+        metrics["calibration"] = calibrated.report
     png = confusion_matrix_png(metrics["confusion_matrix"], classes, ctx.run_dir / "confusion.png")
     artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
     artifacts.metrics_table("test-metrics", metrics)
@@ -328,10 +407,11 @@ def bundle_task(
     train: SplitArrays,
     metrics: dict[str, Any],
     data_fingerprint: str,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model bundle: weights, metadata and a SHAP background of constant grey
-    levels; training images (background sample, case index) only with
-    `package.training_images` (central runs without DP)."""
+    """Write the model bundle: weights, metadata, the calibration serving applies (if any)
+    and a SHAP background of constant grey levels; training images (background sample, case
+    index) only with `package.training_images` (central runs without DP)."""
     from components.bundle_builder import bundle_settings, make_bundle
 
     bundle_dir = make_bundle(
@@ -346,6 +426,7 @@ def bundle_task(
         data_fingerprint=data_fingerprint,
         config=ctx.cfg,
         out_dir=ctx.run_dir / "bundle",
+        calibration=calibration,
         **bundle_settings(ctx.cfg),
     )
     get_run_logger().info("model bundle written to %s", bundle_dir)
@@ -393,7 +474,7 @@ def register_task(
         manifest_fingerprint=fingerprints["data"],
         test_fingerprint=fingerprints["test"],
         reports=reports,
-        figures={"confusion_matrix": ctx.run_dir / "confusion.png"},
+        figures=_figures(ctx.run_dir),
         run_name=ctx.cfg["run_name"] or ctx.run_dir.name,
         tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
     )
@@ -406,6 +487,12 @@ def register_task(
     )
     get_run_logger().info("registry: %s", decision.reason)
     return Registration(run_id=run_id, decision=decision)
+
+
+def _figures(run_dir: Path) -> dict[str, Path]:
+    """The run's evaluation figures that exist (the reliability diagram only when calibrated)."""
+    names = {"confusion_matrix": "confusion.png", "reliability": "reliability.png"}
+    return {k: run_dir / f for k, f in names.items() if (run_dir / f).is_file()}
 
 
 def _with_retries(call, attempts: int = 3, delay_s: float = 2.0):

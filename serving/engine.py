@@ -35,6 +35,7 @@ from components.errors import ConfigError, InputError, ModelError, NotFound
 from serving.inference import for_inference
 from serving.schemas import (
     BundleContents,
+    CalibrationInfo,
     ClinicalFeatureSpec,
     ExplainResponse,
     FeatureAttribution,
@@ -62,8 +63,9 @@ INTENDED_USE = (
 )
 GENERAL_LIMITATIONS = (
     "Research software: not a medical device and not validated for clinical use.",
-    "The probabilities are the model's scores, not the chance that disease is present; "
-    "they can be miscalibrated on data unlike the training data.",
+    "The probabilities are the model's scores, calibrated (when the model card lists a "
+    "calibration) on held-out data like the training data, not the chance that disease is "
+    "present; they can be miscalibrated on data unlike it, and so can the prediction sets.",
     "Only validated on data like the training data (see the data fingerprint); other "
     "scanners, sites, populations or image types may give unreliable answers.",
     "Grad-CAM and SHAP show what the model used for its answer, not where disease is.",
@@ -148,6 +150,8 @@ class DiagnosisEngine:
                 bundle.architecture,
             )
         self.image_background, self.tabular_background = split_background(bundle.background)
+        self.calibration = self._calibration(bundle)
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
         self.case_library = self._case_library(case_library)
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
@@ -171,6 +175,18 @@ class DiagnosisEngine:
         engine = cls(ModelBundle.load(path), ref, max_pixels, optimise, case_library)
         engine.model_dir = Path(path)
         return engine
+
+    def _calibration(self, bundle):
+        """The bundle's calibration (None: served uncalibrated), refused at start-up when it
+        does not describe this model's classes."""
+        from components.calibration.record import Calibration
+
+        calibration = Calibration.from_dict(bundle.calibration)
+        if calibration is not None and calibration.classes != self.classes:
+            raise ModelError("the bundle's calibration block names other classes than the model")
+        if calibration is None:
+            log.info("the bundle has no calibration: probabilities as trained, no referral")
+        return calibration
 
     def _case_library(self, directory: str | Path | None):
         """The site-local library at `directory` (refused unless built with this model), else
@@ -291,7 +307,8 @@ class DiagnosisEngine:
         return row
 
     def infer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (N, K) for packed rows (N, row_width); what the batcher calls."""
+        """Probabilities (N, K) for packed rows (N, row_width), softmax(logits / T) with the
+        bundle's temperature (T = 1 without calibration); what the batcher calls."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
@@ -300,7 +317,7 @@ class DiagnosisEngine:
             raise ModelError(f"input rows of shape {tuple(x.shape)}; expected {expected}")
         with torch.inference_mode():
             logits = self.predict_model(*self._unpack(x))
-            return torch.softmax(logits.float(), dim=1).numpy()
+            return torch.softmax(logits.float() / self.temperature, dim=1).numpy()
 
     def _unpack(self, x) -> tuple:
         if self.kind == "tabular":
@@ -311,14 +328,36 @@ class DiagnosisEngine:
         return (images,) if self.kind == "image" else (images, x[:, size:])
 
     def predict_response(self, probabilities, started: float) -> PredictResponse:
+        """The answer for one row of `infer_rows` (already calibrated): label, probabilities,
+        and with a calibration the conformal prediction set and the referral."""
         probs = [float(p) for p in probabilities]
         best = int(np.argmax(probs))
         return PredictResponse(
             label=self.classes[best],
             probabilities=dict(zip(self.classes, probs, strict=True)),
+            **self.referral(probs),
             model=self.ref,
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
+
+    def referral(self, calibrated) -> dict[str, Any]:
+        """`calibrated`, `prediction_set`, `refer`, `referral_reason` for one case's calibrated
+        probabilities (the last three None without a calibration)."""
+        if self.calibration is None:
+            return {"calibrated": False}
+        decision = self.calibration.decide(calibrated)
+        return {
+            "calibrated": self.calibration.method != "none",
+            "prediction_set": decision.prediction_set,
+            "refer": decision.refer,
+            "referral_reason": decision.reason,
+        }
+
+    def calibrated(self, probabilities) -> list[float]:
+        """Calibrated probabilities from the model's plain softmax ones (explanations)."""
+        if self.calibration is None:
+            return [float(p) for p in probabilities]
+        return [float(p) for p in self.calibration.recalibrate(np.asarray(probabilities)[None])[0]]
 
     def predict(self, case: CaseInput) -> PredictResponse:
         """One prediction, unbatched (the service goes through its micro-batcher instead)."""
@@ -382,7 +421,7 @@ class DiagnosisEngine:
             features = None
             if case.record is not None:
                 features = self._record_shap(case, cam.target_class, warnings)
-        probabilities = dict(zip(self.classes, cam.probabilities, strict=True))
+        probabilities = dict(zip(self.classes, self.calibrated(cam.probabilities), strict=True))
         return ExplainResponse(
             label=self.classes[int(np.argmax(cam.probabilities))],
             probabilities=probabilities,
@@ -530,9 +569,16 @@ class DiagnosisEngine:
             shap_features=features,
             shap_class=explained.target,
             case_id=case_id or None,
+            **self._report_referral(explained.probabilities),
             **bundle_facts(self.bundle),
         )
         return render_report(report)
+
+    def _report_referral(self, probabilities: dict[str, float]) -> dict[str, Any]:
+        """The report's prediction set and referral, from calibrated probabilities."""
+        answer = self.referral([probabilities[c] for c in self.classes])
+        answer.pop("calibrated")
+        return answer
 
     # -- model card ------------------------------------------------------------------------
     def card(self, chat: bool = False) -> ModelCard:
@@ -566,7 +612,16 @@ class DiagnosisEngine:
             similar_source=self.case_library.source if self.case_library is not None else None,
             contents=BundleContents(**self.bundle.contents()),
             chat=chat,
+            calibration=self.calibration_info(),
         )
+
+    def calibration_info(self) -> CalibrationInfo | None:
+        if self.calibration is None:
+            return None
+        block = self.calibration.to_dict()
+        block.pop("classes")
+        test = (self.bundle.metrics or {}).get("calibration")
+        return CalibrationInfo(**block, test=test if isinstance(test, dict) else None)
 
     def limitations(self) -> list[str]:
         """General limitations plus the ones this bundle's own facts imply."""
@@ -581,6 +636,11 @@ class DiagnosisEngine:
             )
         if not self.bundle.metrics:
             out.append("No held-out test metrics were recorded with this model.")
+        if self.calibration is None:
+            out.append(
+                "Not calibrated: probabilities are the raw model scores and /predict gives no "
+                "prediction set or referral."
+            )
         if self.kind != "tabular":
             size = self.bundle.preprocessing.size
             out.append(f"Images are resized to {size}x{size} pixels: finer detail is not seen.")

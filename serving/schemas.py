@@ -26,7 +26,29 @@ class ModelRef(BaseModel):
 
 class PredictResponse(BaseModel):
     label: str = Field(description="the most probable class")
-    probabilities: dict[str, float] = Field(description="class name -> probability (sums to 1)")
+    probabilities: dict[str, float] = Field(
+        description="class name -> probability (sums to 1); temperature-scaled when "
+        "`calibrated` is true"
+    )
+    calibrated: bool = Field(
+        default=False,
+        description="whether the probabilities are calibrated (softmax(logits / T), T fitted on "
+        "held-out data; see the model card's `calibration`)",
+    )
+    prediction_set: list[str] | None = Field(
+        default=None,
+        description="conformal prediction set, most probable class first: holds the true class "
+        "for the model card's `calibration.coverage` share of cases (never empty). null: the "
+        "model has no calibration",
+    )
+    refer: bool | None = Field(
+        default=None,
+        description="refer for specialist review: the prediction set holds more than one class "
+        "(or a dangerous class while another is top). null: the model has no calibration",
+    )
+    referral_reason: str | None = Field(
+        default=None, description="why (or why not) to refer, in plain words; null: no calibration"
+    )
     model: ModelRef
     latency_ms: float = Field(description="server-side time to decode, preprocess and infer")
 
@@ -122,6 +144,30 @@ class ClinicalFeatureSpec(BaseModel):
     required: bool = True
 
 
+class CalibrationInfo(BaseModel):
+    """How the served probabilities are calibrated and prediction sets made."""
+
+    method: str = Field(description="temperature (temperature scaling) or none (T = 1)")
+    temperature: float = Field(description="T: probabilities = softmax(logits / T)")
+    coverage: float = Field(description="target share of cases whose set holds the true class")
+    qhat: float = Field(description="conformal threshold on the APS score (1: every class)")
+    score: str = Field(
+        description="conformal score (aps: adaptive prediction sets, not randomised)"
+    )
+    fitted_on: str = Field(description="the data T and the threshold were fitted on")
+    n_fit: int = Field(description="cases they were fitted on")
+    dangerous: list[str] = Field(
+        default_factory=list,
+        description="classes whose presence in the set with another top "
+        "class is named in the referral",
+    )
+    test: dict[str, Any] | None = Field(
+        default=None,
+        description="effect on the test split: ECE and NLL before/after, empirical coverage, "
+        "mean set size, referral rate",
+    )
+
+
 class ModelCard(BaseModel):
     model: ModelRef
     version: str = Field(default="", description="registry version (same as model.version)")
@@ -147,6 +193,9 @@ class ModelCard(BaseModel):
         default=None, description="what the model bundle contains besides the weights"
     )
     chat: bool = Field(default=False, description="whether /chat is available")
+    calibration: CalibrationInfo | None = Field(
+        default=None, description="calibration and conformal referral (null: uncalibrated)"
+    )
 
 
 class CaseFeature(BaseModel):

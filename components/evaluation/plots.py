@@ -89,3 +89,43 @@ def reliability_png(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def reliability_comparison_png(
+    y_true: np.ndarray,
+    curves: dict[str, np.ndarray],
+    path: str | Path,
+    n_bins: int = 15,
+) -> Path:
+    """Reliability diagram of several sets of probabilities for the same labels (e.g. before
+    and after calibration): accuracy vs mean confidence per bin, ECE in each legend entry."""
+    from components.evaluation.metrics import expected_calibration_error
+
+    y = np.asarray(y_true)
+    if not curves or len(y) == 0:
+        raise DataError("a reliability comparison needs labels and at least one set of probs")
+    fig, ax = _figure(4.8, 4.8)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for name, probs in curves.items():
+        p = np.asarray(probs, dtype=np.float64)
+        if p.ndim != 2 or len(p) != len(y):
+            raise DataError(f"{name}: probs must be (N, K) with N = {len(y)}")
+        ece, bins = expected_calibration_error(y, p, n_bins)
+        filled = [b for b in bins if b["n"]]
+        ax.plot(
+            [b["confidence"] for b in filled],
+            [b["accuracy"] for b in filled],
+            "o-",
+            label=f"{name} (ECE {ece:.3f})",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin (max probability)")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(f"reliability on the test split (n = {len(y)})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

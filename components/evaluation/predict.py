@@ -59,6 +59,16 @@ def predict_proba(
     return out
 
 
+def predict_logits(
+    model: nn.Module, x_uint8: np.ndarray, preprocessing: Preprocessing, batch_size: int = 256
+) -> np.ndarray:
+    """Logits (N, K) as float32 (what calibration is fitted on), eval mode, no gradients."""
+    out = _batched(model, model, x_uint8, preprocessing, batch_size)
+    if out is None:
+        return np.zeros((0, int(getattr(model, "num_classes", 0))), dtype=np.float32)
+    return out
+
+
 def embed_arrays(
     model: nn.Module, x_uint8: np.ndarray, preprocessing: Preprocessing, batch_size: int = 256
 ) -> np.ndarray:

@@ -55,6 +55,11 @@ class ReportInput:
     data_fingerprint: str = ""
     privacy: Mapping[str, Any] | None = None
     case_id: str | None = None
+    # conformal prediction set (most probable first), referral and its reason in plain words;
+    # None: the model is not calibrated (the report then says so)
+    prediction_set: Sequence[str] | None = None
+    refer: bool | None = None
+    referral_reason: str | None = None
     created_at: datetime | None = None
     title: str = DEFAULT_TITLE
     disclaimer: str = DISCLAIMER
@@ -113,6 +118,7 @@ def render_report(report: ReportInput) -> bytes:
             f"({format_probability(probabilities[report.predicted_label])})"
         )
     ]
+    story += _referral(report, para, styles["Heading4"], body)
     rows = [["Class", "Probability", ""]]
     for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
         rows.append([para(name), format_probability(p), _bar(p, 6 * cm)])
@@ -174,6 +180,25 @@ def render_report(report: ReportInput) -> bytes:
     )
     doc.build(story)
     return buffer.getvalue()
+
+
+NOT_CALIBRATED = (
+    "No prediction set: this model was not calibrated, so the probabilities are its raw scores "
+    "and the report cannot say when the model is unsure; interpret them with care."
+)
+
+
+def _referral(report: ReportInput, para, heading, body) -> list[Any]:
+    """The prediction set and the referral, in plain words (above the probabilities)."""
+    if report.prediction_set is None or report.refer is None:
+        return [para(NOT_CALIBRATED, body)]
+    names = ", ".join(str(n).replace("_", " ") for n in report.prediction_set)
+    lines = [para(f"Prediction set: {names}", body)]
+    if report.refer:
+        lines.insert(0, para("Refer for specialist review", heading))
+    if report.referral_reason:
+        lines.append(para(report.referral_reason, body))
+    return lines
 
 
 def _check(report: ReportInput) -> dict[str, float]:

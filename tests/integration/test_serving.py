@@ -29,6 +29,18 @@ pytestmark = pytest.mark.integration
 
 CLASSES = ["benign", "malignant", "normal"]
 KEY = "test-key-123"
+#: the served bundle's calibration: probabilities are softmax(logits / T); with q̂ = 0.5 the
+#: untrained model's near-uniform answers get two-class prediction sets (referred)
+CALIBRATION = {
+    "method": "temperature",
+    "temperature": 2.0,
+    "coverage": 0.9,
+    "qhat": 0.5,
+    "fitted_on": "test fixture",
+    "n_fit": 100,
+    "classes": CLASSES,
+    "dangerous": ["malignant"],
+}
 
 
 # ---------------------------------------------------------------- images
@@ -133,6 +145,7 @@ def bundle_dir(tmp_path_factory, training_images):
         background_size=6,
         out_dir=tmp_path_factory.mktemp("bundle") / "b",
         privacy={"epsilon": 8.0, "delta": 1e-5},
+        calibration=CALIBRATION,
     )
 
 
@@ -202,6 +215,7 @@ def client(server):
 
 
 def in_process_probabilities(bundle_dir, image: bytes) -> list[float]:
+    """softmax(logits / T) of the bundle's model, in this process (what /predict must give)."""
     import torch
 
     from components.bundle import ModelBundle
@@ -211,7 +225,7 @@ def in_process_probabilities(bundle_dir, image: bytes) -> list[float]:
     model = bundle.build_model()
     with torch.inference_mode():
         x = bundle.preprocessing.to_tensor(decode_bytes(image)).unsqueeze(0)
-        return torch.softmax(model(x), dim=1)[0].tolist()
+        return torch.softmax(model(x) / CALIBRATION["temperature"], dim=1)[0].tolist()
 
 
 # ---------------------------------------------------------------- over HTTP
@@ -235,6 +249,20 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
         assert answer.model.tag == model_tag
         assert (answer.model.name, answer.model.version) == ("oncoflow-test", "7")
         assert answer.latency_ms > 0
+        assert_referral(answer, expected)
+
+
+def assert_referral(answer, calibrated: list[float]) -> None:
+    """The answer's prediction set and referral are the bundle's calibration applied to the
+    calibrated probabilities."""
+    from components.calibration.record import Calibration
+
+    decision = Calibration.from_dict(CALIBRATION).decide(calibrated)
+    assert answer.calibrated is True
+    assert answer.prediction_set == decision.prediction_set
+    assert answer.prediction_set[0] == answer.label
+    assert answer.refer is decision.refer
+    assert answer.referral_reason == decision.reason
 
 
 def predicted_rows(base: str) -> float:
@@ -291,6 +319,7 @@ def test_concurrent_predictions_each_get_their_own_answer(server, bundle_dir):
     for answer, probabilities in zip(answers, expected, strict=True):
         got = [answer.probabilities[c] for c in CLASSES]
         assert got == pytest.approx(probabilities.tolist(), abs=1e-5)
+        assert_referral(answer, probabilities.tolist())
     assert predicted_rows(base) - before == len(images)
 
 
@@ -408,6 +437,7 @@ def test_report_pdf_parses_back_with_what_it_claims(client, bundle_dir):
     assert "Case case-17" in flat
     assert "epsilon = 8" in flat and "d" * 64 in "".join(text.split())
     assert "not a diagnosis and not medical advice" in flat
+    assert "Prediction set:" in flat  # the calibrated bundle's set and referral, in words
     images = [img for page in reader.pages for img in page.images]
     assert len(images) >= 2  # the upload and its Grad-CAM overlay
 
@@ -596,6 +626,9 @@ def test_model_card(client, model_tag):
         "case_index": 0,
         "training_images": False,
     }
+    assert card.calibration.temperature == 2.0 and card.calibration.qhat == 0.5
+    assert card.calibration.dangerous == ["malignant"]
+    assert card.calibration.fitted_on == "test fixture"
     assert client.ready()
 
 
@@ -635,6 +668,25 @@ def test_openapi_lists_every_route(client):
         assert "post" in paths[route], route
     assert "get" in paths["/model_card"]
     assert "application/pdf" in paths["/report"]["post"]["responses"]["200"]["content"]
+    documented = _schemas_with(client.openapi(), "prediction_set")
+    assert documented, "the OpenAPI document does not describe PredictResponse.prediction_set"
+    fields = documented[0]["properties"]
+    for name in ("prediction_set", "refer", "referral_reason", "calibrated"):
+        assert fields[name].get("description"), name
+
+
+def _schemas_with(doc, field: str) -> list[dict]:
+    """Every object schema in an OpenAPI document that has the property `field`."""
+    found, stack = [], [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict) and field in node["properties"]:
+                found.append(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
 
 
 def test_unknown_route_is_json_404(server):
