@@ -75,6 +75,10 @@ class Prediction:
     model_tag: str
     latency_ms: float | None
     raw: PredictResponse | None = None
+    # the service's conformal prediction set and referral (None: the model is not calibrated)
+    prediction_set: list[str] | None = None
+    refer: bool | None = None
+    referral_reason: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -137,6 +141,9 @@ def _prediction(answer: PredictResponse) -> Prediction:
         model_tag=answer.model.tag,
         latency_ms=answer.latency_ms,
         raw=answer,
+        prediction_set=list(answer.prediction_set) if answer.prediction_set else None,
+        refer=answer.refer,
+        referral_reason=answer.referral_reason,
     )
 
 

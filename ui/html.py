@@ -110,14 +110,24 @@ def result_card(
     case_ref: str | None,
     latency_ms: float | None,
     low_threshold: float = 0.6,
+    prediction_set: list[str] | None = None,
+    refer: bool | None = None,
+    referral_reason: str | None = None,
 ) -> str:
-    low = confidence < low_threshold
-    caution = (
-        '<div class="of-meta" style="color:#b45309">Low confidence: interpret with particular '
-        "care and consider further work-up.</div>"
-        if low
-        else ""
-    )
+    """The result box. With a calibrated model (`refer` not None) the per-case message is the
+    service's referral and prediction set; an uncalibrated model falls back to the fixed
+    `low_threshold` on the top probability."""
+    if refer is not None:
+        low = bool(refer)
+        caution = _referral_html(prediction_set or [label], refer, referral_reason or "")
+    else:
+        low = confidence < low_threshold
+        caution = (
+            '<div class="of-meta" style="color:#b45309">Low confidence: interpret with '
+            "particular care and consider further work-up.</div>"
+            if low
+            else ""
+        )
     version = f" v{escape(model_version)}" if model_version else ""
     ref = f" · case id {escape(case_ref)}" if case_ref else ""
     timing = ""
@@ -136,6 +146,18 @@ def result_card(
         f'<div class="of-meta">Case #{case_id}{ref} · model {escape(model_name)}{version}'
         f"{timing}</div></div>"
     )
+
+
+def _referral_html(prediction_set: list[str], refer: bool, reason: str) -> str:
+    names = ", ".join(escape(pretty_label(n)) for n in prediction_set)
+    words = f'<div class="of-meta" id="of-referral-reason">{escape(reason)}</div>' if reason else ""
+    head = (
+        '<div class="of-meta" id="of-refer" style="color:#b45309"><b>Refer for specialist '
+        "review</b></div>"
+        if refer
+        else ""
+    )
+    return f'{head}<div class="of-meta" id="of-prediction-set">Prediction set: {names}</div>{words}'
 
 
 def kpis(items: list[tuple[str, str]]) -> str:
