@@ -166,8 +166,50 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         "| test metric | value |",
         "|---|---|",
         *headline,
+        "",
+        *calibration_lines(meta.get("calibration"), metrics.get("calibration")),
     ]
     return "\n".join(lines)
+
+
+def calibration_lines(block: dict[str, Any] | None, test: dict[str, Any] | None) -> list[str]:
+    """The model card's calibration section: T, conformal threshold, what each was fitted on,
+    and their effect on the test split (ECE before/after, coverage, set size, referrals)."""
+    if not block:
+        why = (test or {}).get("reason") or (
+            "no calibration was fitted (federated runs are not calibrated yet)"
+        )
+        return [
+            "## Calibration",
+            "",
+            f"- Not calibrated: {why}. Served probabilities are the raw model scores; "
+            "/predict gives no prediction set or referral.",
+        ]
+    lines = [
+        "## Calibration",
+        "",
+        f"- Temperature scaling ({block.get('method')}): T = {float(block['temperature']):.3f}, "
+        f"fitted on the {block.get('fitted_on')}",
+        f"- Conformal prediction sets ({block.get('score')}, not randomised) at "
+        f"{float(block['coverage']):.0%} coverage: threshold q = {float(block['qhat']):.4f}, "
+        f"fitted on the same data ({block.get('n_fit')} cases)",
+        f"- Referral: the set holds more than one class, or a dangerous class "
+        f"({', '.join(block.get('dangerous') or []) or 'none marked'}) while another is top",
+    ]
+    if test and "ece_before" in test:
+        sets = test.get("conformal") or {}
+        lines += [
+            "",
+            f"| on the test split (n = {test.get('n')}) | value |",
+            "|---|---|",
+            f"| ECE before / after | {test['ece_before']:.4f} / {test['ece_after']:.4f} |",
+            f"| NLL before / after | {test['nll_before']:.4f} / {test['nll_after']:.4f} |",
+            f"| empirical coverage (target {float(block['coverage']):.0%}) | "
+            f"{sets.get('coverage', float('nan')):.4f} |",
+            f"| mean set size | {sets.get('mean_set_size', float('nan')):.3f} |",
+            f"| share of cases referred | {sets.get('referral_rate', float('nan')):.4f} |",
+        ]
+    return lines
 
 
 def bundle_contents_lines(contents: dict[str, Any] | None) -> list[str]:

@@ -186,3 +186,20 @@ def test_method_none_keeps_the_model_probabilities():
     cal = fit_calibration(logits, y, CLASSES, method="none")
     assert cal.temperature == 1.0
     np.testing.assert_allclose(cal.probabilities(logits), temperature.softmax(logits))
+
+
+def test_model_card_lists_calibration_and_what_it_was_fitted_on():
+    from flows.promote import calibration_lines
+
+    fit_logits, fit_y = _cases(500, sharpen=3.0, seed=12)
+    test_logits, test_y = _cases(500, sharpen=3.0, seed=13)
+    cal = fit_calibration(
+        fit_logits, fit_y, CLASSES, dangerous=["glioma"], fitted_on="validation split (500)"
+    )
+    text = "\n".join(calibration_lines(cal.to_dict(), calibration_report(cal, test_logits, test_y)))
+    assert f"T = {cal.temperature:.3f}" in text and "validation split (500)" in text
+    for words in ("ECE before / after", "empirical coverage", "mean set size", "referred"):
+        assert words in text
+    assert "glioma" in text
+    uncalibrated = "\n".join(calibration_lines(None, {"fitted": False, "reason": "one class"}))
+    assert "Not calibrated: one class" in uncalibrated
