@@ -91,9 +91,22 @@ def test_first_run_trains_registers_and_packages(first_run, workspace):
         "test_metrics.json",
         "confusion.png",
         "summary.json",
+        "calibration.json",
+        "reliability.png",
     ):
         assert (run_dir / name).exists(), name
     assert (workspace / "mlflow.db").exists()
+    # calibrated on the validation split, measured on the test split, carried by the bundle
+    calibration = json.loads((run_dir / "bundle" / "bundle.json").read_text())["calibration"]
+    assert calibration["temperature"] > 0 and calibration["coverage"] == 0.9
+    assert calibration["fitted_on"].startswith("validation split")
+    assert calibration["dangerous"] == ["lesion_left", "lesion_right"]
+    test = json.loads((run_dir / "test_metrics.json").read_text())["calibration"]
+    assert test["nll_after"] <= test["nll_before"] + 0.05
+    assert 1.0 <= test["conformal"]["mean_set_size"] <= 3.0
+    assert first_run["calibration"]["conformal"]["referral_rate"] == pytest.approx(
+        test["conformal"]["referral_rate"]
+    )
 
 
 def test_worse_model_does_not_take_the_champion_alias(first_run, second_run, env):
@@ -149,8 +162,11 @@ def test_served_champion_answers_predict(first_run, second_run, env, start_serve
     import torch
 
     with torch.no_grad():
-        expected = torch.softmax(model(bundle.preprocessing.to_tensor(image)[None]), 1)[0]
+        logits = model(bundle.preprocessing.to_tensor(image)[None])
+        expected = torch.softmax(logits / bundle.calibration["temperature"], 1)[0]
     assert body["label"] == bundle.class_names[int(expected.argmax())]
+    assert body["calibrated"] is True and body["prediction_set"][0] == body["label"]
+    assert body["refer"] is (len(body["prediction_set"]) > 1) and body["referral_reason"]
     for name, p in zip(bundle.class_names, expected.tolist(), strict=True):
         assert body["probabilities"][name] == pytest.approx(p, abs=1e-4)
     assert str(body["model"]["version"]) == "1"
