@@ -75,7 +75,10 @@ class FeatureAttribution(BaseModel):
 
 class ShapImageSummary(BaseModel):
     expected: float = Field(description="mean probability of the class over the background")
-    probability: float = Field(description="the image's probability of the class")
+    probability: float = Field(
+        description="the image's probability of the class as the model gives it (before "
+        "calibration: SHAP explains the model's own softmax)"
+    )
     total: float = Field(description="sum of the pixel values (≈ probability - expected)")
     nsamples: int
     background_size: int

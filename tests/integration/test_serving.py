@@ -29,11 +29,12 @@ pytestmark = pytest.mark.integration
 
 CLASSES = ["benign", "malignant", "normal"]
 KEY = "test-key-123"
-#: the served bundle's calibration: probabilities are softmax(logits / T); with q̂ = 0.5 the
+#: the served bundle's calibration: probabilities are softmax(logits / T) (T < 1 sharpens, so the
+#: concurrency test still finds images the untrained model tells apart); with q̂ = 0.5 the
 #: untrained model's near-uniform answers get two-class prediction sets (referred)
 CALIBRATION = {
     "method": "temperature",
-    "temperature": 2.0,
+    "temperature": 0.5,
     "coverage": 0.9,
     "qhat": 0.5,
     "fitted_on": "test fixture",
@@ -214,8 +215,9 @@ def client(server):
         yield c
 
 
-def in_process_probabilities(bundle_dir, image: bytes) -> list[float]:
-    """softmax(logits / T) of the bundle's model, in this process (what /predict must give)."""
+def in_process_probabilities(bundle_dir, image: bytes, calibrated: bool = True) -> list[float]:
+    """softmax(logits / T) of the bundle's model, in this process (what /predict must give);
+    softmax(logits) with `calibrated=False` (what SHAP explains)."""
     import torch
 
     from components.bundle import ModelBundle
@@ -225,7 +227,8 @@ def in_process_probabilities(bundle_dir, image: bytes) -> list[float]:
     model = bundle.build_model()
     with torch.inference_mode():
         x = bundle.preprocessing.to_tensor(decode_bytes(image)).unsqueeze(0)
-        return torch.softmax(model(x) / CALIBRATION["temperature"], dim=1)[0].tolist()
+        t = CALIBRATION["temperature"] if calibrated else 1.0
+        return torch.softmax(model(x) / t, dim=1)[0].tolist()
 
 
 # ---------------------------------------------------------------- over HTTP
@@ -391,7 +394,9 @@ def test_explain_returns_maps_summary_and_shap(client, bundle_dir):
 
     assert answer.heat.model_dump() == summarise_heat(cam.heatmap)
     assert answer.shap_image.background_size == 6 and answer.shap_image.nsamples == 8
-    assert answer.shap_image.probability == pytest.approx(expected[1], abs=1e-5)
+    # SHAP explains the model's own (uncalibrated) probability: expected + total ≈ it
+    raw = in_process_probabilities(bundle_dir, image, calibrated=False)
+    assert answer.shap_image.probability == pytest.approx(raw[1], abs=1e-5)
     assert answer.tabular_shap is None and answer.warnings == []
     plain = client.explain(image, "x.png", shap=False)
     assert plain.method == "gradcam" and plain.target == answer.label
@@ -626,7 +631,7 @@ def test_model_card(client, model_tag):
         "case_index": 0,
         "training_images": False,
     }
-    assert card.calibration.temperature == 2.0 and card.calibration.qhat == 0.5
+    assert card.calibration.temperature == 0.5 and card.calibration.qhat == 0.5
     assert card.calibration.dangerous == ["malignant"]
     assert card.calibration.fitted_on == "test fixture"
     assert client.ready()
