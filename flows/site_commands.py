@@ -3,9 +3,10 @@
     oncoflow site prepare DATA_DIR --site NAME --out SITE_DIR [overrides]
     oncoflow site approve SITE_DIR REQUEST.json [--max-epsilon E] [--accept | --refuse REASON]
 
-`prepare` runs the `site_pipeline` flow; `approve` shows the run spec, the code fingerprint and
-the ε asked for, and records the site's decision in SITE_DIR/approval.json (it asks when
-neither --accept nor --refuse is given). The SuperNode is `oncoflow fl supernode SITE_DIR`.
+`prepare` runs the `site_pipeline` flow (data that fails validation: the report's summary on
+this terminal, the full report in SITE_DIR, exit code 2, nothing written to train on);
+`approve` shows the run spec, the code fingerprint and the ε asked for, and records the site's
+decision in SITE_DIR/approval.json (it asks when neither --accept nor --refuse is given). The SuperNode is `oncoflow fl supernode SITE_DIR`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,30 @@ import json
 import sys
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options may stand between positionals, as documented: `prepare DATA_DIR --site N --out D
+    dataset=...` (plain argparse takes the overrides for unrecognised arguments there)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls parse_known_args itself
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def add_site_parser(sub: argparse._SubParsersAction) -> None:
     site = sub.add_parser("site", help="a hospital's side: prepare its data, approve a run")
-    site_sub = site.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
+    site_sub = site.add_subparsers(
+        dest="site_command",
+        required=True,
+        metavar="SITE_COMMAND",
+        parser_class=_IntermixedParser,
+    )
     prep = site_sub.add_parser(
         "prepare", help="ingest, split and validate this hospital's folder; write the site"
     )
@@ -39,9 +61,17 @@ def run_site(args: argparse.Namespace) -> int:
         from flows.runtime import prepare
 
         prepare(args.overrides)
+        from components.errors import ValidationFailed
         from flows.site_pipeline import site_pipeline
 
-        summary = site_pipeline(args.data_dir, args.site, args.site_dir, list(args.overrides))
+        try:
+            summary = site_pipeline(args.data_dir, args.site, args.site_dir, list(args.overrides))
+        except ValidationFailed as exc:  # the readable summary, on the site's own terminal only
+            from validation.outcome import summarise
+
+            if exc.report:
+                print(summarise(exc.report), file=sys.stderr)
+            raise
         print(json.dumps(summary, indent=2))
         return 0
     return approve(args.site_dir, args.request, args.max_epsilon, args.accept, args.refuse)

@@ -169,6 +169,9 @@ class FederationConnection:
             log.warning("the %s run %d did not complete: %s", phase, run_id, str(exc)[:300])
             if phase == "preflight":
                 raise
+            from components.federated.status import record_interrupted
+
+            record_interrupted(layout.out_dir, str(exc))  # when the ServerApp could not
 
 
 def connect(

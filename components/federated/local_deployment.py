@@ -2,6 +2,13 @@
 SuperNode per site as child processes on 127.0.0.1, watches them and stops them (with the
 ServerApp/ClientApp processes they start). Used by `federation.engine=deployment` and by the
 integration tests; what each process runs comes from `deployment` (the commands).
+
+`run_as` (root only) runs the SuperLink and each SuperNode under an OS account of its own, as
+on separate machines: the process (and the ServerApp/ClientApps it starts) gets that account's
+uid/gid and no supplementary groups, its HOME, FLWR_HOME (where Flower installs the app) and
+TMPDIR in the account's `home`, its log in `home/logs`, and a SuperNode its own copy of the
+federation's CA certificate there (a hospital receives `ca.crt`; it cannot read the
+coordinator's directory).
 """
 
 from __future__ import annotations
@@ -9,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +61,30 @@ def _wait_port(
     raise ModelError(f"{log_path.stem} did not open {host}:{port} within {timeout:.0f}s")
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """The OS account a process of a `LocalDeployment` runs under (the caller must be root)."""
+
+    uid: int
+    gid: int
+    home: Path  # owned by the account: HOME, FLWR_HOME, TMPDIR, logs/, the CA copy
+
+    def environment(self) -> dict[str, str]:
+        home = str(self.home)
+        return {"HOME": home, "FLWR_HOME": home, "TMPDIR": home}
+
+    def own(self, path: Path) -> Path:
+        os.chown(path, self.uid, self.gid)
+        return path
+
+
 class LocalDeployment:
     """A SuperLink and one SuperNode per site, as separate processes on 127.0.0.1.
 
     Every process runs in its own process group (so its ServerApp/ClientApp children go with
-    it) and logs to `<root>/logs/`. Use as a context manager; `close()` stops what is left.
+    it) and logs to `<root>/logs/` (a process with a `run_as` account: to its `home/logs/`).
+    `run_as` maps "superlink" or a site name to the account it runs under. Use as a context
+    manager; `close()` stops what is left.
     """
 
     def __init__(
@@ -66,8 +95,10 @@ class LocalDeployment:
         supernode_auth: bool = False,
         host: str = "127.0.0.1",
         superlink_port: int | None = None,
+        run_as: Mapping[str, RunAs] | None = None,
     ) -> None:
         self.layout = layout
+        self.run_as = dict(run_as or {})
         self.root = Path(layout.root)
         self.host = host
         self.tls = tls
@@ -94,21 +125,42 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
         self._log_handles: list[Any] = []
+        self._log_paths: dict[str, Path] = {}
         self._registered = False
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def log_path(self, name: str) -> Path:
+        """The log file of process `name` ("superlink", "supernode-<site dir name>")."""
+        return self._log_paths.get(name, self.logs / f"{name}.log")
+
+    def _spawn(self, name: str, cmd: list[str], who: RunAs | None = None) -> subprocess.Popen:
+        env, cwd, account = base_env(self.flwr_home), self.root, {}
         log_path = self.logs / f"{name}.log"
+        if who is not None:
+            log_path = who.own(_mkdir(who.home / "logs")) / f"{name}.log"
+            log_path.touch()
+            who.own(log_path)
+            env |= who.environment()
+            cwd = who.home
+            account = {"user": who.uid, "group": who.gid, "extra_groups": []}
+        self._log_paths[name] = log_path
         handle = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self._log_handles.append(handle)
         log.info("starting %s: %s", name, " ".join(cmd))
         return subprocess.Popen(
             cmd,
-            env=base_env(self.flwr_home),
-            cwd=self.root,
+            env=env,
+            cwd=cwd,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **account,
         )
+
+    def _root_cert(self, who: RunAs | None) -> Path | None:
+        """The CA certificate as the process's account can read it (its own copy)."""
+        if self.certs is None or who is None:
+            return self.certs.ca_cert if self.certs else None
+        return who.own(Path(shutil.copyfile(self.certs.ca_cert, who.home / "ca.crt")))
 
     def start_superlink(self, timeout: float = 120) -> None:
         cmd = superlink_command(
@@ -119,8 +171,8 @@ class LocalDeployment:
             supernode_auth=self.supernode_auth,
             database=self.database,
         )
-        self.superlink = self._spawn("superlink", cmd)
-        _wait_port(self.host, self.port, self.superlink, timeout, self.logs / "superlink.log")
+        self.superlink = self._spawn("superlink", cmd, self.run_as.get("superlink"))
+        _wait_port(self.host, self.port, self.superlink, timeout, self.log_path("superlink"))
         if self.supernode_auth and not self._registered:
             self._registered = True
             for site, pair in self.keys.items():
@@ -128,16 +180,18 @@ class LocalDeployment:
                 log.info("registered site %s as SuperNode %d", site, node_id)
 
     def start_supernode(self, site: str) -> None:
+        who = self.run_as.get(site)
         cmd = supernode_command(
             self.layout.sites[site],
             superlink=self.address,
             port=free_port(self.host),
             host=self.host,
-            root_cert=self.certs.ca_cert if self.certs else None,
+            root_cert=self._root_cert(who),
             insecure=not self.tls,
             auth_key=self.keys[site].private_key if site in self.keys else None,
         )
-        self.supernodes[site] = self._spawn(f"supernode-{Path(self.layout.sites[site]).name}", cmd)
+        name = f"supernode-{Path(self.layout.sites[site]).name}"
+        self.supernodes[site] = self._spawn(name, cmd, who)
 
     def start(self) -> LocalDeployment:
         self.start_superlink()
@@ -159,7 +213,7 @@ class LocalDeployment:
             return "the SuperLink is not running"
         code = self.superlink.poll()
         if code is not None:
-            return f"the SuperLink exited with code {code} (see {self.logs / 'superlink.log'})"
+            return f"the SuperLink exited with code {code} (see {self.log_path('superlink')})"
         return None
 
     @staticmethod
@@ -209,9 +263,14 @@ class LocalDeployment:
         self.close()
 
     def log_tail(self, name: str = "superlink", lines: int = 40) -> str:
-        path = self.logs / f"{name}.log"
+        path = self.log_path(name)
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _descendants(pid: int) -> list[Any]:
@@ -248,4 +307,4 @@ def run_local_deployment(
         return deployment.wait(run_id, timeout)
 
 
-__all__ = ["LocalDeployment", "free_port", "run_local_deployment"]
+__all__ = ["LocalDeployment", "RunAs", "free_port", "run_local_deployment"]

@@ -11,7 +11,8 @@ file paths or, from a third-party library, data. What is kept:
 - Flower's transport errors (node or reply unavailable): a fixed sentence.
 
 A `SiteReason` is a short category (`timeout`, `unavailable`, `refused`, `site_data`,
-`site_error`, `rejected`, `secagg_dropout`, `duplicate`, `server_error`, `stopped`) and a message.
+`site_error`, `rejected`, `secagg_dropout`, `duplicate`, `server_error`, `stopped`,
+`interrupted`: the run was lost with its ServerApp, e.g. a SuperLink restart) and a message.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ CATEGORIES = (
     "duplicate",
     "server_error",
     "stopped",
+    "interrupted",
 )
 
 __all__ = [

@@ -13,6 +13,10 @@ partition the ClientApp reads and the statistics that may leave the site:
       manifest.parquet     the validated manifest (paths of the hospital's files: stays here)
       validation_report.json, split_report.json, workspace/ (decode cache, GX data docs)
 
+A site whose data fails validation stops with the report in validation_report.json and no
+partition (an earlier one is withdrawn): its SuperNode cannot start, so the coordinator's
+preflight lists it as not connected.
+
 Nothing here logs a path or an image identifier.
 """
 
@@ -111,21 +115,62 @@ def split_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
 def validate_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
     """The pipeline's GX suite; the full report (and any quarantine) stays in the site dir."""
     from components.data import manifest as manifest_io
+    from components.errors import ValidationFailed
     from validation import validate_manifest
 
     ds = ctx.cfg["dataset"]
-    outcome = validate_manifest(
-        frame,
-        list(ds["classes"]),
-        min_side=ds["limits"]["min_side"],
-        max_side=ds["limits"]["max_side"],
-        min_per_class=ctx.cfg["validation"]["min_per_class"],
-        on_failure=ctx.cfg["validation"]["on_failure"],
-        workspace=ctx.workspace,
-    )
+    try:
+        outcome = validate_manifest(
+            frame,
+            list(ds["classes"]),
+            min_side=ds["limits"]["min_side"],
+            max_side=ds["limits"]["max_side"],
+            min_per_class=ctx.cfg["validation"]["min_per_class"],
+            on_failure=ctx.cfg["validation"]["on_failure"],
+            workspace=ctx.workspace,
+        )
+    except ValidationFailed as exc:  # the site is not ready: report here, nothing to train on
+        _write_json(ctx.site_dir / VALIDATION_REPORT, exc.report)
+        # `from None`: the suite's own message (offending rows, report paths) stays out of the
+        # flow's traceback, which a hospital's Prefect worker may send to the coordinator
+        raise site_not_ready(ctx, exc.report, withdraw_partition(ctx.site_dir)) from None
     _write_json(ctx.site_dir / VALIDATION_REPORT, outcome.report)
     manifest_io.save(outcome.validated, ctx.site_dir / MANIFEST_FILE)
     return outcome.validated
+
+
+def site_not_ready(ctx: SiteContext, report: dict, withdrawn: list[str]):
+    """The error a failed validation ends the site's flow with. Its message names the failed
+    expectations only: no offending row, path or image id (a hospital's Prefect worker may
+    report the flow's state to the coordinator's API); the full report stays at the site."""
+    from components.errors import ValidationFailed
+
+    failed = list(
+        report.get("failed") or (report.get("after_quarantine") or {}).get("failed") or []
+    )
+    names = ", ".join(failed) or "see the report"
+    note = f"; the earlier partition was withdrawn ({', '.join(withdrawn)})" if withdrawn else ""
+    return ValidationFailed(
+        f"site {ctx.name} is not ready: its data failed validation ({names}); nothing was "
+        f"written to train on{note}. The full report stays at the site: {VALIDATION_REPORT} in "
+        "the site directory",
+        report,
+    )
+
+
+def withdraw_partition(site_dir: Path) -> list[str]:
+    """Remove what a SuperNode would train on or release (a site whose data no longer validates
+    must not serve an earlier partition); returns the names removed. Approvals stay."""
+    from components.federated.site_stats import STATS_FILE
+    from components.federated.task import SITE_META, TEST_FILE, TRAIN_FILE, VAL_FILE
+
+    removed = []
+    for name in (SITE_META, TRAIN_FILE, VAL_FILE, TEST_FILE, STATS_FILE, MANIFEST_FILE):
+        path = site_dir / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def site_arrays(ctx: SiteContext, frame: pd.DataFrame) -> dict[str, SplitArrays]:
@@ -189,7 +234,9 @@ __all__ = [
     "ingest_site",
     "site_arrays",
     "site_context",
+    "site_not_ready",
     "split_site",
     "validate_site",
+    "withdraw_partition",
     "write_site_partition",
 ]

@@ -11,10 +11,13 @@ Two files in the run's output directory (`<root>/server/out/`), both rewritten a
   array bytes sent to and received from each site (`bytes`, `traffic.MeteredGrid`).
 - `run_state.json`: the run's state (`running`, `completed`, `stopped-budget`, `failed`), the
   planned rounds and sites, the sanitised reason of a failure or stop, a heartbeat
-  (`updated_at`), and, mid-round, the round in progress with the failures known so far.
+  (`updated_at`), and, mid-round, the round in progress with the failures known so far. When
+  the ServerApp dies with its SuperLink, the coordinator's wait writes the end instead
+  (`record_interrupted`: `failed`, category `interrupted`).
 
-`read_status(root)` turns those files into a `FederationStatus`; nothing else is read, so it
-works on the coordinator's machine with no access to any site.
+`read_status(root)` turns those files (and `preflight.json`) into a `FederationStatus`; nothing
+else is read, so it works on the coordinator's machine with no access to any site. A preflight
+that refused the run (too few approving sites) reads as `refused`, with its reason.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from components.federated.reasons import SiteReason, classify, scrub, server_err
 RUN_STATE = "run_state.json"
 RESULT_FILE = "result.json"  # server_app.RESULT_FILE (not imported: that pulls in Flower)
 PREFLIGHT_FILE = "preflight.json"  # preflight.PREFLIGHT_FILE: each site's answer before round 1
-RUNNING, COMPLETED, STOPPED, FAILED, STALLED = (
+RUNNING, COMPLETED, STOPPED, FAILED, STALLED, REFUSED = (
     "running",
     "completed",
     "stopped-budget",
     "failed",
     "stalled",
+    "refused",  # the preflight found too few approving sites: no round ran
 )
 NOT_STARTED = "not started"
 CONTRIBUTED = "accepted"
@@ -120,6 +124,27 @@ def recorded_run(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, 
         return result
 
     return wrapper
+
+
+def record_interrupted(out_dir: str | Path, why: str) -> dict[str, Any] | None:
+    """The coordinator's record of a run lost with its ServerApp (killed with a crashed or
+    restarted SuperLink): the round driver could not write its end, so `run_state.json` still
+    says `running`. Mark it `failed`, category `interrupted`, naming the round in progress and
+    the last checkpointed one; `why` is what the coordinator saw (sanitised here). Returns the
+    new state, or None when the driver recorded its own end."""
+    out = Path(out_dir)
+    state = _read_json(out / RUN_STATE)
+    if state.get("state") != RUNNING:
+        return None
+    done = len(read_ledger(out / LEDGER)) if (out / LEDGER).is_file() else 0
+    at = (state.get("current") or {}).get("round") or done + 1
+    seen = scrub(why.split(";")[0], 120)
+    message = (
+        f"the run was lost with its ServerApp during round {at} ({seen}); {done} round(s) are "
+        "in the ledger and checkpointed; the run does not resume by itself: start it again"
+    )
+    reason = SiteReason("interrupted", message).to_dict()
+    return update_run_state(out, state=FAILED, ended_at=time.time(), reason=reason, current=None)
 
 
 def sanitise_rejections(rejections: list[Any]) -> list[Any]:
@@ -219,8 +244,8 @@ class FederationStatus:
 
     @property
     def ok(self) -> bool:
-        """False when the run failed or its driver stopped reporting."""
-        return self.state not in (FAILED, STALLED)
+        """False when the run failed, was refused or its driver stopped reporting."""
+        return self.state not in (FAILED, STALLED, REFUSED)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,11 +280,17 @@ def read_status(root: str | Path, now: float | None = None) -> FederationStatus:
     rows = read_ledger(out / LEDGER) if (out / LEDGER).is_file() else []
     result = _read_json(out / RESULT_FILE)
     state = state_file.get("state")
+    preflight = _read_json(out / PREFLIGHT_FILE)
     if state is None:
         if result:
             state = state_of(str(result.get("status", "completed")))
+        elif rows:
+            state = RUNNING
+        elif preflight and not preflight.get("ok", True):  # a preflight phase that refused
+            state = REFUSED
+            state_file["reason"] = {"category": "refused", "message": scrub(preflight["reason"])}
         else:
-            state = RUNNING if rows else NOT_STARTED
+            state = NOT_STARTED
     last_at = max((float(r["ended_at"]) for r in rows if r.get("ended_at")), default=None)
     if state == RUNNING:
         beat = max(float(state_file.get("updated_at") or 0), last_at or 0)
@@ -269,7 +300,7 @@ def read_status(root: str | Path, now: float | None = None) -> FederationStatus:
     planned = state_file.get("rounds_planned", result.get("rounds"))
     names = list(state_file.get("sites") or result.get("sites") or [])
     sites = {name: SiteStatus(name) for name in names}
-    for name, answer in (_read_json(out / PREFLIGHT_FILE).get("sites") or {}).items():
+    for name, answer in (preflight.get("sites") or {}).items():
         status = str(answer.get("status", "unknown"))
         why = answer.get("reason") if status != "approved" else None
         sites[name] = SiteStatus(name, 0, status, status if why else None, why)
@@ -354,6 +385,7 @@ def format_status(status: FederationStatus, now: float | None = None) -> str:
 __all__ = [
     "COMPLETED",
     "FAILED",
+    "REFUSED",
     "RUNNING",
     "RUN_STATE",
     "STALLED",
@@ -365,6 +397,7 @@ __all__ = [
     "note_round_progress",
     "out_dir_of",
     "read_status",
+    "record_interrupted",
     "recorded_run",
     "round_failures",
     "sanitise_rejections",
