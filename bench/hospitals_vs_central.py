@@ -31,7 +31,10 @@ ledger's `bytes`, counted by `components/federated/traffic.py`); total wall time
 Knobs (defaults in brackets): --hospitals [5], --alpha [0.5], --seed [0], --max-per-class
 [none: all 3,264 images], --min-per-class [10: each hospital holds at least this many distinct
 images of every class, so its train split passes validation's 5-per-class check],
---size [64 px], --model [small_cnn], --rounds [5], --local-epochs [1], --batch-size [32];
+--size [64 px], --model [small_cnn], --rounds [5], --local-epochs [1], --batch-size [32],
+--site-threads [1: torch threads of each site's processes; five sites share this machine's
+cores, and torch's default of one thread per core in every site oversubscribes them, which
+slowed local training ~20× on 2 cores; the central run keeps torch's default];
 anything after `--` is passed as Hydra overrides to both runs.
 """
 
@@ -112,6 +115,13 @@ def environment(workspace: Path) -> dict[str, str]:
         "PREFECT_HOME": str(workspace / "prefect"),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def site_threads(threads: int) -> dict[str, str]:
+    """Torch/OpenMP threads of every process of the federated run (the SuperNodes' ClientApps
+    inherit them): on one machine the sites share its cores, and torch's default (one thread
+    per core in each site) oversubscribes them."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 # ----------------------------------------------------------------------------- central
@@ -299,7 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     print("federated: python -m flows.cli " + " ".join(fed_args), flush=True)
     t0 = time.perf_counter()
-    fed = oncoflow(fed_args, env, work / "federated.log", args.timeout)
+    fed_env = env | site_threads(args.site_threads)
+    fed = oncoflow(fed_args, fed_env, work / "federated.log", args.timeout)
     walls["federated"] = time.perf_counter() - t0
     out_dir = Path(fed["run_dir"]) / "federation" / "server" / "out"
     result = json.loads((out_dir / "result.json").read_text())
@@ -342,6 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "local_epochs": args.local_epochs,
             "batch_size": args.batch_size,
+            "site_threads": args.site_threads,
             "overrides": args.overrides,
         },
         "commands": {
@@ -402,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--site-threads", type=int, default=1, help="torch threads per site process (federated)"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per oncoflow run")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
