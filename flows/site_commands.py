@@ -6,7 +6,8 @@
 `prepare` runs the `site_pipeline` flow (data that fails validation: the report's summary on
 this terminal, the full report in SITE_DIR, exit code 2, nothing written to train on);
 `approve` shows the run spec, the code fingerprint and the ε asked for, and records the site's
-decision in SITE_DIR/approval.json (it asks when neither --accept nor --refuse is given). The SuperNode is `oncoflow fl supernode SITE_DIR`.
+decision in SITE_DIR/approval.json (it asks when neither --accept nor --refuse is given).
+The SuperNode is `oncoflow fl supernode SITE_DIR`.
 """
 
 from __future__ import annotations
