@@ -11,7 +11,7 @@ MLflow run's tags where the coordinator's flow runs):
   site shows as failed with a sanitised reason within the round timeout (slow);
 - a SuperLink restart mid-run: the run in progress is lost with its ServerApp; the
   coordinator's flow fails with that reason (run_state.json, fl status, MLflow), within a
-  bounded time (slow).
+  bounded time (slow; the record it leaves is also checked on its own, in the default suite).
 
 The SuperLink/SuperNodes and the coordinator's flow run a snapshot of the sources taken at the
 start: a site's approval binds the fingerprint of the code it runs, and the working tree may
@@ -202,6 +202,26 @@ def test_a_site_failing_validation_and_a_refusing_site_are_named_by_the_prefligh
     assert "ethics board" in by_site["south"]["message"]
     assert by_site["east"]["status"] == "absent"
     assert by_site["north"]["status"] == "approved"
+
+
+def test_a_run_lost_with_its_serverapp_is_recorded_as_interrupted_once(tmp_path):
+    """What the coordinator's wait writes when the SuperLink restart killed the round driver
+    (the slow test below does it for real): only over a run still marked running."""
+    from components.federated.checkpoint import write_ledger
+    from components.federated.status import record_interrupted, update_run_state
+
+    out = tmp_path / "server" / "out"
+    update_run_state(out, state="running", rounds_planned=3, sites=["a", "b"])
+    update_run_state(out, current={"round": 2, "phase": "training", "failures": []})
+    write_ledger(out / "ledger.jsonl", [{"round": 1, "sites": {}}])
+    why = "federated run 7 ended as finished:failed; `flwr log 7` at /srv/coordinator/x"
+    assert record_interrupted(out, why)["state"] == "failed"
+    status = read_status(tmp_path)
+    assert status.state == "failed" and not status.ok and status.current is None
+    assert status.reason["category"] == "interrupted"
+    assert "during round 2 (federated run 7 ended as finished:failed)" in status.reason["message"]
+    assert "1 round(s)" in status.reason["message"] and "/srv" not in status.reason["message"]
+    assert record_interrupted(out, "again") is None  # the end is recorded once
 
 
 # --------------------------------------------------------------------------- slow
