@@ -2,7 +2,7 @@
 
 1. Brain MRI is shared into `--hospitals` per-hospital folders with Dirichlet(α) label skew
    (`make_hospital_folders.py`: `Training/`/`Testing/` are flattened, each hospital holds one
-   pile of labelled images; byte-identical images stay in one hospital), optionally capped at
+   pile of labelled images; copies of one image stay in one hospital), optionally capped at
    `--max-per-class` images per class before sharing (seeded).
 2. `oncoflow fl local` runs the real path: each hospital's `site_pipeline` (ingest, split,
    validation; train/val/test stay at the site), approvals, a SuperLink and one SuperNode per
@@ -24,7 +24,7 @@ Printed: per-site and pooled test metrics (macro-F1, AUROC, accuracy, ECE), fede
 central; wall time per round; array bytes sent to / received from each site per round (the
 ledger's `bytes`, counted by `components/federated/traffic.py`); total wall times.
 
-    python bench/hospitals_vs_central.py                        # defaults: ~10 min on 2 CPU cores
+    python bench/hospitals_vs_central.py         # defaults: 22 min on 2 shared cores (load 5-10)
     python bench/hospitals_vs_central.py --json bench-hospitals.json --work /tmp/hvc --keep
     python bench/hospitals_vs_central.py --hospitals 2 --rounds 1 --max-per-class 20  # smoke
 
@@ -33,8 +33,8 @@ Knobs (defaults in brackets): --hospitals [5], --alpha [0.5], --seed [0], --max-
 images of every class, so its train split passes validation's 5-per-class check],
 --size [64 px], --model [small_cnn], --rounds [5], --local-epochs [1], --batch-size [32],
 --site-threads [1: torch threads of each site's processes; five sites share this machine's
-cores, and torch's default of one thread per core in every site oversubscribes them, which
-slowed local training ~20× on 2 cores; the central run keeps torch's default];
+cores, and torch's default of one thread per core in every site oversubscribes them: local
+training was ~3× slower with it on 2 cores; the central run keeps torch's default];
 anything after `--` is passed as Hydra overrides to both runs.
 """
 

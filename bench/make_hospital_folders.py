@@ -7,8 +7,9 @@ SOURCE is a folder of `<class>/<image>` (a `train/`/`test/` level is flattened: 
 holds one pile of labelled images and splits it itself). Each class is shared among the
 hospitals with Dirichlet(α) proportions (label skew; `federation.partition=dirichlet` does the
 same for the simulation), every hospital keeping at least `--min-per-class` images of each
-class it holds. Byte-identical files of a class go to the same hospital (two hospitals do not
-hold the same image; otherwise one site could be tested on what another trained on). Files are
+class it holds. Files of a class with the same pixels (the content hash the sites' ingest
+deduplicates by; brain MRI holds re-encoded copies) go to the same hospital: two hospitals do
+not hold the same image, or one site could be tested on what another trained on. Files are
 copied to `OUT/hospital-<i>/<class>/` under their own names (a name already taken there, e.g.
 `Training/x/a.jpg` and `Testing/x/a.jpg`, gets a `-2`, `-3`, ... suffix); then
 
@@ -39,11 +40,20 @@ def labelled_images(source: Path) -> dict[str, list[Path]]:
     return by_class
 
 
+def content_key(path: Path) -> str:
+    """The pixel hash the sites' ingest deduplicates by (`ingest.describe`; re-encoded copies
+    of one image share it), else the file's bytes for a file that does not decode."""
+    sys.path.insert(0, str(ROOT))
+    from components.data.ingest import describe
+
+    return describe(str(path)).sha256 or hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def identical_groups(files: list[Path]) -> list[list[Path]]:
-    """`files` grouped by content (byte-identical files together), in first-seen order."""
+    """`files` grouped by content (the same pixels together), in first-seen order."""
     groups: dict[str, list[Path]] = {}
     for path in files:
-        groups.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
+        groups.setdefault(content_key(path), []).append(path)
     return list(groups.values())
 
 
