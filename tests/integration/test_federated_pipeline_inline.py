@@ -13,29 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hospitals import OVERRIDES, write_hospitals
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_coordinator_flow_logs_rounds_live_and_registers_the_pooled_result(tmp_path):
-    folders = tmp_path / "hospitals"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "make_hospital_folders.py"),
-            "--synthetic",
-            "24",
-            str(folders),
-            "--hospitals",
-            "3",
-            "--alpha",
-            "5",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    folders = write_hospitals(tmp_path / "hospitals", per_class=24)
     workspace = tmp_path / "workspace"
     env = {
         **os.environ,
@@ -45,12 +30,7 @@ def test_coordinator_flow_logs_rounds_live_and_registers_the_pooled_result(tmp_p
     }
     sites = [f"--site=h{i}={folders / f'hospital-{i}'}" for i in (1, 2, 3)]
     overrides = [
-        "dataset=synthetic",
-        "dataset.adapter=folder",
-        "model=small_cnn",
-        "model.width=8",
-        "validation.min_per_class=2",
-        "trainer.batch_size=16",
+        *OVERRIDES,
         "federation.rounds=3",
         "federation.engine=inline",
         "package.build_bento=false",

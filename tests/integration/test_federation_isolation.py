@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from hospitals import OVERRIDES as SMALL_FEDERATION
+from hospitals import write_hospitals
 
 from components.federated.local_deployment import LocalDeployment, RunAs
 from components.telemetry import TELEMETRY_OFF
@@ -44,12 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SITES = ("hospital-1", "hospital-2", "hospital-3")
 ACCOUNT_PREFIX = "oncoflow-iso-"  # the accounts this test creates (or reuses) and removes
 OVERRIDES = [
-    "dataset=synthetic",
-    "dataset.adapter=folder",
-    "model=small_cnn",
-    "model.width=8",
-    "validation.min_per_class=2",
-    "trainer.batch_size=16",
+    *SMALL_FEDERATION,
     "federation.rounds=2",
     "federation.engine=deployment",
     "package.build_bento=false",
@@ -304,23 +301,7 @@ def base(monkeypatch):
 
 def test_sites_and_coordinator_under_separate_accounts_share_nothing_but_weights(base):
     sources = snapshot(base / "src")
-    staging = base / "staging"
-    subprocess.run(
-        [
-            sys.executable,
-            str(sources / "bench" / "make_hospital_folders.py"),
-            "--synthetic",
-            "30",
-            str(staging),
-            "--hospitals",
-            "3",
-            "--alpha",
-            "5",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    staging = write_hospitals(base / "staging", source_root=sources)
     with accounts(["coord", *SITES], base, sources) as acct:
         coord = acct["coord"]
         hospitals = {name: acct[name] for name in SITES}

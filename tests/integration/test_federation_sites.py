@@ -13,29 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hospitals import OVERRIDES, write_hospitals
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~4 min on a busy 2-core machine
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_three_hospitals_train_evaluate_register_and_package(tmp_path):
-    folders = tmp_path / "hospitals"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "make_hospital_folders.py"),
-            "--synthetic",
-            "30",
-            str(folders),
-            "--hospitals",
-            "3",
-            "--alpha",
-            "5",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    folders = write_hospitals(tmp_path / "hospitals")
     workspace = tmp_path / "workspace"
     env = {
         **os.environ,
@@ -46,12 +31,7 @@ def test_three_hospitals_train_evaluate_register_and_package(tmp_path):
     }
     sites = [f"--site=hospital-{i}={folders / f'hospital-{i}'}" for i in (1, 2, 3)]
     overrides = [
-        "dataset=synthetic",
-        "dataset.adapter=folder",
-        "model=small_cnn",
-        "model.width=8",
-        "validation.min_per_class=2",
-        "trainer.batch_size=16",
+        *OVERRIDES,
         "federation.rounds=2",
         "federation.engine=deployment",
         "package.build_bento=false",
