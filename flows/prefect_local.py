@@ -197,6 +197,15 @@ def ensure_work_pool(
         _run_cli(["work-queue", "set-concurrency-limit", TRAINING_QUEUE, "1", "--pool", pool], env)
 
 
+def coordinator_deployments(prefect_file: str | os.PathLike = PREFECT_FILE) -> list[str]:
+    """The deployments of `prefect_file` that run on this (the coordinator's) server: all but
+    those tagged ``site``, which each hospital deploys on its own work pool."""
+    import yaml
+
+    spec = yaml.safe_load(Path(prefect_file).read_text())
+    return [d["name"] for d in spec["deployments"] if "site" not in (d.get("tags") or [])]
+
+
 def deploy_all(
     api_url: str | None = None,
     workspace: str | os.PathLike | None = None,
@@ -205,7 +214,10 @@ def deploy_all(
     pool_type: str = "process",
     base_job_template: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Create the pool/queue and run ``prefect deploy --all``; return the deployment names.
+    """Create the pool/queue and deploy this server's deployments; return their names.
+
+    Every deployment of `prefect_file` but those tagged ``site``: a hospital deploys its own
+    (``prefect deploy --name site-prepare`` on its pool, deployments/README.md section 6).
 
     `api_url` defaults to the stack started by `up` in this workspace, then $PREFECT_API_URL.
     A `pool` other than the default replaces prefect.yaml's pool for every deployment (e.g. a
@@ -222,7 +234,14 @@ def deploy_all(
         )
     ensure_work_pool(api_url, ws, pool, pool_type, base_job_template)
     env = stack_env(ws, api_url)
-    args = ["--no-prompt", "deploy", "--all", "--prefect-file", str(Path(prefect_file).resolve())]
+    names_args = [a for n in coordinator_deployments(prefect_file) for a in ("--name", n)]
+    args = [
+        "--no-prompt",
+        "deploy",
+        *names_args,
+        "--prefect-file",
+        str(Path(prefect_file).resolve()),
+    ]
     if pool != POOL:
         args += ["--pool", pool]
     out = _run_cli(args, env, timeout_s=600)

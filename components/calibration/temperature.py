@@ -93,7 +93,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     # the bracket's ends are candidates too (the optimum may lie on a bound)
     candidates = {best: loss(best), lo: loss(lo), hi: loss(hi)}
     log_beta = min(candidates, key=candidates.get)
+    if log_beta >= hi - 1e-3 and _separable(z, y):
+        # every held-out case is already right: the NLL only says "sharper", without limit, and
+        # says nothing about the cases the model gets wrong; do not sharpen on such evidence
+        return 1.0
     return float(1.0 / math.exp(log_beta))
+
+
+def _separable(z: np.ndarray, y: np.ndarray) -> bool:
+    """True when the top logit is the true class for every case."""
+    return bool(np.all(z.argmax(axis=1) == y))
 
 
 __all__ = [

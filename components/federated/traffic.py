@@ -29,10 +29,18 @@ def message_array_bytes(message: Message) -> int:
     if not message.has_content():
         return 0
     return sum(
-        np.dtype(array.dtype).itemsize * prod(array.shape)
+        _array_bytes(array)
         for record in message.content.array_records.values()
         for array in record.values()
     )
+
+
+def _array_bytes(array: Any) -> int:
+    """Elements × item size; an array without a numpy dtype (SecAgg+'s legacy FitIns layout
+    carries serialised bytes) counts its serialised length."""
+    if not array.dtype:
+        return len(array.data)
+    return np.dtype(array.dtype).itemsize * prod(array.shape)
 
 
 class MeteredGrid(Grid):

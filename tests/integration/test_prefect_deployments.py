@@ -108,13 +108,15 @@ def _tail(path: str, lines: int = 60) -> str:
 
 def test_every_deployment_is_on_the_server_with_its_schedule(stack):
     deployments = _deployments(stack["api"])
-    assert set(deployments) == {
+    assert set(deployments) == {  # site-prepare is deployed by each hospital, not here
         "nightly-central",
         "weekly-federated",
         "validate-data",
         "promote-and-package",
+        "federated-coordinator",
     }
     assert sorted(stack["deployed"]) == [
+        "federated_pipeline/federated-coordinator",
         "promote_and_package/promote-and-package",
         "train_pipeline/nightly-central",
         "train_pipeline/weekly-federated",

@@ -203,3 +203,17 @@ def test_model_card_lists_calibration_and_what_it_was_fitted_on():
     assert "glioma" in text
     uncalibrated = "\n".join(calibration_lines(None, {"fitted": False, "reason": "one class"}))
     assert "Not calibrated: one class" in uncalibrated
+
+
+def test_a_perfectly_separated_split_does_not_sharpen_the_model():
+    """All held-out cases right: the NLL keeps falling as T shrinks; T stays 1 instead of
+    running to its lower bound (which makes every later mistake near-certain)."""
+    import numpy as np
+
+    from components.calibration.temperature import fit_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    z = rng.normal(0, 0.5, (60, 3))
+    z[np.arange(60), y] += 2.0
+    assert fit_temperature(z, y) == 1.0
