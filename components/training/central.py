@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -227,6 +228,7 @@ def train_central(
     tr = cfg["trainer"]
     privacy = validate_privacy(cfg["privacy"], None, tr)
     architecture = architecture_from_config(cfg, privacy=privacy)
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the initial weights too
     model = build_model(**architecture)
     dp = None
     if privacy.dp_sgd:
