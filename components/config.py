@@ -143,7 +143,12 @@ class CalibrationConf:
     method: str = "temperature"  # temperature (one scalar T, minimum NLL) | none (T = 1)
     # conformal prediction sets (APS): target share of cases whose set holds the true class
     coverage: float = 0.9
-    fit_on: str = "val"  # the split T and the conformal threshold are fitted on (val only)
+    # what T, the conformal threshold and the operating points are fitted on: `val` (the
+    # validation split) | `held_out` (a seeded share of the test split, after de-duplication,
+    # moved to a `calibration` split that training and model selection never see: the
+    # deployment's own distribution, as a hospital calibrates on its own cases)
+    fit_on: str = "val"
+    held_out_fraction: float = 0.5  # share of the test split moved to `calibration` (held_out)
 
 
 @dataclass
@@ -177,7 +182,7 @@ _CHOICES = {
     "registry.gate_mode": {"max", "min"},
     "training.mode": {"central", "federated"},
     "calibration.method": {"temperature", "none"},
-    "calibration.fit_on": {"val"},
+    "calibration.fit_on": {"val", "held_out"},
 }
 
 
@@ -250,6 +255,8 @@ def check(cfg) -> None:
     fractions = ds.split.val_fraction + ds.split.test_fraction
     if not (0 < ds.split.val_fraction < 1 and 0 < ds.split.test_fraction < 1 and fractions < 1):
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")
+    if not 0 < cfg.calibration.held_out_fraction < 1:
+        raise ConfigError("calibration.held_out_fraction must be in (0, 1)")
     if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1 or cfg.trainer.lr <= 0:
         raise ConfigError("trainer.max_epochs, trainer.batch_size and trainer.lr must be positive")
     _check_bundle_contents(cfg)
