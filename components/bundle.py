@@ -10,6 +10,9 @@ Layout of a bundle directory::
                      space: constant grey levels unless `package.training_images`
     embeddings.npz   (optional, only with `package.training_images`: central runs without DP)
                      similar-case index of training images: features, labels, thumbnails
+    ood.npz          (optional, `calibration.ood=mahalanobis`) the out-of-distribution check's
+                     aggregate statistics of training features: class means (K, D) and the
+                     shared precision matrix (D, D); no single case's features
 
 By default a bundle carries no image, thumbnail, embedding or label of training data; a
 serving site builds its own similar-case library (`components.case_library`).
@@ -34,6 +37,12 @@ _META = "bundle.json"
 _WEIGHTS = "weights.pt"
 _BACKGROUND = "background.pt"
 _EMBEDDINGS = "embeddings.npz"
+_OOD = "ood.npz"
+#: `contents.ood_statistics` when the bundle has them
+OOD_STATISTICS = (
+    "class means and shared covariance (precision matrix) of the training split's "
+    "penultimate-layer features: aggregate statistics, no single case's features"
+)
 
 
 @dataclass
@@ -60,6 +69,8 @@ class ModelBundle:
     # temperature, conformal threshold, coverage, dangerous classes, what they were fitted on
     # (`components.calibration.record.Calibration.to_dict`); None: served uncalibrated
     calibration: dict[str, Any] | None = None
+    # the Mahalanobis OOD check's aggregate statistics {"means", "precision"}; None: none
+    ood_stats: dict[str, Any] | None = None
 
     def contents(self) -> dict[str, Any]:
         """What the bundle holds besides the weights, from the data itself (so it cannot
@@ -77,6 +88,7 @@ class ModelBundle:
             "background": background,
             "case_index": case_index,
             "training_images": case_index > 0 or background not in (BACKGROUND_BASELINES, "none"),
+            "ood_statistics": OOD_STATISTICS if self.ood_stats else None,
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -108,6 +120,8 @@ class ModelBundle:
             torch.save(self.background, path / _BACKGROUND)
         if self.embeddings is not None:
             np.savez_compressed(path / _EMBEDDINGS, **self.embeddings)
+        if self.ood_stats:
+            np.savez(path / _OOD, **self.ood_stats)
         return path
 
     @classmethod
@@ -130,6 +144,10 @@ class ModelBundle:
         if (path / _EMBEDDINGS).exists():
             with np.load(path / _EMBEDDINGS) as data:
                 embeddings = {k: data[k] for k in data.files}
+        ood_stats = None
+        if (path / _OOD).exists():
+            with np.load(path / _OOD, allow_pickle=False) as data:
+                ood_stats = {k: data[k] for k in data.files}
         return cls(
             architecture=meta["architecture"],
             architecture_kwargs=meta["architecture_kwargs"],
@@ -146,6 +164,7 @@ class ModelBundle:
             extra=meta.get("extra", {}),
             background_source=(meta.get("contents") or {}).get("background", ""),
             calibration=meta.get("calibration"),
+            ood_stats=ood_stats,
         )
 
     def build_model(self):

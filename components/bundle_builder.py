@@ -49,6 +49,7 @@ def make_bundle(
     tabular_schema: list[dict[str, Any]] | None = None,
     seed: int = 0,
     calibration: dict[str, Any] | None = None,
+    ood_stats: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the bundle for `model` to `out_dir` and return that directory.
 
@@ -57,7 +58,8 @@ def make_bundle(
     without DP only) the background is a class-stratified sample of `train_x` and the bundle
     carries a similar-case index of every training image (features, labels, thumbnails; no
     identifiers). `calibration` (`Calibration.to_dict()`) is what serving applies: calibrated
-    probabilities, conformal prediction sets and referrals.
+    probabilities, conformal prediction sets and referrals; `ood_stats` the OOD check's
+    aggregate statistics of training features (`components.calibration.ood`).
     """
     kwargs = {k: v for k, v in architecture.items() if k != "name"}
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
@@ -87,6 +89,7 @@ def make_bundle(
         embeddings=embeddings,
         background_source=source,
         calibration=calibration,
+        ood_stats=ood_stats,
     )
     return bundle.save(out_dir)
 

@@ -130,6 +130,9 @@ class ServingConf:
     chat: bool = True  # serve the chat assistant
     assistant_config: str | None = None  # JSON file with the assistant settings
     background_size: int = 32  # SHAP reference images packaged with the model
+    explain_concurrency: int = 2  # explanations/reports computed at once; beyond: 429
+    rate_limit_per_minute: int = 1200  # requests per API key a minute (0: no limit); then 429
+    rate_limit_burst: int = 100  # requests one API key may send at once before the rate counts
     # the site-local similar-case library `/similar` answers from (`oncoflow case-library
     # build`); null: /similar answers 404 (a bundle's own index only with package.training_images)
     case_library: str | None = None
@@ -137,8 +140,8 @@ class ServingConf:
 
 @dataclass
 class CalibrationConf:
-    """Calibrated probabilities and conformal referral, fitted after training (central runs;
-    federated runs are served uncalibrated for now)."""
+    """Calibrated probabilities and conformal referral, fitted after training (federated runs:
+    from the sites' validation sums, components/federated/site_calibration.py)."""
 
     method: str = "temperature"  # temperature (one scalar T, minimum NLL) | none (T = 1)
     # conformal prediction sets (APS): target share of cases whose set holds the true class
@@ -149,6 +152,13 @@ class CalibrationConf:
     # deployment's own distribution, as a hospital calibrates on its own cases)
     fit_on: str = "val"
     held_out_fraction: float = 0.5  # share of the test split moved to `calibration` (held_out)
+    # operating point for the dataset's dangerous classes: the highest threshold on P(any
+    # dangerous class) that reaches this sensitivity on the calibration data
+    target_sensitivity: float = 0.95
+    # out-of-distribution check: mahalanobis (training-feature class means + shared shrunk
+    # covariance, kept in the bundle as aggregate statistics) | energy (logits only) | none
+    ood: str = "mahalanobis"
+    ood_false_alarm: float = 0.05  # share of in-distribution validation inputs flagged
 
 
 @dataclass
@@ -183,6 +193,7 @@ _CHOICES = {
     "training.mode": {"central", "federated"},
     "calibration.method": {"temperature", "none"},
     "calibration.fit_on": {"val", "held_out"},
+    "calibration.ood": {"mahalanobis", "energy", "none"},
 }
 
 
@@ -252,6 +263,10 @@ def check(cfg) -> None:
         raise ConfigError(f"dataset.dangerous names {unknown}, which are not in dataset.classes")
     if not 0.0 < cfg.calibration.coverage < 1.0:
         raise ConfigError("calibration.coverage must lie in (0, 1), e.g. 0.9")
+    if not 0.0 < cfg.calibration.target_sensitivity <= 1.0:
+        raise ConfigError("calibration.target_sensitivity must lie in (0, 1], e.g. 0.95")
+    if not 0.0 < cfg.calibration.ood_false_alarm < 1.0:
+        raise ConfigError("calibration.ood_false_alarm must lie in (0, 1), e.g. 0.05")
     fractions = ds.split.val_fraction + ds.split.test_fraction
     if not (0 < ds.split.val_fraction < 1 and 0 < ds.split.test_fraction < 1 and fractions < 1):
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")

@@ -19,6 +19,7 @@ from flows.tasks import (
     arrays_task,
     bundle_task,
     calibrate_task,
+    federated_calibration_task,
     close_failed_run,
     evaluate_task,
     federated_task,
@@ -47,8 +48,11 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     else:
         trained = train_task(ctx, arrays)
     try:  # a run opened before training is closed as FAILED if a step before register fails
-        # federated runs are not calibrated yet: that needs the sites' held-out data, unpooled
-        calibrated = None if trained.federation else calibrate_task(ctx, trained.model, arrays)
+        if trained.federation:  # fitted from the sites' validation sums, never pooled
+            fitted = trained.federation.get("calibration")
+            calibrated = federated_calibration_task(ctx, trained.model, fitted, arrays["test"])
+        else:
+            calibrated = calibrate_task(ctx, trained.model, arrays)
         evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated)
         metrics = evaluation.metrics
         fingerprints = validated.fingerprints()
@@ -59,6 +63,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
             metrics,
             fingerprints["data"],
             calibrated.calibration if calibrated else None,
+            ood_stats=calibrated.ood_stats if calibrated else None,
         )
     except BaseException:
         close_failed_run(ctx, trained.mlflow_run_id)
@@ -82,7 +87,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "dataset": cfg["dataset"]["name"],
         "model": cfg["model"]["name"],
-        "images": {s: len(arrays[s].y) for s in ("train", "val", "test")},
+        "images": {s: len(a.y) for s, a in arrays.items()},
         "quarantined": validated.quarantined,
         "split_report": split.report,
         "test_metrics": {k: metrics[k] for k in _HEADLINE if k in metrics},

@@ -99,6 +99,7 @@ class Calibrated:
     calibration: dict[str, Any] | None  # Calibration.to_dict(); None: not fitted (see report)
     report: dict[str, Any]  # calibration_report on the test split, or why it was not fitted
     figure: Path | None = None  # reliability diagram before/after on the test split
+    ood_stats: dict[str, Any] | None = None  # the OOD check's arrays for the bundle's ood.npz
 
 
 @dataclass
@@ -317,9 +318,15 @@ def federation_layout_task(
 
 @task(name="calibrate")
 def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) -> Calibrated:
-    """Fit temperature scaling and the conformal threshold on `calibration.fit_on` (the
-    validation split) and measure them on the test split. A split too small or one-class to
-    fit on leaves the model uncalibrated, with a warning and the reason in the report."""
+    """Fit temperature scaling, the conformal threshold and the dangerous-class operating point
+    on `calibration.fit_on` (`val`: the validation split; `held_out`: the `calibration` split,
+    a held-out share of the test split's distribution) and the out-of-distribution check
+    (statistics on the training split, threshold on the validation split); measure them on the
+    test split. A split too small or one-class to fit on leaves the model uncalibrated, with a
+    warning and the reason in the report; a part that cannot be fitted (no dangerous class in
+    the data, ...) is left out with its reason in the block's `notes`."""
+    import dataclasses
+
     from components.calibration.fit import calibration_report, fit_calibration
     from components.calibration.temperature import softmax
     from components.errors import DataError
@@ -327,11 +334,8 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
     from components.evaluation.predict import predict_logits
 
     conf, pre = ctx.cfg["calibration"], preprocessing_from_config(ctx.cfg)
-    held_out, test = arrays[conf["fit_on"]], arrays["test"]
-    fitted_on = (
-        f"validation split ({len(held_out.y)} cases: never trained on, also used for early "
-        "stopping)"
-    )
+    held_out, fitted_on = calibration_data(conf, arrays)
+    test = arrays["test"]
     log = get_run_logger()
     try:
         calibration = fit_calibration(
@@ -342,12 +346,27 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
             coverage=conf["coverage"],
             dangerous=ctx.cfg["dataset"]["dangerous"],
             fitted_on=fitted_on,
+            target_sensitivity=conf["target_sensitivity"],
         )
     except DataError as exc:
         log.warning("model left uncalibrated: %s", exc)
         return Calibrated(None, {"fitted": False, "reason": str(exc)})
+    for note in calibration.notes:
+        log.warning("calibration: %s", note)
     test_logits = predict_logits(model, test.x, pre)
+    detector, ood_report = _fit_ood(ctx, model, arrays, test_logits)
+    if detector is not None:
+        calibration = dataclasses.replace(
+            calibration,
+            ood=detector.meta(),
+            sources={**calibration.sources, "ood": detector.fitted_on},
+        )
+    elif ood_report.get("reason"):
+        calibration = dataclasses.replace(
+            calibration, notes=[*calibration.notes, f"no OOD check: {ood_report['reason']}"]
+        )
     report = calibration_report(calibration, test_logits, test.y)
+    report["ood"] = ood_report
     figure = reliability_comparison_png(
         test.y,
         {
@@ -359,8 +378,9 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
     artifacts.write_json(ctx.run_dir / "calibration.json", report)
     sets = report["conformal"]
     log.info(
-        "calibration: T=%.3f, test ECE %.3f -> %.3f, NLL %.3f -> %.3f; %.0f%% sets: coverage "
-        "%.3f, mean size %.2f, referred %.1f%%",
+        "calibration on %s: T=%.3f, test ECE %.3f -> %.3f, NLL %.3f -> %.3f; %.0f%% sets: "
+        "coverage %.3f, mean size %.2f, referred %.1f%%",
+        conf["fit_on"],
         calibration.temperature,
         report["ece_before"],
         report["ece_after"],
@@ -370,6 +390,135 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
         sets["coverage"],
         sets["mean_set_size"],
         100 * sets["referral_rate"],
+    )
+    point = report.get("operating_point")
+    if point:
+        at = point["test"]
+        log.info(
+            "operating point P(dangerous) >= %.3f: test sensitivity %s (%d positives), "
+            "specificity %s (%d negatives)",
+            at["threshold"],
+            _rate(at["sensitivity"]),
+            at["n_positive"],
+            _rate(at["specificity"]),
+            at["n_negative"],
+        )
+    stats = detector.arrays() if detector is not None else None
+    return Calibrated(calibration.to_dict(), report, figure, ood_stats=stats or None)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def calibration_data(conf: dict[str, Any], arrays: dict[str, SplitArrays]):
+    """The split T, the conformal threshold and the operating point are fitted on, and what it
+    is in words (with its size). `DataError` when `fit_on=held_out` finds no calibration split."""
+    from components.data.cache import CALIBRATION_SPLIT
+    from components.errors import DataError
+
+    if conf["fit_on"] == "held_out":
+        held_out = arrays.get(CALIBRATION_SPLIT)
+        if held_out is None or not len(held_out.y):
+            raise DataError(
+                "calibration.fit_on=held_out but the run has no held-out `calibration` split "
+                "(the split step moves a share of the test split there)"
+            )
+        return held_out, (
+            f"held-out calibration split ({len(held_out.y)} cases: a seeded, label-stratified "
+            f"{conf['held_out_fraction']:.0%} share of the de-duplicated test split, from the "
+            "deployment's own distribution; never used for training, model selection or the "
+            "test metrics)"
+        )
+    held_out = arrays["val"]
+    return held_out, (
+        f"validation split ({len(held_out.y)} cases: never trained on, also used for early "
+        "stopping)"
+    )
+
+
+def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_logits):
+    """The OOD check (`calibration.ood`): statistics from the training split's features,
+    threshold on the validation split; with its share of test images flagged (in-distribution
+    false alarms). (None, report with the reason) when off or not fittable."""
+    import numpy as np
+
+    from components.calibration.ood import fit_detector
+    from components.errors import DataError, ModelError
+    from components.evaluation.predict import embed_arrays, predict_logits
+
+    conf, pre = ctx.cfg["calibration"], preprocessing_from_config(ctx.cfg)
+    kind = conf["ood"]
+    if kind == "none":
+        return None, {"fitted": False, "reason": "calibration.ood=none"}
+    train, val, test = arrays["train"], arrays["val"], arrays["test"]
+    features = kind == "mahalanobis"
+    try:
+        detector = fit_detector(
+            kind,
+            val_logits=predict_logits(model, val.x, pre),
+            val_features=embed_arrays(model, val.x, pre) if features else None,
+            false_alarm=conf["ood_false_alarm"],
+            train_features=embed_arrays(model, train.x, pre) if features else None,
+            train_labels=train.y,
+            n_classes=len(ctx.class_names),
+        )
+    except (DataError, ModelError) as exc:
+        get_run_logger().warning("no out-of-distribution check: %s", exc)
+        return None, {"fitted": False, "reason": str(exc)}
+    scores = detector.scores(test_logits, embed_arrays(model, test.x, pre) if features else None)
+    flagged = float(np.mean(detector.is_out(scores))) if len(scores) else None
+    get_run_logger().info(
+        "OOD check (%s): threshold %.4g; %s of in-distribution test images flagged",
+        kind,
+        detector.threshold,
+        _rate(flagged),
+    )
+    return detector, {
+        "fitted": True,
+        **detector.meta(),
+        "test_flagged_rate": flagged,
+        "n_test": len(scores),
+    }
+
+
+@task(name="calibrate-federated")
+def federated_calibration_task(
+    ctx: RunContext, model: Any, fitted: dict[str, Any] | None, test: SplitArrays | None
+) -> Calibrated:
+    """The calibration the sites' validation sums fitted (`calibration_exchange`), measured on
+    the coordinator's test split when it holds one (a simulated federation); a real
+    federation's report comes from the sites' pooled test sums (`federated_pipeline`)."""
+    from components.calibration.fit import calibration_report
+    from components.calibration.record import Calibration
+    from components.calibration.temperature import softmax
+    from components.evaluation.plots import reliability_comparison_png
+    from components.evaluation.predict import predict_logits
+
+    log = get_run_logger()
+    if not fitted or not fitted.get("fitted"):
+        reason = (fitted or {}).get("reason", "the federation returned no calibration")
+        log.warning("federated model left uncalibrated: %s", reason)
+        return Calibrated(None, {"fitted": False, "reason": reason})
+    calibration = Calibration.from_dict(fitted["calibration"])
+    if test is None or not len(test.y):
+        return Calibrated(calibration.to_dict(), {"fitted": True, "fitted_on": calibration.fitted_on})
+    logits = predict_logits(model, test.x, preprocessing_from_config(ctx.cfg))
+    report = calibration_report(calibration, logits, test.y)
+    figure = reliability_comparison_png(
+        test.y,
+        {"uncalibrated": softmax(logits), "calibrated": calibration.probabilities(logits)},
+        ctx.run_dir / "reliability.png",
+    )
+    artifacts.write_json(ctx.run_dir / "calibration.json", report)
+    log.info(
+        "federated calibration: T=%.3f from %d site validation cases, test ECE %.3f -> %.3f, "
+        "conformal coverage %.3f",
+        calibration.temperature,
+        calibration.n_fit,
+        report["ece_before"],
+        report["ece_after"],
+        report["conformal"]["coverage"],
     )
     return Calibrated(calibration.to_dict(), report, figure)
 
@@ -408,10 +557,12 @@ def bundle_task(
     metrics: dict[str, Any],
     data_fingerprint: str,
     calibration: dict[str, Any] | None = None,
+    ood_stats: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model bundle: weights, metadata, the calibration serving applies (if any)
-    and a SHAP background of constant grey levels; training images (background sample, case
-    index) only with `package.training_images` (central runs without DP)."""
+    """Write the model bundle: weights, metadata, the calibration serving applies (if any),
+    the OOD check's aggregate training-feature statistics (if any) and a SHAP background of
+    constant grey levels; training images (background sample, case index) only with
+    `package.training_images` (central runs without DP)."""
     from components.bundle_builder import bundle_settings, make_bundle
 
     bundle_dir = make_bundle(
@@ -427,6 +578,7 @@ def bundle_task(
         config=ctx.cfg,
         out_dir=ctx.run_dir / "bundle",
         calibration=calibration,
+        ood_stats=ood_stats,
         **bundle_settings(ctx.cfg),
     )
     get_run_logger().info("model bundle written to %s", bundle_dir)

@@ -34,6 +34,7 @@ import numpy as np
 from components.errors import ConfigError, InputError, ModelError, NotFound
 from serving.inference import for_inference
 from serving.schemas import (
+    STATUS_OOD,
     BundleContents,
     CalibrationInfo,
     ClinicalFeatureSpec,
@@ -69,6 +70,13 @@ GENERAL_LIMITATIONS = (
     "Only validated on data like the training data (see the data fingerprint); other "
     "scanners, sites, populations or image types may give unreliable answers.",
     "Grad-CAM and SHAP show what the model used for its answer, not where disease is.",
+)
+
+
+OOD_REASON = (
+    "This image is unlike the images the model was trained on (for example another kind of "
+    "scan, a blank or damaged image, or an image from a very different scanner), so the model "
+    "gives no diagnosis for it — review it yourself or refer for specialist review."
 )
 
 
@@ -152,6 +160,8 @@ class DiagnosisEngine:
         self.image_background, self.tabular_background = split_background(bundle.background)
         self.calibration = self._calibration(bundle)
         self.temperature = self.calibration.temperature if self.calibration else 1.0
+        self.ood = self._ood(bundle)
+        self.min_side = _min_side(bundle.config)
         self.case_library = self._case_library(case_library)
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
@@ -187,6 +197,20 @@ class DiagnosisEngine:
         if calibration is None:
             log.info("the bundle has no calibration: probabilities as trained, no referral")
         return calibration
+
+    def _ood(self, bundle):
+        """The bundle's out-of-distribution check (None: none), refused at start-up when its
+        statistics do not fit the model's features."""
+        from components.calibration.ood import OODDetector
+
+        meta = self.calibration.ood if self.calibration is not None else None
+        if not meta:
+            return None
+        detector = OODDetector.from_parts(meta, bundle.ood_stats)
+        width = getattr(self.model, "embed_dim", None)
+        if detector.needs_features and detector.stats["means"].shape[1] != width:
+            raise ModelError("the bundle's OOD statistics do not match the model's features")
+        return detector
 
     def _case_library(self, directory: str | Path | None):
         """The site-local library at `directory` (refused unless built with this model), else
@@ -280,6 +304,12 @@ class DiagnosisEngine:
         from components.data.images import decode_bytes
 
         picture = decode_bytes(image, max_pixels=self.max_pixels)
+        if min(picture.size) < self.min_side:
+            width, height = picture.size
+            raise InputError(
+                f"the image is {width}x{height} pixels; this model needs at least "
+                f"{self.min_side} pixels on each side (the smallest its training images had)"
+            )
         tensor = self.bundle.preprocessing.to_tensor(picture)
         shown = _display_array(picture) if display else None
         return CaseInput(image=tensor, picture=shown, record=record)
@@ -307,8 +337,9 @@ class DiagnosisEngine:
         return row
 
     def infer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities (N, K) for packed rows (N, row_width), softmax(logits / T) with the
-        bundle's temperature (T = 1 without calibration); what the batcher calls."""
+        """What the batcher calls, for packed rows (N, row_width): probabilities (N, K),
+        softmax(logits / T) with the bundle's temperature (T = 1 without calibration), and with
+        an OOD check one more column, each row's OOD score (N, K + 1)."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
@@ -316,8 +347,17 @@ class DiagnosisEngine:
             expected = f"(N, {self.row_width})"
             raise ModelError(f"input rows of shape {tuple(x.shape)}; expected {expected}")
         with torch.inference_mode():
-            logits = self.predict_model(*self._unpack(x))
-            return torch.softmax(logits.float() / self.temperature, dim=1).numpy()
+            inputs = self._unpack(x)
+            if self.ood is not None and self.ood.needs_features:
+                features, logits = _features_and_logits(self.predict_model, inputs)
+            else:
+                features, logits = None, self.predict_model(*inputs)
+            probs = torch.softmax(logits.float() / self.temperature, dim=1).numpy()
+        if self.ood is None:
+            return probs
+        z = logits.float().numpy()
+        scores = self.ood.scores(z, None if features is None else features.float().numpy())
+        return np.concatenate([probs, scores[:, None].astype(probs.dtype)], axis=1)
 
     def _unpack(self, x) -> tuple:
         if self.kind == "tabular":
@@ -327,30 +367,54 @@ class DiagnosisEngine:
         images = x[:, :size].reshape(-1, *shape)
         return (images,) if self.kind == "image" else (images, x[:, size:])
 
-    def predict_response(self, probabilities, started: float) -> PredictResponse:
-        """The answer for one row of `infer_rows` (already calibrated): label, probabilities,
-        and with a calibration the conformal prediction set and the referral."""
-        probs = [float(p) for p in probabilities]
+    def predict_response(self, row, started: float) -> PredictResponse:
+        """The answer for one row of `infer_rows` (already calibrated; with an OOD check, its
+        score last): label, probabilities and, with a calibration, the conformal prediction
+        set, the danger check and the referral; or, for an input unlike the training images,
+        status `out_of_distribution` and a referral instead of a diagnosis."""
+        values = [float(v) for v in row]
+        probs, score = values[: len(self.classes)], None
+        if len(values) > len(self.classes):
+            score = values[len(self.classes)]
+        latency = (time.perf_counter() - started) * 1000.0
+        ood = {}
+        if self.ood is not None:
+            ood = {"ood_score": score, "ood_threshold": self.ood.threshold}
+            if score is None or not np.isfinite(score) or bool(self.ood.is_out(score)):
+                return PredictResponse(
+                    status=STATUS_OOD,
+                    calibrated=self.calibration is not None and self.calibration.method != "none",
+                    refer=True,
+                    referral_reason=OOD_REASON,
+                    **ood,
+                    model=self.ref,
+                    latency_ms=latency,
+                )
         best = int(np.argmax(probs))
         return PredictResponse(
             label=self.classes[best],
             probabilities=dict(zip(self.classes, probs, strict=True)),
             **self.referral(probs),
+            **ood,
             model=self.ref,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
+            latency_ms=latency,
         )
 
     def referral(self, calibrated) -> dict[str, Any]:
-        """`calibrated`, `prediction_set`, `refer`, `referral_reason` for one case's calibrated
-        probabilities (the last three None without a calibration)."""
+        """`calibrated`, `prediction_set`, `refer`, `referral_reason` and the danger check for
+        one case's calibrated probabilities (all but the first None without a calibration)."""
         if self.calibration is None:
             return {"calibrated": False}
         decision = self.calibration.decide(calibrated)
+        point = self.calibration.operating_point
         return {
             "calibrated": self.calibration.method != "none",
             "prediction_set": decision.prediction_set,
             "refer": decision.refer,
             "referral_reason": decision.reason,
+            "danger_probability": decision.danger_probability,
+            "danger_flagged": decision.danger_flagged,
+            "danger_threshold": point.threshold if point is not None else None,
         }
 
     def calibrated(self, probabilities) -> list[float]:
@@ -553,6 +617,21 @@ class DiagnosisEngine:
 
         if self.kind == "tabular":
             raise InputError("the PDF report shows an image; this model reads clinical data only")
+        if self.ood is not None:
+            answer = self.predict(case)
+            if answer.status == STATUS_OOD:  # no diagnosis, so no heatmap of one either
+                return render_report(
+                    ReportInput(
+                        image_png=png_bytes(case.picture),
+                        predicted_label="",
+                        probabilities={},
+                        model_name=self.ref.name,
+                        model_version=self.ref.version or "unregistered",
+                        case_id=case_id or None,
+                        out_of_distribution=answer.referral_reason,
+                        **bundle_facts(self.bundle),
+                    )
+                )
         explained = self.explain(case, method=method, target=target, shap=False)
         features = None
         if explained.tabular_shap:
@@ -578,6 +657,7 @@ class DiagnosisEngine:
         """The report's prediction set and referral, from calibrated probabilities."""
         answer = self.referral([probabilities[c] for c in self.classes])
         answer.pop("calibrated")
+        answer.pop("danger_flagged", None)
         return answer
 
     # -- model card ------------------------------------------------------------------------
@@ -650,6 +730,30 @@ class DiagnosisEngine:
                 "values are filled with the training mean."
             )
         return out
+
+
+def _features_and_logits(model, inputs: tuple):
+    """Penultimate features and logits of one forward pass: every served architecture computes
+    its logits as `head(embed(...))` (the classifier's dropout between them is off in eval
+    mode). A model rewritten for one input size is unwrapped after checking the size."""
+    from serving.inference import FixedInputSize
+
+    if isinstance(model, FixedInputSize):
+        if tuple(inputs[0].shape[-2:]) != model.size:
+            raise ModelError(
+                f"the prediction model was built for {model.size} inputs, got "
+                f"{tuple(inputs[0].shape)}"
+            )
+        model = model.model
+    features = model.embed(*inputs)
+    return features, model.head(features)
+
+
+def _min_side(config: dict[str, Any] | None) -> int:
+    """The smallest image side the model's training data allowed (`dataset.limits.min_side` of
+    the bundle's config; 1 when it does not say)."""
+    limits = ((config or {}).get("dataset") or {}).get("limits") or {}
+    return max(int(limits.get("min_side") or 1), 1)
 
 
 def _display_array(picture) -> np.ndarray:

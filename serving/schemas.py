@@ -24,11 +24,29 @@ class ModelRef(BaseModel):
     tag: str = Field(description="BentoML model-store tag the service loaded")
 
 
+#: `PredictResponse.status` values
+STATUS_OK = "ok"
+STATUS_OOD = "out_of_distribution"
+
+
 class PredictResponse(BaseModel):
-    label: str = Field(description="the most probable class")
-    probabilities: dict[str, float] = Field(
+    """One prediction. With ``status = "out_of_distribution"`` the image is unlike the images
+    the model was trained on: no diagnosis is given (`label`, `probabilities`, `prediction_set`
+    and the danger fields are null), `refer` is true and `referral_reason` says why."""
+
+    status: Literal["ok", "out_of_distribution"] = Field(
+        default=STATUS_OK,
+        description="ok: a prediction; out_of_distribution: the input is unlike the training "
+        "images (score above the model card's `calibration.ood.threshold`) and no diagnosis "
+        "is given",
+    )
+    label: str | None = Field(
+        default=None, description="the most probable class; null when out of distribution"
+    )
+    probabilities: dict[str, float] | None = Field(
+        default=None,
         description="class name -> probability (sums to 1); temperature-scaled when "
-        "`calibrated` is true"
+        "`calibrated` is true; null when out of distribution",
     )
     calibrated: bool = Field(
         default=False,
@@ -39,15 +57,40 @@ class PredictResponse(BaseModel):
         default=None,
         description="conformal prediction set, most probable class first: holds the true class "
         "for the model card's `calibration.coverage` share of cases (never empty). null: the "
-        "model has no calibration",
+        "model has no calibration, or the input is out of distribution",
     )
     refer: bool | None = Field(
         default=None,
         description="refer for specialist review: the prediction set holds more than one class "
-        "(or a dangerous class while another is top). null: the model has no calibration",
+        "(or a dangerous class while another is top), the operating point flags a dangerous "
+        "class while another is top, or the input is out of distribution. null: the model has "
+        "no calibration",
     )
     referral_reason: str | None = Field(
         default=None, description="why (or why not) to refer, in plain words; null: no calibration"
+    )
+    danger_probability: float | None = Field(
+        default=None,
+        description="calibrated probability of any dangerous class (the sum of their "
+        "probabilities); null: no operating point, or out of distribution",
+    )
+    danger_flagged: bool | None = Field(
+        default=None,
+        description="danger_probability is at or above the operating point's threshold (chosen "
+        "on held-out data for the target sensitivity); null: no operating point, or out of "
+        "distribution",
+    )
+    danger_threshold: float | None = Field(
+        default=None, description="the operating point's threshold; null: no operating point"
+    )
+    ood_score: float | None = Field(
+        default=None,
+        description="out-of-distribution score (higher: more unlike the training images); "
+        "null: the model has no OOD check",
+    )
+    ood_threshold: float | None = Field(
+        default=None,
+        description="scores above it are out of distribution; null: the model has no OOD check",
     )
     model: ModelRef
     latency_ms: float = Field(description="server-side time to decode, preprocess and infer")
@@ -131,6 +174,11 @@ class BundleContents(BaseModel):
     training_images: bool = Field(
         description="whether any training image, thumbnail, embedding or label is inside"
     )
+    ood_statistics: str | None = Field(
+        default=None,
+        description="what the out-of-distribution check keeps of the training data (aggregate "
+        "feature statistics), null: none",
+    )
 
 
 class ClinicalFeatureSpec(BaseModel):
@@ -163,6 +211,24 @@ class CalibrationInfo(BaseModel):
         default_factory=list,
         description="classes whose presence in the set with another top "
         "class is named in the referral",
+    )
+    operating_point: dict[str, Any] | None = Field(
+        default=None,
+        description="threshold on P(any dangerous class) for the target sensitivity, with the "
+        "sensitivity/specificity and positive/negative counts where it was fitted; null: none",
+    )
+    ood: dict[str, Any] | None = Field(
+        default=None,
+        description="out-of-distribution check: score (mahalanobis | energy), threshold, "
+        "false-alarm rate, what it was fitted on; null: no check",
+    )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="what each part was fitted on, in words (temperature, conformal, "
+        "operating_point, ood), with case counts",
+    )
+    notes: list[str] = Field(
+        default_factory=list, description="why a part (operating point, OOD check) is missing"
     )
     test: dict[str, Any] | None = Field(
         default=None,

@@ -1,9 +1,10 @@
 """Fit a `Calibration` on held-out cases and measure what it does on others.
 
-`fit_calibration` fits T (temperature scaling, unless method=none) and then the conformal
-threshold on the calibrated probabilities of the same held-out cases; `calibration_report`
-measures, on different cases (the test split), ECE and NLL before and after, the empirical
-coverage of the prediction sets, their mean size and the share of cases referred.
+`fit_calibration` fits T (temperature scaling, unless method=none), then the conformal
+threshold and the dangerous-class operating point on the calibrated probabilities of the same
+held-out cases; `calibration_report` measures, on different cases (the test split), ECE and
+NLL before and after, the empirical coverage of the prediction sets, their mean size, the
+share of cases referred and the sensitivity/specificity at the operating point.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from components.calibration import conformal, temperature
+from components.calibration import operating_point as op
 from components.calibration.record import Calibration
-from components.errors import ConfigError
+from components.errors import ConfigError, DataError
 
 METHODS = ("temperature", "none")
 
@@ -29,15 +31,30 @@ def fit_calibration(
     coverage: float = 0.9,
     dangerous: Sequence[str] = (),
     fitted_on: str = "validation split",
+    target_sensitivity: float = 0.95,
 ) -> Calibration:
-    """T and the conformal q̂ from held-out logits (N, K) and labels (N,)."""
+    """T, the conformal q̂ and the operating point from held-out logits (N, K) and labels (N,).
+    An operating point that cannot be fitted (no dangerous class, no positive or no negative
+    case) is left out with the reason in `notes`."""
     if method not in METHODS:
         raise ConfigError(f"calibration.method={method!r} is not one of {list(METHODS)}")
     z, y = temperature.check_logits(logits, labels)
     if z.shape[1] != len(classes):
         raise ConfigError(f"{z.shape[1]} logits per case for {len(classes)} classes")
     t = temperature.fit_temperature(z, y) if method == "temperature" else 1.0
-    qhat = conformal.fit_threshold(temperature.softmax(z, t), y, coverage)
+    calibrated = temperature.softmax(z, t)
+    qhat = conformal.fit_threshold(calibrated, y, coverage)
+    point, notes = None, []
+    try:
+        indices = op.dangerous_indices(classes, dangerous)
+        point = op.fit_operating_point(calibrated, y, indices, target_sensitivity)
+    except DataError as exc:
+        notes.append(f"no operating point: {exc}")
+    sources = {"temperature": fitted_on, "conformal": fitted_on}
+    if point is not None:
+        sources["operating_point"] = (
+            f"{fitted_on}: {point.n_positive} cases of a dangerous class, {point.n_negative} others"
+        )
     return Calibration(
         method=method,
         temperature=t,
@@ -47,6 +64,9 @@ def fit_calibration(
         n_fit=len(y),
         classes=[str(c) for c in classes],
         dangerous=[str(c) for c in dangerous],
+        operating_point=point,
+        sources=sources,
+        notes=notes,
     )
 
 
@@ -83,6 +103,22 @@ def calibration_report(cal: Calibration, logits: np.ndarray, labels: np.ndarray)
             "referral_rate": float(np.mean(referred)),
         },
         "dangerous": list(cal.dangerous),
+        "operating_point": _operating_point_report(cal, after, y),
+        "sources": dict(cal.sources),
+        "notes": list(cal.notes),
+    }
+
+
+def _operating_point_report(cal: Calibration, probs: np.ndarray, y: np.ndarray):
+    """Test sensitivity/specificity at the operating point (None without one)."""
+    point = cal.operating_point
+    if point is None:
+        return None
+    indices = op.dangerous_indices(cal.classes, cal.dangerous)
+    return {
+        "target_sensitivity": point.target_sensitivity,
+        "fitted": point.to_dict(),
+        "test": op.evaluate_operating_point(point, probs, y, indices),
     }
 
 

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 DECODE_THREADS = 2
+#: a held-out share of the test split for calibration (`calibration.fit_on=held_out`): loaded
+#: when the manifest has rows in it, absent from the result otherwise
+CALIBRATION_SPLIT = "calibration"
 
 
 @dataclass
@@ -105,9 +108,13 @@ def load_split_arrays(
     preprocessing: Preprocessing,
     cache_dir: str | Path,
 ) -> dict[str, SplitArrays]:
-    """uint8 arrays and integer labels for train/val/test, decoding only what is not cached."""
+    """uint8 arrays and integer labels for train/val/test (and `calibration` when the manifest
+    has that split), decoding only what is not cached."""
     index = {name: i for i, name in enumerate(class_names)}
-    rows = manifest[manifest["split"].isin(SPLITS)]
+    splits = list(SPLITS)
+    if CALIBRATION_SPLIT not in splits and (manifest["split"] == CALIBRATION_SPLIT).any():
+        splits.append(CALIBRATION_SPLIT)
+    rows = manifest[manifest["split"].isin(splits)]
     unknown = sorted(set(rows["label"]) - set(index))
     if unknown:
         counts = rows["label"].value_counts()
@@ -131,7 +138,7 @@ def load_split_arrays(
     else:
         computed = {}
     out = {}
-    for split in SPLITS:
+    for split in splits:
         part = rows[rows["split"] == split]
         shas = [
             sha or computed[src] for src, sha in zip(part["source"], part["sha256"], strict=True)

@@ -60,6 +60,12 @@ class ReportInput:
     prediction_set: Sequence[str] | None = None
     refer: bool | None = None
     referral_reason: str | None = None
+    # P(any dangerous class) and the operating point's threshold; None: no operating point
+    danger_probability: float | None = None
+    danger_threshold: float | None = None
+    # why the image got no diagnosis (unlike the training images); None: it got one. The
+    # report then shows the image and this reason only (no label, probabilities or heatmap)
+    out_of_distribution: str | None = None
     created_at: datetime | None = None
     title: str = DEFAULT_TITLE
     disclaimer: str = DISCLAIMER
@@ -112,19 +118,25 @@ def render_report(report: ReportInput) -> bytes:
     story += [para(header), Spacer(1, 0.2 * cm), para(report.disclaimer, small)]
 
     story += [para("Prediction", h2)]
-    story += [
-        para(
-            f"Predicted class: {report.predicted_label} "
-            f"({format_probability(probabilities[report.predicted_label])})"
-        )
-    ]
-    story += _referral(report, para, styles["Heading4"], body)
-    rows = [["Class", "Probability", ""]]
-    for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
-        rows.append([para(name), format_probability(p), _bar(p, 6 * cm)])
-    story += [Table(rows, colWidths=[5 * cm, 2.5 * cm, 6.5 * cm], style=grid)]
+    if report.out_of_distribution:
+        story += [
+            para("No diagnosis: the image is unlike the training images", styles["Heading4"]),
+            para(report.out_of_distribution, body),
+        ]
+    else:
+        story += [
+            para(
+                f"Predicted class: {report.predicted_label} "
+                f"({format_probability(probabilities[report.predicted_label])})"
+            )
+        ]
+        story += _referral(report, para, styles["Heading4"], body)
+        rows = [["Class", "Probability", ""]]
+        for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]):
+            rows.append([para(name), format_probability(p), _bar(p, 6 * cm)])
+        story += [Table(rows, colWidths=[5 * cm, 2.5 * cm, 6.5 * cm], style=grid)]
 
-    story += [para("Image and Grad-CAM", h2)]
+    story += [para("Image and Grad-CAM" if report.overlay_png else "Image", h2)]
     pictures = [_image(report.image_png, "image", _IMAGE_CM * cm)]
     captions = ["Input image"]
     if report.overlay_png is not None:
@@ -198,10 +210,23 @@ def _referral(report: ReportInput, para, heading, body) -> list[Any]:
         lines.insert(0, para("Refer for specialist review", heading))
     if report.referral_reason:
         lines.append(para(report.referral_reason, body))
+    if report.danger_probability is not None and report.danger_threshold is not None:
+        lines.append(
+            para(
+                f"Probability of a dangerous class: "
+                f"{format_probability(report.danger_probability)} (operating point: "
+                f"{format_probability(report.danger_threshold)}; at or above it the case is "
+                "treated as possibly dangerous)",
+                body,
+            )
+        )
     return lines
 
 
 def _check(report: ReportInput) -> dict[str, float]:
+    if report.out_of_distribution and not report.probabilities:
+        _check_case_id(report)
+        return {}
     if not report.probabilities:
         raise InputError("a report needs the class probabilities")
     probabilities: dict[str, float] = {}
@@ -212,15 +237,19 @@ def _check(report: ReportInput) -> dict[str, float]:
         probabilities[str(name)] = value
     if report.predicted_label not in probabilities:
         raise InputError(f"predicted label {report.predicted_label!r} has no probability")
+    _check_case_id(report)
+    for item in report.shap_features or ():
+        if "feature" not in item or "shap" not in item:
+            raise InputError("each SHAP feature needs 'feature' and 'shap'")
+    return probabilities
+
+
+def _check_case_id(report: ReportInput) -> None:
     if report.case_id is not None and not _CASE_ID.match(report.case_id):
         raise InputError(
             "case_id must be a pseudonymous code of 1-64 letters, digits, '-' or '_' "
             "(no names or other identifiers)"
         )
-    for item in report.shap_features or ():
-        if "feature" not in item or "shap" not in item:
-            raise InputError("each SHAP feature needs 'feature' and 'shap'")
-    return probabilities
 
 
 def _image(png: bytes, what: str, width: float):

@@ -176,9 +176,18 @@ def test_calibration_report_on_an_over_confident_model():
     assert sets["coverage"] >= 0.9 - 3 * math.sqrt(0.09 * (1 / 2002 + 1 / 2000))
     assert 1.0 <= sets["mean_set_size"] <= 4.0
     assert 0.0 <= sets["referral_rate"] <= 1.0
-    # every multi-class set is a referral and only those (the dangerous rule is implied)
-    masks = conformal.set_masks(cal.probabilities(test_logits), cal.qhat)
-    assert sets["referral_rate"] == pytest.approx((masks.sum(axis=1) > 1).mean())
+    # referred: every multi-class set (the dangerous-set rule is implied), and the cases the
+    # operating point flags while a non-dangerous class is top
+    probs = cal.probabilities(test_logits)
+    masks = conformal.set_masks(probs, cal.qhat)
+    flagged = (probs[:, 0] >= cal.operating_point.threshold) & (probs.argmax(axis=1) != 0)
+    expected = ((masks.sum(axis=1) > 1) | flagged).mean()
+    assert sets["referral_rate"] == pytest.approx(expected)
+    assert expected > (masks.sum(axis=1) > 1).mean()  # the operating point adds referrals
+    point = report["operating_point"]
+    assert point["fitted"]["sensitivity"] >= 0.95
+    assert point["test"]["n_positive"] == int((test_y == 0).sum())
+    assert point["test"]["sensitivity"] >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / 400)
 
 
 def test_method_none_keeps_the_model_probabilities():
