@@ -185,16 +185,23 @@ def calibration_lines(block: dict[str, Any] | None, test: dict[str, Any] | None)
             f"- Not calibrated: {why}. Served probabilities are the raw model scores; "
             "/predict gives no prediction set or referral.",
         ]
+    sources = block.get("sources") or {}
+    fitted_on = block.get("fitted_on")
     lines = [
         "## Calibration",
         "",
         f"- Temperature scaling ({block.get('method')}): T = {float(block['temperature']):.3f}, "
-        f"fitted on the {block.get('fitted_on')}",
+        f"fitted on the {sources.get('temperature', fitted_on)}",
         f"- Conformal prediction sets ({block.get('score')}, not randomised) at "
         f"{float(block['coverage']):.0%} coverage: threshold q = {float(block['qhat']):.4f}, "
-        f"fitted on the same data ({block.get('n_fit')} cases)",
+        f"fitted on the {sources.get('conformal', fitted_on)}",
         f"- Referral: the set holds more than one class, or a dangerous class "
-        f"({', '.join(block.get('dangerous') or []) or 'none marked'}) while another is top",
+        f"({', '.join(block.get('dangerous') or []) or 'none marked'}) while another is top, "
+        "or the operating point flags a dangerous class while another is top, or the image is "
+        "out of distribution",
+        *_operating_point_lines(block, test),
+        *_ood_lines(block.get("ood"), (test or {}).get("ood")),
+        *[f"- Note: {note}" for note in block.get("notes") or []],
     ]
     if test and "ece_before" in test:
         sets = test.get("conformal") or {}
@@ -212,6 +219,49 @@ def calibration_lines(block: dict[str, Any] | None, test: dict[str, Any] | None)
     return lines
 
 
+def _share(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def _operating_point_lines(block: dict[str, Any], test: dict[str, Any] | None) -> list[str]:
+    """The dangerous-class operating point: threshold, where it was fitted, test figures."""
+    point = block.get("operating_point")
+    if not point:
+        return []
+    lines = [
+        f"- Operating point: refer as possibly dangerous when P(any of "
+        f"{', '.join(block.get('dangerous') or [])}) >= {float(point['threshold']):.4f}, the "
+        f"highest threshold reaching {float(point['target_sensitivity']):.0%} sensitivity on "
+        f"the {(block.get('sources') or {}).get('operating_point', block.get('fitted_on'))} "
+        f"(there: sensitivity {_share(point.get('sensitivity'))}, specificity "
+        f"{_share(point.get('specificity'))})",
+    ]
+    at = ((test or {}).get("operating_point") or {}).get("test")
+    if at:
+        lines.append(
+            f"- At the operating point on the test split: sensitivity "
+            f"{_share(at.get('sensitivity'))} ({at.get('n_positive')} cases of a dangerous "
+            f"class), specificity {_share(at.get('specificity'))} ({at.get('n_negative')} others)"
+        )
+    return lines
+
+
+def _ood_lines(meta: dict[str, Any] | None, test: dict[str, Any] | None) -> list[str]:
+    """The out-of-distribution check: score, threshold, what it was fitted on."""
+    if not meta:
+        return ["- Out-of-distribution check: none (every input gets a diagnosis-like answer)"]
+    lines = [
+        f"- Out-of-distribution check ({meta.get('score')}): inputs scoring above "
+        f"{float(meta['threshold']):.4g} get no diagnosis; {meta.get('fitted_on')}",
+    ]
+    if test and test.get("test_flagged_rate") is not None:
+        lines.append(
+            f"- In-distribution test images flagged: {float(test['test_flagged_rate']):.3f} "
+            f"of {test.get('n_test')} (target false-alarm rate {float(meta['false_alarm']):.0%})"
+        )
+    return lines
+
+
 def bundle_contents_lines(contents: dict[str, Any] | None) -> list[str]:
     """The model card's account of what the bundle holds besides the weights."""
     if not contents:
@@ -221,7 +271,8 @@ def bundle_contents_lines(contents: dict[str, Any] | None) -> list[str]:
         "- Bundle contents: weights"
         + f"; SHAP background: {contents.get('background', 'none')}"
         + f"; similar-case index: {f'{index} training images' if index else 'none'}"
-        + f"; training images: {'yes' if contents.get('training_images') else 'no'}",
+        + f"; training images: {'yes' if contents.get('training_images') else 'no'}"
+        + (f"; OOD check: {contents['ood_statistics']}" if contents.get("ood_statistics") else ""),
     ]
 
 

@@ -68,8 +68,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str
-    probabilities: dict[str, float]
+    label: str | None  # None: out of distribution (no diagnosis)
+    probabilities: dict[str, float]  # empty when out of distribution
     model_name: str
     model_version: str
     model_tag: str
@@ -79,10 +79,19 @@ class Prediction:
     prediction_set: list[str] | None = None
     refer: bool | None = None
     referral_reason: str | None = None
+    # ok | out_of_distribution (the image is unlike the training images: no diagnosis)
+    status: str = "ok"
+    # P(any dangerous class) and the operating point (None: the model has none)
+    danger_probability: float | None = None
+    danger_threshold: float | None = None
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.status == "out_of_distribution"
 
     @property
     def confidence(self) -> float:
-        return self.probabilities[self.label]
+        return self.probabilities[self.label] if self.label is not None else 0.0
 
 
 @dataclass
@@ -135,7 +144,7 @@ def _png(data: str | None) -> Image.Image | None:
 def _prediction(answer: PredictResponse) -> Prediction:
     return Prediction(
         label=answer.label,
-        probabilities=dict(answer.probabilities),
+        probabilities=dict(answer.probabilities or {}),
         model_name=answer.model.name,
         model_version=answer.model.version,
         model_tag=answer.model.tag,
@@ -144,6 +153,9 @@ def _prediction(answer: PredictResponse) -> Prediction:
         prediction_set=list(answer.prediction_set) if answer.prediction_set else None,
         refer=answer.refer,
         referral_reason=answer.referral_reason,
+        status=answer.status,
+        danger_probability=answer.danger_probability,
+        danger_threshold=answer.danger_threshold,
     )
 
 

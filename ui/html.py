@@ -113,6 +113,8 @@ def result_card(
     prediction_set: list[str] | None = None,
     refer: bool | None = None,
     referral_reason: str | None = None,
+    danger_probability: float | None = None,
+    danger_threshold: float | None = None,
 ) -> str:
     """The result box. With a calibrated model (`refer` not None) the per-case message is the
     service's referral and prediction set; an uncalibrated model falls back to the fixed
@@ -120,6 +122,7 @@ def result_card(
     if refer is not None:
         low = bool(refer)
         caution = _referral_html(prediction_set or [label], refer, referral_reason or "")
+        caution += _danger_html(danger_probability, danger_threshold)
     else:
         low = confidence < low_threshold
         caution = (
@@ -145,6 +148,36 @@ def result_card(
         f"{caution}"
         f'<div class="of-meta">Case #{case_id}{ref} · model {escape(model_name)}{version}'
         f"{timing}</div></div>"
+    )
+
+
+def ood_card(
+    reason: str, model_name: str, model_version: str, latency_ms: float | None = None
+) -> str:
+    """The result box for an image the model finds unlike its training images: no finding,
+    no confidence, only the reason and the referral (the case is not saved)."""
+    version = f" v{escape(model_version)}" if model_version else ""
+    return (
+        '<div class="of-result low" id="of-result">'
+        '<div class="of-meta">No diagnosis</div>'
+        '<div class="of-label" id="of-ood">This image is unlike the images the model was '
+        "trained on</div>"
+        f'<div class="of-meta" id="of-referral-reason">{escape(reason)}</div>'
+        '<div class="of-meta" id="of-refer" style="color:#b45309"><b>Refer for specialist '
+        "review</b></div>"
+        f'<div class="of-meta">Not saved to your history · model {escape(model_name)}{version}'
+        "</div></div>"
+    )
+
+
+def _danger_html(probability: float | None, threshold: float | None) -> str:
+    if probability is None or threshold is None:
+        return ""
+    side = "at or above" if probability >= threshold else "below"
+    return (
+        f'<div class="of-meta" id="of-danger">Probability of a dangerous finding '
+        f"{percent(probability)}: {side} the {percent(threshold)} operating point chosen "
+        "so that most dangerous cases are caught</div>"
     )
 
 

@@ -20,6 +20,7 @@ from server_process import TELEMETRY_OFF, ServerProcess, free_port
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "brain_tumor_mri"
 CLASSES = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
+DANGEROUS = ["glioma_tumor", "meningioma_tumor", "pituitary_tumor"]
 API_KEY = "e2e-service-key-0001"
 ADMIN = ("admin", "chief-e2e-pass-01")
 CLINICIAN = ("dr.morgan", "clinician-pass-01")
@@ -114,18 +115,22 @@ def _pick(split: str, per_class: int) -> tuple[list[Path], list[int]]:
 
 def train_bundle(work: Path) -> Path:
     """A small_cnn trained for a few epochs on a small subsample of the real brain MRI data,
-    evaluated on real held-out Testing images, packaged as a model bundle (weights and a
-    grey-level SHAP background) under `work`, with the site-local case library the service
-    answers similar cases from (`work/case-library`, built from the same images)."""
+    calibrated on its validation images (temperature, conformal sets, operating point, and the
+    Mahalanobis OOD check on its training features), evaluated on real held-out Testing
+    images, packaged as a model bundle (weights and a grey-level SHAP background) under
+    `work`, with the site-local case library the service answers similar cases from
+    (`work/case-library`, built from the same images)."""
     import numpy as np
     import torch
 
     from components.bundle import ModelBundle
     from components.bundle_builder import make_bundle
+    from components.calibration.fit import fit_calibration
+    from components.calibration.ood import fit_detector
     from components.case_library import build_case_library
     from components.data.preprocess import Preprocessing
     from components.evaluation.metrics import evaluate
-    from components.evaluation.predict import predict_proba
+    from components.evaluation.predict import embed_arrays, predict_logits, predict_proba
     from components.models import build_model
     from components.training.central import train_classifier
 
@@ -162,7 +167,21 @@ def train_bundle(work: Path) -> Path:
         out_dir=work / "training",
         accelerator="cpu",
     )
-    probs = predict_proba(result.model, _load(test_files, size), pre)
+    val_logits = predict_logits(result.model, x[val], pre)
+    calibration = fit_calibration(
+        val_logits, y[val], CLASSES, dangerous=DANGEROUS, fitted_on="e2e validation images"
+    )
+    detector = fit_detector(
+        "mahalanobis",
+        val_logits=val_logits,
+        val_features=embed_arrays(result.model, x[val], pre),
+        false_alarm=0.05,
+        train_features=embed_arrays(result.model, x[~val], pre),
+        train_labels=y[~val],
+        n_classes=len(CLASSES),
+    )
+    block = calibration.to_dict() | {"ood": detector.meta()}
+    probs = calibration.recalibrate(predict_proba(result.model, _load(test_files, size), pre))
     metrics = evaluate(np.asarray(test_labels), probs, CLASSES)
     digest = hashlib.sha256("\n".join(str(f.relative_to(DATA)) for f in files).encode())
     bundle_dir = make_bundle(
@@ -175,6 +194,8 @@ def train_bundle(work: Path) -> Path:
         config={"note": "e2e test model"},
         background_size=8,
         out_dir=work / "bundle",
+        calibration=block,
+        ood_stats=detector.arrays(),
     )
     build_case_library(ModelBundle.load(bundle_dir), x[~val], y[~val], work / "case-library")
     return bundle_dir

@@ -58,6 +58,17 @@ def sign_in(page, user: str, password: str) -> None:
     page.locator("#of-login-button").click()
 
 
+def noise_png(folder: Path) -> Path:
+    """A 256x256 PNG of uniform pixel noise (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    path = folder / "noise.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 def sign_out(page) -> None:
     page.locator("#of-logout").click()
     page.locator("#of-login-button").wait_for(state="visible")
@@ -111,6 +122,14 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     expect(page.locator("#of-probabilities img")).to_be_visible()
     expect(page.locator("#of-overlay img")).to_be_visible()
     expect(page.locator("#of-heatmap img")).to_be_visible()
+    # the calibrated model's prediction set and referral, in words
+    expect(page.locator("#of-prediction-set")).to_contain_text(
+        re.compile(r"Prediction set: (Glioma|Meningioma|No tumor|Pituitary)")
+    )
+    expect(page.locator("#of-referral-reason")).to_contain_text(
+        re.compile(r"refer for specialist review|prediction set holds")
+    )
+    expect(page.locator("#of-danger")).to_contain_text("Probability of a dangerous finding")
     steps.shot("prediction-and-gradcam")
 
     # 5. Download the PDF report.
@@ -150,6 +169,15 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     expect(history).to_contain_text("Disagreed")
     expect(history).to_contain_text(truth)
     steps.shot("history")
+
+    # 8b. Pixel noise is not an MRI: no diagnosis, a referral in words, nothing saved.
+    open_tab(page, "Diagnose")
+    page.locator("#of-upload input[type=file]").set_input_files(str(noise_png(screenshots)))
+    page.locator("#of-analyse").click()
+    expect(page.locator("#of-ood")).to_contain_text("unlike the images the model was trained on")
+    expect(page.locator("#of-result")).to_contain_text("Refer for specialist review")
+    expect(page.locator("#of-result")).not_to_contain_text("Model confidence")
+    steps.shot("noise-out-of-distribution")
     sign_out(page)
 
     # 9. The admin sees the feedback in Analytics.

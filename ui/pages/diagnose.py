@@ -432,6 +432,8 @@ class DiagnosePage:
             clinical = record_from_fields(schema, fields) if schema else {}
             progress(0.3, desc="The diagnosis service is analysing the case")
             prediction = self.service.predict(data, clinical or None, KIND_FILENAMES.get(kind))
+            if prediction.out_of_distribution:
+                return cleared | self._no_diagnosis(prediction)
             progress(0.9, desc="Saving the case")
             stored = self.ctx.cases.record(
                 user,
@@ -473,6 +475,8 @@ class DiagnosePage:
                 prediction_set=prediction.prediction_set,
                 refer=prediction.refer,
                 referral_reason=prediction.referral_reason,
+                danger_probability=prediction.danger_probability,
+                danger_threshold=prediction.danger_threshold,
             ),
             self.chart: probability_chart(prediction.probabilities, prediction.label),
             self.notice: html.notice("ok", f"Case #{stored.id} saved to your history."),
@@ -482,6 +486,32 @@ class DiagnosePage:
             self.target: gr.update(choices=choices, value=prediction.label),
             self.reexplain: gr.update(interactive=True),
             self.results_box: gr.Column(visible=True),
+        }
+
+    def _no_diagnosis(self, prediction) -> dict:
+        """The page for an image unlike the training images: the reason and the referral, no
+        finding, chart or explanation; the case is not saved (there is no diagnosis to keep)."""
+        log.info("upload out of distribution for model %s; not saved", prediction.model_tag)
+        return {
+            self.case: None,
+            self.result: html.ood_card(
+                prediction.referral_reason or "",
+                prediction.model_name,
+                prediction.model_version,
+                prediction.latency_ms,
+            ),
+            self.chart: None,
+            self.notice: html.notice(
+                "warn",
+                "No diagnosis for this image: check that it is the kind of image the model "
+                "reads (see the model card).",
+            ),
+            self.report_button: gr.update(interactive=False),
+            self.send: gr.update(interactive=False),
+            self.true_label: gr.update(choices=[], value=None),
+            self.target: gr.update(choices=[], value=None),
+            self.reexplain: gr.update(interactive=False),
+            self.results_box: gr.Column(visible=False),
         }
 
     def explain(self, token, case: OpenCase | None, opacity, method, target, progress=PROGRESS):
