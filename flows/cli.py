@@ -11,6 +11,7 @@ from flows.case_library_commands import add_case_library_parser, run_case_librar
 from flows.fl_commands import add_fl_parser, run_fl
 from flows.prefect_commands import add_prefect_parser, run_prefect
 from flows.site_commands import add_site_parser, run_site
+from ui.audit_commands import add_audit_parser, run_audit
 
 EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
@@ -18,6 +19,7 @@ EPILOG = """examples:
   oncoflow serve --case-library ./case-library
   oncoflow case-library build --images ./our-cases --out ./case-library
   oncoflow ui
+  oncoflow audit verify && oncoflow audit export --format csv --out audit.csv
   oncoflow prefect up && oncoflow prefect deploy
   oncoflow demo
 Overrides use Hydra syntax (group=option, key.path=value); see conf/ for every option."""
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     add_fl_parser(sub)
 
     add_site_parser(sub)
+
+    add_audit_parser(sub)
 
     ui = sub.add_parser("ui", help="the clinician web UI (Gradio) on top of the service")
     ui.add_argument("--host", default="127.0.0.1")
@@ -134,6 +138,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_fl(args)
     if args.command == "site":
         return run_site(args)
+    if args.command == "audit":
+        return run_audit(args)
     if args.command == "ui":
         from ui.__main__ import main as ui_main
 

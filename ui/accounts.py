@@ -1,13 +1,15 @@
 """User accounts: argon2-hashed passwords, roles, disabling, lockout after failed sign-ins.
 
-There is no self-service sign-up and no route to the admin role from the UI: only an admin
-creates users, and the first admin comes from the operator, either from the environment
-(``ONCOFLOW_UI_ADMIN_USER`` / ``ONCOFLOW_UI_ADMIN_PASSWORD``, used only while the database has
-no admin) or from the command line::
+There is no self-service sign-up into clinical data and no route to the admin role from the UI:
+an admin creates staff accounts, a patient account exists only through a clinician's one-time
+invitation for a case (`ui.care`), and the first admin comes from the operator, either from
+the environment (``ONCOFLOW_UI_ADMIN_USER`` / ``ONCOFLOW_UI_ADMIN_PASSWORD``, used only while
+the database has no admin) or from the command line::
 
     python -m ui.accounts create-admin USERNAME     # asks for the password twice
 
-There is never a default password.
+There is never a default password. Every sign-in (success, failure, lockout) and every account
+change is appended to the audit log in the same transaction.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from ui.audit import AuditLog
 from ui.db import Database
 from ui.errors import InvalidInput, LoginRefused, NotFound, PermissionDenied, UiError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("clinician", "admin")
+ROLES = ("patient", "clinician", "admin")
+STAFF_ROLES = ("clinician", "admin")
 MIN_PASSWORD_LENGTH = 10
 _USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 WRONG_CREDENTIALS = "Unknown user name or wrong password."
@@ -50,6 +54,10 @@ class User:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_patient(self) -> bool:
+        return self.role == "patient"
 
 
 def _user(row: sqlite3.Row) -> User:
@@ -93,6 +101,7 @@ class AccountStore:
         lockout_s: float = 900.0,
         clock: Callable[[], float] = time.time,
         hasher: PasswordHasher | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         if max_failed < 1 or lockout_s <= 0:
             raise UiError("max_failed must be at least 1 and lockout_s positive")
@@ -101,6 +110,7 @@ class AccountStore:
         self.lockout_s = lockout_s
         self.clock = clock
         self.hasher = hasher or PasswordHasher()
+        self.audit = audit or AuditLog(db.connect)
         # Verified for unknown users too, so timing does not reveal which names exist.
         self._dummy_hash = self.hasher.hash("not-a-real-password-0000")
 
@@ -150,9 +160,11 @@ class AccountStore:
         user = self.find(username) if _USERNAME.match((username or "").strip()) else None
         if user is None:
             self._verify(self._dummy_hash, password or "")
+            self.audit.record(None, "login.failure", details={"reason": "unknown_user"})
             raise LoginRefused(WRONG_CREDENTIALS)
         now = self.clock()
         if user.locked_until > now:
+            self.audit.record(user, "login.refused", details={"reason": "locked"})
             minutes = max(1, round((user.locked_until - now) / 60))
             raise LoginRefused(
                 "This account is locked after too many failed sign-ins. Try again in about "
@@ -166,8 +178,10 @@ class AccountStore:
             self._record_failure(user, now)
             raise LoginRefused(WRONG_CREDENTIALS)
         if not user.active:
+            self.audit.record(user, "login.refused", details={"reason": "disabled"})
             raise LoginRefused("This account is disabled. Please ask an administrator.")
         with self.db.connect() as conn:
+            self.audit.append(conn, user, "login.success")
             conn.execute(
                 "UPDATE users SET failed_attempts = 0, locked_until = 0, last_login = ? "
                 "WHERE id = ?",
@@ -189,6 +203,7 @@ class AccountStore:
 
     def _record_failure(self, user: User, now: float) -> None:
         with self.db.connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
             failed = conn.execute(
                 "UPDATE users SET failed_attempts = failed_attempts + 1 WHERE id = ? "
                 "RETURNING failed_attempts",
@@ -199,32 +214,62 @@ class AccountStore:
                     "UPDATE users SET failed_attempts = 0, locked_until = ? WHERE id = ?",
                     (now + self.lockout_s, user.id),
                 )
+                self.audit.append(conn, user, "login.lockout", details={"failures": failed})
                 log.warning("user id %d locked after %d failed sign-ins", user.id, failed)
+            else:
+                self.audit.append(conn, user, "login.failure", details={"reason": "wrong_password"})
 
     # ------------------------------------------------------------------ admin actions
 
-    def _insert(self, username: str, password: str, role: str, created_by: int | None) -> User:
+    def _insert(
+        self,
+        username: str,
+        password: str,
+        role: str,
+        actor: User | None,
+        conn: sqlite3.Connection | None = None,
+        audited: bool = True,
+    ) -> User:
+        """Insert an account (in `conn`'s transaction when given) and audit it (unless the
+        caller audits the larger action it belongs to, `audited=False`)."""
         name = check_username(username)
         if role not in ROLES:
             raise InvalidInput(f"Role must be one of {', '.join(ROLES)}.")
         check_password(password, name)
-        try:
-            with self.db.connect() as conn:
-                cursor = conn.execute(
+        secret = self.hasher.hash(password)
+
+        def insert(c: sqlite3.Connection) -> int:
+            try:
+                new_id = c.execute(
                     "INSERT INTO users (username, password_hash, role, created_at, created_by) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (name, self.hasher.hash(password), role, self.clock(), created_by),
-                )
-                new_id = cursor.lastrowid
-        except sqlite3.IntegrityError as exc:
-            raise InvalidInput(f"The user name {name!r} is already taken.") from exc
+                    (name, secret, role, self.clock(), actor.id if actor else None),
+                ).lastrowid
+            except sqlite3.IntegrityError as exc:
+                raise InvalidInput(f"The user name {name!r} is already taken.") from exc
+            if audited:
+                self.audit.append(c, actor, "user.create", details={"user": new_id, "role": role})
+            return new_id
+
+        if conn is not None:
+            new_id = insert(conn)
+            log.info("user id %d created with role %s", new_id, role)
+            return _user(conn.execute("SELECT * FROM users WHERE id = ?", (new_id,)).fetchone())
+        with self.db.connect() as c:
+            new_id = insert(c)
         log.info("user id %d created with role %s", new_id, role)
         return self.get(new_id)
 
     def create_user(self, actor: User, username: str, password: str, role: str) -> User:
-        """A new account; only an active admin may create one (of either role)."""
+        """A new staff account; only an active admin may create one. Patient accounts come
+        only from a clinician's invitation (`ui.care.CareStore.sign_up`)."""
         admin = self.require_admin(actor)
-        return self._insert(username, password, role, admin.id)
+        if role == "patient":
+            raise InvalidInput(
+                "Patients join with an invitation code from their clinician; create clinician "
+                "or admin accounts here."
+            )
+        return self._insert(username, password, role, admin)
 
     def set_active(self, actor: User, username: str, active: bool) -> User:
         """Enable or disable an account; an admin cannot disable their own account."""
@@ -236,13 +281,15 @@ class AccountStore:
             raise InvalidInput("You cannot disable your own account.")
         with self.db.connect() as conn:
             conn.execute("UPDATE users SET active = ? WHERE id = ?", (int(active), target.id))
+            action = "user.enable" if active else "user.disable"
+            self.audit.append(conn, admin, action, details={"user": target.id})
         log.info(
             "user id %d %s by user id %d", target.id, "enabled" if active else "disabled", admin.id
         )
         return self.get(target.id)
 
     def unlock(self, actor: User, username: str) -> User:
-        self.require_admin(actor)
+        admin = self.require_admin(actor)
         target = self.find(username)
         if target is None:
             raise NotFound(f"There is no user called {username!r}.")
@@ -251,10 +298,11 @@ class AccountStore:
                 "UPDATE users SET failed_attempts = 0, locked_until = 0 WHERE id = ?",
                 (target.id,),
             )
+            self.audit.append(conn, admin, "user.unlock", details={"user": target.id})
         return self.get(target.id)
 
     def reset_password(self, actor: User, username: str, password: str) -> User:
-        self.require_admin(actor)
+        admin = self.require_admin(actor)
         target = self.find(username)
         if target is None:
             raise NotFound(f"There is no user called {username!r}.")
@@ -265,13 +313,14 @@ class AccountStore:
                 "WHERE id = ?",
                 (self.hasher.hash(password), target.id),
             )
+            self.audit.append(conn, admin, "user.reset_password", details={"user": target.id})
         return self.get(target.id)
 
     # ------------------------------------------------------------------ bootstrap
 
     def create_admin(self, username: str, password: str) -> User:
         """Operator action (CLI): an admin account, without an acting admin."""
-        return self._insert(username, password, "admin", None)
+        return self._insert(username, password, "admin", None)  # audited with no actor
 
     def bootstrap_from_env(self, env: Mapping[str, str]) -> User | None:
         """Create the first admin from the environment while the database has none."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from serving.client import DiagnosisClient
 from ui.accounts import AccountStore
+from ui.audit import AuditLog
+from ui.care import CareStore
 from ui.cases import CaseStore
 from ui.db import Database
 from ui.sessions import SessionStore
@@ -22,6 +24,8 @@ class UiContext:
     sessions: SessionStore
     cases: CaseStore
     client: DiagnosisClient
+    care: CareStore
+    audit: AuditLog
 
     @classmethod
     def create(
@@ -33,14 +37,18 @@ class UiContext:
         """Open the database (bootstrapping the first admin from `env`) and the client."""
         config = config or UiConfig.from_env(env)
         db = Database(config.db_path)
-        accounts = AccountStore(db, config.max_failed_logins, config.lockout_s)
+        audit = AuditLog(db.connect)
+        accounts = AccountStore(db, config.max_failed_logins, config.lockout_s, audit=audit)
         accounts.bootstrap_from_env(os.environ if env is None else env)
+        cases = CaseStore(db, audit=audit)
         return cls(
             config=config,
             db=db,
             accounts=accounts,
             sessions=SessionStore(db, accounts, config.session_ttl_s, config.idle_timeout_s),
-            cases=CaseStore(db),
+            cases=cases,
             client=client
             or DiagnosisClient(config.service_url, config.api_key, config.request_timeout_s),
+            care=CareStore(db, accounts, cases, audit=audit),
+            audit=audit,
         )

@@ -3,6 +3,10 @@
 Only a SHA-256 of each token is stored, so a copy of the database does not let anyone sign
 in. Every request resolves its token here and then re-reads the user, so disabling an account
 or changing its role takes effect on the next click.
+
+Least privilege by default: `user()` answers for staff (clinician, admin) only, so every
+clinician handler refuses a patient's session without saying so itself; patient handlers ask
+for `patient()`, and only the session check and sign-out accept any role.
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from ui.accounts import AccountStore, User
+from ui.accounts import ROLES, STAFF_ROLES, AccountStore, User
 from ui.db import Database
 from ui.errors import PermissionDenied, SessionExpired
 
@@ -51,12 +55,15 @@ class SessionStore:
             )
         return token
 
-    def user(self, token: str | None, touch: bool = True) -> User:
+    def user(
+        self, token: str | None, touch: bool = True, roles: Collection[str] = STAFF_ROLES
+    ) -> User:
         """The active user behind `token`; with `touch` the session's idle clock restarts
         (background checks pass ``touch=False`` so an open but idle page still times out).
 
         SessionExpired when the token is unknown, revoked, past its lifetime or idle too
-        long, or when the account was disabled meanwhile.
+        long, or when the account was disabled meanwhile; PermissionDenied when the user's
+        role is not in `roles` (default: staff only).
         """
         if not token:
             raise SessionExpired("Please sign in.")
@@ -77,7 +84,17 @@ class SessionStore:
         if not user.active:
             self.revoke(token)
             raise SessionExpired("This account has been disabled. Please ask an administrator.")
+        if user.role not in roles:
+            raise PermissionDenied("Your account cannot open this page.")
         return user
+
+    def any_user(self, token: str | None, touch: bool = True) -> User:
+        """The user behind `token`, whatever the role (session checks, sign-out)."""
+        return self.user(token, touch, ROLES)
+
+    def patient(self, token: str | None) -> User:
+        """Like `user`, for patient pages: PermissionDenied for staff accounts."""
+        return self.user(token, roles=("patient",))
 
     def admin(self, token: str | None) -> User:
         """Like `user`, but PermissionDenied unless the user is an admin (checked server-side)."""
