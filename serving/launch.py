@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from components.config import ServingConf
@@ -59,32 +62,37 @@ def serve_env(
 
 
 def preflight(env: dict[str, str]) -> ServingConf:
-    """Check the settings, keys, the model and the case library (built with this model);
-    return the settings, with the model tag resolved (``latest`` -> the version it names now)
-    and the case library's path made absolute.
-
-    `bentoml serve` respawns a worker whose start-up fails, so without this check a
-    misconfigured server would crash-loop instead of exiting with the reason.
-    """
+    """Check the settings, the keys and that the model exists; return the settings with the
+    model tag resolved (``latest`` -> the version it names now) and the case library's path
+    made absolute. Quick (no torch): `check_model` does the rest while the server starts."""
     settings = load_settings(env)
     load_api_keys(env)
     from serving.packaging import use_bentoml_home
 
     if env.get("BENTOML_HOME"):
         use_bentoml_home(env["BENTOML_HOME"])
-    from components.bundle import ModelBundle
     from serving.model_store import load_model_ref
 
     ref = load_model_ref(settings.model_tag)
-    bundle = ModelBundle.load(ref.path)
-    bundle.build_model()  # a worker would crash-loop on a broken one
     library = settings.case_library
-    if library:
+    library = str(Path(library).expanduser().resolve()) if library else None
+    return dataclasses.replace(settings, model_tag=str(ref.tag), case_library=library)
+
+
+def check_model(settings: ServingConf) -> None:
+    """The model builds and the case library was built with this very model (raises if not).
+
+    A worker that fails to start is restarted, so without this check a broken model would
+    crash-loop instead of stopping the server with the reason."""
+    from components.bundle import ModelBundle
+    from serving.model_store import load_model_ref
+
+    bundle = ModelBundle.load(load_model_ref(settings.model_tag).path)
+    bundle.build_model()
+    if settings.case_library:
         from components.case_library import load_case_library
 
-        library = str(Path(library).expanduser().resolve())
-        load_case_library(library, bundle)  # refused unless built with this very model
-    return dataclasses.replace(settings, model_tag=str(ref.tag), case_library=library or None)
+        load_case_library(settings.case_library, bundle)
 
 
 def serve(
@@ -113,25 +121,133 @@ def serve(
         port,
         "site-local case library" if settings.case_library else "no case library",
     )
-    process = subprocess.Popen(serve_command(host, port), env=env, cwd=PROJECT_ROOT)
-    previous = _forward_sigterm(process)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
+    supervisor = Supervisor(guarded(serve_command(host, port)), env)
+    failed: list[BaseException] = []
+
+    def check() -> None:  # alongside the server's start-up, which it stops on failure
         try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            check_model(settings)
+        except Exception as exc:
+            failed.append(exc)
+            supervisor.stop()
+
+    threading.Thread(target=check, name="oncoflow-check-model", daemon=True).start()
+    code = supervisor.run()
+    if failed:
+        raise failed[0]
+    return code
 
 
-def _forward_sigterm(process: subprocess.Popen):
-    """Pass SIGTERM on to the server so it never outlives us; returns the old handler."""
+def guarded(command: list[str]) -> list[str]:
+    """`command` run so that it dies with this process (`serving.lifeline`)."""
+    return [sys.executable, "-m", "serving.lifeline", str(os.getpid()), "--", *command]
+
+
+class Supervisor:
+    """Runs ``bentoml serve`` and restarts it when it or its worker dies.
+
+    BentoML's arbiter respawns a dead worker itself, but keeps the port open meanwhile: clients
+    would wait in the listen queue for the whole start-up. Here a dead worker takes the arbiter
+    down at once (its waiting clients get a reset, new ones "connection refused") and the server
+    starts again; more than `max_restarts` crashes within `window_s` and it gives up.
+    SIGTERM/SIGINT stop the server gracefully; the server dies with this process anyway
+    (`serving.lifeline`).
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        max_restarts: int = 5,
+        window_s: float = 300.0,
+        poll_s: float = 0.2,
+    ) -> None:
+        self.command = command
+        self.env = env
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.poll_s = poll_s
+        self.stopping = False
+        self.stopping_since = 0.0
+        self.stop_timeout_s = 30.0
+        self.process: subprocess.Popen | None = None
+        self.crashes: list[float] = []
+
+    def run(self) -> int:
+        previous = self._handle_signals()
+        try:
+            while True:
+                code = self._run_once()
+                if self.stopping:
+                    return code
+                now = time.monotonic()
+                self.crashes = [t for t in self.crashes if now - t < self.window_s] + [now]
+                if len(self.crashes) > self.max_restarts:
+                    log.error(
+                        "the server crashed %d times in %.0f s; giving up",
+                        len(self.crashes),
+                        self.window_s,
+                    )
+                    return code or 1
+                log.warning("restarting the server")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run_once(self) -> int:
+        """Start the server; return its exit code once it exits or its worker dies."""
+        import psutil
+
+        self.process = subprocess.Popen(
+            self.command, env=self.env, cwd=PROJECT_ROOT, start_new_session=True
+        )
+        server = psutil.Process(self.process.pid)
+        workers: dict[int, psutil.Process] = {}
+        terminated = False
+        while (code := self.process.poll()) is None:
+            try:
+                current = {p.pid: p for p in server.children(recursive=True) if _is_worker(p)}
+            except psutil.Error:
+                current = {}
+            if not self.stopping and set(workers) - set(current):
+                log.error("the server's worker died; stopping the server to restart it")
+                self._kill(server, workers | current)
+                return self.process.wait()
+            if self.stopping and not terminated:
+                self.process.terminate()  # graceful: the arbiter stops its worker
+                terminated = True
+            if self.stopping and time.monotonic() - self.stopping_since > self.stop_timeout_s:
+                log.warning("the server did not stop in %.0f s; killing it", self.stop_timeout_s)
+                self._kill(server, workers | current)
+            workers = current
+            time.sleep(self.poll_s)
+        self._kill(server, workers)  # an arbiter gone: no worker of it stays
+        return code
+
+    def _kill(self, server, workers: dict) -> None:
+        import psutil
+
+        for process in [server, *workers.values()]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+    def stop(self) -> None:
+        """Stop the server (gracefully, then killed after `stop_timeout_s`); any thread."""
+        if not self.stopping:
+            self.stopping, self.stopping_since = True, time.monotonic()
+
+    def _handle_signals(self) -> dict:
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: self.stop())
+        except ValueError:  # not the main thread: leave signal handling alone
+            pass
+        return previous
+
+
+def _is_worker(process) -> bool:
     try:
-        return signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    except ValueError:  # not the main thread: leave signal handling alone
-        return None
+        return "_bentoml_impl.worker.service" in process.cmdline()
+    except Exception:  # gone meanwhile, or no access
+        return False

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -333,6 +334,71 @@ class UnsupportedMediaType(InputError):
     http_status = 415
 
 
+class MalformedBody(InputError):
+    """The body is not what its Content-Type says (JSON that does not parse...)."""
+
+    http_status = 400
+
+
+class TooManyRequests(OncoflowError):
+    """A limit (the caller's request rate, concurrent explanations) is reached; retry later."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.headers = ((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),)
+
+
+def _media_type(scope: Scope) -> str:
+    raw = (_header(scope, b"content-type") or b"").decode("latin-1")
+    return raw.split(";")[0].strip().lower()
+
+
+class JsonGuard:
+    """JSON endpoints take one JSON object: refuse anything else before BentoML parses it.
+
+    For a POST to a path of `fields` (path -> the keys its object may have): the Content-Type
+    must be ``application/json`` (else 415), the body a JSON object (else 400 `MalformedBody`),
+    read up to `max_bytes`, with no other keys (else 422). BentoML would otherwise hand a
+    multipart or form body to its multipart parser and answer a bogus one with a 500.
+    """
+
+    def __init__(self, app: ASGIApp, fields: Mapping[str, Iterable[str]], max_bytes: int) -> None:
+        self.app = app
+        self.fields = {path: frozenset(names) for path, names in fields.items()}
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path", "") not in self.fields
+        ):
+            await self.app(scope, receive, send)
+            return
+        media_type = _media_type(scope)
+        if media_type != "application/json":
+            raise UnsupportedMediaType(
+                f"send a JSON object with Content-Type application/json "
+                f"(got {media_type or 'no content type'})"
+            )
+        body = await read_body(receive, self.max_bytes)
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+            raise MalformedBody("the body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise InputError("the body must be a JSON object")
+        allowed = self.fields[scope["path"]]
+        if extra := set(data) - allowed:
+            raise InputError(
+                f"{len(extra)} unexpected field(s); this endpoint takes "
+                + ", ".join(repr(name) for name in sorted(allowed))
+            )
+        await self.app(scope, replay(body, receive), send)
+
+
 @dataclass(frozen=True)
 class UploadSpec:
     """The multipart form one upload endpoint accepts: one file field, some text fields."""
@@ -372,11 +438,11 @@ class UploadGuard:
         if spec is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        content_type = (_header(scope, b"content-type") or b"").decode("latin-1")
-        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        media_type = _media_type(scope)
+        if media_type != "multipart/form-data":
             raise UnsupportedMediaType(
                 f"send the image as a multipart/form-data file field {spec.file!r} "
-                f"(got {content_type.split(';')[0] or 'no content type'})"
+                f"(got {media_type or 'no content type'})"
             )
         body = await read_body(receive, self.max_bytes)
         await self._check_form(scope, body, spec)
@@ -476,6 +542,83 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+def _safe_settings() -> ServingConf:
+    """This process's settings, or the schema defaults when they do not load (the service's
+    __init__ refuses to start on the same error; middleware must not raise)."""
+    try:
+        return current_settings()
+    except ConfigError:
+        return ServingConf()
+
+
+class RateLimit:
+    """A token bucket per API key: `per_minute` requests a minute, bursts of up to `burst`.
+
+    Runs after `ApiKeyAuth` (the key's owner is the bucket); probes are never limited; a
+    caller over the limit gets 429 with ``Retry-After``. ``per_minute=0`` switches it off.
+    """
+
+    def __init__(
+        self, app: ASGIApp, per_minute: int | None = None, burst: int | None = None
+    ) -> None:
+        settings = _safe_settings()
+        self.app = app
+        self.rate = (settings.rate_limit_per_minute if per_minute is None else per_minute) / 60
+        self.burst = float(settings.rate_limit_burst if burst is None else burst)
+        self.buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
+
+    def _take(self, user: str) -> float:
+        """0 if `user` may go now (one token taken), else the seconds until a token is due."""
+        now = time.monotonic()
+        tokens, at = self.buckets.get(user, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens >= 1.0:
+            self.buckets[user] = (tokens - 1.0, now)
+            return 0.0
+        self.buckets[user] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.rate > 0 and scope.get("path") not in OPEN_PATHS:
+            wait = self._take(str(scope.get(USER_SCOPE_KEY) or ANONYMOUS_USER))
+            if wait > 0:
+                raise TooManyRequests(
+                    f"rate limit of {self.rate * 60:g} requests a minute per API key reached",
+                    wait,
+                )
+        await self.app(scope, receive, send)
+
+
+class ConcurrencyLimit:
+    """At most `limit` requests to `paths` (together) in progress; the next one gets 429.
+
+    For the expensive endpoints (explanations, reports): a queue of them would only grow while
+    each waits on the same cores, so a full house answers at once and the client retries.
+    """
+
+    def __init__(self, app: ASGIApp, paths: Iterable[str], limit: int | None = None) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        self.limit = _safe_settings().explain_concurrency if limit is None else limit
+        self.running = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.running >= self.limit:
+            raise TooManyRequests(
+                f"{self.running} explanations are being computed, the most this server runs "
+                "at once; retry in a moment",
+                2.0,
+            )
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
+
+
 class RequestLog:
     """Outermost middleware: a request id (``X-Request-ID``) and one log line per request.
 
@@ -551,12 +694,9 @@ class RedactValidationErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):
-            try:
+            try:  # error kinds only: field names may be the client's own keys
                 errors = exc.errors(include_input=False, include_context=False, include_url=False)
-                where = "; ".join(
-                    f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-                    for e in errors
-                )
+                where = ", ".join(sorted({str(e.get("type", "?")) for e in errors}))
             except Exception:  # never let logging fail
                 where = "details withheld"
             record.msg = f"{record.getMessage()}: request validation failed ({where})"

@@ -7,6 +7,8 @@ import sys
 
 from components.config import ServingConf
 from serving.middleware import DropRecords, RedactValidationErrors
+from serving.settings import request_limit_bytes
+from serving.uploads import keep_uploads_in_memory
 
 #: BentoML loggers that may print a request-validation error (with the offending input).
 _VALIDATION_LOGGERS = ("bentoml._internal.server.http_app", "_bentoml_impl.server.app", "bentoml")
@@ -29,6 +31,7 @@ def configure_process(settings: ServingConf) -> None:
     # it waiting that long each time. Compare with
     # `ONCOFLOW_GIL_SWITCH_US=5000 python bench/serve_throughput.py`.
     sys.setswitchinterval(settings.gil_switch_us / 1e6)
+    keep_uploads_in_memory(request_limit_bytes(settings))
     if settings.torch_threads:
         import torch
 

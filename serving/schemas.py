@@ -6,7 +6,7 @@ Images travel as base64-encoded PNG strings; no model carries a patient identifi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -125,6 +125,12 @@ class ShapImageSummary(BaseModel):
     total: float = Field(description="sum of the pixel values (≈ probability - expected)")
     nsamples: int
     background_size: int
+    estimator: str | None = Field(
+        default=None, description="how the values were estimated (expected gradients, sampling)"
+    )
+    background: str | None = Field(
+        default=None, description="the reference images the values are measured against"
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -267,10 +273,14 @@ class ModelCard(BaseModel):
     )
 
 
+#: A class or feature name in a chat case: not blank, at most 80 characters.
+CaseLabel = Annotated[str, Field(min_length=1, max_length=80, pattern=r"\S")]
+
+
 class CaseFeature(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(max_length=80)
+    name: CaseLabel
     value: float
 
 
@@ -279,8 +289,10 @@ class ChatCase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    predicted_label: str = Field(max_length=80)
-    probabilities: dict[str, float]
+    predicted_label: CaseLabel
+    probabilities: dict[CaseLabel, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        min_length=1, max_length=50, description="class -> probability; they add up to 1"
+    )
     gradcam_summary: str | None = Field(default=None, max_length=500)
     shap_features: list[CaseFeature] = Field(default_factory=list, max_length=20)
     clinical_note: str | None = Field(

@@ -30,34 +30,39 @@ tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/history`` ``
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import bentoml
-import numpy as np
 from fastapi import FastAPI
 from pydantic import BeforeValidator, Field
 from starlette.responses import Response, StreamingResponse
 
+from components.errors import NotFound
 from serving.api_errors import Overloaded, answers_errors
 from serving.batching import MicroBatcher
 from serving.chat import ChatService, card_facts
-from serving.engine import DEFAULT_SHAP_NSAMPLES
 from serving.metrics import batch_size_recorder
 from serving.middleware import (
     ANONYMOUS_USER,
     USER_SCOPE_KEY,
     ApiKeyAuth,
     BodySizeLimit,
+    ConcurrencyLimit,
     ErrorEnvelope,
+    JsonGuard,
+    RateLimit,
     RequestLog,
     UploadGuard,
     UploadSpec,
     load_api_keys,
 )
-from serving.model_store import load_engine
+from serving.openapi import OpenApiContract
 from serving.process import configure_process
 from serving.schemas import (
     ChatCase,
@@ -72,10 +77,13 @@ from serving.schemas import (
     SimilarResponse,
 )
 from serving.settings import current_settings
+from serving.uploads import Upload
 
 log = logging.getLogger(__name__)
 
 JSON_BODY_LIMIT = 64 * 1024
+#: The most SHAP samples one /explain may ask for (its cost grows linearly with them).
+MAX_SHAP_NSAMPLES = 200
 UPLOADS = {
     "/predict": UploadSpec.of("image", ["clinical"]),
     "/explain": UploadSpec.of(
@@ -84,15 +92,34 @@ UPLOADS = {
     "/similar": UploadSpec.of("image", ["clinical", "k"]),
     "/report": UploadSpec.of("image", ["clinical", "method", "target", "case_id"]),
 }
-JSON_ROUTES = (
-    "/predict_tabular",
-    "/explain_tabular",
-    "/chat",
-    "/chat/stream",
-    "/chat/history",
-    "/chat/reset",
-)
+#: JSON endpoint -> the keys its body object may have.
+JSON_FIELDS = {
+    "/predict_tabular": ["clinical"],
+    "/explain_tabular": ["clinical", "target"],
+    "/chat": ["question", "session_id", "case"],
+    "/chat/stream": ["question", "session_id", "case"],
+    "/chat/history": ["session_id"],
+    "/chat/reset": ["session_id"],
+}
+JSON_ROUTES = tuple(JSON_FIELDS)
 ROUTES = (*UPLOADS, *JSON_ROUTES, "/model_card", "/docs.json", "/")
+#: The expensive endpoints: at most serving.explain_concurrency of them at once, then 429.
+EXPLANATIONS = ("/explain", "/explain_tabular", "/report")
+#: What the published contract (serving.openapi) says about the served model; set at start-up.
+SERVED_MODEL: dict[str, Any] = {}
+#: The process that started this one, read at import: a BentoML worker dies with it.
+_PARENT = os.getppid()
+
+
+def _is_bentoml_worker() -> bool:
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "__spec__", None), "name", "") == "_bentoml_impl.worker.service"
+
+
+if _is_bentoml_worker():  # as early as possible: a worker must never outlive its arbiter
+    from serving.lifeline import die_with_parent
+
+    die_with_parent(_PARENT)
 
 #: The GET routes BentoML's POST-only APIs cannot express; FastAPI, so that BentoML's OpenAPI
 #: document (/docs.json) lists them with their schema. Its routes are methods of the service
@@ -120,6 +147,9 @@ Clinical = Annotated[
     ),
 ]
 
+#: A pseudonymous case code for the report (never a name: letters, digits, '_' and '-').
+CaseId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
 
 def _user(ctx: bentoml.Context) -> str:
     """The authenticated caller (set by ApiKeyAuth from the API key; never from the body)."""
@@ -143,17 +173,24 @@ class DiagnosisService:
         self.settings = current_settings()
         configure_process(self.settings)
         load_api_keys()
+        from serving.model_store import load_engine  # torch: only in the worker
+
         self.engine = load_engine(self.settings)
-        self.engine.warm_up(explainers=True)
+        self.engine.warm_up()  # the model answers: ready from here
         self.chat_service: ChatService | None = None
-        if self.settings.chat:
-            self.chat_service = ChatService.load(
-                self.engine.model_dir,
-                card_facts(self.engine.card()),
-                torch_threads=self.settings.torch_threads,
-                config_file=self.settings.assistant_config,
-            )
+        self.chat_error: str | None = None
+        self.chat_loading = self.settings.chat
+        # The explainers' imports and the assistant take most of a start-up; they load behind
+        # the ready model (/chat answers 503 until its assistant is there).
+        threading.Thread(target=self._load_extras, name="oncoflow-extras", daemon=True).start()
         self.ref = self.engine.ref
+        card = self.engine.card()
+        SERVED_MODEL.update(
+            kind=self.engine.kind,
+            clinical_schema=[f.model_dump() for f in card.clinical_schema or []] or None,
+            methods=card.explain_methods,
+            classes=list(self.engine.classes),
+        )
         self.classes = self.engine.classes
         self.batcher = MicroBatcher(
             self.engine.infer_rows,
@@ -171,6 +208,22 @@ class DiagnosisService:
             "on" if self.chat_service else "off",
         )
 
+    def _load_extras(self) -> None:
+        try:
+            self.engine.warm_up(explainers=True)
+            if self.settings.chat:
+                self.chat_service = ChatService.load(
+                    self.engine.model_dir,
+                    card_facts(self.engine.card()),
+                    torch_threads=self.settings.torch_threads,
+                    config_file=self.settings.assistant_config,
+                )
+        except Exception:  # the predictions go on; /chat says why it is off
+            log.exception("loading the assistant failed; /chat answers 503")
+            self.chat_error = "the assistant failed to load on this server (see its log)"
+        finally:
+            self.chat_loading = False
+
     def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: ready only with a loaded model."""
         return self.engine is not None
@@ -185,16 +238,31 @@ class DiagnosisService:
         its bundle contains and where similar cases come from."""
         return self.card()
 
-    def _image_row(self, image: Path, clinical: Any) -> np.ndarray:
+    def _images(self) -> None:
+        if self.engine.kind == "tabular":
+            raise NotFound(
+                "this model reads a clinical record only: use /predict_tabular or "
+                "/explain_tabular (JSON)"
+            )
+
+    def _records(self) -> None:
+        if self.engine.kind != "tabular":
+            raise NotFound(
+                f"this {self.engine.kind} model needs an image: use /predict, /explain, /similar "
+                "or /report with a multipart 'image' field"
+            )
+
+    def _image_row(self, image: Upload, clinical: Any):
         """The packed model input of one upload (blocking: read, decode, check, preprocess)."""
         return self.engine.pack(self.engine.prepare(image.read_bytes(), clinical, display=False))
 
     # -- image endpoints -------------------------------------------------------------------
     @bentoml.api(route="/predict")
     @answers_errors
-    async def predict(self, image: Path, clinical: Clinical = None) -> PredictResponse:
+    async def predict(self, image: Upload, clinical: Clinical = None) -> PredictResponse:
         """Classify one image (PNG, JPEG, DICOM...; multipart file `image`), with the clinical
         record as text field `clinical` when the model takes one."""
+        self._images()
         started = time.perf_counter()
         row = await anyio.to_thread.run_sync(self._image_row, image, clinical)
         probabilities = await self.batcher.submit(row)  # in a batch with concurrent calls
@@ -204,31 +272,40 @@ class DiagnosisService:
     @answers_errors
     def explain(
         self,
-        image: Path,
+        image: Upload,
         clinical: Clinical = None,
         method: Text = "gradcam",
         target: Annotated[str | None, BeforeValidator(_as_text)] = None,
-        opacity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.45,
-        shap: bool = True,
-        nsamples: Annotated[int, Field(ge=1, le=200)] = DEFAULT_SHAP_NSAMPLES,
+        opacity: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] = 0.45,
+        shap: Annotated[bool, Field(strict=True)] = True,
+        nsamples: Annotated[
+            int | None,
+            Field(ge=1, le=MAX_SHAP_NSAMPLES, strict=True, description="null: the server default"),
+        ] = None,
     ) -> ExplainResponse:
         """Grad-CAM overlay and heatmap (`method`: gradcam, gradcam++, ...; `target`: a class
         name, default the predicted one), the image SHAP map and, with a clinical record, its
         top SHAP features. PNGs are base64."""
+        self._images()
         case = self.engine.prepare(image.read_bytes(), clinical)
+        chosen = {} if nsamples is None else {"nsamples": nsamples}
         return self.engine.explain(
-            case, method=method, target=target, opacity=opacity, shap=shap, nsamples=nsamples
+            case, method=method, target=target, opacity=opacity, shap=shap, **chosen
         )
 
     @bentoml.api(route="/similar")
     @answers_errors
     def similar(
-        self, image: Path, clinical: Clinical = None, k: Annotated[int, Field(ge=1, le=50)] = 5
+        self,
+        image: Upload,
+        clinical: Clinical = None,
+        k: Annotated[int, Field(ge=1, le=50, strict=True)] = 5,
     ) -> SimilarResponse:
         """The `k` most similar cases of this site's own case library (`oncoflow serve
         --case-library`): label, distance and a thumbnail (no identifiers); `source` says where
         the cases come from. Without a library: 404 `NoCaseLibrary` (a model bundle carries
         no training images unless a central non-DP run put them in)."""
+        self._images()
         self.engine.check_similar()
         return self.engine.similar(
             self.engine.prepare(image.read_bytes(), clinical, display=False), k
@@ -238,16 +315,15 @@ class DiagnosisService:
     @answers_errors
     def report(
         self,
-        image: Path,
+        image: Upload,
         clinical: Clinical = None,
         method: Text = "gradcam",
         target: Annotated[str | None, BeforeValidator(_as_text)] = None,
-        case_id: Annotated[
-            str | None, BeforeValidator(_as_text), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-        ] = None,
+        case_id: Annotated[CaseId | None, BeforeValidator(_as_text)] = None,
     ) -> Annotated[Path, bentoml.validators.ContentType("application/pdf")]:
         """A one-case PDF report (application/pdf): prediction, Grad-CAM overlay, clinical SHAP,
         model facts, privacy and the disclaimer. `case_id`: an optional pseudonymous code."""
+        self._images()
         case = self.engine.prepare(image.read_bytes(), clinical)
         pdf = self.engine.report(case, method=method, target=target, case_id=case_id)
         return Response(
@@ -261,6 +337,7 @@ class DiagnosisService:
     @answers_errors
     async def predict_tabular(self, clinical: dict[str, Any]) -> PredictResponse:
         """Classify one clinical record (JSON `{"clinical": {...}}`; tabular-only models)."""
+        self._records()
         started = time.perf_counter()
         row = self.engine.pack(self.engine.prepare_record(clinical))
         probabilities = await self.batcher.submit(row)
@@ -274,12 +351,17 @@ class DiagnosisService:
         target: Annotated[str | None, BeforeValidator(_as_text)] = None,
     ) -> ExplainResponse:
         """SHAP value of each clinical feature (tabular-only models)."""
+        self._records()
         return self.engine.explain(self.engine.prepare_record(clinical), target=target)
 
     # -- chat ------------------------------------------------------------------------------
     def _chat(self):
         if self.chat_service is None:
-            raise Overloaded("chat is disabled on this server (serving.chat, ONCOFLOW_CHAT)")
+            if self.chat_loading:
+                raise Overloaded("the assistant is still loading; retry in a few seconds")
+            raise Overloaded(
+                self.chat_error or "chat is disabled on this server (serving.chat, ONCOFLOW_CHAT)"
+            )
         return self.chat_service
 
     @bentoml.api(route="/chat", input_spec=ChatRequest)
@@ -322,14 +404,18 @@ class DiagnosisService:
         return ChatResetResponse(session_id=session_id)
 
 
-# Outermost first: request log, error envelope, authentication (headers only), body limits,
-# upload shape.
+# Outermost first: request log, error envelope, authentication (headers only), the published
+# contract, rate limit, body limits, body shape, the cap on concurrent explanations.
 DiagnosisService.add_asgi_middleware(RequestLog, routes=ROUTES)
 DiagnosisService.add_asgi_middleware(ErrorEnvelope)
 DiagnosisService.add_asgi_middleware(ApiKeyAuth)
+DiagnosisService.add_asgi_middleware(OpenApiContract, model=SERVED_MODEL)
+DiagnosisService.add_asgi_middleware(RateLimit)
 DiagnosisService.add_asgi_middleware(
     BodySizeLimit, path_limits=dict.fromkeys(JSON_ROUTES, JSON_BODY_LIMIT)
 )
+DiagnosisService.add_asgi_middleware(JsonGuard, fields=JSON_FIELDS, max_bytes=JSON_BODY_LIMIT)
 DiagnosisService.add_asgi_middleware(UploadGuard, uploads=UPLOADS)
+DiagnosisService.add_asgi_middleware(ConcurrencyLimit, paths=EXPLANATIONS)
 
 __all__ = ["DiagnosisService"]

@@ -18,6 +18,9 @@ empty, overrides its key:
     ONCOFLOW_CHAT               chat                      ``0``: serve without the assistant
     ONCOFLOW_ASSISTANT_CONFIG   assistant_config          a JSON file (backend, ...)
     ONCOFLOW_CASE_LIBRARY       case_library              the site's case library directory
+    ONCOFLOW_EXPLAIN_CONCURRENCY  explain_concurrency     ``2`` (then /explain answers 429)
+    ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute  ``1200`` per API key (``0``: off)
+    ONCOFLOW_RATE_LIMIT_BURST   rate_limit_burst          ``100``
     ==========================  ========================  =====================================
 
 Booleans take 1/0, true/false or yes/no. Two variables have no config key, on purpose: the
@@ -47,6 +50,9 @@ _AT_LEAST = {
     "gil_switch_us": 1,
     "torch_threads": 1,
     "background_size": 1,
+    "explain_concurrency": 1,
+    "rate_limit_per_minute": 0,
+    "rate_limit_burst": 1,
 }
 
 
@@ -139,6 +145,9 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_CHAT": "chat",
     "ONCOFLOW_ASSISTANT_CONFIG": "assistant_config",
     "ONCOFLOW_CASE_LIBRARY": "case_library",
+    "ONCOFLOW_EXPLAIN_CONCURRENCY": "explain_concurrency",
+    "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
+    "ONCOFLOW_RATE_LIMIT_BURST": "rate_limit_burst",
 }
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "model_tag": _text,
@@ -152,6 +161,9 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "chat": _flag,
     "assistant_config": _text,
     "case_library": _text,
+    "explain_concurrency": _integer,
+    "rate_limit_per_minute": _integer,
+    "rate_limit_burst": _integer,
 }
 
 
