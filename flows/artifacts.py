@@ -20,6 +20,19 @@ def markdown(key: str, text: str) -> None:
     create_markdown_artifact(key=key, markdown=text)
 
 
+def image(key: str, path: Path, description: str = "") -> None:
+    """A PNG from the run directory as a Prefect image artifact (inlined as a data URL, so
+    the picture stays with the run's own records and needs no file server)."""
+    import base64
+
+    from prefect.artifacts import create_image_artifact
+
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    create_image_artifact(
+        image_url=f"data:image/png;base64,{encoded}", key=key, description=description
+    )
+
+
 def metrics_table(key: str, metrics: dict[str, Any]) -> None:
     """Headline metrics plus per-class sensitivity/specificity as a Prefect table artifact."""
     from prefect.artifacts import create_table_artifact

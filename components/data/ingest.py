@@ -28,6 +28,7 @@ from components.data.images import (
     is_dicom_bytes,
     open_image,
 )
+from components.data.near_duplicates import thumbnail
 from components.errors import DataError
 from components.workspace import Workspace
 
@@ -81,6 +82,7 @@ class Description:
     sha256: str
     decode_error: str
     format: str
+    thumbnail: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +105,8 @@ class DecodeCache:
         if self.path and self.path.exists():
             try:
                 frame = pd.read_parquet(self.path)
+                if tuple(frame.columns) != self.COLUMNS:  # written by an older version
+                    frame = frame.iloc[0:0]
                 for row in frame.itertuples(index=False):
                     self.entries[row.source] = tuple(row)[1:]
             except Exception as exc:  # a corrupt cache is rebuilt, never trusted
@@ -123,8 +127,8 @@ class DecodeCache:
         if key is None or entry is None or (int(entry[0]), int(entry[1])) != key:
             return None
         self.hits += 1
-        width, height, channels, sha, error, fmt = entry[2:]
-        return Description(int(width), int(height), int(channels), sha, error, fmt)
+        width, height, channels, sha, error, fmt, thumb = entry[2:]
+        return Description(int(width), int(height), int(channels), sha, error, fmt, thumb)
 
     def put(self, source: str, key: tuple[int, int] | None, info: Description) -> None:
         if key is None:
@@ -138,6 +142,7 @@ class DecodeCache:
             info.sha256,
             info.decode_error,
             info.format,
+            info.thumbnail,
         )
         self._dirty = True
 
@@ -164,7 +169,8 @@ def format_hint(source: str) -> str:
 
 
 def describe(source: str) -> Description:
-    """Decode `source` once: geometry, content hash and format, or the reason it failed."""
+    """Decode `source` once: geometry, content hash, thumbnail and format, or the reason
+    it failed."""
     try:
         image = open_image(source)
     except DataError as exc:
@@ -172,7 +178,15 @@ def describe(source: str) -> Description:
     except Exception as exc:  # never let one bad image stop an ingest
         return Description(0, 0, 0, "", f"unexpected decode failure: {exc!r}", format_hint(source))
     fmt = (image.format or format_hint(source)).lower()
-    return Description(image.width, image.height, channels_of(image), content_hash(image), "", fmt)
+    return Description(
+        image.width,
+        image.height,
+        channels_of(image),
+        content_hash(image),
+        "",
+        fmt,
+        thumbnail(image),
+    )
 
 
 def _parallel(func: Callable, items: list, what: str) -> list:
@@ -222,6 +236,7 @@ def describe_all(candidates: list[Candidate], cache_dir: Path | None) -> pd.Data
             "height": info.height,
             "channels": info.channels,
             "sha256": info.sha256,
+            "thumbnail": info.thumbnail,
             "decode_error": info.decode_error,
         }
         for c, info in zip(candidates, infos, strict=True)

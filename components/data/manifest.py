@@ -10,6 +10,9 @@ Columns (all always present):
     site          hospital / site name ("" if none)
     width, height, channels   decoded image geometry (0 when not decodable)
     sha256        hash of the decoded pixels (mode, size, bytes): identical images share it
+    thumbnail     32×32 grey thumbnail, base64 (`near_duplicates.thumbnail`): what near-
+                  duplicates and likely-same-patient images are found by ("" when not
+                  computed; optional on input, `conform` adds it empty)
     decode_error  "" when the image decodes, otherwise why not
 """
 
@@ -34,8 +37,10 @@ COLUMNS: dict[str, str] = {
     "height": "int64",
     "channels": "int64",
     "sha256": "string",
+    "thumbnail": "string",
     "decode_error": "string",
 }
+OPTIONAL = ("thumbnail",)  # columns `conform` adds (empty) to a manifest written without them
 SPLITS = ("train", "val", "test")
 
 
@@ -45,10 +50,11 @@ def empty_manifest() -> pd.DataFrame:
 
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
     """Return `frame` with exactly the manifest columns, in order, with their dtypes."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
+    missing = [c for c in COLUMNS if c not in frame.columns and c not in OPTIONAL]
     if missing:
         raise DataError(f"manifest is missing columns {missing}")
-    out = frame[list(COLUMNS)].copy()
+    out = frame.assign(**{c: "" for c in OPTIONAL if c not in frame.columns})[list(COLUMNS)]
+    out = out.copy()
     for column, dtype in COLUMNS.items():
         if dtype == "string":
             out[column] = out[column].fillna("").astype("string")
