@@ -57,6 +57,8 @@ class RunContext:
 class SplitResult:
     frame: pd.DataFrame  # the manifest with a `split` column
     report: dict[str, Any]  # JSON-safe split report
+    # row ids of held-out images within `match_distance` of a training image (kept in the run)
+    near_matched: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -145,21 +147,33 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
 
 @task(name="split")
 def split_task(ctx: RunContext, frame: pd.DataFrame) -> SplitResult:
-    from components.data.splits import assign_splits
+    from components.data.near_duplicates import example_montage
+    from components.data.splits import LeakageSettings, assign_splits
 
-    split = ctx.cfg["dataset"]["split"]
+    split, calibration = ctx.cfg["dataset"]["split"], ctx.cfg["calibration"]
+    held_out = calibration["fit_on"] == "held_out"
     frame, report = assign_splits(
         frame,
         keep_given=split["keep_given"],
         val_fraction=split["val_fraction"],
         test_fraction=split["test_fraction"],
         seed=ctx.cfg["seed"],
+        leakage=LeakageSettings.from_config(split),
+        calibration_fraction=calibration["held_out_fraction"] if held_out else 0.0,
     )
     summary = report.summary()
-    get_run_logger().info("split report: %s", summary)
+    log = get_run_logger()
+    log.info("split report: %s", summary)
+    if report.proximity.get("warning"):
+        log.warning("split: %s", report.proximity["warning"])
     artifacts.write_json(ctx.run_dir / "split_report.json", report.to_dict())
     artifacts.markdown("split-report", f"# Split report\n\n{summary}")
-    return SplitResult(frame=frame, report=report.to_dict())
+    montage = example_montage(report.example_pairs, ctx.run_dir / "near_duplicates.png")
+    if montage is not None:
+        artifacts.image("near-duplicates", montage, "example near-duplicate pairs (pHash)")
+    return SplitResult(
+        frame=frame, report=report.to_dict(), near_matched=frozenset(report.near_matched_ids)
+    )
 
 
 @task(name="validate")
@@ -318,11 +332,11 @@ def federation_layout_task(
 
 @task(name="calibrate")
 def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) -> Calibrated:
-    """Fit temperature scaling, the conformal threshold and the dangerous-class operating point
-    on `calibration.fit_on` (`val`: the validation split; `held_out`: the `calibration` split,
-    a held-out share of the test split's distribution) and the out-of-distribution check
-    (statistics on the training split, threshold on the validation split); measure them on the
-    test split. A split too small or one-class to fit on leaves the model uncalibrated, with a
+    """Fit temperature scaling, the conformal threshold, the dangerous-class operating point
+    and the out-of-distribution check's threshold on `calibration.fit_on` (`val`: the
+    validation split; `held_out`: the `calibration` split, a held-out share of the test split's
+    distribution; the OOD statistics come from the training split); measure them on the test
+    split. A split too small or one-class to fit on leaves the model uncalibrated, with a
     warning and the reason in the report; a part that cannot be fitted (no dangerous class in
     the data, ...) is left out with its reason in the block's `notes`."""
     import dataclasses
@@ -439,8 +453,10 @@ def calibration_data(conf: dict[str, Any], arrays: dict[str, SplitArrays]):
 
 def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_logits):
     """The OOD check (`calibration.ood`): statistics from the training split's features,
-    threshold on the validation split; with its share of test images flagged (in-distribution
-    false alarms). (None, report with the reason) when off or not fittable."""
+    threshold on the validation split (`fit_on=val`) or on the held-out calibration split
+    (`fit_on=held_out`: the deployment's own images are the in-distribution reference); with
+    its share of test images flagged (in-distribution false alarms). (None, report with the
+    reason) when off or not fittable."""
     import numpy as np
 
     from components.calibration.ood import fit_detector
@@ -451,17 +467,20 @@ def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_l
     kind = conf["ood"]
     if kind == "none":
         return None, {"fitted": False, "reason": "calibration.ood=none"}
-    train, val, test = arrays["train"], arrays["val"], arrays["test"]
+    train, test = arrays["train"], arrays["test"]
+    reference, _ = calibration_data(conf, arrays)
+    where = "held-out calibration split" if conf["fit_on"] == "held_out" else "validation split"
     features = kind == "mahalanobis"
     try:
         detector = fit_detector(
             kind,
-            val_logits=predict_logits(model, val.x, pre),
-            val_features=embed_arrays(model, val.x, pre) if features else None,
+            val_logits=predict_logits(model, reference.x, pre),
+            val_features=embed_arrays(model, reference.x, pre) if features else None,
             false_alarm=conf["ood_false_alarm"],
             train_features=embed_arrays(model, train.x, pre) if features else None,
             train_labels=train.y,
             n_classes=len(ctx.class_names),
+            threshold_on=where,
         )
     except (DataError, ModelError) as exc:
         get_run_logger().warning("no out-of-distribution check: %s", exc)

@@ -9,10 +9,12 @@ Two scores, higher meaning more unusual:
   aggregate statistics of training features, no single image's features.
 - ``energy``: −logsumexp(logits), from the logits alone (nothing stored but the threshold).
 
-The threshold is set on in-distribution held-out cases (the validation split) at a configured
-false-alarm rate α: with n scores, the ⌈(n+1)(1−α)⌉-th smallest, so an in-distribution input
-exchangeable with them is flagged with probability at most α. An input is out of distribution
-when its score is above the threshold. Plain numpy (and scikit-learn's Ledoit-Wolf estimate).
+The threshold is set on in-distribution held-out cases (the validation split, or with
+`calibration.fit_on=held_out` the held-out calibration split of the deployment's own
+distribution) at a configured false-alarm rate α: with n scores, the ⌈(n+1)(1−α)⌉-th
+smallest, so an in-distribution input exchangeable with them is flagged with probability at
+most α. An input is out of distribution when its score is above the threshold. Plain numpy
+(and scikit-learn's Ledoit-Wolf estimate and AUROC).
 """
 
 from __future__ import annotations
@@ -158,8 +160,11 @@ def fit_detector(
     train_features: np.ndarray | None = None,
     train_labels: np.ndarray | None = None,
     n_classes: int = 0,
+    threshold_on: str = "validation split",
 ) -> OODDetector:
-    """Statistics from the training features (Mahalanobis), threshold on the validation split."""
+    """Statistics from the training features (Mahalanobis), threshold on in-distribution
+    held-out cases (`val_*`: the validation split, or the held-out calibration split, named by
+    `threshold_on`)."""
     if score not in SCORES:
         raise DataError(f"unknown OOD score {score!r}; expected one of {SCORES}")
     stats: dict[str, np.ndarray] = {}
@@ -172,13 +177,13 @@ def fit_detector(
         val = mahalanobis_scores(val_features, stats["means"], stats["precision"])
         fitted_on = (
             f"class means and shared covariance (Ledoit-Wolf shrinkage) of the training split's "
-            f"penultimate-layer features ({n_stats} cases); threshold on the validation split "
+            f"penultimate-layer features ({n_stats} cases); threshold on the {threshold_on} "
             f"({len(val)} cases) at a {float(false_alarm):.0%} false-alarm rate"
         )
     else:
         val = energy_scores(val_logits)
         fitted_on = (
-            f"threshold on the validation split ({len(val)} cases) at a "
+            f"threshold on the {threshold_on} ({len(val)} cases) at a "
             f"{float(false_alarm):.0%} false-alarm rate"
         )
     return OODDetector(

@@ -86,13 +86,13 @@ def test_calibrate_task_fits_every_part_on_the_held_out_split(manifest, tmp_path
     point = block["operating_point"]
     assert point["n_positive"] + point["n_negative"] == n_held
     assert point["n_positive"] == int(np.isin(arrays[CALIBRATION_SPLIT].y, [1, 2]).sum())
-    # the OOD check: statistics on train, threshold on val, whatever fit_on says
+    # the OOD check: statistics on train, threshold on the held-out split too
     assert block["ood"]["n_statistics"] == len(arrays["train"])
-    assert block["ood"]["n_threshold"] == len(arrays["val"])
+    assert block["ood"]["n_threshold"] == n_held
     assert calibrated.ood_stats["means"].shape[0] == 3
     assert report["n"] == len(arrays["test"]) and report["operating_point"]["test"]
     assert (tmp_path / "calibration.json").is_file()
     card = "\n".join(calibration_lines(block, report))
     assert f"held-out calibration split ({n_held} cases" in card
     assert "Operating point" in card and "on the test split: sensitivity" in card
-    assert f"validation split ({len(arrays['val'])} cases)" in card  # the OOD threshold
+    assert f"threshold on the held-out calibration split ({n_held} cases)" in card
