@@ -133,6 +133,8 @@ def federated_evaluation_task(ctx: RunContext, trained: TrainedModel) -> dict[st
         metrics["confusion_matrix"], ctx.class_names, ctx.run_dir / "confusion.png"
     )
     artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
+    if metrics.get("calibration"):
+        artifacts.write_json(ctx.run_dir / "calibration.json", metrics["calibration"])
     artifacts.metrics_table("federated-test-metrics", metrics)
     get_run_logger().info(
         "federated evaluation: pooled macro-F1 %s over %d site(s)",
@@ -149,6 +151,11 @@ def federated_metrics(trained: TrainedModel) -> dict[str, Any]:
     if not pooled:
         why = "; ".join(f"{s}: {r}" for s, r in sorted((evaluation.get("missing") or {}).items()))
         raise DataError(f"the federated evaluation returned no metrics from any site ({why})")
+    fitted = (trained.federation or {}).get("calibration") or {}
+    if evaluation.get("calibration"):  # the served (calibrated) probabilities were scored
+        pooled["calibration"] = evaluation["calibration"]
+    elif fitted and not fitted.get("fitted"):
+        pooled["calibration"] = {"fitted": False, "reason": fitted.get("reason")}
     for site, metrics in (evaluation.get("sites") or {}).items():
         for key in ("macro_f1", "macro_auroc", "accuracy", "ece"):
             if metrics.get(key) is not None:
@@ -182,7 +189,15 @@ def federated_pipeline(
         stats = {s: row.get("stats") for s, row in preflight["sites"].items()}
         test_fp = federated_test_fingerprint({s: stats[s] for s in preflight["approved"]})
         fingerprints = {"data": layout.spec.fingerprint(), "test": test_fp}
-        bundle_dir = bundle_task(ctx, trained, _NO_TRAINING_IMAGES, metrics, fingerprints["data"])
+        fitted = trained.federation.get("calibration") or {}
+        bundle_dir = bundle_task(
+            ctx,
+            trained,
+            _NO_TRAINING_IMAGES,
+            metrics,
+            fingerprints["data"],
+            fitted.get("calibration") if fitted.get("fitted") else None,
+        )
     except BaseException:
         close_failed_run(ctx, trained.mlflow_run_id)
         raise

@@ -35,6 +35,8 @@ from flwr.common.constant import ErrorCode
 from components.errors import DataError
 from components.federated.approval import SiteRefused, require, sanitise
 from components.federated.protocol import (
+    CALIBRATE_KEY,
+    CALIBRATION_KEY,
     FINAL_KEY,
     PREFLIGHT_RECORD,
     QUERY_KEY,
@@ -43,6 +45,7 @@ from components.federated.protocol import (
     ROUND_KEY,
     SITE_RECORD,
     SPEC_KEY,
+    T_KEY,
 )
 from components.federated.reasons import outgoing_error
 from components.federated.runspec import ClientSpec
@@ -115,12 +118,23 @@ def _site_error(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, Any], site: str) -> Message:
+def _reply(
+    msg: Message,
+    arrays: ArrayRecord | None,
+    metrics: dict[str, Any],
+    site: str,
+    sums: dict[str, Any] | None = None,
+) -> Message:
+    """A reply: metrics, the site's name, and (calibration) JSON sums under CALIBRATION_KEY."""
+    import json
+
     content = RecordDict(
         {"metrics": MetricRecord(metrics), SITE_RECORD: ConfigRecord({"name": site})}
     )
     if arrays is not None:
         content["arrays"] = arrays
+    if sums is not None:
+        content[CALIBRATION_KEY] = ConfigRecord({"sums": json.dumps(sums)})
     return Message(content=content, reply_to=msg)
 
 
@@ -225,6 +239,8 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     check_approval(msg, site_dir)
     if bool(msg.content["config"].get(FINAL_KEY, False)):
         return handle_final_evaluate(msg, site_dir)
+    if CALIBRATE_KEY in msg.content["config"]:
+        return handle_calibrate(msg, site_dir)
     spec, server_round = _spec(msg)
     site = load_site(site_dir)
     model = spec.model.build()
@@ -254,17 +270,54 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     return _reply(msg, None, metrics, site.name)
 
 
+def handle_calibrate(msg: Message, site_dir: Path) -> Message:
+    """Sums over the site's validation split that calibrate the final global model
+    (`site_calibration`): NLL on the temperature grid, or the APS-score histogram at the
+    coordinator's T. No case, score or prediction leaves the site."""
+    from components.evaluation.predict import predict_logits
+    from components.federated import site_calibration as sc
+    from components.federated.task import from_record, load_arrays, load_site
+
+    spec, _ = _spec(msg)
+    config = msg.content["config"]
+    site = load_site(site_dir)
+    model = load_arrays(spec.model.build(), from_record(msg.content["arrays"]))
+    n = len(site.y_val)
+    if n == 0:
+        return _reply(msg, None, {"num-examples": 0}, site.name, {"n": 0})
+    logits = predict_logits(model, site.x_val, spec.model.prep())
+    if str(config[CALIBRATE_KEY]) == "temperature":
+        sums = sc.temperature_sums(logits, site.y_val, len(spec.model.class_names))
+    else:
+        from components.calibration.temperature import softmax
+
+        probs = softmax(logits, float(config[T_KEY]))
+        sums = {"n": n, "aps_histogram": sc.aps_histogram(probs, site.y_val)}
+    return _reply(msg, None, {"num-examples": n}, site.name, sums)
+
+
 def handle_final_evaluate(msg: Message, site_dir: Path) -> Message:
     """Score the final global model on the site's held-out test split; reply with counts and
-    sums only (confusion matrix, ECE bin sums, macro-AUROC, size)."""
-    from components.evaluation.predict import predict_proba
+    sums only (confusion matrix, ECE bin sums, macro-AUROC, size). With a calibration block in
+    the message, the scores are of the calibrated probabilities (as served) and the reply adds
+    the calibration's sums (`site_calibration.evaluation_sums`)."""
+    import json
+
+    from components.calibration.record import Calibration
+    from components.evaluation.predict import predict_logits
+    from components.federated.site_calibration import evaluation_sums
     from components.federated.site_metrics import site_summary
     from components.federated.task import from_record, load_arrays, load_site_test
 
     spec, _ = _spec(msg)
     x, y = load_site_test(site_dir)
     model = load_arrays(spec.model.build(), from_record(msg.content["arrays"]))
-    summary = site_summary(y, predict_proba(model, x, spec.model.prep()), spec.model.class_names)
+    logits = predict_logits(model, x, spec.model.prep())
+    block = msg.content["config"].get(CALIBRATION_KEY)
+    cal = Calibration.from_dict(json.loads(str(block))) if block else None
+    probs = cal.probabilities(logits) if cal else _softmax(logits)
+    summary = site_summary(y, probs, spec.model.class_names)
+    sums = evaluation_sums(logits, y, cal) if cal is not None and len(y) else None
     metrics = {
         "num-examples": int(summary["n"]),
         "confusion-matrix": [int(v) for row in summary["confusion_matrix"] for v in row],
@@ -273,7 +326,13 @@ def handle_final_evaluate(msg: Message, site_dir: Path) -> Message:
         "ece-confidence": [float(v) for v in summary["ece_confidence"]],
         "macro-auroc": -1.0 if summary["macro_auroc"] is None else float(summary["macro_auroc"]),
     }
-    return _reply(msg, None, metrics, _site_name(site_dir))
+    return _reply(msg, None, metrics, _site_name(site_dir), sums)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    from components.calibration.temperature import softmax
+
+    return softmax(logits, 1.0)
 
 
 def _site_name(site_dir: Path) -> str:

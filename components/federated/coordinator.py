@@ -52,6 +52,7 @@ def coordinator_layout(
     from components.federated.approval import write_request
     from components.federated.attacks import attacker_sites
     from components.federated.settings import validate_federation
+    from components.federated.site_calibration import CalibrationSpec
     from components.federated.task import ModelSpec, write_split
     from components.privacy.settings import validate_privacy
     from components.training.assembly import architecture_from_config, preprocessing_from_config
@@ -85,6 +86,7 @@ def coordinator_layout(
         data_fingerprint=fingerprint,
         privacy=privacy,
         site_test=True,
+        calibration=CalibrationSpec.from_config(config),
     )
     spec_path = spec.save(server / "spec.json")
     write_request(server / REQUEST_FILE, spec.client_spec.to_json(), federation=root.name)

@@ -36,6 +36,7 @@ from components.federated.partition import (
 )
 from components.federated.runspec import RunSpec
 from components.federated.settings import FederationSettings, validate_federation
+from components.federated.site_calibration import CalibrationSpec
 from components.federated.strategies import build_strategy
 from components.federated.task import (
     BEST_MODEL_DIR,
@@ -205,6 +206,7 @@ def prepare_federation(
         attacks=attacks,
         data_fingerprint=array_fingerprint(fingerprint_parts),
         privacy=privacy,
+        calibration=CalibrationSpec.from_config(cfg),
     )
     _check_resume(spec, site_dirs)
     spec_path = spec.save(server_dir / "spec.json")

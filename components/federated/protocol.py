@@ -29,6 +29,11 @@ ROUND_KEY = "server-round"  # set by Flower's strategies (and by the SecAgg+ rou
 QUERY_KEY = "query"  # a query message's "config" key: "site" (roll call) | "preflight"
 PREFLIGHT_RECORD = "preflight"  # ConfigRecord of a preflight reply: approval + statistics
 FINAL_KEY = "oncoflow-final"  # evaluate-message flag: score the site's held-out test split
+# evaluate-message key asking for the sums that calibrate the final model on the site's
+# validation split: "temperature" (NLL on the T grid) | "conformal" (APS histogram at `T_KEY`)
+CALIBRATE_KEY = "oncoflow-calibrate"
+T_KEY = "oncoflow-temperature"
+CALIBRATION_KEY = "oncoflow-calibration"  # final-evaluate key: the fitted block (JSON) to measure
 REFUSED_CODE = 4030  # error code of a site's refusal (its reason follows "refused by site: ")
 REFUSED_PREFIX = "refused by site: "
 
@@ -91,6 +96,8 @@ def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 
 __all__ = [
+    "CALIBRATE_KEY",
+    "CALIBRATION_KEY",
     "CLIPPING_KEY",
     "FINAL_KEY",
     "FITINS_CONFIG",
@@ -104,6 +111,7 @@ __all__ = [
     "ROUND_KEY",
     "SITE_RECORD",
     "SPEC_KEY",
+    "T_KEY",
     "accepted_row",
     "exchange",
     "masked_names",

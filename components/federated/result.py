@@ -40,6 +40,8 @@ class FederatedResult:
     architecture: dict[str, Any] = field(default_factory=dict)  # `build_model` kwargs
     privacy: dict[str, Any] | None = None  # ServerPrivacy.report(): ε, δ, per site, ...
     status: str = "completed"  # or "stopped: <why>" (e.g. a privacy budget)
+    # calibration_exchange.calibrate_federation: {"fitted", "calibration" block | "reason", ...}
+    calibration: dict[str, Any] | None = None
 
     @property
     def mean_round_seconds(self) -> float:
@@ -67,6 +69,7 @@ class FederatedResult:
             },
             "sites": self.site_report.get("num_sites"),
             "out_dir": str(self.out_dir),
+            "calibration": self.calibration,
         }
 
 
@@ -128,6 +131,7 @@ def load_result(layout) -> FederatedResult:
         architecture=dict(layout.spec.model.architecture),
         privacy=data.get("privacy"),
         status=str(data.get("status", "completed")),
+        calibration=data.get("calibration"),
     )
 
 

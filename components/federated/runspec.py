@@ -16,6 +16,7 @@ from typing import Any
 
 from components.errors import ConfigError
 from components.federated.settings import FederationSettings
+from components.federated.site_calibration import CalibrationSpec
 from components.federated.task import LocalTraining, ModelSpec
 from components.privacy.settings import PrivacySettings
 
@@ -76,6 +77,7 @@ class RunSpec:
     data_fingerprint: str = ""
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     site_test: bool = False
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
 
     @property
     def client_spec(self) -> ClientSpec:
@@ -114,6 +116,7 @@ class RunSpec:
             "data_fingerprint": self.data_fingerprint,
             "privacy": _privacy_json(self.privacy),
             "site_test": self.site_test,
+            "calibration": self.calibration.to_dict(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -143,6 +146,7 @@ class RunSpec:
             data_fingerprint=data.get("data_fingerprint", ""),
             privacy=PrivacySettings.from_dict(data.get("privacy") or {}),
             site_test=bool(data.get("site_test", False)),
+            calibration=CalibrationSpec.from_dict(data.get("calibration")),
         )
 
 

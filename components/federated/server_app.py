@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from components.errors import ConfigError, DataError
+from components.federated.calibration_exchange import calibrate_federation
 from components.federated.checkpoint import (
     CHECKPOINT_DIR,
     LEDGER,
@@ -453,7 +454,11 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         write_ledger(out / LEDGER, _ledger_rows(history))
 
     final_metrics = test.evaluate(arrays)
-    site_evaluation = final_evaluation(grid, spec, arrays, node_sites) if spec.site_test else None
+    calibration = calibrate_federation(grid, spec, arrays, node_sites)
+    block = calibration.get("calibration")
+    site_evaluation = (
+        final_evaluation(grid, spec, arrays, node_sites, block) if spec.site_test else None
+    )
     result = {
         "status": "stopped: " + privacy.stopped if privacy.stopped else "completed",
         "rounds": settings.rounds,
@@ -467,6 +472,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
         "test_metrics": final_metrics,
         "preflight": preflight.to_dict(),
         "federated_evaluation": site_evaluation,
+        "calibration": calibration,
         "wall_seconds": time.perf_counter() - started,
         "checkpoint_dir": str(store.directory),
     }
@@ -475,15 +481,22 @@ def run_federation(grid: Grid, spec: RunSpec) -> dict[str, Any]:
 
 
 def final_evaluation(
-    grid: Grid, spec: RunSpec, arrays: dict[str, np.ndarray], node_sites: dict[int, str]
+    grid: Grid,
+    spec: RunSpec,
+    arrays: dict[str, np.ndarray],
+    node_sites: dict[int, str],
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Each site scores the final global model on its own held-out test split and returns
     counts only; returns per-site and pooled metrics (`site_metrics.pool`) and the sites that
-    did not answer, with a sanitised reason."""
+    did not answer, with a sanitised reason. With a `calibration` block the sites score the
+    calibrated probabilities and the result adds the pooled calibration report."""
     from flwr.app import MessageType, RecordDict
 
-    from components.federated.protocol import FINAL_KEY, ROUND_KEY
+    from components.calibration.record import Calibration
+    from components.federated.protocol import CALIBRATION_KEY, FINAL_KEY, ROUND_KEY
     from components.federated.reasons import site_error
+    from components.federated.site_calibration import pooled_report
     from components.federated.site_metrics import pool
     from components.federated.task import to_record
 
@@ -491,6 +504,8 @@ def final_evaluation(
     config = ConfigRecord(
         {SPEC_KEY: spec.client_spec.to_json(), ROUND_KEY: spec.settings.rounds, FINAL_KEY: True}
     )
+    if calibration:
+        config[CALIBRATION_KEY] = json.dumps(calibration)
     messages = [
         Message(
             content=RecordDict({"arrays": to_record(arrays), "config": config}),
@@ -501,6 +516,7 @@ def final_evaluation(
     ]
     pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     summaries: dict[str, dict[str, Any]] = {}
+    calibration_sums: list[dict[str, Any]] = []
     missing = {site_of(n, None, node_sites): "no reply within round_timeout" for n in silent}
     for node, reply in pairs:
         site = site_of(node, reply, node_sites)
@@ -517,8 +533,14 @@ def final_evaluation(
             "ece_confidence": list(m["ece-confidence"]),
             "macro_auroc": None if auroc < 0 else auroc,
         }
+        if CALIBRATION_KEY in reply.content.config_records:
+            sums = str(reply.content.config_records[CALIBRATION_KEY]["sums"])
+            calibration_sums.append(json.loads(sums))
     pooled = pool(summaries, spec.model.class_names)
     pooled["missing"] = missing
+    if calibration and calibration_sums:
+        report = pooled_report(calibration_sums, Calibration.from_dict(calibration))
+        pooled["calibration"] = report
     pooled["sizes"] = {site: s["n"] for site, s in summaries.items()}
     log.info(
         "federated evaluation on %d site(s): pooled macro-F1 %s",

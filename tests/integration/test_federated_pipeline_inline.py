@@ -57,6 +57,14 @@ def test_coordinator_flow_logs_rounds_live_and_registers_the_pooled_result(tmp_p
     pooled = summary["pooled_metrics"]
     assert run.data.metrics["test_macro_f1"] == pytest.approx(pooled["macro_f1"])
     assert "site.h2.macro_f1" in pooled
+    # calibrated from the sites' validation sums; measured on their pooled test sums
+    run_dir = Path(summary["run_dir"])
+    block = json.loads((run_dir / "bundle" / "bundle.json").read_text())["calibration"]
+    assert block["temperature"] > 0 and 0 < block["qhat"] <= 1
+    assert block["fitted_on"].startswith("validation splits of 3 sites")
+    report = json.loads((run_dir / "calibration.json").read_text())
+    assert report["n"] == pooled["n"] > 0
+    assert 0 < report["conformal"]["coverage"] <= 1 and report["conformal"]["mean_set_size"] >= 1
     # each round was logged as it ended: one point per round, each with its own end time
     ledger = summary["run_dir"] + "/federation/server/out/ledger.jsonl"
     rows = [json.loads(line) for line in Path(ledger).read_text().splitlines()]

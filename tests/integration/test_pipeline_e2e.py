@@ -202,6 +202,10 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
     assert summary["federation"]["status"] == "completed"
     assert summary["model_version"] == "3"
     assert (Path(summary["run_dir"]) / "site_report.json").exists()
+    # calibrated from the sites' validation sums (never pooled), measured on the test split
+    calibration = summary["calibration"]
+    assert calibration["fitted_on"].startswith("validation splits of 3 sites")
+    assert calibration["temperature"] > 0 and calibration["conformal"]["mean_set_size"] >= 1
     # the rounds reached MLflow as they ended, in the run that was then registered
     import mlflow
 

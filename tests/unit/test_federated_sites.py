@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tiny_config import tiny_cfg
 
+from components.calibration.record import Calibration
 from components.data.synthetic import write_synthetic_folder
 from components.evaluation.metrics import evaluate
 from components.evaluation.predict import predict_proba
@@ -138,15 +139,22 @@ def test_a_refusing_site_is_reported_and_the_others_train_and_evaluate(hospitals
     fed = data["federated_evaluation"]
     assert set(fed["sites"]) == {"north", "south"} and not fed["missing"]
 
-    # the pooled numbers are exactly those of the pooled site test predictions
-    ys, probs = [], []
+    # the pooled numbers are exactly those of the pooled site test predictions, as served:
+    # calibrated by the block the sites' validation sums fitted
+    assert data["calibration"]["fitted"] and data["calibration"]["sites"] == ["north", "south"]
+    calibration = Calibration.from_dict(data["calibration"]["calibration"])
+    ys, probs, raw = [], [], []
     for name in ("north", "south"):
         x, y = load_site_test(dirs[name])
         ys.append(y)
-        probs.append(predict_proba(result.model, x, layout.spec.model.prep()))
+        raw.append(predict_proba(result.model, x, layout.spec.model.prep()))
+        probs.append(calibration.recalibrate(raw[-1]))
         direct = evaluate(y, probs[-1], layout.spec.model.class_names)
         assert fed["sites"][name]["macro_f1"] == pytest.approx(direct["macro_f1"])
     pooled = evaluate(np.concatenate(ys), np.concatenate(probs), layout.spec.model.class_names)
+    uncalibrated = evaluate(np.concatenate(ys), np.concatenate(raw), layout.spec.model.class_names)
+    assert fed["calibration"]["ece_before"] == pytest.approx(uncalibrated["ece"], abs=1e-6)
+    assert fed["calibration"]["ece_after"] == pytest.approx(pooled["ece"], abs=1e-6)
     got = fed["pooled"]
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         assert got[key] == pytest.approx(pooled[key]), key
