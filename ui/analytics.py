@@ -2,12 +2,15 @@
 
 Accuracy here is *feedback-based*: among cases a clinician rated, how often the prediction
 matched the label they gave. It describes rated cases only, which may not be representative.
+Operations: processing-time percentiles, each staff member's activity (from the audit log) and
+a class-mix drift check.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -85,3 +88,113 @@ def feedback_accuracy(
 def feedback_rate(cases: Sequence[Case]) -> float | None:
     """Share of cases that received feedback."""
     return sum(c.has_feedback for c in cases) / len(cases) if cases else None
+
+
+# ---------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class Latency:
+    n: int
+    p50: float | None
+    p95: float | None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least `q` of the values at or
+    below it (no interpolation: every figure shown is a processing time that happened)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def processing_time(cases: Sequence[Case]) -> Latency:
+    """p50 / p95 of the service's processing time per prediction (ms)."""
+    times = [c.latency_ms for c in cases if c.latency_ms is not None]
+    if not times:
+        return Latency(0, None, None)
+    return Latency(len(times), percentile(times, 0.5), percentile(times, 0.95))
+
+
+#: The audit actions counted as a clinician's activity, with their column names.
+ACTIVITY = {
+    "case.predict": "Predictions",
+    "case.feedback": "Feedback",
+    "case.review": "Reviewed",
+    "case.release": "Released",
+    "question.answer": "Answers",
+    "invite.create": "Invitations",
+}
+
+
+def activity(entries: Iterable, names: Mapping[int, str]) -> list[tuple[str, dict[str, int]]]:
+    """Per staff member (by name), how many of each `ACTIVITY` action the audit log holds."""
+    counts: dict[int, Counter] = {}
+    for e in entries:
+        if e.action in ACTIVITY and e.actor_id is not None and e.actor_role != "patient":
+            counts.setdefault(e.actor_id, Counter())[ACTIVITY[e.action]] += 1
+    rows = [
+        (names.get(user, f"user {user}"), {col: c.get(col, 0) for col in ACTIVITY.values()})
+        for user, c in counts.items()
+    ]
+    return sorted(rows, key=lambda r: (-sum(r[1].values()), r[0]))
+
+
+DRIFT_THRESHOLD = 0.2  # total-variation distance that raises the alert
+DRIFT_WINDOW = 200  # the most recent predictions compared
+DRIFT_MIN_CASES = 30  # fewer recent predictions: too few to judge
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """Total-variation distance between the recent predicted-class mix and the class mix of
+    the model card's test split: TV = ½ Σ_c |p_recent(c) − p_test(c)| (0: same, 1: disjoint)."""
+
+    distance: float | None
+    cases: int
+    threshold: float
+    alert: bool
+    message: str
+
+
+def test_distribution(card_metrics: Mapping) -> dict[str, float]:
+    """Class shares of the model card's test split (from its per-class support)."""
+    per_class = (card_metrics or {}).get("per_class") or {}
+    support = {c: float(v.get("support", 0)) for c, v in per_class.items() if isinstance(v, dict)}
+    total = sum(support.values())
+    return {c: n / total for c, n in support.items()} if total else {}
+
+
+def drift(
+    cases: Sequence[Case],
+    reference: Mapping[str, float],
+    threshold: float = DRIFT_THRESHOLD,
+    window: int = DRIFT_WINDOW,
+    min_cases: int = DRIFT_MIN_CASES,
+) -> DriftCheck:
+    recent = sorted(cases, key=lambda c: (c.created_at, c.id))[-window:]
+    if not reference:
+        return DriftCheck(
+            None, len(recent), threshold, False, "The model card has no test class mix."
+        )
+    if len(recent) < min_cases:
+        return DriftCheck(
+            None,
+            len(recent),
+            threshold,
+            False,
+            f"{len(recent)} predictions so far; the drift check starts at {min_cases}.",
+        )
+    mix = Counter(c.label for c in recent)
+    classes = set(reference) | set(mix)
+    tv = 0.5 * sum(abs(mix.get(c, 0) / len(recent) - reference.get(c, 0.0)) for c in classes)
+    alert = tv > threshold
+    verdict = "ABOVE" if alert else "within"
+    return DriftCheck(
+        tv,
+        len(recent),
+        threshold,
+        alert,
+        f"Total-variation distance between the last {len(recent)} predictions' class mix and "
+        f"the model card's test split: {tv:.2f} ({verdict} the alert threshold {threshold:.2f}).",
+    )

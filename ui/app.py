@@ -1,5 +1,7 @@
-"""The clinician web app: sign-in, then Diagnose, History, Analytics*, Users*, Model, Assistant
-(* administrators only: hidden from clinicians, and every handler re-checks the role).
+"""The web app: sign-in (and a patient's sign-up with a clinician's invitation code), then
+for staff Diagnose, Worklist, History, Analytics*, Users*, Audit*, Model, Assistant
+(* administrators only) and for patients only My results. Tabs are hidden by role, and every
+handler re-checks the role server-side (`SessionStore.user` refuses patients by default).
 
 ``build_app(ctx)`` returns the `gr.Blocks`; ``launch(host, port)`` serves it (``python -m ui``).
 """
@@ -16,15 +18,18 @@ import gradio as gr
 
 from ui import html
 from ui.context import UiContext
-from ui.errors import SessionExpired
+from ui.errors import InvalidInput, SessionExpired
 from ui.gateway import ServiceGateway
 from ui.messages import friendly
 from ui.pages.analytics_page import AnalyticsPage
 from ui.pages.assistant_page import AssistantPage, case_line
+from ui.pages.audit_page import AuditPage
 from ui.pages.diagnose import DiagnosePage
 from ui.pages.history import HistoryPage
 from ui.pages.model_page import ModelPage
+from ui.pages.patient_page import PatientPage
 from ui.pages.users import UsersPage
+from ui.pages.worklist_page import WorklistPage
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,11 @@ class App:
     users: UsersPage
     model: ModelPage
     assistant: AssistantPage
+    worklist: WorklistPage
+    patient: PatientPage
+    audit: AuditPage
     login: object
+    sign_up: object
     check_session: object
 
 
@@ -83,10 +92,13 @@ def build_app(ctx: UiContext | None = None) -> App:
     service = ServiceGateway(ctx.client)
     diagnose = DiagnosePage(ctx, service)
     history = HistoryPage(ctx)
-    analytics = AnalyticsPage(ctx)
+    analytics = AnalyticsPage(ctx, service)
     users = UsersPage(ctx)
     model = ModelPage(ctx, service)
     assistant = AssistantPage(ctx, service)
+    worklist = WorklistPage(ctx, service)
+    patient = PatientPage(ctx)
+    audit = AuditPage(ctx)
 
     # Uploads land in Gradio's cache under their original file names, which may identify a
     # patient: purge files older than UPLOAD_MAX_AGE_S every UPLOAD_SWEEP_S.
@@ -112,12 +124,42 @@ def build_app(ctx: UiContext | None = None) -> App:
             )
             login_button = gr.Button("Sign in", variant="primary", elem_id="of-login-button")
             login_notice = gr.HTML(elem_id="of-login-notice")
+            with gr.Accordion(
+                "Patients: I have an invitation code from my clinician",
+                open=False,
+                elem_id="of-signup-box",
+            ):
+                signup_code = gr.Textbox(
+                    label="Invitation code", max_lines=1, elem_id="of-signup-code"
+                )
+                signup_name = gr.Textbox(
+                    label="Choose a user name", max_lines=1, elem_id="of-signup-name"
+                )
+                signup_password = gr.Textbox(
+                    label="Choose a password (at least 10 characters)",
+                    type="password",
+                    max_lines=1,
+                    elem_id="of-signup-password",
+                )
+                signup_repeat = gr.Textbox(
+                    label="Repeat the password",
+                    type="password",
+                    max_lines=1,
+                    elem_id="of-signup-repeat",
+                )
+                signup_button = gr.Button("Create my account", elem_id="of-signup-button")
         with (
             gr.Column(visible=False, elem_id="of-main") as main_view,
             gr.Tabs(elem_id="of-tabs") as tabs,
         ):
-            with gr.Tab("Diagnose", id="diagnose", elem_id="of-tab-diagnose"):
+            with gr.Tab("Diagnose", id="diagnose", elem_id="of-tab-diagnose") as diagnose_tab:
                 diagnose.build(token)
+            with gr.Tab("Worklist", id="worklist", elem_id="of-tab-worklist") as worklist_tab:
+                worklist.build(token)
+            with gr.Tab(
+                "My results", id="patient", visible=False, elem_id="of-tab-patient"
+            ) as patient_tab:
+                patient.build(token)
             with gr.Tab("History", id="history", elem_id="of-tab-history") as history_tab:
                 history.build(token)
             with gr.Tab(
@@ -126,21 +168,44 @@ def build_app(ctx: UiContext | None = None) -> App:
                 analytics.build(token)
             with gr.Tab("Users", id="users", visible=False, elem_id="of-tab-users") as users_tab:
                 users.build(token)
+            with gr.Tab("Audit", id="audit", visible=False, elem_id="of-tab-audit") as audit_tab:
+                audit.build(token)
             with gr.Tab("Model", id="model", elem_id="of-tab-model") as model_tab:
                 model.build(token)
             with gr.Tab("Assistant", id="assistant", elem_id="of-tab-assistant") as chat_tab:
                 assistant.build(token, diagnose.case)
         timer = gr.Timer(SESSION_CHECK_S, active=False)
 
+        staff_tabs = (diagnose_tab, worklist_tab, history_tab, model_tab, chat_tab)
+        admin_tabs = (analytics_tab, users_tab, audit_tab)
         signed_out = {
             token: None,
             login_view: gr.Column(visible=True),
             main_view: gr.Column(visible=False),
             logout_button: gr.Button(visible=False),
-            analytics_tab: gr.Tab(visible=False),
-            users_tab: gr.Tab(visible=False),
+            patient_tab: gr.Tab(visible=False),
             timer: gr.Timer(active=False),
-        }
+        } | {tab: gr.Tab(visible=False) for tab in admin_tabs}
+
+        def signed_in(user, new_token: str) -> dict:
+            staff = not user.is_patient
+            return (
+                {
+                    token: new_token,
+                    login_view: gr.Column(visible=False),
+                    main_view: gr.Column(visible=True),
+                    logout_button: gr.Button(visible=True),
+                    patient_tab: gr.Tab(visible=user.is_patient),
+                    tabs: gr.Tabs(selected="diagnose" if staff else "patient"),
+                    header: html.header(user.username, user.role, service.ready()),
+                    username: "",
+                    password: "",
+                    login_notice: "",
+                    timer: gr.Timer(active=True),
+                }
+                | {tab: gr.Tab(visible=staff) for tab in staff_tabs}
+                | {tab: gr.Tab(visible=user.is_admin) for tab in admin_tabs}
+            )
 
         def login(name: str, secret: str):
             try:
@@ -148,25 +213,33 @@ def build_app(ctx: UiContext | None = None) -> App:
                 new_token = ctx.sessions.create(user)
             except Exception as exc:
                 return {password: "", login_notice: html.notice("error", friendly(exc, "sign-in"))}
-            return {
-                token: new_token,
-                login_view: gr.Column(visible=False),
-                main_view: gr.Column(visible=True),
-                logout_button: gr.Button(visible=True),
-                analytics_tab: gr.Tab(visible=user.is_admin),
-                users_tab: gr.Tab(visible=user.is_admin),
-                tabs: gr.Tabs(selected="diagnose"),
-                header: html.header(user.username, user.role, service.ready()),
-                username: "",
-                password: "",
-                login_notice: "",
-                timer: gr.Timer(active=True),
+            return signed_in(user, new_token)
+
+        def sign_up(code: str, name: str, secret: str, repeat: str):
+            """A patient's account from a clinician's invitation code; signed in at once."""
+            try:
+                if secret != repeat:
+                    raise InvalidInput("The two passwords differ.")
+                ctx.care.sign_up(code, name, secret)
+                user = ctx.accounts.authenticate(name, secret)
+                new_token = ctx.sessions.create(user)
+            except Exception as exc:
+                return {
+                    signup_password: "",
+                    signup_repeat: "",
+                    login_notice: html.notice("error", friendly(exc, "sign-up")),
+                }
+            return signed_in(user, new_token) | {
+                signup_code: "",
+                signup_name: "",
+                signup_password: "",
+                signup_repeat: "",
             }
 
         def check_session(current: str | None):
             """Every minute: sign out an expired session; refresh the service status pill."""
             try:
-                user = ctx.sessions.user(current, touch=False)
+                user = ctx.sessions.any_user(current, touch=False)
             except SessionExpired as exc:
                 return signed_out | {
                     header: html.header(),
@@ -183,8 +256,9 @@ def build_app(ctx: UiContext | None = None) -> App:
             login_view,
             main_view,
             logout_button,
-            analytics_tab,
-            users_tab,
+            patient_tab,
+            *staff_tabs,
+            *admin_tabs,
             tabs,
             header,
             username,
@@ -192,13 +266,22 @@ def build_app(ctx: UiContext | None = None) -> App:
             login_notice,
             timer,
         ]
-        for trigger in (login_button.click, password.submit):
-            trigger(login, [username, password], login_outputs, api_visibility="private").then(
+        signup_fields = [signup_code, signup_name, signup_password, signup_repeat]
+        for event in (
+            login_button.click(
+                login, [username, password], login_outputs, api_visibility="private"
+            ),
+            password.submit(login, [username, password], login_outputs, api_visibility="private"),
+            signup_button.click(
+                sign_up, signup_fields, login_outputs + signup_fields, api_visibility="private"
+            ),
+        ):
+            event.then(
                 diagnose.load_model,
                 [token],
                 [diagnose.info, diagnose.schema, diagnose.upload, diagnose.method, diagnose.notice],
                 api_visibility="private",
-            )
+            ).then(patient.refresh, patient.inputs, patient.outputs, api_visibility="private")
         timer.tick(
             check_session, [token], login_outputs, api_visibility="private", show_progress="hidden"
         )
@@ -212,6 +295,13 @@ def build_app(ctx: UiContext | None = None) -> App:
             analytics.refresh, analytics.inputs, analytics.outputs, api_visibility="private"
         )
         users_tab.select(users.refresh, users.inputs, users.outputs, api_visibility="private")
+        audit_tab.select(audit.refresh, audit.inputs, audit.outputs, api_visibility="private")
+        worklist_tab.select(
+            worklist.refresh, worklist.inputs, worklist.outputs, api_visibility="private"
+        )
+        patient_tab.select(
+            patient.refresh, patient.inputs, patient.outputs, api_visibility="private"
+        )
         model_tab.select(model.refresh, model.inputs, model.outputs, api_visibility="private")
         chat_tab.select(case_line, [diagnose.case], [assistant.context], api_visibility="private")
 
@@ -225,7 +315,11 @@ def build_app(ctx: UiContext | None = None) -> App:
         users=users,
         model=model,
         assistant=assistant,
+        worklist=worklist,
+        patient=patient,
+        audit=audit,
         login=login,
+        sign_up=sign_up,
         check_session=check_session,
     )
 
@@ -254,7 +348,11 @@ def launch(
         show_error=False,
         ssr_mode=False,
         max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(app.diagnose.reports_dir)],
+        allowed_paths=[
+            str(app.diagnose.reports_dir),
+            str(app.patient.reports_dir),
+            str(app.audit.exports_dir),
+        ],
         blocked_paths=[str(app.ctx.config.workspace.resolve())],
         prevent_thread_lock=not block,
         quiet=True,

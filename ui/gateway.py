@@ -60,6 +60,7 @@ class ModelInfo:
     similar_cases: int
     chat: bool
     similar_source: str | None = None  # where /similar's cases come from; None: no cases
+    dangerous: list[str] = field(default_factory=list)  # the classes the worklist ranks by
 
     @property
     def takes_image(self) -> bool:
@@ -194,6 +195,7 @@ def model_info(card: ModelCard) -> ModelInfo:
         similar_cases=card.similar_cases,
         chat=card.chat,
         similar_source=card.similar_source,
+        dangerous=list(card.calibration.dangerous) if card.calibration else [],
     )
 
 

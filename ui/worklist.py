@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from ui.accounts import User
 from ui.cases import STATUSES, Case, CaseFilter, CaseStore
@@ -37,6 +38,20 @@ def danger_of(probabilities: Mapping[str, float], dangerous: Sequence[str]) -> f
     """P(any dangerous class) = the sum of their probabilities; None when none is named."""
     named = [c for c in dangerous if c in probabilities]
     return sum(probabilities[c] for c in named) if named else None
+
+
+def care_fields(prediction: Any, info: Any, image: bytes | None) -> dict[str, Any]:
+    """What `CaseStore.record` keeps for the worklist from a gateway `Prediction` and the
+    model's `ModelInfo` (None when unknown): risk, referral, prediction set, the image."""
+    danger = prediction.danger_probability
+    if danger is None:
+        danger = danger_of(prediction.probabilities, info.dangerous if info else [])
+    return {
+        "danger": danger,
+        "refer": prediction.refer,
+        "prediction_set": prediction.prediction_set,
+        "image": image,
+    }
 
 
 def risk_key(case: Case) -> tuple:

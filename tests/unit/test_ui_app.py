@@ -249,6 +249,7 @@ def make_app(tmp_path, url):
         ctx.db, hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     )
     ctx.sessions.accounts = ctx.accounts
+    ctx.care.accounts = ctx.accounts
     admin = ctx.accounts.create_admin("chief", "admin-pass-0001")
     ctx.accounts.create_user(admin, "dr.lee", "clinic-pass-0001", "clinician")
     return build_app(ctx)
@@ -363,8 +364,11 @@ def test_clinician_is_refused_by_admin_handlers(built):
     assert "administrators only" in notice
     assert app.ctx.accounts.find("mallory") is None
     out = app.login("dr.lee", "clinic-pass-0001")
-    tabs = [v for v in out.values() if type(v).__name__ == "Tab"]
-    assert tabs and all(t.visible is False for t in tabs)  # admin tabs stay hidden
+    tabs = {k.elem_id: v.visible for k, v in out.items() if type(v).__name__ == "Tab"}
+    hidden = ("of-tab-analytics", "of-tab-users", "of-tab-audit", "of-tab-patient")
+    assert all(tabs[t] is False for t in hidden)  # admin and patient tabs stay hidden
+    assert tabs["of-tab-worklist"] is True and tabs["of-tab-diagnose"] is True
+    assert "administrators only" in app.audit.refresh(token)[0]
 
 
 def test_admin_sees_analytics_and_creates_users(built):
@@ -494,3 +498,50 @@ def test_dicom_preview_without_the_service():
     picture = preview(data)
     assert picture.size == (30, 20) and picture.mode == "RGB"
     assert picture.getpixel((0, 0)) == (0, 0, 0) and picture.getpixel((29, 19)) == (255, 255, 255)
+
+
+def test_care_workflow_through_the_handlers(built):
+    """Clinician: analyse, invite, review, release; patient: sign up, read, ask; clinician
+    answers; a second patient gets nothing; the admin's audit view says the chain is intact."""
+    import re
+
+    app, tmp = built
+    FakeService.behaviour = "ok"
+    w, p = app.worklist, app.patient
+    doctor = sign_in(app, "dr.lee", "clinic-pass-0001")
+    case = analyse(app, doctor, png_file(tmp), "TB-0500")[app.diagnose.case]
+    number = str(case.case_id)
+    frame, summary = w.refresh(doctor, "open", False, "", "")
+    assert case.case_id in list(frame["Case #"]) and "riskiest first" in summary
+    code = re.search(r"<b>([A-Z0-9-]{17})</b>", w.invite(doctor, number)[3]).group(1)
+    assert "before release" in w.release(doctor, number, "")[3]  # new: review first
+    assert "reviewed" in w.review(doctor, number)[3]
+    assert "released" in w.release(doctor, number, "Follow-up in June.")[3]
+
+    out = app.sign_up(code, "pat.care", "patient-pass-01", "patient-pass-01")
+    patient = out[app.token]
+    table, _ = p.refresh(patient)
+    assert list(table["Case #"]) == [case.case_id]
+    card, download, thread, notice = p.open_case(patient, number)
+    assert "A clinician reviewed this result" in card and "Follow-up in June." in card
+    assert Path(download["value"]).read_bytes().startswith(b"%PDF") and notice == ""
+    assert "You asked" in p.ask(patient, number, "Is this serious?")[0]
+    _, doctor_thread, question, _ = w.open_case(doctor, number)
+    assert "Is this serious?" in doctor_thread
+    w.send_answer(doctor, number, question["value"], "No, it is a routine check.")
+    assert "No, it is a routine check." in p.open_case(patient, number)[2]
+
+    # a second patient: nothing of the first one's case, whatever they send
+    other = sign_in(app, "chief", "admin-pass-0001")
+    doctor_case = analyse(app, doctor, png_file(tmp), "TB-0501")[app.diagnose.case]
+    code2 = re.search(r"<b>([A-Z0-9-]{17})</b>", w.invite(doctor, doctor_case.case_id)[3])
+    intruder = app.sign_up(code2.group(1), "pat.other", "patient-pass-02", "patient-pass-02")
+    intruder = intruder[app.token]
+    card, download, thread, notice = p.open_case(intruder, number)
+    assert card == "" and thread == "" and "not found" in notice
+    assert "not found" in p.ask(intruder, number, "hello")[1]
+    refused = analyse(app, intruder, png_file(tmp))[app.diagnose.notice]
+    assert "cannot open this page" in refused  # staff handlers refuse patient sessions
+    assert "cannot open this page" in w.open_case(intruder, number)[3]
+    status, entries = app.audit.refresh(other)
+    assert "Chain intact" in status and "question.answer" in list(entries["Action"])

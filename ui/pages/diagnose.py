@@ -29,6 +29,7 @@ from ui.gateway import (
 )
 from ui.images import blend, enlarge, preview
 from ui.messages import friendly
+from ui.worklist import care_fields
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,7 @@ class DiagnosePage:
                 input_kind=kind,
                 latency_ms=prediction.latency_ms,
                 case_ref=ref,
+                **care_fields(prediction, info, data),  # risk, referral, image (site-local)
             )
         except Exception as exc:
             return cleared | {
@@ -520,7 +522,7 @@ class DiagnosePage:
         if case is None:
             return (*outputs, "", case)
         try:
-            self.ctx.sessions.user(token)
+            user = self.ctx.sessions.user(token)
             progress(0.2, desc="Computing the explanations")
             explanation = self.service.explain(
                 case.image,
@@ -528,6 +530,12 @@ class DiagnosePage:
                 case.filename,
                 method or DEFAULT_METHOD,
                 target or None,
+            )
+            self.ctx.cases.log_access(
+                user,
+                case.case_id,
+                "case.explain",
+                {"method": explanation.method or "", "target": explanation.target},
             )
         except Exception as exc:
             return (*outputs, html.notice("warn", friendly(exc, "explanations")), case)
@@ -570,7 +578,8 @@ class DiagnosePage:
         if case is None:
             return None, "", case
         try:
-            self.ctx.sessions.user(token)
+            user = self.ctx.sessions.user(token)
+            self.ctx.cases.log_access(user, case.case_id, "case.similar", {"k": SIMILAR_K})
             similar = self.service.similar(
                 case.image, case.clinical or None, SIMILAR_K, case.filename
             )
@@ -589,7 +598,7 @@ class DiagnosePage:
         if case is None:
             return gr.update(visible=False), html.notice("info", "Analyse a case first.")
         try:
-            self.ctx.sessions.user(token)
+            user = self.ctx.sessions.user(token)
             progress(0.3, desc="Preparing the PDF report")
             pdf = self.service.report(
                 case.image,
@@ -599,6 +608,7 @@ class DiagnosePage:
                 method or DEFAULT_METHOD,
                 target or None,
             )
+            self.ctx.cases.log_access(user, case.case_id, "report.download", {"pdf": len(pdf)})
         except Exception as exc:
             return gr.update(visible=False), html.notice("error", friendly(exc, "PDF reports"))
         self._sweep_reports()
