@@ -242,7 +242,7 @@ def test_card_and_endpoints_this_model_does_not_offer(client, data):
     assert not card.chat and card.similar_cases == len(data[2])
     with pytest.raises(ServiceError) as info:
         client.predict_tabular(RECORD)
-    assert info.value.status == 422 and "needs an image" in info.value.message
+    assert info.value.status == 404 and "needs an image" in info.value.message
     with pytest.raises(ServiceError) as info:
         client.chat("What is SHAP?", "s1")
     assert info.value.status == 503 and "chat is disabled" in info.value.message

@@ -21,6 +21,7 @@ import zlib
 import httpx
 import pytest
 
+from components.bundle import OOD_STATISTICS
 from components.errors import ConfigError
 from serving.client import DiagnosisClient, ServiceError, decode_png, new_session_id
 from serving.schemas import ChatResponse
@@ -41,6 +42,25 @@ CALIBRATION = {
     "n_fit": 100,
     "classes": CLASSES,
     "dangerous": ["malignant"],
+    "operating_point": {
+        "threshold": 0.3,
+        "target_sensitivity": 0.95,
+        "sensitivity": 0.95,
+        "specificity": 0.6,
+        "n_positive": 40,
+        "n_negative": 60,
+    },
+    # a Mahalanobis OOD check whose statistics (ood.npz) must survive packaging: the service
+    # refuses to start without them. Its threshold flags nothing, so the noise images these
+    # tests send still get answers (tests/unit/test_serving_ood.py covers a flagged input)
+    "ood": {
+        "score": "mahalanobis",
+        "threshold": 1e12,
+        "false_alarm": 0.05,
+        "fitted_on": "test fixture",
+        "n_statistics": 30,
+        "n_threshold": 30,
+    },
 }
 
 
@@ -147,7 +167,22 @@ def bundle_dir(tmp_path_factory, training_images):
         out_dir=tmp_path_factory.mktemp("bundle") / "b",
         privacy={"epsilon": 8.0, "delta": 1e-5},
         calibration=CALIBRATION,
+        ood_stats=ood_statistics(model, x, y),
     )
+
+
+def ood_statistics(model, x, y):
+    """Class means and shared precision of the model's features of the 'training' images."""
+    import torch
+
+    from components.calibration.ood import fit_gaussian
+    from components.data.preprocess import Preprocessing
+
+    with torch.inference_mode():
+        features = model.eval().embed(
+            Preprocessing(size=32, channels=3).normalise(torch.from_numpy(x))
+        )
+    return fit_gaussian(features.numpy(), y, len(CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -199,14 +234,27 @@ def server(start_server, port, model_tag, bento_home, case_library):
         "ONCOFLOW_API_KEYS": f"other-key, {KEY}",
         "ONCOFLOW_MAX_REQUEST_MB": "1",
         "ONCOFLOW_TORCH_THREADS": "1",  # tiny model, shared cores
+        "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "0",  # schemathesis sends hundreds a minute
     }
     env.pop("ONCOFLOW_ALLOW_NO_AUTH", None)
     proc = start_server(serve_command("127.0.0.1", port), env, PROJECT_ROOT)
     base = f"http://127.0.0.1:{port}"
     waited = proc.wait_until(f"{base}/readyz")
     print(f"bentoml serve ready after {waited:.1f} s")
+    _wait_for_the_assistant(base)
     yield base, proc
     proc.stop()
+
+
+def _wait_for_the_assistant(base: str, timeout_s: float = 180.0) -> None:
+    """The assistant loads behind the ready model; the chat tests need it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        card = httpx.get(base + "/model_card", headers={"Authorization": f"Bearer {KEY}"})
+        if card.status_code == 200 and card.json()["chat"]:
+            return
+        time.sleep(0.5)
+    pytest.fail("the assistant did not load")
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +301,27 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
         assert (answer.model.name, answer.model.version) == ("oncoflow-test", "7")
         assert answer.latency_ms > 0
         assert_referral(answer, expected)
+        assert answer.status == "ok" and answer.ood_threshold == 1e12
+        assert answer.ood_score == pytest.approx(in_process_ood_score(bundle_dir, image), rel=1e-3)
+        assert answer.danger_probability == pytest.approx(expected[1], abs=1e-5)
+        assert answer.danger_threshold == 0.3
+        assert answer.danger_flagged is (answer.danger_probability >= 0.3)
+
+
+def in_process_ood_score(bundle_dir, image: bytes) -> float:
+    """The bundle's Mahalanobis score of `image`, computed here from its ood.npz."""
+    import torch
+
+    from components.bundle import ModelBundle
+    from components.calibration.ood import mahalanobis_scores
+    from components.data.images import decode_bytes
+
+    bundle = ModelBundle.load(bundle_dir)
+    x = bundle.preprocessing.to_tensor(decode_bytes(image))[None]
+    with torch.inference_mode():
+        features = bundle.build_model().embed(x).numpy()
+    stats = bundle.ood_stats
+    return float(mahalanobis_scores(features, stats["means"], stats["precision"])[0])
 
 
 def assert_referral(answer, calibrated: list[float]) -> None:
@@ -588,7 +657,7 @@ def test_wrong_request_shapes_are_4xx_json(server, client):
     assert info.value.status == 422 and info.value.type == "InputError"
     with pytest.raises(ServiceError) as info:
         client.predict_tabular({"age": 41})
-    assert info.value.status == 422 and "needs an image" in info.value.message
+    assert info.value.status == 404 and "needs an image" in info.value.message  # not here
     assert client.predict(png_bytes(), "ok.png").label in CLASSES
 
 
@@ -630,8 +699,11 @@ def test_model_card(client, model_tag):
         "background": "constant grey levels (not patient data)",
         "case_index": 0,
         "training_images": False,
+        "ood_statistics": OOD_STATISTICS,
     }
     assert card.calibration.temperature == 0.5 and card.calibration.qhat == 0.5
+    assert card.calibration.operating_point["threshold"] == 0.3
+    assert card.calibration.ood["score"] == "mahalanobis"
     assert card.calibration.dangerous == ["malignant"]
     assert card.calibration.fitted_on == "test fixture"
     assert client.ready()
@@ -678,6 +750,24 @@ def test_openapi_lists_every_route(client):
     fields = documented[0]["properties"]
     for name in ("prediction_set", "refer", "referral_reason", "calibrated"):
         assert fields[name].get("description"), name
+    # the fields an out-of-distribution answer leaves null are documented as nullable
+    # (OpenAPI 3.0: `nullable: true` beside the type; serving/openapi.py rewrites the unions)
+    nullable = {
+        "label": "string",
+        "probabilities": "object",
+        "prediction_set": "array",
+        "refer": "boolean",
+        "danger_probability": "number",
+        "danger_flagged": "boolean",
+        "danger_threshold": "number",
+        "ood_score": "number",
+        "ood_threshold": "number",
+    }
+    for name, kind in nullable.items():
+        assert fields[name].get("type") == kind, (name, fields[name])
+        assert fields[name].get("nullable") is True, (name, fields[name])
+        assert fields[name].get("description"), name
+    assert set(fields["status"]["enum"]) == {"ok", "out_of_distribution"}
 
 
 def _schemas_with(doc, field: str) -> list[dict]:
@@ -828,6 +918,117 @@ def test_server_logs_no_identifiers(server, client):
         assert secret not in log, secret
     assert "request validation failed" in log  # the failure itself is logged, without values
     assert " POST /predict -> 200 " in log  # the access log: route, status, sizes, latency
+
+
+# ---------------------------------------------------------------- the published contract
+
+CONTRACT_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "contract")
+
+
+def run_schemathesis(base: str, key: str | None, examples: int, workdir, seed: int = 20261204):
+    """Schemathesis (every default check) over /docs.json, with or without the API key;
+    returns the finished process and the number of cases it generated."""
+    # the document is fetched with the key (/docs.json needs one); the requests go with `key`
+    document = httpx.get(base + "/docs.json", headers={"Authorization": f"Bearer {KEY}"})
+    (workdir / "docs.json").write_text(document.text)
+    auth = ["-H", f"Authorization: Bearer {key}"] if key else []
+    done = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+            "--config-file",
+            os.path.join(CONTRACT_DIR, "schemathesis.toml"),
+            "run",
+            str(workdir / "docs.json"),
+            "--url",
+            base,
+            *auth,
+            "--max-examples",
+            str(examples),
+            "--seed",
+            str(seed),
+            "--no-color",
+            "--request-timeout",
+            "60",
+        ],
+        env={**os.environ, "PYTHONPATH": CONTRACT_DIR, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"},
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    summary = re.search(r"(\d+) generated", done.stdout)
+    return done, int(summary.group(1)) if summary else 0
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["with-key", "without-key"])
+def test_schemathesis_finds_no_failure(server, key, tmp_path):
+    """Bounded: a few cases per operation, fixed seed (`make test-slow` runs >= 2,000)."""
+    done, cases = run_schemathesis(server[0], key, examples=6, workdir=tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert cases >= 100, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [KEY, None], ids=["with-key", "without-key"])
+def test_schemathesis_long_run_finds_no_failure(server, key, tmp_path):
+    done, cases = run_schemathesis(server[0], key, examples=150, workdir=tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert cases >= 2000, done.stdout[-2000:]
+
+
+def test_malformed_bodies_on_json_endpoints_are_4xx(server):
+    """The outside test's 500s: multipart (no or a bogus boundary), form or broken JSON sent
+    to a JSON endpoint."""
+    base, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in (
+        "/predict_tabular",
+        "/explain_tabular",
+        "/chat",
+        "/chat/stream",
+        "/chat/history",
+        "/chat/reset",
+    ):
+        for content_type, status in (
+            ("multipart/form-data", 415),
+            ("multipart/form-data; boundary=xyz", 415),
+            ("application/x-www-form-urlencoded", 415),
+            ("application/json", 400),
+        ):
+            response = httpx.post(
+                base + path,
+                content=b'{"clinical": {}',
+                timeout=30,
+                headers={**auth, "Content-Type": content_type},
+            )
+            assert response.status_code == status, (path, content_type, response.text)
+            assert response.json()["error"]["type"]
+        response = httpx.post(base + path, json={"DOE^JANE-MRN-55512": 1}, headers=auth)
+        assert response.status_code == 422 and "unexpected field" in response.text
+
+
+def test_the_contract_declares_auth_errors_and_nullable_fields(client):
+    doc = client.openapi()
+    assert doc["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    assert doc["paths"]["/livez"]["get"]["security"] == []
+    predict = doc["paths"]["/predict"]["post"]["responses"]
+    assert {"400", "401", "413", "415", "422", "429", "503"} <= set(predict)
+    error = predict["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/Error"}
+    stream = doc["paths"]["/chat/stream"]["post"]["responses"]["200"]["content"]
+    assert list(stream) == ["text/event-stream"]
+    chat = doc["paths"]["/chat"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert chat["schema"]["properties"]["fallback_reason"]["nullable"] is True
+
+
+def test_explanations_are_bounded(server):
+    base, _ = server
+    files = {"image": ("x.png", png_bytes(seed=4), "image/png")}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(
+        base + "/explain", files=files, data={"nsamples": "201"}, headers=auth, timeout=60
+    )
+    assert response.status_code == 422 and "nsamples" in response.text
 
 
 # ---------------------------------------------------------------- start-up refusals
