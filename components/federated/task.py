@@ -251,10 +251,12 @@ def train_local(
     training: LocalTraining,
     seed: int,
     dp: Any = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Local epochs on one site with the project's one training loop (`fit_local`).
 
-    `dp`: a `components.privacy.dp.DPSGD` hook pair making the fit DP-SGD (closed after)."""
+    `dp`: a `components.privacy.dp.DPSGD` hook pair making the fit DP-SGD (closed after).
+    `label` (e.g. "site-a round 3") prefixes the per-epoch progress lines, logged at INFO."""
     from components.training.loop import fit_local
 
     hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
@@ -272,6 +274,7 @@ def train_local(
             seed=seed,
             proximal_mu=training.proximal_mu,
             deterministic=training.deterministic,
+            progress_label=label,
             **hooks,
         )
     finally:

@@ -15,10 +15,18 @@ from components.errors import ConfigError
 if TYPE_CHECKING:
     from components.models.classifier import Classifier
 
-ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet18", "efficientnet_lite0")
+ARCHITECTURES: tuple[str, ...] = (
+    "small_cnn",
+    "resnet18",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
 CLINICAL_ARCHITECTURES: tuple[str, ...] = ("tabular_mlp", "fusion")  # need a tabular_schema
 NORMS: tuple[str, ...] = ("batch", "group")
-PRETRAINED: frozenset[str] = frozenset({"efficientnet_lite0"})
+PRETRAINED: frozenset[str] = frozenset(
+    {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+)
 
 
 def build_model(
@@ -76,6 +84,8 @@ def build_model(
         "small_cnn": zoo.small_cnn,
         "resnet18": zoo.resnet18,
         "efficientnet_lite0": zoo.efficientnet_lite0,
+        "efficientnet_lite1": zoo.efficientnet_lite1,
+        "efficientnet_lite2": zoo.efficientnet_lite2,
     }[name]
     model = builder(
         num_classes=int(num_classes),

