@@ -227,9 +227,7 @@ class ArrayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        transform = (
-            self.augmentation.build(self.preprocessing.size) if self.augmentation else None
-        )
+        transform = self.augmentation.build(self.preprocessing.size) if self.augmentation else None
         dataset = ArrayDataset(self.train_x, self.train_y, transform)
         generator = torch.Generator().manual_seed(self.seed)
         if self.imbalance == "weighted_sampler":
