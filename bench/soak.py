@@ -1,0 +1,231 @@
+"""Soak the diagnosis service: N clients for a while; worker memory, errors and latency.
+
+Starts ``oncoflow serve`` (`serving.launch.serve`) on a free port with the given model, lets
+`--clients` clients send ``POST /predict`` back to back (a few distinct images) and, with
+`--explain-clients`, others send ``POST /explain`` at the same time; samples the BentoML
+worker's RSS every few seconds. Prints one JSON summary: the worker RSS at start (ready, before
+load), middle and end of the soak and its maximum, answers by status, /predict and /explain
+latency percentiles and the request rate.
+
+    BENTOML_HOME=... python bench/soak.py --model oncoflow-model:TAG               # 10 min
+    BENTOML_HOME=... python bench/soak.py --model TAG --duration 120 --explain-clients 4
+
+Compare /predict latency with and without `--explain-clients` to see what concurrent
+explanations cost predictions (their number is capped by serving.explain_concurrency; the
+rest are answered 429 at once). The rate limit is switched off for the soak
+(``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all clients share one key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+KEY = "soak-key"
+
+
+def images(count: int = 8, size: int = 224) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, (size, size, 3), dtype="uint8")
+        Image.fromarray(pixels).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def start_server(model: str, port: int, log_path: Path, env_extra: dict[str, str]):
+    from components.telemetry import TELEMETRY_OFF
+
+    code = f"from serving.launch import serve; raise SystemExit(serve({model!r}, port={port}))"
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        "ONCOFLOW_API_KEYS": KEY,
+        "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "0",
+        **env_extra,
+    }
+    log = open(log_path, "wb")  # noqa: SIM115 - the server's whole life
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def worker_of(server: subprocess.Popen) -> psutil.Process | None:
+    try:
+        for child in psutil.Process(server.pid).children(recursive=True):
+            if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                return child
+    except psutil.Error:
+        pass
+    return None
+
+
+def wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}")
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server was not ready in time")
+
+
+async def client_loop(http, path, pictures, deadline, statuses, latencies, data=None):
+    i = 0
+    while time.monotonic() < deadline:
+        picture = pictures[i % len(pictures)]
+        i += 1
+        began = time.perf_counter()
+        try:
+            response = await http.post(
+                path, files={"image": ("x.png", picture, "image/png")}, data=data
+            )
+            statuses[(path, response.status_code)] += 1
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - began)
+            elif response.status_code == 429:
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+        except httpx.HTTPError as exc:
+            statuses[(path, type(exc).__name__)] += 1
+            await asyncio.sleep(0.5)
+
+
+async def sample_rss(server, samples, deadline, every_s):
+    while time.monotonic() < deadline:
+        worker = worker_of(server)
+        if worker is not None:
+            with contextlib.suppress(psutil.Error):
+                samples.append((time.monotonic(), worker.pid, worker.memory_info().rss))
+        await asyncio.sleep(every_s)
+
+
+async def soak(base, server, args) -> dict:
+    pictures = images()
+    statuses: Counter = Counter()
+    predict_s: list[float] = []
+    explain_s: list[float] = []
+    samples: list[tuple[float, int, int]] = []
+    limits = httpx.Limits(max_connections=args.clients + args.explain_clients + 4)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(
+        base_url=base, headers=headers, timeout=120, limits=limits
+    ) as http:
+        began = time.monotonic()
+        deadline = began + args.duration
+        tasks = [
+            client_loop(http, "/predict", pictures, deadline, statuses, predict_s)
+            for _ in range(args.clients)
+        ]
+        explain = {"nsamples": str(args.nsamples)}
+        tasks += [
+            client_loop(http, "/explain", pictures, deadline, statuses, explain_s, explain)
+            for _ in range(args.explain_clients)
+        ]
+        tasks.append(sample_rss(server, samples, deadline, args.sample_every))
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - began
+    return {
+        "elapsed_s": round(elapsed, 1),
+        "statuses": {f"{path} {status}": n for (path, status), n in sorted(statuses.items())},
+        "predict": _latency(predict_s, elapsed),
+        "explain": _latency(explain_s, elapsed),
+        "rss_samples": samples,
+    }
+
+
+def _latency(values: list[float], elapsed: float) -> dict:
+    if not values:
+        return {"ok": 0}
+    ms = np.asarray(values) * 1000
+    return {
+        "ok": len(values),
+        "per_s": round(len(values) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p95_ms": round(float(np.percentile(ms, 95)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Bento model tag (BENTOML_HOME's store)")
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
+    parser.add_argument("--clients", type=int, default=32, help="/predict clients")
+    parser.add_argument("--explain-clients", type=int, default=0, help="/explain clients")
+    parser.add_argument("--nsamples", type=int, default=32, help="SHAP samples per /explain")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling, s")
+    parser.add_argument("--chat", default="1", help="ONCOFLOW_CHAT for the server (1/0)")
+    parser.add_argument("--log", default="soak-server.log", help="the server's output")
+    args = parser.parse_args(argv)
+
+    from components.net import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(args.model, port, Path(args.log), {"ONCOFLOW_CHAT": args.chat})
+    try:
+        ready_s = wait_ready(base, server)
+        time.sleep(2.0)  # let the extras (explainers, assistant) finish loading
+        worker = worker_of(server)
+        rss_ready = worker.memory_info().rss if worker else 0
+        result = asyncio.run(soak(base, server, args))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    samples = result.pop("rss_samples")
+    mb = [rss / 2**20 for _, _, rss in samples]
+    workers = len({pid for _, pid, _ in samples})
+    summary = {
+        "model": args.model,
+        "clients": args.clients,
+        "explain_clients": args.explain_clients,
+        "ready_after_s": round(ready_s, 1),
+        "worker_rss_mb": {
+            "ready": round(rss_ready / 2**20),
+            "start": round(mb[0]) if mb else None,
+            "middle": round(mb[len(mb) // 2]) if mb else None,
+            "end": round(mb[-1]) if mb else None,
+            "max": round(max(mb)) if mb else None,
+        },
+        "worker_processes_seen": workers,
+        **result,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
