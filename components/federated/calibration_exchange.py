@@ -21,6 +21,7 @@ from components.errors import DataError
 from components.federated import site_calibration as sc
 from components.federated.protocol import (
     CALIBRATE_KEY,
+    CALIBRATE_SPEC_KEY,
     CALIBRATION_KEY,
     ROUND_KEY,
     SPEC_KEY,
@@ -90,7 +91,15 @@ def calibrate_federation(
             )
         t = sc.pooled_temperature(list(usable.values()), cal_spec.method)
         second, failed_2 = _ask(
-            grid, spec, arrays, node_sites, {CALIBRATE_KEY: "conformal", T_KEY: t}
+            grid,
+            spec,
+            arrays,
+            node_sites,
+            {
+                CALIBRATE_KEY: "conformal",
+                T_KEY: t,
+                CALIBRATE_SPEC_KEY: json.dumps(cal_spec.to_dict()),
+            },
         )
         failed |= failed_2
         histograms = {s: v for s, v in second.items() if s in usable and int(v["n"]) > 0}
@@ -103,13 +112,29 @@ def calibrate_federation(
     except DataError as exc:
         log.warning("the federated model is left uncalibrated: %s", exc)
         return {"fitted": False, "reason": str(exc), "failed": failed}
+    point, notes = _operating_point(cal_spec, list(histograms.values()))
     n = sum(int(v["n"]) for v in histograms.values())
     sites = sorted(histograms)
-    block = sc.build_calibration(cal_spec, t, qhat, spec.model.class_names, n, sites)
+    block = sc.build_calibration(
+        cal_spec, t, qhat, spec.model.class_names, n, sites, point=point, notes=notes
+    )
     log.info(
         "federated calibration on %d site(s), %d cases: T=%.3f, q̂=%.3f", len(sites), n, t, qhat
     )
     return {"fitted": True, "calibration": block.to_dict(), "sites": sites, "failed": failed}
+
+
+def _operating_point(
+    cal_spec: sc.CalibrationSpec, sums: list[dict[str, Any]]
+) -> tuple[Any, list[str]]:
+    """The pooled operating point, or None and why (no dangerous class, no positives, ...)."""
+    if not cal_spec.dangerous:
+        return None, ["no operating point: the dataset marks no class as dangerous"]
+    danger = [v["danger"] for v in sums if v.get("danger")]
+    try:
+        return sc.pooled_operating_point(danger, cal_spec.target_sensitivity), []
+    except DataError as exc:
+        return None, [f"no operating point: {exc}"]
 
 
 __all__ = ["calibrate_federation"]

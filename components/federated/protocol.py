@@ -33,6 +33,7 @@ FINAL_KEY = "oncoflow-final"  # evaluate-message flag: score the site's held-out
 # validation split: "temperature" (NLL on the T grid) | "conformal" (APS histogram at `T_KEY`)
 CALIBRATE_KEY = "oncoflow-calibrate"
 T_KEY = "oncoflow-temperature"
+CALIBRATE_SPEC_KEY = "oncoflow-calibration-spec"  # its CalibrationSpec (JSON): dangerous classes
 CALIBRATION_KEY = "oncoflow-calibration"  # final-evaluate key: the fitted block (JSON) to measure
 REFUSED_CODE = 4030  # error code of a site's refusal (its reason follows "refused by site: ")
 REFUSED_PREFIX = "refused by site: "
@@ -97,6 +98,7 @@ def masked_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
 
 __all__ = [
     "CALIBRATE_KEY",
+    "CALIBRATE_SPEC_KEY",
     "CALIBRATION_KEY",
     "CLIPPING_KEY",
     "FINAL_KEY",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from components.calibration import conformal, temperature
+from components.calibration import operating_point as op
 from components.calibration.record import Calibration
 from components.errors import DataError
 from components.evaluation.metrics import ECE_BINS
@@ -47,6 +48,7 @@ class CalibrationSpec:
     method: str = "temperature"
     coverage: float = 0.9
     dangerous: tuple[str, ...] = ()
+    target_sensitivity: float = 0.95  # operating point on P(any dangerous class)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"dangerous": list(self.dangerous)}
@@ -59,6 +61,7 @@ class CalibrationSpec:
             method=str(conf["method"]),
             coverage=float(conf["coverage"]),
             dangerous=tuple(str(c) for c in cfg["dataset"]["dangerous"]),
+            target_sensitivity=float(conf["target_sensitivity"]),
         )
 
     @classmethod
@@ -68,6 +71,7 @@ class CalibrationSpec:
             method=str(data.get("method", "temperature")),
             coverage=float(data.get("coverage", 0.9)),
             dangerous=tuple(str(c) for c in data.get("dangerous") or ()),
+            target_sensitivity=float(data.get("target_sensitivity", 0.95)),
         )
 
 
@@ -142,6 +146,47 @@ def pooled_qhat(histograms: Sequence[Sequence[int]], coverage: float) -> float:
     return min(1.0, (bin_index + 1) / APS_BINS)
 
 
+def danger_histograms(
+    probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], dangerous: Sequence[str]
+) -> dict[str, list[int]]:
+    """A site's P(any dangerous class) counted in `APS_BINS` bins [i/B, (i+1)/B), separately
+    for its cases of a dangerous class (positives) and the others."""
+    indices = op.dangerous_indices(classes, dangerous)
+    score = op.danger_probability(probs, indices)
+    index = np.clip(np.floor(score * APS_BINS).astype(int), 0, APS_BINS - 1)
+    positive = np.isin(np.asarray(labels), indices)
+    return {
+        "positive": np.bincount(index[positive], minlength=APS_BINS).tolist(),
+        "negative": np.bincount(index[~positive], minlength=APS_BINS).tolist(),
+    }
+
+
+def pooled_operating_point(
+    histograms: Sequence[Mapping[str, Sequence[int]]], target_sensitivity: float
+) -> op.OperatingPoint:
+    """The operating point from the sites' danger histograms: the lower edge of the bin holding
+    the ⌈target·n₊⌉-th largest pooled positive score, so the pooled sensitivity is at least the
+    target (the threshold is at most one bin below the pooled-case one); sensitivity and
+    specificity at it are exact counts."""
+    pos = np.sum([np.asarray(h["positive"], dtype=np.int64) for h in histograms], axis=0)
+    neg = np.sum([np.asarray(h["negative"], dtype=np.int64) for h in histograms], axis=0)
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        which = "a dangerous class" if n_pos == 0 else "a non-dangerous class"
+        raise DataError(f"no site validation case of {which}: no operating point to fit")
+    k = math.ceil(float(target_sensitivity) * n_pos - 1e-9)
+    at_or_above = np.cumsum(pos[::-1])[::-1]  # positives in bins >= i
+    bin_index = int(np.flatnonzero(at_or_above >= k).max())
+    return op.OperatingPoint(
+        threshold=bin_index / APS_BINS,
+        target_sensitivity=float(target_sensitivity),
+        sensitivity=float(pos[bin_index:].sum() / n_pos),
+        specificity=float(neg[:bin_index].sum() / n_neg),
+        n_positive=n_pos,
+        n_negative=n_neg,
+    )
+
+
 def build_calibration(
     spec: CalibrationSpec,
     t: float,
@@ -149,23 +194,38 @@ def build_calibration(
     classes: Sequence[str],
     n: int,
     sites: Sequence[str],
+    point: op.OperatingPoint | None = None,
+    notes: Sequence[str] = (),
 ) -> Calibration:
-    """The bundle's calibration block, saying what it was fitted on."""
-    fitted_on = (
+    """The bundle's calibration block, saying what each part was fitted on."""
+    data = (
         f"validation splits of {len(sites)} sites ({n} cases; never trained on, also used for "
-        f"the sites' model selection), combined as sums only: NLL on a grid of {len(T_GRID)} "
-        f"temperatures and APS-score histograms of {APS_BINS} bins (q̂ at most "
-        f"{1 / APS_BINS:g} above the pooled-case value)"
+        "the sites' model selection)"
     )
+    sources = {
+        "temperature": f"{data}, as NLL sums on a grid of {len(T_GRID)} temperatures",
+        "conformal": (
+            f"{data}, as APS-score histograms of {APS_BINS} bins (q̂ at most {1 / APS_BINS:g} "
+            "above the pooled-case value)"
+        ),
+    }
+    if point is not None:
+        sources["operating_point"] = (
+            f"{data}, as histograms of P(any dangerous class) in {APS_BINS} bins: "
+            f"{point.n_positive} cases of a dangerous class, {point.n_negative} others"
+        )
     return Calibration(
         method=spec.method,
         temperature=float(t),
         coverage=spec.coverage,
         qhat=float(qhat),
-        fitted_on=fitted_on,
+        fitted_on=f"{data}, combined as sums only",
         n_fit=int(n),
         classes=[str(c) for c in classes],
         dangerous=list(spec.dangerous),
+        operating_point=point,
+        sources=sources,
+        notes=list(notes),
     )
 
 
@@ -202,7 +262,40 @@ def evaluation_sums(logits: np.ndarray, labels: np.ndarray, cal: Calibration) ->
         "class_counts": np.bincount(y, minlength=k).tolist(),
         "set_size_sum": int(masks.sum()),
         "referred": int(sum(cal.decide(row).refer for row in after)),
+        "operating_point": _point_counts(cal, after, y),
     }
+
+
+def _point_counts(cal: Calibration, probs: np.ndarray, y: np.ndarray) -> dict[str, int] | None:
+    if cal.operating_point is None:
+        return None
+    indices = op.dangerous_indices(cal.classes, cal.dangerous)
+    rates = op.evaluate_operating_point(cal.operating_point, probs, y, indices)
+    keys = ("true_positive", "false_negative", "true_negative", "false_positive")
+    return {k: int(rates[k]) for k in keys}
+
+
+def _pooled_point(cal: Calibration, sums: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    point = cal.operating_point
+    counts = [s["operating_point"] for s in sums if s.get("operating_point")]
+    if point is None or not counts:
+        return None
+    tp, fn, tn, fp = (
+        sum(int(c[k]) for c in counts)
+        for k in ("true_positive", "false_negative", "true_negative", "false_positive")
+    )
+    test = {
+        "threshold": point.threshold,
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "n_positive": tp + fn,
+        "n_negative": tn + fp,
+        "true_positive": tp,
+        "false_negative": fn,
+        "true_negative": tn,
+        "false_positive": fp,
+    }
+    return {"target_sensitivity": point.target_sensitivity, "fitted": point.to_dict(), "test": test}
 
 
 def _ece(bins: Sequence[Mapping[str, Sequence[float]]], n: int) -> float:
@@ -242,6 +335,9 @@ def pooled_report(sums: Sequence[Mapping[str, Any]], cal: Calibration) -> dict[s
             "referral_rate": sum(int(s["referred"]) for s in usable) / n,
         },
         "dangerous": list(cal.dangerous),
+        "operating_point": _pooled_point(cal, usable),
+        "sources": dict(cal.sources),
+        "notes": list(cal.notes),
         "pooling": "exact sums from each site's test split",
     }
 
@@ -252,7 +348,9 @@ __all__ = [
     "CalibrationSpec",
     "aps_histogram",
     "build_calibration",
+    "danger_histograms",
     "evaluation_sums",
+    "pooled_operating_point",
     "pooled_qhat",
     "pooled_report",
     "pooled_temperature",

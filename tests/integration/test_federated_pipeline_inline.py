@@ -65,6 +65,9 @@ def test_coordinator_flow_logs_rounds_live_and_registers_the_pooled_result(tmp_p
     report = json.loads((run_dir / "calibration.json").read_text())
     assert report["n"] == pooled["n"] > 0
     assert 0 < report["conformal"]["coverage"] <= 1 and report["conformal"]["mean_set_size"] >= 1
+    point = report["operating_point"]  # fitted on the sites' danger histograms
+    assert point["fitted"]["sensitivity"] >= point["target_sensitivity"]
+    assert point["test"]["n_positive"] + point["test"]["n_negative"] == report["n"]
     # each round was logged as it ended: one point per round, each with its own end time
     ledger = summary["run_dir"] + "/federation/server/out/ledger.jsonl"
     rows = [json.loads(line) for line in Path(ledger).read_text().splitlines()]

@@ -96,3 +96,31 @@ def test_calibration_spec_round_trips_and_reads_the_run_config(tiny_cfg):
     assert spec.coverage == 0.8
     assert tuple(cfg["dataset"]["dangerous"]) == spec.dangerous
     assert sc.CalibrationSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_pooled_operating_point_reaches_the_target_and_matches_the_pooled_fit():
+    from components.calibration import operating_point as op
+
+    z, y = overconfident(900, seed=8)
+    probs = temperature.softmax(z, 3.0)
+    dangerous = ["b", "c"]
+    hists = [sc.danger_histograms(p, ys, CLASSES, dangerous) for p, ys in split(probs, y)]
+    point = sc.pooled_operating_point(hists, 0.9)
+    exact = op.fit_operating_point(probs, y, [1, 2], 0.9)
+    assert exact.threshold - 1.0 / sc.APS_BINS <= point.threshold <= exact.threshold
+    rates = op.evaluate_operating_point(point, probs, y, [1, 2])
+    assert rates["sensitivity"] == pytest.approx(point.sensitivity) and point.sensitivity >= 0.9
+    assert rates["specificity"] == pytest.approx(point.specificity)
+    assert (point.n_positive, point.n_negative) == (rates["n_positive"], rates["n_negative"])
+    only_negatives = [sc.danger_histograms(probs[y == 0], y[y == 0], CLASSES, dangerous)]
+    with pytest.raises(DataError, match="dangerous class"):
+        sc.pooled_operating_point(only_negatives, 0.9)
+
+
+def test_pooled_operating_point_report_equals_the_pooled_cases_report():
+    z_cal, y_cal = overconfident(600, seed=9)
+    cal = fit_calibration(z_cal, y_cal, CLASSES, dangerous=["c"], target_sensitivity=0.9)
+    z, y = overconfident(400, seed=10)
+    pooled = sc.pooled_report([sc.evaluation_sums(a, b, cal) for a, b in split(z, y)], cal)
+    exact = calibration_report(cal, z, y)
+    assert pooled["operating_point"]["test"] == pytest.approx(exact["operating_point"]["test"])
