@@ -53,7 +53,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
             calibrated = federated_calibration_task(ctx, trained.model, fitted, arrays["test"])
         else:
             calibrated = calibrate_task(ctx, trained.model, arrays)
-        evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated)
+        evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated, split)
         metrics = evaluation.metrics
         fingerprints = validated.fingerprints()
         bundle_dir = bundle_task(
@@ -71,6 +71,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     reports = {"split": split.report, "validation": validated.report}
     if trained.privacy:
         reports["privacy"] = trained.privacy
+    if trained.selection:
+        reports["selection"] = trained.selection
     registration = register_task(
         ctx,
         bundle_dir,
@@ -94,6 +96,8 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         "calibration": calibrated.report if calibrated else None,
         "training": cfg["training"]["mode"],
         "epochs_run": trained.epochs_run,
+        "selection": trained.selection,
+        "leakage": metrics.get("leakage"),
         "federation": trained.federation,
         "privacy": trained.privacy,
         "mlflow_run_id": registration.run_id,

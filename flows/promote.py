@@ -168,8 +168,73 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         *headline,
         "",
         *calibration_lines(meta.get("calibration"), metrics.get("calibration")),
+        *leakage_lines(metrics.get("leakage")),
     ]
     return "\n".join(lines)
+
+
+def leakage_lines(leakage: dict[str, Any] | None) -> list[str]:
+    """The model card's leakage certificate: exact and near-duplicate counts per split pair,
+    the grouping used, and the test score without the test images near-matched in training."""
+    if not leakage:
+        return []
+    near = leakage.get("near_duplicates") or {}
+    proximity = leakage.get("proximity") or {}
+    grouping = leakage.get("grouping") or {"method": "none"}
+    exact = leakage.get("exact_duplicates_across_given_splits") or {}
+    final = proximity.get("near_duplicate_pairs_by_final_split") or {}
+    across = {pair: n for pair, n in final.items() if len(set(pair.split("/"))) > 1}
+    lines = [
+        "",
+        "## Leakage certificate",
+        "",
+        f"- Exact copies across given splits: {exact.get('groups', 0)} "
+        f"({exact.get('rows_dropped', 0)} rows dropped, the highest-precedence copy kept)",
+    ]
+    if near:
+        found = ", ".join(f"{p} {n}" for p, n in near.get("pairs_by_split", {}).items())
+        lines.append(
+            f"- Near-duplicates (thumbnail similarity >= {near['min_similarity']}): "
+            f"{near['pairs']} pairs found ({found or 'none'}), {near['groups']} groups kept "
+            f"whole, {near['rows_dropped']} rows dropped; across final splits: "
+            + (", ".join(f"{p} {n}" for p, n in across.items()) or "none")
+        )
+    else:
+        lines.append("- Near-duplicates: not looked for (dataset.split.near_duplicates=false)")
+    method = grouping.get("method", "none")
+    lines.append(
+        "- Grouping (likely same patient): "
+        + (
+            f"{method} (similarity >= {grouping['min_similarity']}): {grouping['groups']} "
+            f"groups of {grouping['images_in_groups']} images, carved whole"
+            if method != "none"
+            else "none beyond near-duplicates"
+        )
+    )
+    shares = proximity.get("splits") or {}
+    if shares:
+        lines.append(
+            f"- Near-matched to a training image (similarity >= "
+            f"{proximity.get('min_similarity')}): "
+            + ", ".join(f"{s} {v['near_matched']}/{v['images']}" for s, v in shares.items())
+        )
+    if proximity.get("warning"):
+        lines.append(f"- Warning: {proximity['warning']}")
+    full, clean = leakage.get("test_full") or {}, leakage.get("test_without_near_matches")
+    if full:
+        lines += ["", "| test images | n | macro_f1 | macro_auroc | balanced_accuracy |"]
+        lines.append("|---|---|---|---|---|")
+        rows = [("all", leakage.get("test_images"), full)]
+        if clean:
+            n = leakage.get("test_images", 0) - leakage.get("test_near_matched", 0)
+            rows.append(("without near-matches in training", n, clean))
+        for name, n, values in rows:
+            cells = " | ".join(
+                f"{values[k]:.4f}" if isinstance(values.get(k), int | float) else "n/a"
+                for k in ("macro_f1", "macro_auroc", "balanced_accuracy")
+            )
+            lines.append(f"| {name} | {n} | {cells} |")
+    return lines
 
 
 def calibration_lines(block: dict[str, Any] | None, test: dict[str, Any] | None) -> list[str]:

@@ -57,8 +57,10 @@ class RunContext:
 class SplitResult:
     frame: pd.DataFrame  # the manifest with a `split` column
     report: dict[str, Any]  # JSON-safe split report
-    # row ids of held-out images within `match_distance` of a training image (kept in the run)
+    # row ids of held-out images with a near-match in training (`match_similarity`; kept in
+    # the run) and the leakage certificate (`SplitReport.certificate`)
     near_matched: frozenset[str] = frozenset()
+    certificate: dict[str, Any] | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainedModel:
     federation: dict[str, Any] | None = None  # FederatedResult.summary() when federated
     mlflow_run_id: str | None = None  # the MLflow run opened before training, if any
     logged_steps: tuple[int, ...] = ()  # history steps already logged to that run, live
+    selection: dict[str, Any] | None = None  # central: the kept epoch and why (`Selection`)
 
     def history_to_log(self) -> list[dict[str, Any]]:
         """The history rows not yet in the MLflow run (all of them without a live run)."""
@@ -172,7 +175,10 @@ def split_task(ctx: RunContext, frame: pd.DataFrame) -> SplitResult:
     if montage is not None:
         artifacts.image("near-duplicates", montage, "example near-duplicate pairs (pHash)")
     return SplitResult(
-        frame=frame, report=report.to_dict(), near_matched=frozenset(report.near_matched_ids)
+        frame=frame,
+        report=report.to_dict(),
+        near_matched=frozenset(report.near_matched_ids),
+        certificate=report.certificate(),
     )
 
 
@@ -190,6 +196,7 @@ def validate_task(ctx: RunContext, frame: pd.DataFrame) -> ValidationResult:
         min_per_class=ctx.cfg["validation"]["min_per_class"],
         on_failure=ctx.cfg["validation"]["on_failure"],
         workspace=ctx.workspace,
+        near_similarity=ds["split"]["near_similarity"] if ds["split"]["near_duplicates"] else None,
     )
     manifest_io.save(outcome.validated, ctx.run_dir / "manifest.parquet")
     artifacts.write_json(ctx.run_dir / "validation_report.json", outcome.report)
@@ -222,11 +229,11 @@ def train_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
     result = train_central(ctx.cfg, arrays, ctx.run_dir / "training")
     log = get_run_logger()
     log.info(
-        "trained %d epochs (best %d) in %.1fs, %.0f img/s",
+        "trained %d epochs in %.1fs, %.0f img/s; kept %s",
         result.training.epochs_run,
-        result.training.best_epoch,
         result.training.wall_seconds,
         result.training.images_per_second,
+        result.training.selection.get("reason", f"epoch {result.training.best_epoch}"),
     )
     if result.privacy:
         log.info(
@@ -238,6 +245,7 @@ def train_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedModel:
         epochs_run=result.epochs_run,
         architecture=result.architecture,
         privacy=result.privacy,
+        selection=result.training.selection,
     )
 
 
@@ -544,11 +552,16 @@ def federated_calibration_task(
 
 @task(name="evaluate")
 def evaluate_task(
-    ctx: RunContext, model: Any, test: SplitArrays, calibrated: Calibrated | None = None
+    ctx: RunContext,
+    model: Any,
+    test: SplitArrays,
+    calibrated: Calibrated | None = None,
+    split: SplitResult | None = None,
 ) -> Evaluation:
     """Test metrics of the probabilities the model is served with: calibrated ones when a
     calibration was fitted (`metrics["calibration"]`: ECE/NLL before and after, coverage,
-    set size, referral rate)."""
+    set size, referral rate); with the split's result, the leakage certificate and the score
+    on the test images without a near-match in training (`metrics["leakage"]`)."""
     from components.calibration.record import Calibration
     from components.evaluation.metrics import evaluate
     from components.evaluation.plots import confusion_matrix_png
@@ -562,10 +575,35 @@ def evaluate_task(
     metrics = evaluate(test.y, probs, classes)
     if calibrated is not None:
         metrics["calibration"] = calibrated.report
+    if split is not None and split.certificate is not None:
+        metrics["leakage"] = leakage_metrics(test, probs, classes, split, metrics)
     png = confusion_matrix_png(metrics["confusion_matrix"], classes, ctx.run_dir / "confusion.png")
     artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
     artifacts.metrics_table("test-metrics", metrics)
     return Evaluation(metrics=metrics, confusion_png=png)
+
+
+LEAKAGE_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+
+
+def leakage_metrics(test, probs, classes, split: SplitResult, full: dict[str, Any]) -> dict:
+    """The certificate plus the headline test metrics on all test images and on those without
+    a near-match in training."""
+    import numpy as np
+
+    from components.evaluation.metrics import evaluate
+
+    clean = np.array([i not in split.near_matched for i in test.ids], dtype=bool)
+    out: dict[str, Any] = {
+        **(split.certificate or {}),
+        "test_images": len(clean),
+        "test_near_matched": int((~clean).sum()),
+        "test_full": {k: full.get(k) for k in LEAKAGE_HEADLINE},
+    }
+    if clean.any():
+        subset = evaluate(test.y[clean], probs[clean], classes)
+        out["test_without_near_matches"] = {k: subset.get(k) for k in LEAKAGE_HEADLINE}
+    return out
 
 
 @task(name="bundle")
@@ -647,7 +685,8 @@ def register_task(
         reports=reports,
         figures=_figures(ctx.run_dir),
         run_name=ctx.cfg["run_name"] or ctx.run_dir.name,
-        tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()},
+        tags={f"privacy.{k}": str(v) for k, v in (reports.get("privacy") or {}).items()}
+        | _selection_tags(reports.get("selection")),
     )
     run_id = client.log_training_run(record, run_id=run_id)
     gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
@@ -658,6 +697,13 @@ def register_task(
     )
     get_run_logger().info("registry: %s", decision.reason)
     return Registration(run_id=run_id, decision=decision)
+
+
+def _selection_tags(selection: dict[str, Any] | None) -> dict[str, str]:
+    """The kept epoch and why, as MLflow tags (`selection.epoch`, `.monitor`, `.reason`)."""
+    if not selection:
+        return {}
+    return {f"selection.{k}": str(selection[k]) for k in ("epoch", "monitor", "reason")}
 
 
 def _figures(run_dir: Path) -> dict[str, Path]:

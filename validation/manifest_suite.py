@@ -4,8 +4,11 @@ Three GX batches are validated:
 
 * ``manifest_schema`` (the manifest as given): exact column set and column types;
 * ``manifest_rows`` (the manifest plus derived columns): labels, decodability, unique ids,
-  geometry, and — through ``n_splits_for_hash`` / ``n_labels_for_hash``, computed with pandas
-  per content hash — no image in two splits and no image with two labels;
+  geometry, known split names (train, val, test, calibration or none), and — through
+  ``n_splits_for_hash`` / ``n_labels_for_hash``, computed with pandas per content hash — no
+  image in two splits and no image with two labels; with ``near_similarity``, also
+  ``n_splits_for_near_group`` (near-duplicate groups recomputed from the thumbnails,
+  independently of the split step): no near-duplicate group in two splits;
 * ``manifest_class_counts`` (one row per class): a minimum count per class (in the train split
   once splits are assigned) and every declared class present.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.data.manifest import COLUMNS, conform
+from components.data.manifest import COLUMNS, SPLITS, conform
 from components.errors import ConfigError, ValidationFailed
 from components.workspace import Workspace
 from validation import gx_engine
@@ -33,6 +36,7 @@ CHANNELS = (1, 3, 4)
 INT_TYPES = ["int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "int"]
 STR_TYPES = ["StringDtype", "str"]
 ON_FAILURE = ("stop", "quarantine")
+SPLIT_VALUES = ["", *SPLITS, "calibration"]  # "calibration": calibration.fit_on=held_out
 
 
 def validate_manifest(
@@ -44,6 +48,7 @@ def validate_manifest(
     min_per_class: int,
     on_failure: str = "stop",
     workspace: Workspace | None = None,
+    near_similarity: float | None = None,
 ) -> ValidationOutcome:
     """Validate an image manifest with Great Expectations.
 
@@ -52,6 +57,8 @@ def validate_manifest(
     duplicated-image group), recorded with a `reason`, and the rest is validated again; a
     failure that dropping rows cannot fix (columns, types, class counts) still raises.
     With a workspace, the report, the quarantined rows and GX Data Docs are written there.
+    `near_similarity` (thumbnail correlation, `dataset.split.near_similarity`): also check
+    that no near-duplicate group straddles two splits (None: exact copies only).
     """
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
@@ -69,9 +76,15 @@ def validate_manifest(
         "suite": "manifest",
         "on_failure": on_failure,
         "classes": list(classes),
-        "parameters": {"min_side": min_side, "max_side": max_side, "min_per_class": min_per_class},
+        "parameters": {
+            "min_side": min_side,
+            "max_side": max_side,
+            "min_per_class": min_per_class,
+            "near_similarity": near_similarity,
+        },
     }
     describe = _describer(frame)
+    near = near_similarity
 
     schema = session.run(
         frame,
@@ -88,19 +101,26 @@ def validate_manifest(
         raise ValidationFailed(summarise(report), report)
 
     checks = schema + _row_and_count_checks(
-        session, frame, classes, min_side, max_side, min_per_class, f"{stamp}-initial"
+        session, frame, classes, min_side, max_side, min_per_class, f"{stamp}-initial", near
     )
     report.update(section(checks, describe, len(frame)))
     kept, quarantined = frame, frame.iloc[0:0].assign(reason=pd.Series(dtype="string"))
     if not report["passed"] and on_failure == "quarantine":
-        reasons = row_reasons(checks, ROW, _explain(frame))
+        reasons = row_reasons(checks, ROW, _explain(frame, near))
         if reasons:  # frame has a 0..n-1 index, so row numbers are index labels
             bad = frame.loc[sorted(reasons)]
             quarantined = bad.assign(reason=[reasons[i] for i in bad.index])
             quarantined = quarantined.astype({"reason": "string"})
             kept = frame.drop(index=bad.index).reset_index(drop=True)
         after = schema + _row_and_count_checks(
-            session, kept, classes, min_side, max_side, min_per_class, f"{stamp}-after-quarantine"
+            session,
+            kept,
+            classes,
+            min_side,
+            max_side,
+            min_per_class,
+            f"{stamp}-after-quarantine",
+            near,
         )
         report["after_quarantine"] = section(after, _describer(kept), len(kept))
     report["rows_quarantined"] = len(quarantined)
@@ -128,12 +148,13 @@ def _row_and_count_checks(
     max_side: int,
     min_per_class: int,
     run_name: str,
+    near_similarity: float | None = None,
 ) -> list[CheckResult]:
     rows = session.run(
-        with_derived_columns(frame),
+        with_derived_columns(frame, near_similarity),
         asset="manifest",
         suite="manifest_rows",
-        checks=_row_checks(classes, min_side, max_side),
+        checks=_row_checks(classes, min_side, max_side, near_similarity is not None),
         index_columns=["id", ROW],
         run_name=run_name,
     )
@@ -149,8 +170,10 @@ def _row_and_count_checks(
     return rows + count_results
 
 
-def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """The manifest plus `row` and the per-hash counts of distinct splits and labels."""
+def with_derived_columns(frame: pd.DataFrame, near_similarity: float | None = None) -> pd.DataFrame:
+    """The manifest plus `row`, the per-hash counts of distinct splits and labels and, with
+    `near_similarity`, the near-duplicate group of each row (`near_group`, -1: none) and its
+    count of distinct splits."""
     out = frame.copy()
     out[ROW] = range(len(out))
     hashed = out[(out["sha256"] != "") & (out["decode_error"] == "")]
@@ -160,7 +183,24 @@ def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
     key = out["sha256"].where((out["sha256"] != "") & (out["decode_error"] == ""))
     out["n_splits_for_hash"] = key.map(n_splits).fillna(0).astype("int64")
     out["n_labels_for_hash"] = key.map(n_labels).fillna(0).astype("int64")
+    if near_similarity is not None:
+        out["near_group"], out["n_splits_for_near_group"] = _near_groups(out, near_similarity)
     return out
+
+
+def _near_groups(frame: pd.DataFrame, near_similarity: float) -> tuple[pd.Series, pd.Series]:
+    """Near-duplicate group per decoded row with a thumbnail (-1 otherwise) and the number of
+    distinct non-empty splits its group spans."""
+    from components.data.splits import near_duplicate_labels
+
+    usable = (frame["decode_error"] == "") & (frame["thumbnail"].astype(str) != "")
+    group = pd.Series(-1, index=frame.index, dtype="int64")
+    if usable.any():
+        group[usable] = near_duplicate_labels(frame[usable], near_similarity).to_numpy()
+    splits = frame["split"].where((frame["split"] != "") & usable)
+    spans = splits.groupby(group).nunique()
+    n_splits = group.map(spans).where(group >= 0, 0).fillna(0).astype("int64")
+    return group, n_splits
 
 
 def class_counts(frame: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, str]:
@@ -204,10 +244,22 @@ def _schema_checks(frame: pd.DataFrame) -> list[Check]:
     return checks
 
 
-def _row_checks(classes: list[str], min_side: int, max_side: int) -> list[Check]:
+def _row_checks(classes: list[str], min_side: int, max_side: int, near: bool) -> list[Check]:
     e = gx_engine.expectations()
     decoded = {"row_condition": DECODED, "condition_parser": "pandas"}
+    near_checks = [
+        Check(
+            "near_duplicates_in_one_split",
+            e.ExpectColumnValuesToBeBetween(column="n_splits_for_near_group", max_value=1),
+            explanation="near-duplicate images (thumbnail similarity) must not straddle splits",
+        )
+    ]
     return [
+        Check(
+            "split_values_known",
+            e.ExpectColumnValuesToBeInSet(column="split", value_set=SPLIT_VALUES),
+            explanation=f"split must be one of {SPLIT_VALUES}",
+        ),
         Check(
             "labels_in_classes",
             e.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)),
@@ -243,6 +295,7 @@ def _row_checks(classes: list[str], min_side: int, max_side: int) -> list[Check]
             e.ExpectColumnValuesToBeBetween(column="n_labels_for_hash", max_value=1),
             explanation="the same image (sha256) must not carry two labels",
         ),
+        *(near_checks if near else []),
     ]
 
 
@@ -306,9 +359,9 @@ def source_name(source: str) -> str:
     return Path(path).name + sep + member
 
 
-def _explain(frame: pd.DataFrame):
+def _explain(frame: pd.DataFrame, near_similarity: float | None = None):
     """Per-check text added to a quarantined row's reason (hash groups get their detail)."""
-    derived = with_derived_columns(frame)
+    derived = with_derived_columns(frame, near_similarity)
 
     def explain(check: CheckResult, position: int, value) -> str:
         row = derived.iloc[position]
@@ -325,6 +378,13 @@ def _explain(frame: pd.DataFrame):
             return (
                 f"image_has_one_label (same image labelled {labels}; "
                 f"all {len(group)} rows of this sha256 group quarantined)"
+            )
+        if check.name == "near_duplicates_in_one_split":
+            group = derived[derived["near_group"] == row["near_group"]]
+            splits = sorted(s for s in group["split"].unique() if s)
+            return (
+                f"near_duplicates_in_one_split (near-duplicate group in splits {splits}; "
+                f"all {len(group)} rows of the group quarantined)"
             )
         if check.column:
             return f"{check.name} ({check.column}={value!r})"

@@ -36,10 +36,9 @@ from components.training.loop import (
 )
 from components.training.module import OptimizerHook
 from components.training.progress import TrainingProgress
+from components.training.selection import SelectionRule, select_epoch
 
 log = logging.getLogger(__name__)
-
-MONITOR = "val_macro_f1"
 
 
 @dataclass
@@ -55,6 +54,7 @@ class TrainResult:
     images_per_second: float
     best_score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)  # `Selection.to_dict()`
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe summary (no model)."""
@@ -65,6 +65,7 @@ class TrainResult:
             "wall_seconds": self.wall_seconds,
             "images_per_second": self.images_per_second,
             "best_checkpoint": str(self.best_checkpoint),
+            "selection": self.selection,
             "history": self.history,
         }
 
@@ -90,12 +91,15 @@ def train_classifier(
     optimizer_hook: OptimizerHook | None = None,
     loader_hook: LoaderHook | None = None,
     progress_interval_s: float | None = 30.0,
+    selection: SelectionRule | None = None,
 ) -> TrainResult:
-    """Train `model` on `train`, select the epoch with the best validation macro-F1.
+    """Train `model` on `train` and keep the epoch `selection` chooses (default: the schema's
+    `trainer` rule, the best validation macro-F1, later epoch on a tie).
 
-    Early stopping watches `val_macro_f1` (mode max, `early_stopping_patience` epochs without
-    improvement); the best epoch's weights are checkpointed under `out_dir/checkpoints`,
-    restored into `model` and returned in eval mode. Per-epoch metrics go to `history` and to
+    Early stopping watches the rule's monitor (its mode, `early_stopping_patience` epochs
+    without improvement); every epoch is checkpointed under `out_dir/checkpoints`, the chosen
+    one (`selection.select_epoch` on the history) is restored into `model` and returned in
+    eval mode, the others are deleted. Per-epoch metrics go to `history` and to
     `out_dir/metrics.csv`. Progress is logged at INFO (`TrainingProgress`: one line per epoch,
     one every `progress_interval_s` within a long epoch). `optimizer_hook` and `loader_hook` are
     extension points (e.g. DP-SGD): see `fit_local`.
@@ -123,16 +127,17 @@ def train_classifier(
         max_epochs=max_epochs,
         optimizer_hook=optimizer_hook,
     )
+    rule = selection or SelectionRule.schema_default()
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",
-        filename="best-{epoch:03d}",
-        monitor=MONITOR,
-        mode="max",
-        save_top_k=1,
+        filename="epoch-{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor=None,
+        save_top_k=-1,
         save_weights_only=True,
         enable_version_counter=False,
     )
-    stopper = EarlyStopping(monitor=MONITOR, mode="max", patience=early_stopping_patience)
+    stopper = EarlyStopping(monitor=rule.monitor, mode=rule.mode, patience=early_stopping_patience)
     timer = ThroughputTimer()
     log.info(
         "training on %d images (validation %d), up to %d epochs of %d batches",
@@ -150,7 +155,9 @@ def train_classifier(
                 checkpoint,
                 stopper,
                 timer,
-                TrainingProgress(interval_s=progress_interval_s, monitor=MONITOR, mode="max"),
+                TrainingProgress(
+                    interval_s=progress_interval_s, monitor=rule.monitor, mode=rule.mode
+                ),
             ],
             deterministic=deterministic,
             accelerator=accelerator,
@@ -165,23 +172,26 @@ def train_classifier(
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=data.val_dataloader())
     wall = time.perf_counter() - start
 
-    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    if best_path is None or not best_path.exists():
+    history = module.history
+    if not history:
         raise ModelError("training produced no checkpoint (no validation epoch completed)")
+    chosen = select_epoch(history, rule)
+    checkpoints = out_dir / "checkpoints"
+    best_path = checkpoints / f"epoch-{chosen.epoch:03d}.ckpt"
+    if not best_path.exists():
+        raise ModelError(f"no checkpoint for the selected epoch {chosen.epoch} in {checkpoints}")
+    for other in checkpoints.glob("epoch-*.ckpt"):
+        if other != best_path:
+            other.unlink()
     state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     model = module.model.cpu().eval()
-    history = module.history
-    scores = [row.get(MONITOR, float("-inf")) for row in history]
-    best_epoch = int(history[max(range(len(scores)), key=scores.__getitem__)]["epoch"])
-    best_score = checkpoint.best_model_score
+    best_epoch, best_score = chosen.epoch, chosen.score
     log.info(
-        "trained %d epochs in %.1fs; best epoch %d (counting from 1; %s=%.4f)",
+        "trained %d epochs in %.1fs; kept %s (epochs counted from 0)",
         len(history),
         wall,
-        best_epoch + 1,
-        MONITOR,
-        float(best_score) if best_score is not None else float("nan"),
+        chosen.reason,
     )
     return TrainResult(
         model=model,
@@ -191,7 +201,8 @@ def train_classifier(
         epochs_run=len(history),
         wall_seconds=wall,
         images_per_second=timer.images_per_second,
-        best_score=float(best_score) if best_score is not None else None,
+        best_score=best_score,
+        selection=chosen.to_dict(),
     )
 
 
@@ -246,6 +257,7 @@ def train_central(
             seed=cfg["seed"],
             out_dir=out_dir,
             num_workers=tr["num_workers"],
+            selection=SelectionRule.from_config(tr),
             **fit_settings_from_config(cfg),
             **hooks,
         )
@@ -278,4 +290,4 @@ def _dp_sgd(model: nn.Module, privacy: Any, num_examples: int, trainer: Mapping[
     return model, dp
 
 
-__all__ = ["MONITOR", "CentralResult", "TrainResult", "train_central", "train_classifier"]
+__all__ = ["CentralResult", "TrainResult", "train_central", "train_classifier"]

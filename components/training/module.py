@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 OptimizerHook = Callable[["ClassifierModule", torch.optim.Optimizer], torch.optim.Optimizer]
 
@@ -18,10 +18,11 @@ class ClassifierModule(L.LightningModule):
     """Cross-entropy (optionally class-weighted) with AdamW and a per-epoch cosine schedule.
 
     Logs `train_loss` (task loss) per epoch and, when a validation loader is given, `val_loss`,
-    `val_acc` and `val_macro_f1`. With `proximal_mu > 0` the FedProx term
-    mu/2 · ||w - w_global||² is added to the training objective (logged as `train_proximal`),
-    where `global_params` are the trainable parameters of the round's global model (by default
-    a snapshot of the model's own parameters when the module is built).
+    `val_acc`, `val_macro_f1` and `val_auroc` (macro one-vs-rest; NaN when a class is
+    absent). With `proximal_mu > 0` the FedProx term mu/2 · ||w - w_global||² is added to the
+    training objective (logged as `train_proximal`), where `global_params` are the trainable
+    parameters of the round's global model (by default a snapshot of the model's own
+    parameters when the module is built).
 
     `optimizer_hook(module, optimizer) -> optimizer` is an extension point (e.g. for Opacus'
     `make_private`): it receives the AdamW optimiser before the schedule is attached and
@@ -67,6 +68,7 @@ class ClassifierModule(L.LightningModule):
             self._global = [g.detach().clone() for g in source]
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+        self.val_auroc = MulticlassAUROC(num_classes=num_classes, average="macro")
         self.history: list[dict[str, float]] = []
         self._train_sum: torch.Tensor | float = 0.0
         self._prox_sum: torch.Tensor | float = 0.0
@@ -105,6 +107,7 @@ class ClassifierModule(L.LightningModule):
         self._val_sum, self._val_count = 0.0, 0
         self.val_acc.reset()
         self.val_f1.reset()
+        self.val_auroc.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -118,6 +121,7 @@ class ClassifierModule(L.LightningModule):
         preds = logits.argmax(dim=1)
         self.val_acc.update(preds, y)
         self.val_f1.update(preds, y)
+        self.val_auroc.update(logits.float().softmax(dim=1), y)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not float(self._val_count):
@@ -126,10 +130,20 @@ class ClassifierModule(L.LightningModule):
             "val_loss": float(self._val_sum) / float(self._val_count),
             "val_acc": float(self.val_acc.compute()),
             "val_macro_f1": float(self.val_f1.compute()),
+            "val_auroc": self._auroc(),
         }
         self._last_val = metrics
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name != "val_loss")
+
+    def _auroc(self) -> float:
+        """Macro AUROC, NaN when a class has no positive or no negative example."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchmetrics warns about an absent class
+            value = float(self.val_auroc.compute())
+        return value if math.isfinite(value) else math.nan
 
     def on_train_epoch_end(self) -> None:
         row: dict[str, float] = {"epoch": int(self.current_epoch)}
