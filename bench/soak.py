@@ -156,7 +156,7 @@ async def soak(base, server, args) -> dict:
         elapsed = time.monotonic() - began
     return {
         "elapsed_s": round(elapsed, 1),
-        "statuses": {f"{path} {status}": n for (path, status), n in sorted(statuses.items())},
+        "statuses": dict(sorted((f"{path} {status}", n) for (path, status), n in statuses.items())),
         "predict": _latency(predict_s, elapsed),
         "explain": _latency(explain_s, elapsed),
         "rss_samples": samples,
