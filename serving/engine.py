@@ -73,6 +73,7 @@ GENERAL_LIMITATIONS = (
 )
 
 
+BLANK_LEVELS = 2  # an upload whose every channel spans at most this many levels is blank
 OOD_REASON = (
     "This image is unlike the images the model was trained on (for example another kind of "
     "scan, a blank or damaged image, or an image from a very different scanner), so the model "
@@ -310,6 +311,10 @@ class DiagnosisEngine:
                 f"the image is {width}x{height} pixels; this model needs at least "
                 f"{self.min_side} pixels on each side (the smallest its training images had)"
             )
+        if self.ood is not None and _blank(picture):
+            raise InputError(
+                "the image is blank (every pixel the same colour): there is nothing to diagnose"
+            )
         tensor = self.bundle.preprocessing.to_tensor(picture)
         shown = _display_array(picture) if display else None
         return CaseInput(image=tensor, picture=shown, record=record)
@@ -379,8 +384,9 @@ class DiagnosisEngine:
         latency = (time.perf_counter() - started) * 1000.0
         ood = {}
         if self.ood is not None:
-            ood = {"ood_score": score, "ood_threshold": self.ood.threshold}
-            if score is None or not np.isfinite(score) or bool(self.ood.is_out(score)):
+            finite = score is not None and bool(np.isfinite(score))
+            ood = {"ood_score": score if finite else None, "ood_threshold": self.ood.threshold}
+            if not finite or bool(self.ood.is_out(score)):
                 return PredictResponse(
                     status=STATUS_OOD,
                     calibrated=self.calibration is not None and self.calibration.method != "none",
@@ -747,6 +753,13 @@ def _features_and_logits(model, inputs: tuple):
         model = model.model
     features = model.embed(*inputs)
     return features, model.head(features)
+
+
+def _blank(picture) -> bool:
+    """Every channel of the decoded upload spans at most `BLANK_LEVELS` levels."""
+    extrema = picture.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(float(high) - float(low) <= BLANK_LEVELS for low, high in bands)
 
 
 def _min_side(config: dict[str, Any] | None) -> int:
