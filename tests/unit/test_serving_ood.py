@@ -77,9 +77,8 @@ def test_bundle_keeps_the_statistics_and_says_what_they_are(served):
 
 def test_batched_rows_carry_the_ood_score_of_the_served_model(served):
     engine, detector = served
-    rows = np.concatenate([_images(4, 3).reshape(4, -1), np.full((2, 768), 40.0)]).astype(
-        np.float32
-    )
+    far = np.random.default_rng(0).normal(0.0, 40.0, (2, 768))  # wild, unlike any image
+    rows = np.concatenate([_images(4, 3).reshape(4, -1), far]).astype(np.float32)
 
     async def batched():
         batcher = MicroBatcher(engine.infer_rows, max_batch=4)
@@ -125,7 +124,7 @@ def test_a_too_small_image_is_refused_naming_the_limit(served):
     engine, _ = served
     with pytest.raises(InputError, match=r"1x1 pixels.*at least 8 pixels"):
         engine.prepare(_png((1, 1), 0))
-    engine.prepare(_png((8, 8), 0))  # the limit itself is fine
+    engine.prepare(_png((8, 8), None))  # the limit itself is fine
 
 
 def test_the_pdf_of_an_ood_image_gives_no_diagnosis(served):
@@ -139,3 +138,10 @@ def test_the_pdf_of_an_ood_image_gives_no_diagnosis(served):
     assert "No diagnosis: the image is unlike the training images" in text
     assert "gives no diagnosis" in text
     assert "Predicted class" not in text and "Grad-CAM" not in text
+
+
+def test_a_blank_image_is_refused_in_words(served):
+    engine, _ = served
+    for grey in (0, 128):
+        with pytest.raises(InputError, match="blank"):
+            engine.prepare(_png((40, 24), grey))
