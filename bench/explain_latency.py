@@ -48,7 +48,7 @@ from components.net import free_port  # noqa: E402
 
 CALLS = {
     "predict": ("/predict", {}),
-    "explain": ("/explain", {}),
+    "explain": ("/explain", {}),  # the service's default SHAP settings (or --nsamples)
     "explain_cam_only": ("/explain", {"shap": "false"}),
 }
 
@@ -305,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="--accuracy: seeds per image")
     parser.add_argument("--reference-samples", type=int, default=512)
     parser.add_argument("--samples", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument(
+        "--nsamples", type=int, help="SHAP samples per /explain (default: the service's)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir and server log")
     args = parser.parse_args(argv)
+    if args.nsamples:
+        CALLS["explain"] = ("/explain", {"nsamples": str(args.nsamples)})
     if args.accuracy:
         result = shap_accuracy(args)
         print(accuracy_report(result))
