@@ -169,8 +169,18 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         "",
         *calibration_lines(meta.get("calibration"), metrics.get("calibration")),
         *leakage_lines(metrics.get("leakage")),
+        *faithfulness_lines(bundle_dir),
     ]
     return "\n".join(lines)
+
+
+def faithfulness_lines(bundle_dir: Path) -> list[str]:
+    """The "Explanation faithfulness" section when the bundle holds `faithfulness.json`
+    (written by `bench/explain_faithfulness.py RUN_DIR --into-bundle`)."""
+    from components.explain.faithfulness import card_lines
+
+    path = bundle_dir / "faithfulness.json"
+    return ["", *card_lines(json.loads(path.read_text()))] if path.is_file() else []
 
 
 def leakage_lines(leakage: dict[str, Any] | None) -> list[str]:

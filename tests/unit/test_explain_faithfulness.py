@@ -117,3 +117,20 @@ def test_evaluate_faithfulness_reports_every_map_and_scope():
     card = "\n".join(card_lines(result))
     assert "## Explanation faithfulness" in card and "| random |" in card
     assert card_lines(None) == []
+
+
+def test_model_card_shows_faithfulness_when_the_bundle_holds_it(tmp_path):
+    import json
+
+    from flows.promote import model_card
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=2, width=8).eval()
+    background = grey_levels(Preprocessing(size=SIZE, channels=3), 4)
+    result = evaluate_faithfulness(model, _patch_image(0)[None], background, nsamples=4, steps=4)
+    (tmp_path / "bundle.json").write_text(json.dumps({"architecture": "small_cnn"}))
+    info = {"name": "m", "version": "1", "run_id": "r"}
+    assert "Explanation faithfulness" not in model_card(info, tmp_path, "tag", None)
+    (tmp_path / "faithfulness.json").write_text(json.dumps(result))
+    card = model_card(info, tmp_path, "tag", None)
+    assert "## Explanation faithfulness" in card and "| gradcam |" in card
