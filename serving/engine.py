@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from components.errors import ConfigError, InputError, ModelError, NotFound
-from serving.inference import for_inference
+from serving.inference import FixedInputSize, for_inference
 from serving.schemas import (
     STATUS_OOD,
     BundleContents,
@@ -170,6 +170,22 @@ class DiagnosisEngine:
         self.predict_model = (
             for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
         )
+        self.explain_model = (
+            self._explain_copy(example, optimise) if self.kind != "tabular" else None
+        )
+        self._shap_expected: np.ndarray | None = None  # the background's mean probabilities
+
+    def _explain_copy(self, example: tuple, optimise: bool):
+        """The copy Grad-CAM and image SHAP run on (`components.explain.one_pass`): rewritten
+        like the prediction copy (the folded layers compute the same function, so the same
+        gradients), weights frozen so a backward pass computes input gradients only; its CAM
+        hooks never see a prediction's forward pass."""
+        model = for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
+        if isinstance(model, FixedInputSize):  # explained images always have the served size
+            model = model.model
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model.eval()
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -469,25 +485,40 @@ class DiagnosisEngine:
             overlay_png,
             summarise_heat,
         )
+        from components.explain.one_pass import explain_image
 
         method = canonical_method(method)
         warnings: list[str] = []
-        with self._lock:
-            cam = explain_gradcam(
-                self.model,
-                case.image,
-                method=method,
-                target_class=target_index,
-                tabular=case.record,
+        image_shap = shap and self.image_background is not None
+        if shap and not image_shap:
+            warnings.append(
+                "no image SHAP map: this model bundle has no background set; re-package it with one"
             )
+        with self._lock:
+            one = None
+            if method == "gradcam" or image_shap:  # Grad-CAM and SHAP from one batched pass
+                one = explain_image(
+                    self.explain_model,
+                    case.image,
+                    self.image_background if image_shap else None,
+                    target_class=target_index,
+                    cam=method == "gradcam",
+                    nsamples=int(nsamples),
+                    tabular=case.record,
+                    expected=self._background_probabilities(case),
+                )
+            cam = one.cam if one is not None else None
+            if cam is None:  # the other CAM methods: pytorch-grad-cam on the model as trained
+                cam = explain_gradcam(
+                    self.model,
+                    case.image,
+                    method=method,
+                    target_class=one.target_class if one is not None else target_index,
+                    tabular=case.record,
+                )
             shap_png_b64, shap_summary = None, None
-            if shap:
-                shap_png_b64, shap_summary = self._image_shap(case, cam.target_class, nsamples)
-                if shap_summary is None:
-                    warnings.append(
-                        "no image SHAP map: this model bundle has no background set; "
-                        "re-package it with one"
-                    )
+            if one is not None and one.shap is not None:
+                shap_png_b64, shap_summary = self._shap_answer(one.shap, case)
             features = None
             if case.record is not None:
                 features = self._record_shap(case, cam.target_class, warnings)
@@ -524,25 +555,32 @@ class DiagnosisEngine:
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
 
-    def _image_shap(self, case: CaseInput, target: int, nsamples: int):
-        from components.explain.shap_image import explain_shap_image, shap_png
+    def _background_probabilities(self, case: CaseInput) -> np.ndarray | None:
+        """The SHAP base values (mean probability of each class over the background), computed
+        once per model; None for a fusion case (they depend on its record)."""
+        if self.image_background is None or case.record is not None:
+            return None
+        if self._shap_expected is None:
+            from components.explain.one_pass import background_probabilities
 
-        if self.image_background is None:
-            return None, None
-        result = explain_shap_image(
-            self.model,
-            case.image,
-            self.image_background,
-            target_class=target,
-            nsamples=int(nsamples),
-            tabular=case.record,
-        )
+            self._shap_expected = background_probabilities(
+                self.explain_model, self.image_background
+            )
+        return self._shap_expected
+
+    def _shap_answer(self, result, case: CaseInput) -> tuple[str, ShapImageSummary]:
+        from components.explain.one_pass import ESTIMATOR
+        from components.explain.shap_image import shap_png
+
+        source = self.bundle.background_source or "unrecorded background"
         summary = ShapImageSummary(
             expected=result.expected,
             probability=result.probability,
             total=result.total,
             nsamples=result.nsamples,
             background_size=result.background_size,
+            estimator=ESTIMATOR,
+            background=f"{result.background_size} reference images: {source}",
         )
         return b64png(shap_png(result.attribution, case.picture)), summary
 
