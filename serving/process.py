@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import threading
 
 from components.config import ServingConf
 from serving.middleware import DropRecords, RedactValidationErrors
@@ -36,3 +39,14 @@ def configure_process(settings: ServingConf) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+
+
+#: Niceness of the explanation threads (predictions run at the process's own, 0).
+EXPLAIN_NICENESS = 10
+
+
+def lower_thread_priority(niceness: int = EXPLAIN_NICENESS) -> None:
+    """Run the calling thread (and the torch worker threads it starts) at a lower CPU priority
+    (Linux: niceness is per thread). Cannot be undone without privileges: for dedicated pools."""
+    with contextlib.suppress(AttributeError, OSError):  # elsewhere: the process's priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)

@@ -29,11 +29,14 @@ tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/history`` ``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,7 +66,7 @@ from serving.middleware import (
     load_api_keys,
 )
 from serving.openapi import OpenApiContract
-from serving.process import configure_process
+from serving.process import configure_process, lower_thread_priority
 from serving.schemas import (
     ChatCase,
     ChatHistoryResponse,
@@ -192,6 +195,11 @@ class DiagnosisService:
             classes=list(self.engine.classes),
         )
         self.classes = self.engine.classes
+        self.explain_pool = ThreadPoolExecutor(
+            max_workers=self.settings.explain_concurrency,
+            thread_name_prefix="oncoflow-explain",
+            initializer=lower_thread_priority,
+        )
         self.batcher = MicroBatcher(
             self.engine.infer_rows,
             self.settings.max_batch,
@@ -268,9 +276,14 @@ class DiagnosisService:
         probabilities = await self.batcher.submit(row)  # in a batch with concurrent calls
         return self.engine.predict_response(probabilities, started)
 
+    async def _explaining(self, work: Callable[[], Any]) -> Any:
+        """Run `work` (an explanation) on the explanation threads, which run at a lower CPU
+        priority than predictions: a prediction waiting for a core gets it first."""
+        return await asyncio.get_running_loop().run_in_executor(self.explain_pool, work)
+
     @bentoml.api(route="/explain")
     @answers_errors
-    def explain(
+    async def explain(
         self,
         image: Upload,
         clinical: Clinical = None,
@@ -287,11 +300,15 @@ class DiagnosisService:
         name, default the predicted one), the image SHAP map and, with a clinical record, its
         top SHAP features. PNGs are base64."""
         self._images()
-        case = self.engine.prepare(image.read_bytes(), clinical)
         chosen = {} if nsamples is None else {"nsamples": nsamples}
-        return self.engine.explain(
-            case, method=method, target=target, opacity=opacity, shap=shap, **chosen
-        )
+
+        def work() -> ExplainResponse:
+            case = self.engine.prepare(image.read_bytes(), clinical)
+            return self.engine.explain(
+                case, method=method, target=target, opacity=opacity, shap=shap, **chosen
+            )
+
+        return await self._explaining(work)
 
     @bentoml.api(route="/similar")
     @answers_errors
@@ -313,7 +330,7 @@ class DiagnosisService:
 
     @bentoml.api(route="/report")
     @answers_errors
-    def report(
+    async def report(
         self,
         image: Upload,
         clinical: Clinical = None,
@@ -324,8 +341,12 @@ class DiagnosisService:
         """A one-case PDF report (application/pdf): prediction, Grad-CAM overlay, clinical SHAP,
         model facts, privacy and the disclaimer. `case_id`: an optional pseudonymous code."""
         self._images()
-        case = self.engine.prepare(image.read_bytes(), clinical)
-        pdf = self.engine.report(case, method=method, target=target, case_id=case_id)
+
+        def work() -> bytes:
+            case = self.engine.prepare(image.read_bytes(), clinical)
+            return self.engine.report(case, method=method, target=target, case_id=case_id)
+
+        pdf = await self._explaining(work)
         return Response(
             pdf,
             media_type="application/pdf",
@@ -345,14 +366,16 @@ class DiagnosisService:
 
     @bentoml.api(route="/explain_tabular")
     @answers_errors
-    def explain_tabular(
+    async def explain_tabular(
         self,
         clinical: dict[str, Any],
         target: Annotated[str | None, BeforeValidator(_as_text)] = None,
     ) -> ExplainResponse:
         """SHAP value of each clinical feature (tabular-only models)."""
         self._records()
-        return self.engine.explain(self.engine.prepare_record(clinical), target=target)
+        return await self._explaining(
+            lambda: self.engine.explain(self.engine.prepare_record(clinical), target=target)
+        )
 
     # -- chat ------------------------------------------------------------------------------
     def _chat(self):
