@@ -98,7 +98,7 @@ def ingest_site(ctx: SiteContext) -> pd.DataFrame:
 
 
 def split_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
-    from components.data.splits import assign_splits
+    from components.data.splits import LeakageSettings, assign_splits
 
     split = ctx.cfg["dataset"]["split"]
     frame, report = assign_splits(
@@ -107,6 +107,7 @@ def split_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
         val_fraction=split["val_fraction"],
         test_fraction=split["test_fraction"],
         seed=ctx.cfg["seed"],
+        leakage=LeakageSettings.from_config(split),
     )
     _write_json(ctx.site_dir / SPLIT_REPORT, report.to_dict())
     return frame
@@ -128,6 +129,9 @@ def validate_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
             min_per_class=ctx.cfg["validation"]["min_per_class"],
             on_failure=ctx.cfg["validation"]["on_failure"],
             workspace=ctx.workspace,
+            near_similarity=(
+                ds["split"]["near_similarity"] if ds["split"]["near_duplicates"] else None
+            ),
         )
     except ValidationFailed as exc:  # the site is not ready: report here, nothing to train on
         _write_json(ctx.site_dir / VALIDATION_REPORT, exc.report)
