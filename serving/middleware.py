@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -236,17 +237,28 @@ class ErrorEnvelope:
             if started:
                 raise
             if exc.http_status >= 500:
-                log.error("%s on %s: %s", type(exc).__name__, scope.get("path"), exc)
+                log.error("%s in request %s: %s", type(exc).__name__, _request_id(scope), exc)
             await send_error(
                 send, exc.http_status, type(exc).__name__, str(exc), getattr(exc, "headers", ())
             )
-        except Exception:
+        except Exception as exc:
             if started:
                 raise
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            # where it failed, not the message: it may quote the request (RequestLog's line
+            # with the same id names the route)
+            log.error(
+                "unhandled %s in request %s:\n%s",
+                type(exc).__name__,
+                _request_id(scope),
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
             await send_error(
                 send, 500, "InternalError", "unexpected server error; see the server log"
             )
+
+
+def _request_id(scope: Scope) -> str:
+    return str(scope.get(REQUEST_ID_SCOPE_KEY, "-"))
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

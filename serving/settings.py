@@ -4,24 +4,24 @@ One source: `components.config.ServingConf` holds each key's type, default and m
 ``conf/serving/*.yaml`` sets only what differs; an ``ONCOFLOW_*`` variable, when set and not
 empty, overrides its key:
 
-    ==========================  ========================  =====================================
-    variable                    key (``serving.``)        example
-    ==========================  ========================  =====================================
-    ONCOFLOW_MODEL_TAG          model_tag                 ``oncoflow-model:abc123``
-    ONCOFLOW_MAX_REQUEST_MB     max_request_mb            ``20`` (chat bodies: always 64 KB)
-    ONCOFLOW_MAX_PIXELS         max_pixels                ``50000000``
-    ONCOFLOW_MAX_BATCH          max_batch                 ``32``
-    ONCOFLOW_MAX_QUEUE          max_queue                 ``1024`` (then /predict answers 503)
-    ONCOFLOW_OPTIMISE_MODEL     optimise_model            ``0``: the model exactly as trained
-    ONCOFLOW_GIL_SWITCH_US      gil_switch_us             ``500`` (Python's own: 5000)
-    ONCOFLOW_TORCH_THREADS      torch_threads             ``2`` (unset: torch's choice)
-    ONCOFLOW_CHAT               chat                      ``0``: serve without the assistant
-    ONCOFLOW_ASSISTANT_CONFIG   assistant_config          a JSON file (backend, ...)
-    ONCOFLOW_CASE_LIBRARY       case_library              the site's case library directory
-    ONCOFLOW_EXPLAIN_CONCURRENCY  explain_concurrency     ``2`` (then /explain answers 429)
+    ==============================  =====================  ====================================
+    variable                        key (``serving.``)     example
+    ==============================  =====================  ====================================
+    ONCOFLOW_MODEL_TAG              model_tag              ``oncoflow-model:abc123``
+    ONCOFLOW_MAX_REQUEST_MB         max_request_mb         ``20`` (chat bodies: always 64 KB)
+    ONCOFLOW_MAX_PIXELS             max_pixels             ``50000000``
+    ONCOFLOW_MAX_BATCH              max_batch              ``32``
+    ONCOFLOW_MAX_QUEUE              max_queue              ``1024`` (then /predict answers 503)
+    ONCOFLOW_OPTIMISE_MODEL         optimise_model         ``0``: the model exactly as trained
+    ONCOFLOW_GIL_SWITCH_US          gil_switch_us          ``500`` (Python's own: 5000)
+    ONCOFLOW_TORCH_THREADS          torch_threads          ``2`` (unset: torch's choice)
+    ONCOFLOW_CHAT                   chat                   ``0``: serve without the assistant
+    ONCOFLOW_ASSISTANT_CONFIG       assistant_config       a JSON file (backend, ...)
+    ONCOFLOW_CASE_LIBRARY           case_library           the site's case library directory
+    ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency    ``2`` (then /explain answers 429)
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute  ``1200`` per API key (``0``: off)
-    ONCOFLOW_RATE_LIMIT_BURST   rate_limit_burst          ``100``
-    ==========================  ========================  =====================================
+    ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst       ``100``
+    ==============================  =====================  ====================================
 
 Booleans take 1/0, true/false or yes/no. Two variables have no config key, on purpose: the
 secrets ``ONCOFLOW_API_KEYS`` (comma-separated keys, each ``secret`` or ``name:secret``) and
