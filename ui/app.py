@@ -152,15 +152,21 @@ def build_app(ctx: UiContext | None = None) -> App:
             gr.Column(visible=False, elem_id="of-main") as main_view,
             gr.Tabs(elem_id="of-tabs") as tabs,
         ):
-            with gr.Tab("Diagnose", id="diagnose", elem_id="of-tab-diagnose") as diagnose_tab:
+            with gr.Tab(
+                "Diagnose", id="diagnose", visible=False, elem_id="of-tab-diagnose"
+            ) as diagnose_tab:
                 diagnose.build(token)
-            with gr.Tab("Worklist", id="worklist", elem_id="of-tab-worklist") as worklist_tab:
+            with gr.Tab(
+                "Worklist", id="worklist", visible=False, elem_id="of-tab-worklist"
+            ) as worklist_tab:
                 worklist.build(token)
             with gr.Tab(
                 "My results", id="patient", visible=False, elem_id="of-tab-patient"
             ) as patient_tab:
                 patient.build(token)
-            with gr.Tab("History", id="history", elem_id="of-tab-history") as history_tab:
+            with gr.Tab(
+                "History", id="history", visible=False, elem_id="of-tab-history"
+            ) as history_tab:
                 history.build(token)
             with gr.Tab(
                 "Analytics", id="analytics", visible=False, elem_id="of-tab-analytics"
@@ -170,9 +176,11 @@ def build_app(ctx: UiContext | None = None) -> App:
                 users.build(token)
             with gr.Tab("Audit", id="audit", visible=False, elem_id="of-tab-audit") as audit_tab:
                 audit.build(token)
-            with gr.Tab("Model", id="model", elem_id="of-tab-model") as model_tab:
+            with gr.Tab("Model", id="model", visible=False, elem_id="of-tab-model") as model_tab:
                 model.build(token)
-            with gr.Tab("Assistant", id="assistant", elem_id="of-tab-assistant") as chat_tab:
+            with gr.Tab(
+                "Assistant", id="assistant", visible=False, elem_id="of-tab-assistant"
+            ) as chat_tab:
                 assistant.build(token, diagnose.case)
         timer = gr.Timer(SESSION_CHECK_S, active=False)
 
@@ -185,7 +193,7 @@ def build_app(ctx: UiContext | None = None) -> App:
             logout_button: gr.Button(visible=False),
             patient_tab: gr.Tab(visible=False),
             timer: gr.Timer(active=False),
-        } | {tab: gr.Tab(visible=False) for tab in admin_tabs}
+        } | {tab: gr.Tab(visible=False) for tab in (*staff_tabs, *admin_tabs)}
 
         def signed_in(user, new_token: str) -> dict:
             staff = not user.is_patient

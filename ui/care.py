@@ -195,6 +195,16 @@ class CareStore:
             updated = conn.execute("SELECT * FROM questions WHERE id = ?", (row["id"],)).fetchone()
         return _question(updated)
 
+    def invitation_pending(self, clinician: User, case_id: int) -> bool:
+        """Whether the case has a code that is still unused and valid."""
+        case = self.cases.get(clinician, case_id)
+        with self.db.connect() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM invites WHERE case_id = ? AND used_at IS NULL AND expires_at > ?",
+                (case.id, self.clock()),
+            ).fetchone()
+        return row is not None
+
     def open_questions(self, clinician: User) -> dict[int, int]:
         """Case id -> unanswered patient questions, over the cases the clinician may see."""
         require_staff(clinician)

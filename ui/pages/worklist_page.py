@@ -203,7 +203,7 @@ class WorklistPage:
                 ("Risk", risk_text(case)),
                 ("Referral", referral_text(case) or "no"),
                 ("Status", case.status),
-                ("Patient", "linked" if case.patient_account else "not invited yet"),
+                ("Patient", self._patient_state(user, case)),
             ]
         )
         return (
@@ -212,6 +212,11 @@ class WorklistPage:
             gr.update(choices=open_ones, value=open_ones[0][1] if open_ones else None),
             html.notice(kind, message) if message else "",
         )
+
+    def _patient_state(self, user, case: Case) -> str:
+        if case.patient_account:
+            return "signed up"
+        return "invited" if self.ctx.care.invitation_pending(user, case.id) else "not invited"
 
     def _fail(self, exc: Exception, what: str, extra: int = 0):
         return (
