@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from components.errors import InputError, ModelError
+from components.explain.gradcam import PNG_COMPRESSION
 
 DEFAULT_NSAMPLES = 32
 MAX_NSAMPLES = 1000
@@ -104,7 +105,9 @@ def shap_png(attribution: np.ndarray, image_uint8: np.ndarray | None = None) -> 
         weight = np.abs(unit - 0.5)[..., None] * 2.0  # strong values cover the image
         colour = (1 - 0.8 * weight) * grey[..., None] + 0.8 * weight * colour
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(colour, 0, 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.clip(colour, 0, 255).round().astype(np.uint8)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESSION
+    )
     return buffer.getvalue()
 
 
