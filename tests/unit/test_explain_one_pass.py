@@ -153,3 +153,45 @@ def test_without_background_or_with_bad_requests(lesion_model):
         explain_image(model, xt[0], background, target_class=2)
     with pytest.raises(InputError, match="nsamples"):
         explain_image(model, xt[0], background, nsamples=0)
+
+
+def test_engine_explains_from_its_frozen_copy_and_states_the_settings(tmp_path):
+    """The served path: Grad-CAM equals pytorch-grad-cam's on the model as trained, the SHAP
+    summary names estimator and background, other CAM methods still answer."""
+    import io as _io
+
+    from PIL import Image
+
+    from components.bundle_builder import make_bundle
+    from serving.engine import DiagnosisEngine
+    from serving.schemas import ModelRef
+
+    architecture = {"name": "small_cnn", "num_classes": 2, "in_channels": 3, "width": 4}
+    torch.manual_seed(0)
+    path = make_bundle(
+        build_model(**architecture).eval(),
+        architecture=architecture,
+        class_names=["a", "b"],
+        preprocessing=Preprocessing(size=16, channels=3),
+        metrics={},
+        data_fingerprint="f" * 64,
+        config={},
+        background_size=4,
+        out_dir=tmp_path / "bundle",
+    )
+    engine = DiagnosisEngine.from_dir(path, ModelRef(name="m", version="1", tag="m:1"))
+    assert all(not p.requires_grad for p in engine.explain_model.parameters())
+    buffer = _io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    case = engine.prepare(buffer.getvalue())
+    answer = engine.explain(case, target="b", nsamples=8)
+    reference = explain_gradcam(engine.model, case.image, target_class=1)
+    from components.explain.gradcam import summarise_heat
+
+    assert answer.heat.model_dump() == summarise_heat(reference.heatmap)
+    assert answer.shap_image.nsamples == 8 and answer.shap_image.background_size == 4
+    assert "stratified" in answer.shap_image.estimator
+    assert "4 reference images: constant grey levels" in answer.shap_image.background
+    other = engine.explain(case, method="gradcam++", shap=False)
+    assert other.method == "gradcam++" and other.shap_image is None
