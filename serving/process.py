@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import sys
@@ -50,3 +51,11 @@ def lower_thread_priority(niceness: int = EXPLAIN_NICENESS) -> None:
     (Linux: niceness is per thread). Cannot be undone without privileges: for dedicated pools."""
     with contextlib.suppress(AttributeError, OSError):  # elsewhere: the process's priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
+    no-op). After an explanation: its large temporary arrays are freed but, without this, stay
+    in the allocator's arenas and the worker's memory keeps the peak of the largest one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

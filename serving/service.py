@@ -66,7 +66,7 @@ from serving.middleware import (
     load_api_keys,
 )
 from serving.openapi import OpenApiContract
-from serving.process import configure_process, lower_thread_priority
+from serving.process import configure_process, lower_thread_priority, release_free_memory
 from serving.schemas import (
     ChatCase,
     ChatHistoryResponse,
@@ -279,7 +279,14 @@ class DiagnosisService:
     async def _explaining(self, work: Callable[[], Any]) -> Any:
         """Run `work` (an explanation) on the explanation threads, which run at a lower CPU
         priority than predictions: a prediction waiting for a core gets it first."""
-        return await asyncio.get_running_loop().run_in_executor(self.explain_pool, work)
+
+        def work_then_trim() -> Any:
+            try:
+                return work()
+            finally:
+                release_free_memory()
+
+        return await asyncio.get_running_loop().run_in_executor(self.explain_pool, work_then_trim)
 
     @bentoml.api(route="/explain")
     @answers_errors
