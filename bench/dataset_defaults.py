@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         device=device,
     )
+    plain_only = {k: v for k, v in result.items() if k != "test_sources"}
+    print("plain fine-tune:", json.dumps(plain_only), flush=True)  # kept if the run fails
     if process is not None and process.wait() != 0:
         raise SystemExit(f"oncoflow run failed ({process.returncode}); see its log above")
     while not (run_dir / "summary.json").is_file():  # an attached run still going
