@@ -122,10 +122,13 @@ def png_bytes(array: np.ndarray) -> bytes:
 class DiagnosisEngine:
     """One loaded bundle: input checks, batched inference, explanations, neighbours, reports.
 
-    Model calls in this process (explain, similar, report) are serialised by one lock: the
-    CAM hooks would otherwise record activations of a concurrent forward pass. Predictions
-    (`infer_rows`) run on a second copy of the model, so they never wait for an explanation;
-    with `optimise` that copy is rewritten for inference (`serving.inference.for_inference`).
+    Calls on the model as trained (pytorch-grad-cam's other CAM methods, clinical SHAP,
+    similar) are serialised by one lock: pytorch-grad-cam's hooks would otherwise record
+    activations of a concurrent forward pass. Predictions (`infer_rows`) run on a second copy
+    of the model, so they never wait for an explanation; with `optimise` that copy is rewritten
+    for inference (`serving.inference.for_inference`). Default Grad-CAM and image SHAP run on
+    a third, frozen copy (`explain_model`) whose hooks record only their own thread's pass, so
+    concurrent explanations need no lock.
     """
 
     def __init__(
@@ -494,34 +497,35 @@ class DiagnosisEngine:
             warnings.append(
                 "no image SHAP map: this model bundle has no background set; re-package it with one"
             )
-        with self._lock:
-            one = None
-            if method == "gradcam" or image_shap:  # Grad-CAM and SHAP from one batched pass
-                one = explain_image(
-                    self.explain_model,
-                    case.image,
-                    self.image_background if image_shap else None,
-                    target_class=target_index,
-                    cam=method == "gradcam",
-                    nsamples=int(nsamples),
-                    tabular=case.record,
-                    expected=self._background_probabilities(case),
-                )
-            cam = one.cam if one is not None else None
-            if cam is None:  # the other CAM methods: pytorch-grad-cam on the model as trained
-                cam = explain_gradcam(
-                    self.model,
-                    case.image,
-                    method=method,
-                    target_class=one.target_class if one is not None else target_index,
-                    tabular=case.record,
-                )
-            shap_png_b64, shap_summary = None, None
-            if one is not None and one.shap is not None:
-                shap_png_b64, shap_summary = self._shap_answer(one.shap, case)
-            features = None
-            if case.record is not None:
-                features = self._record_shap(case, cam.target_class, warnings)
+        one = None
+        if method == "gradcam" or image_shap:  # Grad-CAM and SHAP from one batched pass
+            one = explain_image(  # thread-safe on the frozen eval copy: no lock
+                self.explain_model,
+                case.image,
+                self.image_background if image_shap else None,
+                target_class=target_index,
+                cam=method == "gradcam",
+                nsamples=int(nsamples),
+                tabular=case.record,
+                expected=self._background_probabilities(case),
+            )
+        cam = one.cam if one is not None else None
+        features = None
+        if cam is None or case.record is not None:
+            with self._lock:  # pytorch-grad-cam and clinical SHAP use the model as trained
+                if cam is None:  # the other CAM methods
+                    cam = explain_gradcam(
+                        self.model,
+                        case.image,
+                        method=method,
+                        target_class=one.target_class if one is not None else target_index,
+                        tabular=case.record,
+                    )
+                if case.record is not None:
+                    features = self._record_shap(case, cam.target_class, warnings)
+        shap_png_b64, shap_summary = None, None
+        if one is not None and one.shap is not None:
+            shap_png_b64, shap_summary = self._shap_answer(one.shap, case)
         probabilities = dict(zip(self.classes, self.calibrated(cam.probabilities), strict=True))
         return ExplainResponse(
             label=self.classes[int(np.argmax(cam.probabilities))],

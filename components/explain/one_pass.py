@@ -23,6 +23,8 @@ and background: `background_probabilities` computes it once for a served model.
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,7 +140,9 @@ def explain_image(
         references = bg[torch.from_numpy(indices).to(x.device)]
         alpha = torch.from_numpy(positions).to(x.device).view(-1, 1, 1, 1)
         points = references + alpha * (x - references)
-    with _LOCK:
+    # The CAM hooks record only their own thread's forward pass, so calls on an eval-mode
+    # model may run concurrently; a model in training mode is switched under the lock.
+    with _LOCK if model.training else nullcontext():
         was_training = model.training
         model.eval()
         try:
@@ -153,7 +157,8 @@ def explain_image(
                 for i in range(0, len(head), batch_size)
             ]
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
     probs = [float(p) for p in probabilities]
     cam_result = None
     if cam:
@@ -220,7 +225,12 @@ def _sample_gradients(net, points, chosen: int):
 
 
 def _capture(store: list):
+    """A forward hook appending the layer's output to `store`, for this thread's calls only."""
+    owner = threading.get_ident()
+
     def hook(_module, _inputs, output) -> None:
+        if threading.get_ident() != owner:  # a concurrent explanation's pass
+            return
         if not hasattr(output, "requires_grad"):
             raise ModelError("a CAM layer must return one tensor")
         store.append(output)

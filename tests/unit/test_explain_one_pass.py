@@ -195,3 +195,18 @@ def test_engine_explains_from_its_frozen_copy_and_states_the_settings(tmp_path):
     assert "4 reference images: constant grey levels" in answer.shap_image.background
     other = engine.explain(case, method="gradcam++", shap=False)
     assert other.method == "gradcam++" and other.shap_image is None
+
+
+def test_concurrent_explanations_do_not_mix(lesion_model):
+    """Threads explaining different images on one model get the maps they would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, background, xt = lesion_model
+    alone = [explain_image(model, x, background, nsamples=8, seed=0) for x in xt]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda x: explain_image(model, x, background, nsamples=8, seed=0), xt)
+        )
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(a.cam.heatmap, b.cam.heatmap, atol=1e-5)
+        np.testing.assert_allclose(a.shap.attribution, b.shap.attribution, atol=1e-6)
