@@ -141,6 +141,11 @@ class SplitReport:
                 f"Near-duplicates (thumbnail similarity >= {near['min_similarity']}): "
                 f"{near['pairs']} pairs ({pairs}) in {near['groups']} groups kept whole"
                 + (f", {near['rows_dropped']} rows dropped" if near["rows_dropped"] else "")
+                + (
+                    f"; {near['pairs_with_different_labels']} pairs carry different labels"
+                    if near["pairs_with_different_labels"]
+                    else ""
+                )
                 + "."
             )
         if self.grouping:
@@ -462,10 +467,13 @@ def _resolve_near_duplicates(good, near, keeping, leakage, report):
         dropped = int((~keep).sum())
         good = good[keep]
         near = near_duplicate_labels(good, leakage.near_similarity)
+    labels = good["label"].astype(str).to_numpy()
     report.near_duplicates = {
         "min_similarity": leakage.near_similarity,
         "pairs": len(found),
         "pairs_by_split": _pair_counts(first, second),
+        # the same frame under two labels: reported for review, like conflicting exact copies
+        "pairs_with_different_labels": int((labels[i] != labels[j]).sum()),
         "groups": found_groups,
         "images_in_groups": in_groups,
         "rows_dropped": dropped,

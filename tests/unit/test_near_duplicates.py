@@ -313,3 +313,42 @@ def test_calibration_carve_is_stratified_seeded_disjoint_and_keeps_groups(folder
         assert counts[CALIBRATION][label] >= 1 and counts["test"][label] >= 1
     assert report.carved[CALIBRATION] == int((one["split"] == CALIBRATION).sum())
     assert f"+{CALIBRATION} 0.5 of test" in report.strategy
+
+
+# --------------------------------------------------------------------------- certificate
+
+
+def test_certificate_scores_the_test_images_without_near_matches_apart(tmp_path):
+    from types import SimpleNamespace
+
+    from components.evaluation.metrics import evaluate
+    from flows.promote import leakage_lines
+    from flows.tasks import SplitResult, leakage_metrics
+
+    scan_folder(tmp_path, patients=8, slices=5)
+    frame = ingest_folder(tmp_path)
+    # test: the last patient of each class whole, and one slice of the first (near-matched)
+    frame["given_split"] = "train"
+    frame.loc[frame["source"].str.contains(r"p \((?:3[6-9]|40|3)\)"), "given_split"] = "test"
+    loose = LeakageSettings(True, 0.95, "none", 0.8, 0.1)
+    out, report = assign_splits(frame, True, 0.2, 0.3, 0, leakage=loose)
+    near_ids = frozenset(report.near_matched_ids)
+    split = SplitResult(out, report.to_dict(), near_ids, report.certificate())
+    test = out[out["split"] == "test"]
+    near = test["id"].isin(split.near_matched).to_numpy()
+    assert (near.sum(), len(test)) == (2, 12)
+    y = (test["label"] == "b").to_numpy().astype(int)
+    right = np.eye(2)[y] * 0.8 + 0.1
+    probs = np.where(near[:, None], right, right[:, ::-1])  # right only where near-matched
+    full = evaluate(y, probs, ["a", "b"])
+    leakage = leakage_metrics(
+        SimpleNamespace(ids=list(test["id"]), y=y), probs, ["a", "b"], split, full
+    )
+    assert leakage["test_images"] == len(test) and leakage["test_near_matched"] == near.sum()
+    assert leakage["test_without_near_matches"]["accuracy"] == 0.0
+    assert leakage["test_full"]["accuracy"] == pytest.approx(near.mean())
+    assert leakage["near_duplicates"] == report.near_duplicates
+    card = "\n".join(leakage_lines(leakage))
+    assert "## Leakage certificate" in card
+    assert f"| without near-matches in training | {len(test) - near.sum()} |" in card
+    assert "Near-matched to a training image (similarity >= 0.8)" in card
