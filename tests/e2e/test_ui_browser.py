@@ -170,8 +170,11 @@ def test_clinician_journey(page, screenshots, accounts, mri_image):
     expect(history).to_contain_text(truth)
     steps.shot("history")
 
-    # 8b. Pixel noise is not an MRI: no diagnosis, a referral in words, nothing saved.
-    open_tab(page, "Diagnose")
+    # 8b. Pixel noise is not an MRI: no diagnosis, a referral in words, nothing saved. (A
+    # reload gives an empty upload field: Gradio removes the file input once a file is in.)
+    sign_out(page)
+    page.reload()
+    sign_in(page, *clinician)
     page.locator("#of-upload input[type=file]").set_input_files(str(noise_png(screenshots)))
     page.locator("#of-analyse").click()
     expect(page.locator("#of-ood")).to_contain_text("unlike the images the model was trained on")
