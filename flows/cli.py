@@ -11,7 +11,6 @@ from flows.case_library_commands import add_case_library_parser, run_case_librar
 from flows.fl_commands import add_fl_parser, run_fl
 from flows.prefect_commands import add_prefect_parser, run_prefect
 from flows.site_commands import add_site_parser, run_site
-from ui.audit_commands import add_audit_parser, run_audit
 
 EPILOG = """examples:
   oncoflow run dataset=brain_tumor_mri model=efficientnet_lite0 trainer.max_epochs=3
@@ -61,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     add_fl_parser(sub)
 
     add_site_parser(sub)
+
+    from ui.audit_commands import add_audit_parser  # the UI's log; argparse only, no gradio
 
     add_audit_parser(sub)
 
@@ -139,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "site":
         return run_site(args)
     if args.command == "audit":
+        from ui.audit_commands import run_audit
+
         return run_audit(args)
     if args.command == "ui":
         from ui.__main__ import main as ui_main
