@@ -59,6 +59,8 @@ def map_body(context, body):
         return body
     total = sum(probabilities.values())
     n = len(probabilities)
-    case["probabilities"] = {k: (v / total if total > 0 else 1 / n) for k, v in probabilities.items()}
+    case["probabilities"] = {
+        k: (v / total if total > 0 else 1 / n) for k, v in probabilities.items()
+    }
     case["predicted_label"] = max(case["probabilities"], key=case["probabilities"].get)
     return body
