@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def test_loading_a_folder_that_is_not_a_bundle_says_so(tmp_path):
 
 
 def test_contents_are_recorded_and_read_back(tmp_path):
-    from components.bundle import BACKGROUND_BASELINES, model_fingerprint
+    from components.bundle import BACKGROUND_BASELINES, OOD_STATISTICS, model_fingerprint
     from components.explain.background import grey_levels
 
     torch.manual_seed(0)
@@ -83,6 +84,7 @@ def test_contents_are_recorded_and_read_back(tmp_path):
         "background": "none",
         "case_index": 0,
         "training_images": False,
+        "ood_statistics": None,
     }
     plain.background = grey_levels(plain.preprocessing, 4)
     plain.background_source = BACKGROUND_BASELINES
@@ -97,6 +99,15 @@ def test_contents_are_recorded_and_read_back(tmp_path):
     # an index is counted from the arrays themselves
     unrecorded.embeddings = {"labels": torch.zeros(5).numpy()}
     assert unrecorded.contents()["case_index"] == 5
+    # the OOD check's aggregate statistics are named, and survive save/load
+    plain.ood_stats = {
+        "means": np.zeros((2, 8), np.float32),
+        "precision": np.eye(8, dtype=np.float32),
+    }
+    again = ModelBundle.load(plain.save(tmp_path / "ood"))
+    assert again.contents()["ood_statistics"] == OOD_STATISTICS
+    assert np.array_equal(again.ood_stats["precision"], np.eye(8))
+    assert again.contents()["training_images"] is False
 
 
 def test_the_model_fingerprint_changes_with_any_weight():

@@ -135,6 +135,7 @@ def test_federated_and_dp_bundles_hold_no_training_pixels(run, train, tmp_path):
         "background": BACKGROUND_BASELINES,
         "case_index": 0,
         "training_images": False,
+        "ood_statistics": None,
     }
     bundle = ModelBundle.load(out)
     assert bundle.embeddings is None
