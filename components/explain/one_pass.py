@@ -8,10 +8,10 @@ estimates: for the target class's softmax probability f,
 shap draws each sample's reference b and position a independently at random. Here the same
 expectation is estimated from *stratified* samples: the references by systematic sampling over
 the background (every reference is used about equally often), the positions by stratified
-jitter over [0, 1) paired with the references in random order. The estimate stays unbiased and
-its variance per sample is lower, so fewer samples give the same map (the bench
-`bench/explain_latency.py --accuracy` measures how close each setting comes to a converged
-reference, against shap's own estimator at its former default of 32 samples).
+jitter over [0, 1) paired with the references in random order. The estimate stays unbiased
+(a unit test checks it against shap's estimator and completeness). It is no substitute for
+samples: `bench/explain_latency.py RUN_DIR --accuracy` measures each setting's distance to a
+converged reference, and the default 8 samples give a noisier map than shap's 32 did.
 
 All samples and the image itself run through the model as one batch. The image's row gives the
 probabilities and, at the model's CAM layers, the activations and gradients Grad-CAM weighs
