@@ -326,6 +326,7 @@ class CareStore:
                 (int(case_id), patient.id),
             ).fetchone()
         if row is None:  # the same answer whether the case exists or belongs to someone else
+            self.audit.record(patient, "access.refused", int(case_id))
             raise NotFound(f"Case {case_id} was not found.")
         return _patient_case(row)
 

@@ -233,6 +233,7 @@ class CaseStore:
         with self.db.connect() as conn:
             row = conn.execute(f"{_SELECT} WHERE cases.id = ?", (int(case_id),)).fetchone()
         if row is None or not can_see(viewer, row["user_id"], row["assigned_to"]):
+            self.audit.record(viewer, "access.refused", int(case_id))  # also probes of numbers
             raise NotFound(f"Case {case_id} was not found.")
         return _case(row)
 

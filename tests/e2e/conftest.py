@@ -1,5 +1,7 @@
 """Fixtures for browser tests: a small model trained on real MRI slices, a real `bentoml serve`
 of it, the UI server pointing at that service, and a headless Debian Chromium (Playwright).
+All four are session-wide: every browser test module shares one model, service and UI (each
+test signs in its own accounts, so none depends on another's data).
 
 The test process may import torch and components/ (only ui/ may not). Nothing is downloaded:
 the browser is the system's, installed by tests/ensure_browser.py.
@@ -56,7 +58,7 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
@@ -201,7 +203,7 @@ def train_bundle(work: Path) -> Path:
     return bundle_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
     """A small model trained on real MRI slices (see `train_bundle`)."""
     if not DATA.is_dir():
@@ -209,7 +211,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     return train_bundle(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def service_url(bundle_dir, tmp_path_factory) -> Iterator[str]:
     """A real `bentoml serve` of the bundle, with API-key auth."""
     from serving.launch import serve_command, serve_env
@@ -238,7 +240,7 @@ def service_url(bundle_dir, tmp_path_factory) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ui_url(service_url, tmp_path_factory) -> Iterator[str]:
     """`python -m ui` pointing at the service, with a fresh workspace and a bootstrap admin."""
     workspace = tmp_path_factory.mktemp("workspace")

@@ -15,7 +15,7 @@ from ui.audit import GENESIS, AuditError, AuditLog, clean_details, export
 from ui.care import CareStore
 from ui.cases import CaseStore
 from ui.db import Database
-from ui.errors import LoginRefused
+from ui.errors import LoginRefused, NotFound
 
 PDF = b"%PDF-1.4 released report"
 CLASSES = {"glioma": 0.7, "meningioma": 0.2, "none": 0.1}
@@ -132,6 +132,11 @@ def test_details_refuse_free_text():
         clean_details({"Bad Key": 1})
 
 
+def expect_not_found(fn, *args):
+    with pytest.raises(NotFound):
+        fn(*args)
+
+
 def actions(audit: AuditLog) -> list[str]:
     return [e.action for e in audit.entries()]
 
@@ -175,6 +180,11 @@ def test_every_action_leaves_exactly_one_entry_and_no_identifiers(site):
     step("report.download", care.report, patient, case.id)
     question = step("question.ask", care.ask, patient, case.id, "Jane Doe here: what next?")
     step("question.answer", care.answer, clinician, question.id, "Dr. A: we will call you.")
+    other = step(
+        "user.create", accounts.create_user, admin, "dr.b", "clinic-pass-0003", "clinician"
+    )
+    step("access.refused", expect_not_found, cases.get, other, case.id)
+    step("access.refused", expect_not_found, care.view, patient, case.id + 1)
     step("user.disable", accounts.set_active, admin, "dr.a", False)
     step("user.enable", accounts.set_active, admin, "dr.a", True)
     step("user.reset_password", accounts.reset_password, admin, "dr.a", "clinic-pass-0002")
