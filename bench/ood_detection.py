@@ -17,6 +17,14 @@ count as flagged; their AUROC treats them as scoring above everything). Nothing 
 
     python bench/ood_detection.py .oncoflow/runs/20260101T000000-brain_tumor_mri
     python bench/ood_detection.py RUN_DIR --per-source 100 --json ood.json   # or --json -
+
+Measured (2-core CPU, loaded) on a short run, `oncoflow run dataset=brain_tumor_mri
+model=efficientnet_lite0 model.pretrained=true dataset.image_size=64 trainer.max_epochs=1
+dataset.max_per_class=150` (val macro-F1 0.38), `--per-source 150 --junk 10`: Mahalanobis
+AUROC busi 0.995, pad_ufes_20 0.999, cric_pap_smear 0.988, noise 0.989, inverted 0.868;
+energy 0.910 / 0.500 / 0.365 / 0.268 / 0.644; max-softmax below 0.5 on all of them. Blank,
+one-pixel-upscaled, tiny and huge blank inputs are refused (422) before scoring. With the
+threshold set on validation images the check flagged 26 % of the shifted Testing folder.
 """
 
 from __future__ import annotations
@@ -132,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import pandas as pd
-    import torch
 
     from serving.engine import DiagnosisEngine
     from serving.schemas import ModelRef
