@@ -61,6 +61,11 @@ def make_bundle(
     probabilities, conformal prediction sets and referrals; `ood_stats` the OOD check's
     aggregate statistics of training features (`components.calibration.ood`).
     """
+    if ood_stats and _private(config, privacy):
+        raise ConfigError(
+            "a differentially private model's bundle may not carry un-noised statistics of "
+            "training features (the Mahalanobis OOD check); use calibration.ood=energy"
+        )
     kwargs = {k: v for k, v in architecture.items() if k != "name"}
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
     if training_images:
@@ -110,6 +115,17 @@ def shareable_config(config: dict[str, Any] | None) -> dict[str, Any]:
         if isinstance(parent, dict):
             parent.pop(path[-1], None)
     return out
+
+
+def _private(config, privacy) -> bool:
+    """Whether the run trained under a privacy mode (config) or reports a DP guarantee."""
+    privacy = privacy or {}
+    mode = str(((config or {}).get("privacy") or {}).get("mode", "none"))
+    return (
+        mode != "none"
+        or str(privacy.get("mode", "none")) != "none"
+        or (privacy.get("epsilon") is not None)
+    )
 
 
 def _check_training_images_allowed(config, privacy, train_x, train_y) -> None:

@@ -475,6 +475,17 @@ def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_l
     kind = conf["ood"]
     if kind == "none":
         return None, {"fitted": False, "reason": "calibration.ood=none"}
+    private = str((ctx.cfg.get("privacy") or {}).get("mode", "none")) != "none"
+    note = None
+    if kind == "mahalanobis" and private:
+        # class means and covariance of training features would leave in the bundle without
+        # the privacy mode's noise: the energy score needs nothing from the training data
+        kind = "energy"
+        note = (
+            "energy score instead of mahalanobis: the training-feature statistics would be "
+            "released without differential-privacy noise"
+        )
+        get_run_logger().warning("OOD check: %s", note)
     train, test = arrays["train"], arrays["test"]
     reference, _ = calibration_data(conf, arrays)
     where = "held-out calibration split" if conf["fit_on"] == "held_out" else "validation split"
@@ -503,6 +514,7 @@ def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_l
     )
     return detector, {
         "fitted": True,
+        **({"note": note} if note else {}),
         **detector.meta(),
         "test_flagged_rate": flagged,
         "n_test": len(scores),

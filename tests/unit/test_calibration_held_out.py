@@ -96,3 +96,40 @@ def test_calibrate_task_fits_every_part_on_the_held_out_split(manifest, tmp_path
     assert f"held-out calibration split ({n_held} cases" in card
     assert "Operating point" in card and "on the test split: sensitivity" in card
     assert f"threshold on the held-out calibration split ({n_held} cases)" in card
+
+
+def test_a_private_run_gets_the_energy_check_and_no_training_statistics(manifest, tmp_path):
+    from components.bundle_builder import make_bundle
+    from components.errors import ConfigError
+
+    cfg = tiny_cfg(
+        "dataset=synthetic",
+        "privacy=dp_eps8",
+        "model.norm=group",
+        dataset={"image_size": 16},
+        trainer={"imbalance": "none"},
+    )
+    pre = preprocessing_from_config(cfg)
+    arrays = load_split_arrays(manifest, CLASSES, pre, tmp_path / "cache")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=3, in_channels=3, width=4).eval()
+    ctx = RunContext(cfg=cfg, workspace=Workspace(tmp_path / "ws"), run_dir=tmp_path)
+    with disable_run_logger():
+        calibrated = calibrate_task.fn(ctx, model, arrays)
+    assert calibrated.calibration["ood"]["score"] == "energy"
+    assert calibrated.ood_stats is None and "privacy" in calibrated.report["ood"]["note"]
+    stats = {"means": np.zeros((3, 16), np.float32), "precision": np.eye(16, dtype=np.float32)}
+    with pytest.raises(ConfigError, match="un-noised statistics"):
+        make_bundle(
+            model,
+            architecture={"name": "small_cnn", "num_classes": 3, "width": 4},
+            class_names=CLASSES,
+            preprocessing=pre,
+            metrics={},
+            data_fingerprint="",
+            config=cfg,
+            background_size=2,
+            out_dir=tmp_path / "bundle",
+            privacy={"mode": "dp_sgd", "epsilon": 8.0},
+            ood_stats=stats,
+        )
