@@ -34,6 +34,10 @@ _CODE = re.compile(r"^[A-Z2-9]{15}$")
 BAD_CODE = "This invitation code is not valid (it may have expired or been used already)."
 
 
+class InvalidCode(InvalidInput):
+    """An invitation code that is malformed, unknown, used, replaced or expired."""
+
+
 def new_code() -> str:
     """A one-time code like ``ABCDE-FGHJK-LMNPQ`` (15 of 32 symbols: 75 random bits)."""
     raw = "".join(secrets.choice(CODE_ALPHABET) for _ in range(15))
@@ -43,7 +47,7 @@ def new_code() -> str:
 def normalise_code(code: str) -> str:
     raw = re.sub(r"[\s-]", "", code or "").upper()
     if not _CODE.match(raw):
-        raise InvalidInput(BAD_CODE)
+        raise InvalidCode(BAD_CODE)
     return raw
 
 
@@ -221,27 +225,34 @@ class CareStore:
     # ------------------------------------------------------------------ patient side
 
     def sign_up(self, code: str, username: str, password: str) -> User:
-        """A patient account from an invitation code, linked to the invitation's case."""
-        key, now = code_hash(code), self.clock()
-        with self.db.connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            invite = self._usable(conn, key, now)
-            patient = self.accounts._insert(
-                username, password, "patient", None, conn=conn, audited=False
-            )
-            self._link(conn, invite, patient, now)
-            self.audit.append(conn, patient, "patient.sign_up", invite["case_id"])
+        """A patient account from an invitation code, linked to the invitation's case.
+        A refused code is audited (`invite.refused`, no actor), so guessing shows in the log."""
+        try:
+            with self.db.connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                invite, now = self._usable(conn, code), self.clock()
+                patient = self.accounts._insert(
+                    username, password, "patient", None, conn=conn, audited=False
+                )
+                self._link(conn, invite, patient, now)
+                self.audit.append(conn, patient, "patient.sign_up", invite["case_id"])
+        except InvalidCode:
+            self.audit.record(None, "invite.refused")
+            raise
         return self.accounts.get(patient.id)
 
     def redeem(self, patient: User, code: str) -> PatientCase:
         """A signed-in patient links a further case with a new code."""
         self._require_patient(patient)
-        key, now = code_hash(code), self.clock()
-        with self.db.connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            invite = self._usable(conn, key, now)
-            self._link(conn, invite, patient, now)
-            self.audit.append(conn, patient, "invite.redeem", invite["case_id"])
+        try:
+            with self.db.connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                invite = self._usable(conn, code)
+                self._link(conn, invite, patient, self.clock())
+                self.audit.append(conn, patient, "invite.redeem", invite["case_id"])
+        except InvalidCode:
+            self.audit.record(patient, "invite.refused")
+            raise
         return self._own(patient, invite["case_id"])
 
     def my_cases(self, patient: User) -> list[PatientCase]:
@@ -330,7 +341,9 @@ class CareStore:
             raise NotFound(f"Case {case_id} was not found.")
         return _patient_case(row)
 
-    def _usable(self, conn: sqlite3.Connection, key: str, now: float) -> sqlite3.Row:
+    def _usable(self, conn: sqlite3.Connection, code: str) -> sqlite3.Row:
+        """The unused, unexpired invitation of a case not yet linked, or InvalidCode."""
+        key, now = code_hash(code), self.clock()
         invite = conn.execute(
             "SELECT invites.*, cases.patient_account FROM invites "
             "JOIN cases ON cases.id = invites.case_id WHERE code_hash = ?",
@@ -342,7 +355,7 @@ class CareStore:
             or invite["expires_at"] <= now
             or invite["patient_account"] is not None
         ):
-            raise InvalidInput(BAD_CODE)
+            raise InvalidCode(BAD_CODE)
         return invite
 
     def _link(self, conn: sqlite3.Connection, invite: sqlite3.Row, patient: User, now: float):

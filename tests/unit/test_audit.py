@@ -15,7 +15,7 @@ from ui.audit import GENESIS, AuditError, AuditLog, clean_details, export
 from ui.care import CareStore
 from ui.cases import CaseStore
 from ui.db import Database
-from ui.errors import LoginRefused, NotFound
+from ui.errors import InvalidInput, LoginRefused, NotFound
 
 PDF = b"%PDF-1.4 released report"
 CLASSES = {"glioma": 0.7, "meningioma": 0.2, "none": 0.1}
@@ -137,6 +137,11 @@ def expect_not_found(fn, *args):
         fn(*args)
 
 
+def expect_refused(fn, *args):
+    with pytest.raises(InvalidInput, match="not valid"):
+        fn(*args)
+
+
 def actions(audit: AuditLog) -> list[str]:
     return [e.action for e in audit.entries()]
 
@@ -173,6 +178,9 @@ def test_every_action_leaves_exactly_one_entry_and_no_identifiers(site):
     step("report.download", cases.log_access, clinician, case.id, "report.download")
     step("case.feedback", cases.add_feedback, clinician, case.id, agree=True)
     invite = step("invite.create", care.invite, clinician, case.id)
+    step(
+        "invite.refused", expect_refused, care.sign_up, "AAAAA-BBBBB-CCCCC", "pat.x", "pw-long-1234"
+    )
     patient = step("patient.sign_up", care.sign_up, invite.code, "pat.one", "Secret-pass-99")
     step("case.review", cases.move, clinician, case.id, "reviewed")
     step("case.release", cases.move, clinician, case.id, "released", "All clear.", PDF)
