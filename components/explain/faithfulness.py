@@ -233,8 +233,8 @@ def card_lines(result: dict | None) -> list[str]:
         "",
         f"- {result['images']} test images, each explained for its predicted class "
         f"(SHAP: {result['shap']['estimator']}, {result['shap']['nsamples']} samples, "
-        f"{result['shap']['background_size']} reference images); removed pixels become "
-        f"a {result['baseline'][0].lower()}{result['baseline'][1:]}; {result['steps']} steps.",
+        f"{result['shap']['background_size']} reference images); removed pixels become the "
+        f"baseline ({result['baseline']}); {result['steps']} steps.",
         "- Deletion AUC: lower is better; insertion AUC: higher is better (mean ± SD).",
         "",
         "| map | deletion AUC | insertion AUC |",
