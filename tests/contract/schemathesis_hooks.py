@@ -4,6 +4,9 @@ states in words but JSON Schema cannot, taught to the generator.
 - ``format: binary`` (the image upload): real images, a few sizes and colour modes, so that
   schema-valid requests carry an image the model can read (random bytes are refused with 422,
   rightly, as "not an image").
+- A multipart body with an empty list for a value: the encoder sends no part at all for it,
+  so the request on the wire is not the (schema-violating) one generated; such bodies are not
+  drawn.
 - A chat ``case``: its probabilities add up to 1 and `predicted_label` is one of them (the
   schema's description says so); a well-formed generated case is rescaled to satisfy that.
   Cases with an invalid part are left as generated.
@@ -64,3 +67,13 @@ def map_body(context, body):
     }
     case["predicted_label"] = max(case["probabilities"], key=case["probabilities"].get)
     return body
+
+
+UPLOADS = frozenset({"/predict", "/explain", "/similar", "/report"})
+
+
+@schemathesis.hook
+def filter_body(context, body):
+    if context.operation.path in UPLOADS and isinstance(body, dict):
+        return all(value != [] for value in body.values())
+    return True
