@@ -21,7 +21,6 @@ import zlib
 import httpx
 import pytest
 
-from components.bundle import OOD_STATISTICS
 from components.errors import ConfigError
 from serving.client import DiagnosisClient, ServiceError, decode_png, new_session_id
 from serving.schemas import ChatResponse
@@ -50,15 +49,16 @@ CALIBRATION = {
         "n_positive": 40,
         "n_negative": 60,
     },
-    # a Mahalanobis OOD check whose statistics (ood.npz) must survive packaging: the service
-    # refuses to start without them. Its threshold flags nothing, so the noise images these
-    # tests send still get answers (tests/unit/test_serving_ood.py covers a flagged input)
+    # the OOD check a private run gets (energy: Mahalanobis statistics would leave a DP bundle
+    # un-noised, and make_bundle refuses them). Its threshold flags nothing, so the noise
+    # images these tests send still get answers (tests/unit/test_serving_ood.py covers a
+    # flagged input; tests/unit/test_bundle.py that ood.npz survives save/load)
     "ood": {
-        "score": "mahalanobis",
+        "score": "energy",
         "threshold": 1e12,
         "false_alarm": 0.05,
         "fitted_on": "test fixture",
-        "n_statistics": 30,
+        "n_statistics": 0,
         "n_threshold": 30,
     },
 }
@@ -167,22 +167,7 @@ def bundle_dir(tmp_path_factory, training_images):
         out_dir=tmp_path_factory.mktemp("bundle") / "b",
         privacy={"epsilon": 8.0, "delta": 1e-5},
         calibration=CALIBRATION,
-        ood_stats=ood_statistics(model, x, y),
     )
-
-
-def ood_statistics(model, x, y):
-    """Class means and shared precision of the model's features of the 'training' images."""
-    import torch
-
-    from components.calibration.ood import fit_gaussian
-    from components.data.preprocess import Preprocessing
-
-    with torch.inference_mode():
-        features = model.eval().embed(
-            Preprocessing(size=32, channels=3).normalise(torch.from_numpy(x))
-        )
-    return fit_gaussian(features.numpy(), y, len(CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -309,19 +294,18 @@ def test_predict_matches_the_in_process_model(client, bundle_dir, model_tag):
 
 
 def in_process_ood_score(bundle_dir, image: bytes) -> float:
-    """The bundle's Mahalanobis score of `image`, computed here from its ood.npz."""
+    """The bundle's energy score of `image` (−logsumexp of its logits), computed here."""
     import torch
 
     from components.bundle import ModelBundle
-    from components.calibration.ood import mahalanobis_scores
+    from components.calibration.ood import energy_scores
     from components.data.images import decode_bytes
 
     bundle = ModelBundle.load(bundle_dir)
     x = bundle.preprocessing.to_tensor(decode_bytes(image))[None]
     with torch.inference_mode():
-        features = bundle.build_model().embed(x).numpy()
-    stats = bundle.ood_stats
-    return float(mahalanobis_scores(features, stats["means"], stats["precision"])[0])
+        logits = bundle.build_model()(x).numpy()
+    return float(energy_scores(logits)[0])
 
 
 def assert_referral(answer, calibrated: list[float]) -> None:
@@ -699,11 +683,11 @@ def test_model_card(client, model_tag):
         "background": "constant grey levels (not patient data)",
         "case_index": 0,
         "training_images": False,
-        "ood_statistics": OOD_STATISTICS,
+        "ood_statistics": None,  # energy needs none
     }
     assert card.calibration.temperature == 0.5 and card.calibration.qhat == 0.5
     assert card.calibration.operating_point["threshold"] == 0.3
-    assert card.calibration.ood["score"] == "mahalanobis"
+    assert card.calibration.ood["score"] == "energy"
     assert card.calibration.dangerous == ["malignant"]
     assert card.calibration.fitted_on == "test fixture"
     assert client.ready()
