@@ -541,7 +541,9 @@ def federated_calibration_task(
         return Calibrated(None, {"fitted": False, "reason": reason})
     calibration = Calibration.from_dict(fitted["calibration"])
     if test is None or not len(test.y):
-        return Calibrated(calibration.to_dict(), {"fitted": True, "fitted_on": calibration.fitted_on})
+        return Calibrated(
+            calibration.to_dict(), {"fitted": True, "fitted_on": calibration.fitted_on}
+        )
     logits = predict_logits(model, test.x, preprocessing_from_config(ctx.cfg))
     report = calibration_report(calibration, logits, test.y)
     figure = reliability_comparison_png(

@@ -3,6 +3,8 @@ pooled cases, which never leave their sites."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,7 @@ def overconfident(n: int, seed: int, scale: float = 6.0) -> tuple[np.ndarray, np
 
 def split(z: np.ndarray, y: np.ndarray, parts: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
     edges = np.linspace(0, len(y), parts + 1).astype(int)
-    return [(z[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(z[a:b], y[a:b]) for a, b in itertools.pairwise(edges)]
 
 
 def test_pooled_temperature_matches_the_pooled_fit():
