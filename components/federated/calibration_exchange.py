@@ -35,6 +35,28 @@ from components.federated.runspec import RunSpec
 log = logging.getLogger(__name__)
 
 
+def evaluate_messages(
+    grid: Grid, spec: RunSpec, arrays: dict[str, np.ndarray], extra: dict[str, Any]
+) -> list[Message]:
+    """One evaluate message per connected site: the final weights, the client spec and
+    `extra` config keys (what to compute)."""
+    from flwr.app import MessageType
+
+    from components.federated.task import to_record
+
+    config = ConfigRecord(
+        {SPEC_KEY: spec.client_spec.to_json(), ROUND_KEY: spec.settings.rounds, **extra}
+    )
+    return [
+        Message(
+            content=RecordDict({"arrays": to_record(arrays), "config": config}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in grid.get_node_ids()
+    ]
+
+
 def _ask(
     grid: Grid,
     spec: RunSpec,
@@ -43,21 +65,7 @@ def _ask(
     extra: dict[str, Any],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """One evaluate exchange carrying `extra` in its config; the sites' sums and who failed."""
-    from flwr.app import MessageType
-
-    from components.federated.task import to_record
-
-    config = ConfigRecord(
-        {SPEC_KEY: spec.client_spec.to_json(), ROUND_KEY: spec.settings.rounds, **extra}
-    )
-    messages = [
-        Message(
-            content=RecordDict({"arrays": to_record(arrays), "config": config}),
-            dst_node_id=node,
-            message_type=MessageType.EVALUATE,
-        )
-        for node in grid.get_node_ids()
-    ]
+    messages = evaluate_messages(grid, spec, arrays, extra)
     pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     failed = {site_of(n, None, node_sites): "no reply within round_timeout" for n in silent}
     sums: dict[str, dict[str, Any]] = {}
@@ -137,4 +145,4 @@ def _operating_point(
         return None, [f"no operating point: {exc}"]
 
 
-__all__ = ["calibrate_federation"]
+__all__ = ["calibrate_federation", "evaluate_messages"]

@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from components.errors import ConfigError, DataError
-from components.federated.calibration_exchange import calibrate_federation
+from components.federated.calibration_exchange import calibrate_federation, evaluate_messages
 from components.federated.checkpoint import (
     CHECKPOINT_DIR,
     LEDGER,
@@ -491,29 +491,17 @@ def final_evaluation(
     counts only; returns per-site and pooled metrics (`site_metrics.pool`) and the sites that
     did not answer, with a sanitised reason. With a `calibration` block the sites score the
     calibrated probabilities and the result adds the pooled calibration report."""
-    from flwr.app import MessageType, RecordDict
-
     from components.calibration.record import Calibration
-    from components.federated.protocol import CALIBRATION_KEY, FINAL_KEY, ROUND_KEY
+    from components.federated.protocol import CALIBRATION_KEY, FINAL_KEY
     from components.federated.reasons import site_error
     from components.federated.site_calibration import pooled_report
     from components.federated.site_metrics import pool
-    from components.federated.task import to_record
 
     k = spec.model.num_classes
-    config = ConfigRecord(
-        {SPEC_KEY: spec.client_spec.to_json(), ROUND_KEY: spec.settings.rounds, FINAL_KEY: True}
-    )
+    extra: dict[str, Any] = {FINAL_KEY: True}
     if calibration:
-        config[CALIBRATION_KEY] = json.dumps(calibration)
-    messages = [
-        Message(
-            content=RecordDict({"arrays": to_record(arrays), "config": config}),
-            dst_node_id=node,
-            message_type=MessageType.EVALUATE,
-        )
-        for node in grid.get_node_ids()
-    ]
+        extra[CALIBRATION_KEY] = json.dumps(calibration)
+    messages = evaluate_messages(grid, spec, arrays, extra)
     pairs, silent = exchange(grid, messages, spec.settings.round_timeout)
     summaries: dict[str, dict[str, Any]] = {}
     calibration_sums: list[dict[str, Any]] = []
