@@ -168,6 +168,9 @@ class ServingConf:
     # the site-local similar-case library `/similar` answers from (`oncoflow case-library
     # build`); null: /similar answers 404 (a bundle's own index only with package.training_images)
     case_library: str | None = None
+    # the service's hash-chained audit log (SQLite; `oncoflow audit verify --service`): one
+    # entry per API call with the caller's key id, never the key; null: <workspace>/audit/service.db
+    audit_db: str | None = None
 
 
 @dataclass

@@ -39,6 +39,11 @@ class Workspace:
         return self.root / "cache"
 
     @property
+    def service_audit_db(self) -> Path:
+        """The diagnosis service's audit log (unless `serving.audit_db` names another)."""
+        return self.root / "audit" / "service.db"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_site_parser(sub)
 
-    from ui.audit_commands import add_audit_parser  # the UI's log; argparse only, no gradio
+    from flows.audit_commands import add_audit_parser  # the UI's log; argparse only, no gradio
 
     add_audit_parser(sub)
 
@@ -140,7 +140,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "site":
         return run_site(args)
     if args.command == "audit":
-        from ui.audit_commands import run_audit
+        from flows.audit_commands import run_audit
 
         return run_audit(args)
     if args.command == "ui":

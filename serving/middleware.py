@@ -11,6 +11,7 @@ holds a request id, the route, status, sizes and latency only (no patient identi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import traceback
 import uuid
@@ -631,17 +633,72 @@ class ConcurrencyLimit:
             self.running -= 1
 
 
+#: The API calls the service's audit log records, and the action name of each.
+AUDITED = {
+    "/predict": "service.predict",
+    "/predict_tabular": "service.predict",
+    "/explain": "service.explain",
+    "/explain_tabular": "service.explain",
+    "/similar": "service.similar",
+    "/report": "service.report",
+    "/chat": "service.chat",
+    "/chat/stream": "service.chat",
+    "/chat/history": "service.chat_history",
+    "/chat/reset": "service.chat_reset",
+    "/model_card": "service.model_card",
+}
+
+
+class ServiceAudit:
+    """Appends one hash-chained entry per API call (`components.audit`): the action, the
+    caller's key id (`key_identity`: a name or ``key-<sha256 prefix>``, never the key;
+    ``unauthenticated`` for a refused call), the status and the request id. No body, file
+    name, header or path beyond the route goes in."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._log = None
+        self._lock = threading.Lock()
+
+    def _open(self):
+        if self._log is None:
+            from components.audit import open_log
+            from components.workspace import Workspace
+
+            chosen = self.path or current_settings().audit_db
+            self._log = open_log(chosen or Workspace.from_env().service_audit_db)
+        return self._log
+
+    def record(self, route: str, user: str | None, status: int, request_id: str) -> None:
+        details = {"key": user or "unauthenticated", "status": status, "request": request_id}
+        with self._lock:
+            self._open().record(API_CLIENT, AUDITED[route], details=details)
+
+
+@dataclass(frozen=True)
+class _ApiClient:
+    id: None = None
+    role: str = "api-client"
+
+
+API_CLIENT = _ApiClient()
+
+
 class RequestLog:
-    """Outermost middleware: a request id (``X-Request-ID``) and one log line per request.
+    """Outermost middleware: a request id (``X-Request-ID``), one log line per request and one
+    audit entry per API call (`ServiceAudit`).
 
     The line holds the id, method, route, status, body sizes and latency. Only paths in
     `routes` are written out (anything else shows as ``-``: a path could carry a name), and no
     header, body or file name is ever logged.
     """
 
-    def __init__(self, app: ASGIApp, routes: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: Iterable[str] = (), audit: ServiceAudit | None = None
+    ) -> None:
         self.app = app
         self.routes = frozenset(routes) | OPEN_PATHS
+        self.audit = audit if audit is not None else ServiceAudit()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -686,6 +743,14 @@ class RequestLog:
                     sent,
                     (time.perf_counter() - started) * 1000.0,
                 )
+            if path in AUDITED and scope.get("method") in ("GET", "POST"):
+                try:
+                    user = scope.get(USER_SCOPE_KEY)
+                    await asyncio.to_thread(
+                        self.audit.record, path, user, status or 499, request_id
+                    )
+                except Exception:  # an unwritable audit log is an operator's alarm
+                    log.exception("could not append to the service's audit log")
 
 
 class DropRecords(logging.Filter):

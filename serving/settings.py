@@ -21,6 +21,7 @@ empty, overrides its key:
     ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency    ``2`` (then /explain answers 429)
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute  ``1200`` per API key (``0``: off)
     ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst       ``100``
+    ONCOFLOW_AUDIT_DB               audit_db               the service's audit log (SQLite)
     ==============================  =====================  ====================================
 
 Booleans take 1/0, true/false or yes/no. Two variables have no config key, on purpose: the
@@ -148,6 +149,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_EXPLAIN_CONCURRENCY": "explain_concurrency",
     "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
     "ONCOFLOW_RATE_LIMIT_BURST": "rate_limit_burst",
+    "ONCOFLOW_AUDIT_DB": "audit_db",
 }
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "model_tag": _text,
@@ -164,6 +166,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "explain_concurrency": _integer,
     "rate_limit_per_minute": _integer,
     "rate_limit_burst": _integer,
+    "audit_db": _text,
 }
 
 

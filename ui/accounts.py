@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from ui.audit import AuditLog
+from components.audit import AuditLog
 from ui.db import Database
 from ui.errors import InvalidInput, LoginRefused, NotFound, PermissionDenied, UiError
 

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from components.audit import AuditLog
 from ui.accounts import AccountStore, User
-from ui.audit import AuditLog
 from ui.cases import MAX_NOTE, CaseStore, can_see, require_staff
 from ui.db import Database
 from ui.errors import InvalidInput, NotFound, PermissionDenied

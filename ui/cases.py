@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
+from components.audit import AuditLog
 from ui.accounts import User
-from ui.audit import AuditLog
 from ui.db import Database
 from ui.errors import InvalidInput, NotFound, PermissionDenied
 

@@ -6,9 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from components.audit import AuditLog
 from serving.client import DiagnosisClient
 from ui.accounts import AccountStore
-from ui.audit import AuditLog
 from ui.care import CareStore
 from ui.cases import CaseStore
 from ui.db import Database

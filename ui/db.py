@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ui.audit import SCHEMA as AUDIT_SCHEMA
+from components.audit import SCHEMA as AUDIT_SCHEMA
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (

@@ -10,6 +10,7 @@ In the product only trained, registered bundles are packaged.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import struct
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -209,13 +211,20 @@ def model_tag(bundle_dir, bento_home, import_bundle_tag):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, port, model_tag, bento_home, case_library):
+def audit_db(tmp_path_factory) -> Path:
+    """The service's audit log for this module's server."""
+    return tmp_path_factory.mktemp("audit") / "service.db"
+
+
+@pytest.fixture(scope="module")
+def server(start_server, port, model_tag, bento_home, case_library, audit_db):
     """One real `bentoml serve` for this module, with the site's case library; yields
     (base_url, process)."""
     from serving.launch import PROJECT_ROOT, serve_command, serve_env
 
     env = serve_env(model_tag, bento_home, base={}, case_library=case_library)
     env |= {
+        "ONCOFLOW_AUDIT_DB": str(audit_db),
         "ONCOFLOW_API_KEYS": f"other-key, {KEY}",
         "ONCOFLOW_MAX_REQUEST_MB": "1",
         "ONCOFLOW_TORCH_THREADS": "1",  # tiny model, shared cores
@@ -1003,6 +1012,55 @@ def test_the_contract_declares_auth_errors_and_nullable_fields(client):
     assert list(stream) == ["text/event-stream"]
     chat = doc["paths"]["/chat"]["post"]["responses"]["200"]["content"]["application/json"]
     assert chat["schema"]["properties"]["fallback_reason"]["nullable"] is True
+
+
+def test_every_api_call_is_in_the_service_audit_log_with_its_key_id(server, audit_db):
+    """One hash-chained entry per call: action, the caller's key id (never the key), status
+    and request id; `oncoflow audit verify --service` checks the chain and finds an edit."""
+    import sqlite3
+
+    from components.audit import open_log
+    from serving.launch import PROJECT_ROOT
+    from serving.middleware import key_identity
+
+    base, _ = server
+    image_bytes = png_bytes(seed=11)
+    before = len(open_log(audit_db).entries())
+    ok = httpx.post(
+        base + "/predict",
+        files={"image": ("DOE^JANE.png", image_bytes, "image/png")},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    refused = httpx.post(base + "/predict", files={"image": ("x.png", image_bytes, "image/png")})
+    assert ok.status_code == 200 and refused.status_code == 401
+    deadline = time.monotonic() + 10
+    while len(open_log(audit_db).entries()) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entries = open_log(audit_db).entries()[before:]
+    details = [json.loads(e.details) for e in entries]
+    assert [e.action for e in entries] == ["service.predict", "service.predict"]
+    assert details[0] == {
+        "key": key_identity(KEY)[0],
+        "status": 200,
+        "request": ok.headers["x-request-id"],
+    }
+    assert details[1]["key"] == "unauthenticated" and details[1]["status"] == 401
+    raw = b"".join(p.read_bytes() for p in audit_db.parent.glob(audit_db.name + "*"))
+    assert KEY.encode() not in raw and b"DOE^JANE" not in raw
+
+    verify = [sys.executable, "-m", "flows.cli", "audit", "verify", "--service", "--db"]
+    run = {"capture_output": True, "text": True, "timeout": 120, "cwd": PROJECT_ROOT}
+    done = subprocess.run([*verify, str(audit_db)], **run)
+    assert done.returncode == 0 and "intact" in done.stdout, done.stdout + done.stderr
+    copy = audit_db.parent / "tampered.db"
+    with sqlite3.connect(audit_db) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    with sqlite3.connect(copy) as conn:
+        conn.execute("DROP TRIGGER audit_log_no_update")
+        conn.execute("UPDATE audit_log SET details = '{}' WHERE seq = 1")
+    done = subprocess.run([*verify, str(copy)], **run)
+    assert done.returncode == 1 and "broken at entry 1" in done.stdout
 
 
 def test_explanations_are_bounded(server):

@@ -10,8 +10,8 @@ import sqlite3
 import pytest
 from argon2 import PasswordHasher
 
+from components.audit import GENESIS, AuditError, AuditLog, clean_details, export
 from ui.accounts import AccountStore
-from ui.audit import GENESIS, AuditError, AuditLog, clean_details, export
 from ui.care import CareStore
 from ui.cases import CaseStore
 from ui.db import Database

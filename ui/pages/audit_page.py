@@ -8,8 +8,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from components.audit import export
 from ui import html
-from ui.audit import export
 from ui.context import UiContext
 from ui.messages import friendly
 

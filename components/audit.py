@@ -1,4 +1,5 @@
-"""The audit trail: an append-only, hash-chained log of every action taken through the UI.
+"""The audit trail: an append-only, hash-chained log of every action taken through the UI and
+of every call to the diagnosis service (`open_log`: a log in a database of its own).
 
 Each entry holds its sequence number, UTC time, the acting user's id and role (never a name),
 the action, the UI's case number (pseudonymous: it identifies nobody outside this database) and
@@ -18,9 +19,11 @@ import io
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
@@ -114,7 +117,7 @@ def _now() -> str:
 
 
 class AuditLog:
-    """Appends to and reads the ``audit_log`` table of the UI database."""
+    """Appends to and reads an ``audit_log`` table (the UI database's, or `open_log`'s)."""
 
     def __init__(self, connect: Callable[[], Any], clock: Callable[[], str] = _now) -> None:
         self.connect = connect  # a context manager factory giving a transaction (Database.connect)
@@ -201,6 +204,35 @@ def verify_entries(entries: Iterable[Entry], head: str | None = None) -> Verific
             False, count, previous, count + 1, "the anchored head is not in the chain (truncated)"
         )
     return Verification(True, count, previous)
+
+
+def open_log(path: str | Path) -> AuditLog:
+    """An audit log in its own SQLite file (created 0600 with its parent 0700 when missing):
+    what the diagnosis service appends to (`serving.audit`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        path.touch(mode=0o600)
+
+    @contextmanager
+    def connect() -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # appends do not block readers
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            yield conn
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    return AuditLog(connect)
 
 
 def export(entries: Iterable[Entry], fmt: str) -> str:
