@@ -458,6 +458,8 @@ def _resolve_near_duplicates(good, near, keeping, leakage, report):
     group_sizes = near.value_counts()
     found_groups = int((group_sizes > 1).sum())
     in_groups = int(group_sizes[group_sizes > 1].sum())
+    labels = good["label"].astype(str).to_numpy()  # of the rows i and j index (before drops)
+    different_labels = int((labels[i] != labels[j]).sum())
     dropped = 0
     if keeping:  # drop each image with a near-duplicate in a split of higher precedence
         rank = good["given_split"].map(PRECEDENCE).to_numpy()
@@ -467,13 +469,12 @@ def _resolve_near_duplicates(good, near, keeping, leakage, report):
         dropped = int((~keep).sum())
         good = good[keep]
         near = near_duplicate_labels(good, leakage.near_similarity)
-    labels = good["label"].astype(str).to_numpy()
     report.near_duplicates = {
         "min_similarity": leakage.near_similarity,
         "pairs": len(found),
         "pairs_by_split": _pair_counts(first, second),
         # the same frame under two labels: reported for review, like conflicting exact copies
-        "pairs_with_different_labels": int((labels[i] != labels[j]).sum()),
+        "pairs_with_different_labels": different_labels,
         "groups": found_groups,
         "images_in_groups": in_groups,
         "rows_dropped": dropped,

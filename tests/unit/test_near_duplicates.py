@@ -187,6 +187,13 @@ def test_given_test_copy_wins_and_the_train_near_duplicate_is_dropped(folder):
     assert kept["split"].tolist() == ["test"]  # the 3 train siblings were dropped
     assert report.near_duplicates["rows_dropped"] == 3
     assert report.near_duplicates["pairs_by_split"]["test/train"] == 3
+    # the same with the dropped copies last in the manifest (pairs index rows before the drop)
+    last = (originals(frame) == "benign-00").to_numpy() & (frame["given_split"] == "train")
+    reordered = pd.concat([frame[~last], frame[last]]).reset_index(drop=True)
+    out, report = assign_splits(reordered, True, 0.2, 0.2, 0, leakage=SETTINGS)
+    assert out[originals(out) == "benign-00"]["split"].tolist() == ["test"]
+    assert report.near_duplicates["rows_dropped"] == 3
+    assert report.near_duplicates["pairs_with_different_labels"] == 0
 
 
 def test_validation_suite_accepts_calibration_and_catches_a_group_across_splits(folder):
