@@ -21,3 +21,9 @@ def tiny_cfg():
     from tiny_config import tiny_cfg as compose_tiny
 
     return compose_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests last: their session-wide Playwright keeps an event loop running in the
+    main thread, where any later `asyncio.run()` (Prefect states, the batcher tests) fails."""
+    items.sort(key=lambda item: "/tests/e2e/" in str(item.path))
