@@ -57,7 +57,14 @@ def inline_grid(layout) -> InlineGrid:
 
 
 def message_round(message) -> int:
-    return int(message.content["config"].get("server-round", 0))
+    """The round a train/evaluate message belongs to; 0 for the messages after the last round
+    (calibration exchanges and the final evaluation carry the last round's number)."""
+    from components.federated.protocol import CALIBRATE_KEY, FINAL_KEY
+
+    config = message.content["config"]
+    if CALIBRATE_KEY in config or FINAL_KEY in config:
+        return 0
+    return int(config.get("server-round", 0))
 
 
 @pytest.fixture
