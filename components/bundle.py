@@ -32,6 +32,9 @@ FORMAT_VERSION = 1
 #: `contents.background` values: what the SHAP background is made of
 BACKGROUND_BASELINES = "constant grey levels (not patient data)"
 BACKGROUND_TRAINING = "training images"
+BACKGROUND_CLINICAL = (
+    "constant grey levels and the model's own imputation record (its weights; no patient's data)"
+)
 BACKGROUND_UNRECORDED = "unrecorded (bundle written before contents were recorded)"
 _META = "bundle.json"
 _WEIGHTS = "weights.pt"

@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from components.bundle import BACKGROUND_BASELINES, BACKGROUND_TRAINING, ModelBundle
+from components.bundle import (
+    BACKGROUND_BASELINES,
+    BACKGROUND_CLINICAL,
+    BACKGROUND_TRAINING,
+    ModelBundle,
+)
 from components.case_library import THUMBNAIL_SIZE, thumbnails
 from components.data.preprocess import Preprocessing
 from components.errors import ConfigError
@@ -70,6 +75,11 @@ def make_bundle(
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
     if training_images:
         _check_training_images_allowed(config, privacy, train_x, train_y)
+        if hasattr(model, "clinical_baseline"):
+            raise ConfigError(
+                "package.training_images is for image models; a model reading clinical "
+                "records keeps its records at the site"
+            )
         background, embeddings = _training_images(
             model, preprocessing, train_x, train_y, background_size, seed
         )
@@ -79,6 +89,13 @@ def make_bundle(
 
         background, embeddings = grey_levels(preprocessing, background_size), None
         source = BACKGROUND_BASELINES
+    if hasattr(model, "clinical_baseline"):  # the model's own imputation record, no patient's
+        from components.explain.background import fusion_background
+
+        records = model.clinical_baseline(1)
+        is_fusion = architecture["name"] == "fusion"
+        background = fusion_background(background, records) if is_fusion else records
+        source = BACKGROUND_CLINICAL
     bundle = ModelBundle(
         architecture=architecture["name"],
         architecture_kwargs=kwargs,

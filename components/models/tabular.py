@@ -205,6 +205,40 @@ class TabularEncoder(nn.Module):
         self.scale.copy_(torch.where(standardised & (std > 1e-8), std, torch.ones_like(std)))
         self.fitted.fill_(True)
 
+    @torch.no_grad()
+    def fit_normalisation_from_schema(self, schema: Iterable[Mapping[str, Any]]) -> None:
+        """Set the statistics from the schema alone, reading no record: numeric columns centred
+        on the middle of their [min, max] range and scaled by half its width (unbounded: left
+        as they are), missing values imputed by that middle (numbers) or 0.5 (yes/no and each
+        category column). For runs whose statistics may not come from the records un-noised:
+        federated (no record leaves a site) and differentially private ones."""
+        entries = {str(e["name"]): e for e in schema}
+        fill = torch.zeros(self.in_features)
+        shift = torch.zeros(self.in_features)
+        scale = torch.ones(self.in_features)
+        for feature in self.layout.features:
+            entry = entries.get(feature.name, {})
+            columns = list(feature.columns)
+            if feature.type in ("float", "int"):
+                low, high = entry.get("min"), entry.get("max")
+                if low is not None and high is not None and float(high) > float(low):
+                    middle = (float(low) + float(high)) / 2
+                    fill[columns], shift[columns] = middle, middle
+                    scale[columns] = (float(high) - float(low)) / 2
+            elif feature.type == "bool":
+                fill[columns] = 0.5
+            else:
+                fill[columns] = 1.0 / len(columns)
+        self.fill.copy_(fill)
+        self.shift.copy_(shift)
+        self.scale.copy_(scale)
+        self.fitted.fill_(True)
+
+    def baseline(self, count: int = 1) -> torch.Tensor:
+        """(count, D) copies of the imputation record (what the model reads for a record with
+        every value missing): a SHAP reference made of the model's own statistics."""
+        return self.fill.detach().clone().expand(int(count), -1).contiguous()
+
     def impute(self, x: torch.Tensor) -> torch.Tensor:
         """Replace missing (NaN) cells by the training mean of their column."""
         return torch.where(torch.isnan(x), self.fill.expand_as(x), x)
@@ -248,6 +282,12 @@ class TabularMLP(nn.Module):
 
     def fit_normalisation(self, rows: torch.Tensor) -> None:
         self.encoder.fit_normalisation(rows)
+
+    def fit_normalisation_from_schema(self, schema: Iterable[Mapping[str, Any]]) -> None:
+        self.encoder.fit_normalisation_from_schema(schema)
+
+    def clinical_baseline(self, count: int = 1) -> torch.Tensor:
+        return self.encoder.baseline(count)
 
     def impute(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.impute(x)

@@ -55,7 +55,7 @@ def architecture_from_config(
     m = cfg["model"]
     if num_classes is None:
         num_classes = len(cfg["dataset"]["classes"])
-    return {
+    kwargs: dict[str, Any] = {
         "name": m["name"],
         "num_classes": int(num_classes),
         "in_channels": int(cfg["dataset"]["channels"]),
@@ -64,6 +64,22 @@ def architecture_from_config(
         "small_input": bool(m["small_input"]),
         "width": int(m["width"]),
     }
+    if m["name"] == "tabular_mlp":
+        kwargs["hidden"] = [int(h) for h in m["tabular_hidden"]]
+        kwargs["dropout"] = float(m["dropout"])
+    elif m["name"] == "fusion":
+        kwargs["image_architecture"] = m["image_architecture"]
+        kwargs["tabular_hidden"] = [int(h) for h in m["tabular_hidden"]]
+        kwargs["fusion_hidden"] = int(m["fusion_hidden"])
+        kwargs["dropout"] = float(m["dropout"])
+    return kwargs
+
+
+def image_only(architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """The image model a fusion architecture's image branch is (same backbone and options):
+    what the image-only baseline of a fusion run trains."""
+    keep = ("num_classes", "in_channels", "norm", "pretrained", "small_input", "width")
+    return {"name": architecture["image_architecture"], **{k: architecture[k] for k in keep}}
 
 
 def fit_settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,6 +95,7 @@ __all__ = [
     "architecture_from_config",
     "augmentation_from_config",
     "fit_settings_from_config",
+    "image_only",
     "needs_group_norm",
     "preprocessing_from_config",
 ]

@@ -228,28 +228,35 @@ class CentralResult:
 
 
 def train_central(
-    cfg: Mapping[str, Any], arrays: Mapping[str, Any], out_dir: Path
+    cfg: Mapping[str, Any],
+    arrays: Mapping[str, Any],
+    out_dir: Path,
+    architecture: dict[str, Any] | None = None,
 ) -> CentralResult:
-    """The central training step of the pipeline: build the model the config describes and
-    train it on `arrays["train"]`, selecting on `arrays["val"]` (`SplitArrays`), with DP-SGD
-    when `privacy` asks for it (the model then uses GroupNorm). Writes under `out_dir`."""
-    from components.models import build_model
+    """The central training step of the pipeline: build the model the config describes (or
+    `architecture`, e.g. a fusion run's image-only baseline) and train it on
+    `arrays["train"]`, selecting on `arrays["val"]` (`SplitArrays`), with DP-SGD when
+    `privacy` asks for it (the model then uses GroupNorm). A model that reads clinical records
+    gets the splits' schema and its imputation and scaling statistics from the training
+    records. Writes under `out_dir`."""
     from components.privacy.settings import validate_privacy
 
     tr = cfg["trainer"]
     privacy = validate_privacy(cfg["privacy"], None, tr)
-    architecture = architecture_from_config(cfg, privacy=privacy)
+    if architecture is None:
+        architecture = architecture_from_config(cfg, privacy=privacy)
+    train, val = arrays["train"], arrays["val"]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the initial weights too
-    model = build_model(**architecture)
+    model = build_clinical_aware(architecture, train, from_schema=privacy.mode != "none")
     dp = None
     if privacy.dp_sgd:
-        model, dp = _dp_sgd(model, privacy, len(arrays["train"].y), tr)
+        model, dp = _dp_sgd(model, privacy, len(train.y), tr)
     hooks = {"optimizer_hook": dp.optimizer_hook, "loader_hook": dp.loader_hook} if dp else {}
     try:
         result = train_classifier(
             model,
-            (arrays["train"].x, arrays["train"].y),
-            (arrays["val"].x, arrays["val"].y),
+            (_inputs(train, architecture), train.y),
+            (_inputs(val, architecture), val.y),
             preprocessing_from_config(cfg),
             max_epochs=tr["max_epochs"],
             early_stopping_patience=tr["early_stopping_patience"],
@@ -266,6 +273,37 @@ def train_central(
             dp.close()
     report = dp.report() | {"mode": privacy.mode} if dp else None
     return CentralResult(training=result, architecture=architecture, privacy=report)
+
+
+def build_clinical_aware(
+    architecture: Mapping[str, Any], train: Any, *, from_schema: bool = False
+) -> nn.Module:
+    """`build_model(**architecture)`; for a model reading clinical records, with the split's
+    schema and its imputation and scaling statistics fitted on the split's (training) records,
+    or, `from_schema` (private runs: they would be released un-noised), on the schema alone."""
+    from components.data.inputs import CLINICAL, input_kinds
+    from components.models import build_model
+
+    if CLINICAL not in input_kinds(architecture["name"]):
+        return build_model(**architecture)
+    if train.clinical is None or not train.schema:
+        raise ConfigError(
+            f"model {architecture['name']!r} reads clinical records, but dataset "
+            f"{'has no clinical table' if not train.schema else 'records are missing'}: use a "
+            "dataset with `clinical.features` (e.g. dataset=pad_ufes_20) or an image model"
+        )
+    model = build_model(**architecture, tabular_schema=train.schema)
+    if from_schema:
+        model.fit_normalisation_from_schema(train.schema)
+    else:
+        model.fit_normalisation(torch.from_numpy(train.clinical))
+    return model
+
+
+def _inputs(split: Any, architecture: Mapping[str, Any]):
+    """What the data module feeds the model: the image array alone, or a tuple of arrays."""
+    parts = split.inputs(architecture["name"])
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _dp_sgd(model: nn.Module, privacy: Any, num_examples: int, trainer: Mapping[str, Any]):

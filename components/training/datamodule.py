@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from components.data.inputs import Inputs, as_tuple, check_inputs
 from components.data.preprocess import Preprocessing
 from components.errors import ConfigError, DataError
 
 IMBALANCE_MODES = ("none", "weighted_loss", "weighted_sampler")
-Arrays = tuple[np.ndarray, np.ndarray]
+Arrays = tuple[Inputs, np.ndarray]  # (image array or tuple of the model's arrays, labels)
 
 
 @dataclass(frozen=True)
@@ -89,30 +90,28 @@ def resolve_augmentation(augment: bool | Augmentation | None) -> Augmentation | 
 
 def check_arrays(
     arrays: Arrays, preprocessing: Preprocessing, num_classes: int, name: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validate one split: uint8 (N,C,H,W) matching `preprocessing`, int labels in range."""
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Validate one split `(inputs, y)`: `inputs` an image array or a tuple of the model's
+    arrays (`components.data.inputs`), int labels in range, one per case."""
     try:
         x, y = arrays
     except (TypeError, ValueError) as exc:
-        raise DataError(f"{name} split must be an (x, y) pair of arrays") from exc
-    x, y = np.asarray(x), np.asarray(y)
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise DataError(f"{name} images must be uint8 (N, C, H, W); got {x.dtype} {x.shape}")
-    expected = (preprocessing.channels, preprocessing.size, preprocessing.size)
-    if tuple(x.shape[1:]) != expected:
-        raise DataError(
-            f"{name} images have shape {tuple(x.shape[1:])}, preprocessing expects {expected}; "
-            "rebuild the image cache with this preprocessing"
-        )
-    if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{name} labels must be 1-D with one label per image ({len(x)})")
-    if len(x) == 0:
+        raise DataError(f"{name} split must be an (inputs, labels) pair") from exc
+    for array in as_tuple(x):
+        array = np.asarray(array)
+        if array.ndim == 4 and array.dtype != np.uint8:
+            raise DataError(f"{name} images must be uint8 (N, C, H, W); got {array.dtype}")
+    parts = check_inputs(x, preprocessing.channels, preprocessing.size, name)
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(parts[0]):
+        raise DataError(f"{name} labels must be 1-D with one label per case ({len(parts[0])})")
+    if len(y) == 0:
         raise DataError(f"{name} split is empty")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{name} labels must be integers, got {y.dtype}")
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"{name} labels must lie in [0, {num_classes}); got {y.min()}..{y.max()}")
-    return x, y.astype(np.int64)
+    return parts, y.astype(np.int64)
 
 
 def class_counts(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -132,10 +131,13 @@ def inverse_frequency_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class ArrayDataset(Dataset):
-    """(uint8 image tensor (C,H,W), int64 label) pairs, optionally augmented per sample."""
+    """(inputs, int64 label) per case; `inputs` is the image tensor (C,H,W) for an image model,
+    else a tuple of per-case tensors (image (C,H,W) uint8 and/or record (D,) float32).
+    `transform` augments images only."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, transform=None) -> None:
-        self.x = torch.from_numpy(np.ascontiguousarray(x))
+    def __init__(self, x: Inputs, y: np.ndarray, transform=None) -> None:
+        self.parts = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in as_tuple(x))
+        self.single = not isinstance(x, tuple | list) or len(self.parts) == 1
         self.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
         self.transform = transform
 
@@ -143,22 +145,33 @@ class ArrayDataset(Dataset):
         return len(self.y)
 
     def __getitem__(self, index: int):
-        image = self.x[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.y[index]
+        items = []
+        for part in self.parts:
+            item = part[index]
+            if self.transform is not None and item.dtype == torch.uint8 and item.ndim == 3:
+                item = self.transform(item)
+            items.append(item)
+        return (items[0] if self.single else tuple(items)), self.y[index]
 
 
 class NormaliseCollate:
-    """Stack uint8 samples and normalise the batch (picklable for worker processes)."""
+    """Stack samples and normalise the image batch (picklable for worker processes); several
+    inputs come out as a tuple in the same order."""
 
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
 
+    def _stack(self, items: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack(items)
+        return self.preprocessing.normalise(batch) if batch.dtype == torch.uint8 else batch
+
     def __call__(self, samples):
-        images = torch.stack([image for image, _ in samples])
         labels = torch.stack([label for _, label in samples])
-        return self.preprocessing.normalise(images), labels
+        first = samples[0][0]
+        if isinstance(first, tuple):
+            inputs = tuple(self._stack([s[0][i] for s in samples]) for i in range(len(first)))
+            return inputs, labels
+        return self._stack([inputs for inputs, _ in samples]), labels
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -189,6 +202,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.preprocessing = preprocessing
         self.num_classes = num_classes
         self.train_x, self.train_y = check_arrays(train, preprocessing, num_classes, "train")
+        self.single_input = len(self.train_x) == 1
         self.val_arrays = None
         if val is not None:
             self.val_arrays = check_arrays(val, preprocessing, num_classes, "validation")
@@ -228,7 +242,7 @@ class ArrayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         transform = self.augmentation.build(self.preprocessing.size) if self.augmentation else None
-        dataset = ArrayDataset(self.train_x, self.train_y, transform)
+        dataset = ArrayDataset(self._inputs(self.train_x), self.train_y, transform)
         generator = torch.Generator().manual_seed(self.seed)
         if self.imbalance == "weighted_sampler":
             sampler = WeightedRandomSampler(
@@ -243,4 +257,8 @@ class ArrayDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_arrays is None:
             return []  # type: ignore[return-value]
-        return self._loader(ArrayDataset(*self.val_arrays), shuffle=False)
+        x, y = self.val_arrays
+        return self._loader(ArrayDataset(self._inputs(x), y), shuffle=False)
+
+    def _inputs(self, parts: tuple[np.ndarray, ...]) -> Inputs:
+        return parts[0] if self.single_input else parts

@@ -77,8 +77,9 @@ class ClassifierModule(L.LightningModule):
         self._val_count: torch.Tensor | float = 0
         self._last_val: dict[str, float] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Logits; `x` is one input tensor or the tuple of the model's inputs (image, record)."""
+        return self.model(*x) if isinstance(x, tuple | list) else self.model(x)
 
     def _proximal(self) -> torch.Tensor:
         assert self._global is not None
@@ -93,7 +94,7 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         loss = F.cross_entropy(logits, y, weight=self.class_weights)
         self._train_sum = self._train_sum + loss.detach() * len(y)
         self._train_count += len(y)
@@ -111,7 +112,7 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         loss = F.cross_entropy(logits, y, weight=self.class_weights, reduction="sum")
         self._val_sum = self._val_sum + loss.detach()
         if self.class_weights is None:
