@@ -209,6 +209,14 @@ class ServingConf:
 
 
 @dataclass
+class EvaluationConf:
+    # a model reading clinical records is also compared, on the same test split, with a
+    # clinical-only logistic regression and (fusion) an image-only model of the same backbone
+    # trained by the same recipe (central runs; a federated run pools no records to fit them)
+    baselines: bool = True
+
+
+@dataclass
 class CalibrationConf:
     """Calibrated probabilities and conformal referral, fitted after training (federated runs:
     from the sites' validation sums, components/federated/site_calibration.py)."""
@@ -252,6 +260,7 @@ class RunConf:
     registry: RegistryConf = field(default_factory=RegistryConf)
     package: PackageConf = field(default_factory=PackageConf)
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
+    evaluation: EvaluationConf = field(default_factory=EvaluationConf)
 
 
 _CHOICES = {

@@ -20,6 +20,7 @@ from flows.tasks import (
     bundle_task,
     calibrate_task,
     close_failed_run,
+    compare_task,
     evaluate_task,
     federated_calibration_task,
     federated_task,
@@ -55,6 +56,9 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
             calibrated = calibrate_task(ctx, trained.model, arrays)
         evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated, split)
         metrics = evaluation.metrics
+        comparison = compare_task(ctx, trained, arrays)
+        if comparison:
+            metrics["comparison"] = comparison
         fingerprints = validated.fingerprints()
         bundle_dir = bundle_task(
             ctx,
@@ -98,6 +102,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
         "epochs_run": trained.epochs_run,
         "selection": trained.selection,
         "leakage": metrics.get("leakage"),
+        "comparison": metrics.get("comparison"),
         "federation": trained.federation,
         "privacy": trained.privacy,
         "mlflow_run_id": registration.run_id,
@@ -113,7 +118,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
+_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "dangerous_auroc", "ece")
 
 
 @flow(name="validate_data", on_failure=[record_failure], on_crashed=[record_failure])

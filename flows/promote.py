@@ -143,7 +143,14 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
     metrics = meta.get("metrics") or {}
     headline = [
         f"| {name} | {metrics[name]:.4f} |"
-        for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece")
+        for name in (
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "macro_auroc",
+            "dangerous_auroc",
+            "ece",
+        )
         if isinstance(metrics.get(name), int | float)
     ]
     pre = meta.get("preprocessing") or {}
@@ -169,9 +176,38 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         "",
         *calibration_lines(meta.get("calibration"), metrics.get("calibration")),
         *leakage_lines(metrics.get("leakage")),
+        *comparison_lines(metrics.get("comparison")),
         *faithfulness_lines(bundle_dir),
     ]
     return "\n".join(lines)
+
+
+def comparison_lines(comparison: dict[str, Any] | None) -> list[str]:
+    """The "Does the clinical record help?" section: the model and its baselines on the same
+    test split, and the verdict (also when the model loses)."""
+    if not comparison:
+        return []
+    if comparison.get("skipped"):
+        return ["", "## Baselines", "", f"- {comparison['skipped']}"]
+    rows = [
+        f"| {name} | {_fmt(row.get('macro_f1'))} | {_fmt(row.get('macro_auroc'))} | "
+        f"{_fmt(row.get('balanced_accuracy'))} | {_fmt(row.get('dangerous_auroc'))} |"
+        for name, row in comparison["metrics"].items()
+    ]
+    return [
+        "",
+        "## Baselines on the same test split",
+        "",
+        f"{comparison['verdict']} (n = {comparison['n_test']}; uncalibrated probabilities).",
+        "",
+        "| model | macro-F1 | macro AUROC | balanced accuracy | dangerous-vs-rest AUROC |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 def faithfulness_lines(bundle_dir: Path) -> list[str]:

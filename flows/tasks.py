@@ -594,7 +594,7 @@ def evaluate_task(
     calibration = Calibration.from_dict(calibrated.calibration if calibrated else None)
     if calibration is not None:
         probs = calibration.recalibrate(probs)
-    metrics = evaluate(test.y, probs, classes)
+    metrics = evaluate(test.y, probs, classes, dangerous=ctx.cfg["dataset"]["dangerous"])
     if calibrated is not None:
         metrics["calibration"] = calibrated.report
     if split is not None and split.certificate is not None:
@@ -603,6 +603,57 @@ def evaluate_task(
     artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
     artifacts.metrics_table("test-metrics", metrics)
     return Evaluation(metrics=metrics, confusion_png=png)
+
+
+@task(name="compare-baselines")
+def compare_task(
+    ctx: RunContext, trained: TrainedModel, arrays: dict[str, SplitArrays]
+) -> dict[str, Any] | None:
+    """For a model reading clinical records: the same test split scored by a clinical-only
+    logistic regression and, for fusion, an image-only model of the same backbone trained by
+    the same recipe (`components.evaluation.comparison`). None for an image model or with
+    `evaluation.baselines=false`; a federated run reports why it has no baselines."""
+    from components.data.inputs import CLINICAL, IMAGE, input_kinds
+    from components.evaluation.comparison import (
+        CLINICAL_ONLY,
+        IMAGE_ONLY,
+        compare,
+        logistic_regression_probabilities,
+    )
+    from components.evaluation.predict import predict_proba
+    from components.training.assembly import image_only
+    from components.training.central import train_central
+
+    cfg = ctx.cfg
+    kinds = input_kinds(trained.architecture["name"])
+    if CLINICAL not in kinds or not cfg["evaluation"]["baselines"]:
+        return None
+    log = get_run_logger()
+    if trained.federation:
+        reason = "no baselines: fitting them would pool the sites' records"
+        log.info("comparison: %s", reason)
+        return {"skipped": reason}
+    train, test, pre = arrays["train"], arrays["test"], preprocessing_from_config(cfg)
+    name = trained.architecture["name"]
+    probabilities = {name: predict_proba(trained.model, test, pre)}
+    if IMAGE in kinds:
+        log.info("comparison: training the image-only baseline (%s)", kinds)
+        baseline = train_central(
+            cfg, arrays, ctx.run_dir / "baseline_image_only", image_only(trained.architecture)
+        )
+        probabilities[IMAGE_ONLY] = predict_proba(baseline.model, test, pre)
+    probabilities[CLINICAL_ONLY] = logistic_regression_probabilities(
+        train.clinical, train.y, test.clinical, len(ctx.class_names), seed=cfg["seed"]
+    )
+    result = compare(
+        test.y, probabilities, ctx.class_names, name, dangerous=cfg["dataset"]["dangerous"]
+    )
+    artifacts.write_json(ctx.run_dir / "comparison.json", result)
+    artifacts.markdown("baseline-comparison", f"# Baselines\n\n{result['verdict']}")
+    (log.info if result["beats_all_baselines"] else log.warning)(
+        "comparison: %s", result["verdict"]
+    )
+    return result
 
 
 LEAKAGE_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
@@ -715,11 +766,23 @@ def register_task(
     gate = GateConfig(metric=reg["gate_metric"], mode=reg["gate_mode"], min_delta=reg["min_delta"])
     decision = _with_retries(
         lambda: client.register_candidate(
-            run_id, reg["model_name"], metrics, gate, test_fingerprint=fingerprints["test"]
+            run_id,
+            reg["model_name"],
+            metrics,
+            gate,
+            test_fingerprint=fingerprints["test"],
+            inputs=_inputs_tag(ctx.cfg["model"]["name"]),
         )
     )
     get_run_logger().info("registry: %s", decision.reason)
     return Registration(run_id=run_id, decision=decision)
+
+
+def _inputs_tag(architecture: str) -> str:
+    """What the model reads, as the registry records it: image, clinical or image+clinical."""
+    from components.data.inputs import input_kinds
+
+    return "+".join(input_kinds(architecture))
 
 
 def _selection_tags(selection: dict[str, Any] | None) -> dict[str, str]:

@@ -111,8 +111,16 @@ def expected_calibration_error(
     return float(ece), bins
 
 
-def evaluate(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """All test-set metrics for `probs` (N, K) against integer labels `y_true` (N,)."""
+def evaluate(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    dangerous: Sequence[str] = (),
+) -> dict[str, Any]:
+    """All test-set metrics for `probs` (N, K) against integer labels `y_true` (N,).
+
+    With `dangerous` classes (e.g. the cancers), also `dangerous_auroc`: the binary task
+    "one of them vs the rest", scored by their summed probability."""
     y, p = _check_inputs(y_true, probs, class_names)
     names = [str(name) for name in class_names]
     k = len(names)
@@ -152,7 +160,21 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) 
             notes.append(f"class {name!r} is absent from y_true: left out of macro AUROC")
 
     ece, _ = expected_calibration_error(y, p)
+    binary: dict[str, Any] = {}
+    if dangerous:
+        unknown = sorted(set(map(str, dangerous)) - set(names))
+        if unknown:
+            raise ModelError(f"dangerous classes {unknown} are not among {names}")
+        columns = [names.index(str(c)) for c in dangerous]
+        positive = np.isin(y, columns)
+        binary["dangerous_auroc"] = binary_auroc(positive, p[:, columns].sum(axis=1))
+        binary["dangerous_vs_rest"] = {
+            "classes": [str(c) for c in dangerous],
+            "n_positive": int(positive.sum()),
+            "n_negative": int((~positive).sum()),
+        }
     return {
+        **binary,
         "n": n,
         "accuracy": float((pred == y).mean()),
         "balanced_accuracy": float(np.mean(recalls)),

@@ -41,6 +41,7 @@ TAG_RUN_ID = "run_id"
 TAG_GATE_DECISION = "gate_decision"
 TAG_GATE_REASON = "gate_reason"
 TAG_GATE_METRIC = "gate_metric"
+TAG_INPUTS = "inputs"  # image | clinical | image+clinical: the gate compares like with like
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 
 # MLflow's limits (mlflow.utils.validation); used when that module does not expose them.
@@ -347,11 +348,14 @@ class RegistryClient:
         test_metrics: dict[str, Any],
         gate: GateConfig,
         test_fingerprint: str | None = None,
+        inputs: str | None = None,
     ) -> GateDecision:
         """Register the run's bundle as a new version of `model_name` and apply the gate.
 
         The test-set fingerprint defaults to the run's ``test_set_fingerprint`` tag. The
         version gets alias ``champion`` if the gate promotes it, else ``challenger``.
+        `inputs` ("image", "clinical", "image+clinical") is recorded on the version; the gate
+        compares only versions reading the same inputs.
         """
         metrics = flatten_metrics(test_metrics)
         with _mlflow_errors(f"cannot register run {run_id} as {model_name!r}"):
@@ -367,12 +371,22 @@ class RegistryClient:
         same = champion is None or (
             bool(fingerprint) and champion.tags.get(TAG_TEST_FINGERPRINT) == fingerprint
         )
-        decision = decide(metrics, champion_metrics, gate.metric, gate.mode, gate.min_delta, same)
+        champion_inputs = champion.tags.get(TAG_INPUTS) if champion else None
+        decision = decide(
+            metrics,
+            champion_metrics,
+            gate.metric,
+            gate.mode,
+            gate.min_delta,
+            same,
+            inputs=(inputs, champion_inputs),
+        )
         if decision.status == "not_comparable" and not fingerprint:
             decision = replace(
                 decision, reason=decision.reason + " (candidate has no test-set fingerprint)"
             )
         tags = self._version_tags(metrics, fingerprint, run_id, gate) | {
+            **({TAG_INPUTS: inputs} if inputs else {}),
             TAG_GATE_DECISION: decision.status,
             TAG_GATE_REASON: _truncate(decision.reason, _MAX_TAG_VALUE),
         }

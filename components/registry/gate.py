@@ -60,8 +60,13 @@ def decide(
     mode: Mode = "max",
     min_delta: float = 0.0,
     same_test_set: bool = True,
+    inputs: tuple[str | None, str | None] = (None, None),
 ) -> GateDecision:
     """Decide promotion of `candidate` over `champion` (both: flat test-metric dicts).
+
+    `inputs` is (candidate's, champion's) kind of input ("image", "clinical",
+    "image+clinical"; None when unrecorded): a champion is replaced only by a model reading the
+    same inputs, since serving the candidate would otherwise change what every caller sends.
 
     Raises ConfigError when the candidate lacks the gate metric (a misconfigured gate must not
     silently promote or reject).
@@ -81,6 +86,14 @@ def decide(
     if champion is None:
         return GateDecision(
             True, f"no champion yet: first candidate ({metric}={cand:.6g})", "promoted"
+        )
+    if inputs[0] and inputs[1] and inputs[0] != inputs[1]:
+        return GateDecision(
+            False,
+            f"not comparable: the candidate reads {inputs[0]}, the champion {inputs[1]}; "
+            "serving the candidate would change what callers must send, so the champion was "
+            "kept (compare them in the run's baseline comparison; promote by hand if intended)",
+            "not_comparable",
         )
     if not same_test_set:
         return GateDecision(

@@ -58,3 +58,14 @@ def test_champion_without_the_metric_is_not_comparable():
 def test_gate_config_rejects_nonsense(mode, delta):
     with pytest.raises(ConfigError):
         GateConfig("macro_f1", mode, delta)
+
+
+def test_a_champion_is_replaced_only_by_a_model_reading_the_same_inputs():
+    better = {"macro_f1": 0.9}
+    changed = decide(better, {"macro_f1": 0.5}, "macro_f1", inputs=("image+clinical", "image"))
+    assert not changed.promote and changed.status == "not_comparable"
+    assert "reads image+clinical" in changed.reason and "champion image" in changed.reason
+    same = decide(better, {"macro_f1": 0.5}, "macro_f1", inputs=("image", "image"))
+    assert same.promote
+    # a champion registered before inputs were recorded is still compared
+    assert decide(better, {"macro_f1": 0.5}, "macro_f1", inputs=("image", None)).promote
