@@ -60,7 +60,7 @@ FORMAT_BY_SUFFIX = {
 DECODE_THREADS = 2
 PROGRESS_EVERY = 500
 DECODE_CACHE_FILE = "ingest_decode_cache.parquet"
-ADAPTERS = ("folder", "csv", "npz", "dicom", "synthetic")
+ADAPTERS = ("folder", "csv", "npz", "dicom", "synthetic", "table")
 
 
 @dataclass
@@ -595,6 +595,69 @@ def ingest_synthetic(
     return ingest_folder(root, cache_dir=cache_dir, max_per_class=max_per_class, seed=seed)
 
 
+def ingest_table(
+    root: str | Path,
+    clinical: Mapping,
+    classes: list[str] | None,
+    *,
+    cache_dir: Path | None = None,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A clinical table (`dataset.clinical`, components/data/clinical.py) joined to its images
+    under `root`: the image columns as the other adapters describe them (decode cache,
+    thumbnails, content hashes), plus `group` and one `clin__<feature>` column per feature.
+    Without a key column (a tabular-only dataset) rows have no image: `source` "", zero
+    geometry, and `sha256` the hash of the record's feature values."""
+    from components.data.clinical import TableSpec, load_rows
+
+    spec = TableSpec.from_config(clinical, root)
+    rows = load_rows(spec, classes or [])
+    rows = _subsample_rows(rows, max_per_class, seed)
+    if spec.key:
+        pairs = zip(rows["image"], rows["label"], strict=True)
+        candidates = [Candidate(image, label) for image, label in pairs]
+        frame = describe_all(candidates, cache_dir)
+    else:
+        frame = pd.DataFrame(
+            {
+                "id": [manifest.row_id(f"{spec.table.resolve()}::row/{n}") for n in rows["line"]],
+                "source": "",
+                "format": "",
+                "label": rows["label"].to_numpy(),
+                "split": "",
+                "given_split": "",
+                "site": "",
+                "width": 0,
+                "height": 0,
+                "channels": 0,
+                "sha256": rows["record_sha256"].to_numpy(),
+                "thumbnail": "",
+                "decode_error": "",
+            }
+        )
+    extra = rows[manifest.extra_columns(rows)].reset_index(drop=True)
+    return manifest.conform(pd.concat([frame.reset_index(drop=True), extra], axis=1))
+
+
+def _subsample_rows(rows: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """At most `max_per_class` table rows per label, chosen with a seeded RNG."""
+    if not max_per_class:
+        return rows
+    if max_per_class < 1:
+        raise DataError("max_per_class must be a positive number")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, members in sorted(rows.groupby("label").groups.items()):
+        chosen = (
+            members
+            if len(members) <= max_per_class
+            else rng.choice(members, size=max_per_class, replace=False)
+        )
+        keep.extend(chosen)
+    return rows.loc[sorted(keep)]
+
+
 def ingest(
     adapter: str,
     root: str | Path,
@@ -604,11 +667,13 @@ def ingest(
     seed: int = 0,
     *,
     options: Mapping | None = None,
+    clinical: Mapping | None = None,
 ) -> pd.DataFrame:
     """Run the named adapter; the decode cache and DICOM copies live under `workspace.cache`.
 
     `options` are adapter options; the synthetic adapter reads n_per_class, size, seed,
-    channels and with_splits from them.
+    channels and with_splits from them. `clinical` is the `dataset.clinical` section the
+    table adapter reads.
     """
     cache_dir = workspace.cache
     common = {"cache_dir": cache_dir, "max_per_class": max_per_class, "seed": seed}
@@ -623,6 +688,10 @@ def ingest(
         frame = ingest_dicom(root, cache_dir / "dicom_deidentified", **common)
     elif adapter == "synthetic":
         frame = ingest_synthetic(root, classes, options, **common)
+    elif adapter == "table":
+        if not clinical or not clinical.get("table"):
+            raise DataError("the table adapter needs dataset.clinical (its table, label, ...)")
+        frame = ingest_table(root, clinical, classes, **common)
     else:
         raise DataError(f"unknown ingest adapter {adapter!r}; choose one of {list(ADAPTERS)}")
     log.info(

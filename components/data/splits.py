@@ -11,6 +11,11 @@ Order of work on the decodable rows (rows with `decode_error` keep split "" for 
    train/val/test split over unique images. Rows of one sha256 always move together, so
    conflicting labels (same pixels, different labels: reported, not resolved) never straddle.
 4. Postcondition: no sha256 in two splits (checked, not assumed).
+
+With a patient column (`group`, from a clinical table) the rows of one patient form one unit
+with their near-duplicates, so no patient is in two splits (checked too). Rows without an
+image (a tabular-only dataset) are units by their record hash alone: no thumbnails, no
+near-duplicate search.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class SplitReport:
     conflicting_labels: dict = field(default_factory=lambda: {"groups": 0, "rows": 0})
     near_duplicates: dict = field(default_factory=dict)  # empty: not looked for
     grouping: dict = field(default_factory=dict)  # empty: no grouping beyond near-duplicates
+    patients: dict = field(default_factory=dict)  # empty: no patient column
     carved: dict[str, int] = field(default_factory=dict)
     rows_out: int = 0
     final_counts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -104,6 +110,7 @@ class SplitReport:
             "exact_duplicates_across_given_splits": self.cross_split_duplicates,
             "near_duplicates": self.near_duplicates,
             "grouping": self.grouping or {"method": "none"},
+            "patients": self.patients or {"column": None},
             "proximity": self.proximity,
             "strategy": self.strategy,
         }
@@ -153,6 +160,13 @@ class SplitReport:
             parts.append(
                 f"Grouped by {g['method']} (similarity >= {g['min_similarity']}): {g['groups']} "
                 f"groups of {g['images_in_groups']} images (largest {g['largest_group']})."
+            )
+        if self.patients:
+            p = self.patients
+            per_split = ", ".join(f"{s} {n}" for s, n in p["per_split"].items())
+            parts.append(
+                f"Split by patient: {p['patients']} patients ({p['with_several_rows']} with "
+                f"several rows, at most {p['largest']}), none in two splits ({per_split})."
             )
         if self.carved:
             carved = ", ".join(f"{s} {n}" for s, n in self.carved.items())
@@ -254,7 +268,7 @@ def _pair_counts(first: pd.Series, second: pd.Series) -> dict[str, int]:
 
 def _fill_thumbnails(frame: pd.DataFrame) -> pd.DataFrame:
     """Compute the thumbnail of rows without one (manifests written before `thumbnail`)."""
-    missing = frame.index[frame["thumbnail"] == ""]
+    missing = frame.index[(frame["thumbnail"] == "") & (frame["source"] != "")]
     if not len(missing):
         return frame
     from components.data.images import open_image
@@ -374,9 +388,11 @@ def assign_splits(
     given = [s for s in report.given_splits if s]
     keeping = bool(keep_given and given)
 
-    # 3. near-duplicates and likely-same-patient groups: the units that move together
+    # 3. near-duplicates, likely-same-patient groups and patients: the units that move together
     units = pd.Series(good.groupby("sha256", sort=False).ngroup().to_numpy(), good.index)
     near = units
+    if not (good["source"] != "").any():
+        leakage = None  # rows without images: nothing to compare but their record hashes
     if leakage is not None and leakage.near_duplicates:
         good = _fill_thumbnails(good)
         near = near_duplicate_labels(good, leakage.near_similarity)
@@ -386,6 +402,9 @@ def assign_splits(
     if leakage is not None and leakage.group_by != "none":
         good = _fill_thumbnails(good)
         units = _group_units(good, near, keeping, leakage, report)
+    patients = _patient_keys(good)
+    if patients is not None:
+        units = _join(units, patients)
 
     # 4. split assignment over units (images that must stay together)
     if keeping:
@@ -422,6 +441,9 @@ def assign_splits(
     _check_no_leak(good)
     for name, labels in (("near-duplicate groups", near), ("image groups", units)):
         _check_no_leak(good.assign(_key=labels.astype(str)), "_key", name)
+    if patients is not None:
+        _check_no_leak(good, manifest.GROUP, "patients")
+        report.patients = _patient_report(good)
     if leakage is not None:
         report.proximity, near_train = _proximity(good, leakage)
         report.near_matched_ids = sorted(str(i) for i in good.loc[near_train, "id"])
@@ -439,6 +461,42 @@ def assign_splits(
     }
     log.info("splits: %s", report.summary())
     return out, report
+
+
+def _patient_keys(good: pd.DataFrame) -> pd.Series | None:
+    """Each row's patient (`group`; a row without one is its own), or None without the
+    column."""
+    if manifest.GROUP not in good.columns:
+        return None
+    group = good[manifest.GROUP].astype(str)
+    alone = "row:" + pd.Series(range(len(good)), index=good.index).astype(str)
+    return group.where(group != "", alone)
+
+
+def _join(units: pd.Series, keys: pd.Series) -> pd.Series:
+    """Units joined transitively with the rows sharing a key."""
+    n = len(units)
+    links = []
+    for codes in (units.to_numpy(), keys.astype(str).to_numpy()):
+        first = pd.Series(np.arange(n)).groupby(codes).transform("min").to_numpy()
+        links.append(np.stack([first, np.arange(n)], axis=1))
+    return pd.Series(connected_groups(n, np.concatenate(links)), units.index)
+
+
+def _patient_report(good: pd.DataFrame) -> dict:
+    """Patients overall and per split (rows with a patient id)."""
+    rows = good[good[manifest.GROUP].astype(str) != ""]
+    sizes = rows[manifest.GROUP].value_counts()
+    per_split = rows.groupby("split")[manifest.GROUP].nunique()
+    return {
+        "column": manifest.GROUP,
+        "patients": len(sizes),
+        "rows_with_patient": len(rows),
+        "with_several_rows": int((sizes > 1).sum()),
+        "largest": int(sizes.max()) if len(sizes) else 0,
+        "per_split": {str(s): int(n) for s, n in per_split.items()},
+        "in_two_splits": 0,  # checked above (`_check_no_leak`)
+    }
 
 
 def _resolve_near_duplicates(good, near, keeping, leakage, report):

@@ -200,7 +200,8 @@ def test_dataset_alone_brings_its_recipe_and_the_command_line_still_wins(dataset
     model = next(d["override /model"] for d in recipe["defaults"] if "override /model" in d)
 
     cfg = compose([f"dataset={dataset}"])
-    assert cfg.model.name == model and cfg.model.pretrained
+    chosen = compose([f"model={model}"]).model  # the recipe's model option, as it composes
+    assert cfg.model.name == chosen.name and cfg.model.pretrained == chosen.pretrained
     for key, value in _leaves({k: v for k, v in recipe.items() if k != "defaults"}).items():
         assert OmegaConf.select(cfg, key) == value, key
 
