@@ -14,8 +14,10 @@ its own; three references come with it:
   method does regardless of the image (centre bias, blob size, smoothness) and drops only this
   image's content: a map that merely favours the centre of centred lesions scores as well here.
 
-`summarise` aggregates the per-image values over a split: mean and median share, the baselines'
-means, and the paired differences with bootstrap confidence intervals (resampling patients when
+`summarise` aggregates the per-image values over a split: mean and median share, the means of
+any named baselines (bench/lesion_localisation.py adds a fourth: the same architecture with
+re-initialised weights, since even an untrained CNN's Grad-CAM is drawn to a dark blob on
+skin), and the paired differences with bootstrap confidence intervals (resampling patients when
 a group per image is given, since one patient's images are not independent). Masks are brought
 to the heatmap's geometry by `resize_mask`, which resizes as `Preprocessing` resizes images.
 """
