@@ -144,7 +144,7 @@ def _validation(model, site, spec) -> dict[str, Any] | None:
 
     if not len(site.y_val):
         return None
-    return evaluate_model(model, site.x_val, site.y_val, spec.model)
+    return evaluate_model(model, spec.model.inputs(site.val), site.y_val, spec.model)
 
 
 def handle_train(msg: Message, site_dir: Path) -> Message:
@@ -178,7 +178,7 @@ def handle_train(msg: Message, site_dir: Path) -> Message:
     started = time.perf_counter()
     fit = train_local(
         model,
-        site.x_train,
+        spec.model.inputs(site.train),
         y,
         spec.model,
         spec.training,
@@ -258,7 +258,7 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
     val = _validation(model, site, spec)
     if val is None:
         metrics = dict.fromkeys(EVAL_KEYS, 0.0)
-        return _reply(msg, None, {"num-examples": 0, **metrics}, site.name)
+        return _reply(msg, None, {"num-examples": 0, UNIT_WEIGHT: 0, **metrics}, site.name)
     keep_best(
         site.directory,
         model,
@@ -276,6 +276,7 @@ def handle_evaluate(msg: Message, site_dir: Path) -> Message:
         "val-balanced-accuracy": float(val["balanced_accuracy"]),
         "val-macro-f1": float(val["macro_f1"]),
         "best-val-macro-f1": float(best_score(site.directory) or 0.0),
+        UNIT_WEIGHT: 1,  # central DP's rule weights every site alike, evaluation included
     }
     return _reply(msg, None, metrics, site.name)
 
@@ -297,7 +298,7 @@ def handle_calibrate(msg: Message, site_dir: Path) -> Message:
     n = len(site.y_val)
     if n == 0:
         return _reply(msg, None, {"num-examples": 0}, site.name, {"n": 0})
-    logits = predict_logits(model, site.x_val, spec.model.prep())
+    logits = predict_logits(model, spec.model.inputs(site.val), spec.model.prep())
     if str(config[CALIBRATE_KEY]) == "temperature":
         sums = sc.temperature_sums(logits, site.y_val, len(spec.model.class_names))
     else:
@@ -323,12 +324,13 @@ def handle_final_evaluate(msg: Message, site_dir: Path) -> Message:
     from components.evaluation.predict import predict_logits
     from components.federated.site_calibration import evaluation_sums
     from components.federated.site_metrics import site_summary
-    from components.federated.task import from_record, load_arrays, load_site_test
+    from components.federated.task import from_record, load_arrays, site_test_split
 
     spec, _ = _spec(msg)
-    x, y = load_site_test(site_dir)
+    test = site_test_split(site_dir)
+    y = test.y
     model = load_arrays(spec.model.build(), from_record(msg.content["arrays"]))
-    logits = predict_logits(model, x, spec.model.prep())
+    logits = predict_logits(model, spec.model.inputs(test), spec.model.prep())
     block = msg.content["config"].get(CALIBRATION_KEY)
     cal = Calibration.from_dict(json.loads(str(block))) if block else None
     probs = cal.probabilities(logits) if cal else _softmax(logits)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from components.data.cache import SplitArrays
+from components.data.inputs import CLINICAL, IMAGE, input_kinds
 from components.data.preprocess import Preprocessing
 from components.errors import DataError
 from components.federated.attacks import attacker_sites
@@ -102,13 +104,39 @@ def local_training(
     )
 
 
-def _xy(split: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _split(split: Any, name: str, architecture: str) -> SplitArrays:
+    """`split` (`SplitArrays` or an (x, y) pair) holding only what `architecture` reads: an
+    image model's sites get no clinical records, a table model's no images."""
     if split is None:
         raise DataError(f"federated training needs a {name} split")
-    if hasattr(split, "x"):
-        return np.asarray(split.x), np.asarray(split.y)
-    x, y = split
-    return np.asarray(x), np.asarray(y)
+    x, y, clinical = (split.x, split.y, split.clinical) if hasattr(split, "y") else (*split, None)
+    kinds = input_kinds(architecture)
+    out = SplitArrays(
+        x=np.asarray(x) if IMAGE in kinds and x is not None else None,
+        y=np.asarray(y),
+        ids=[],
+        clinical=np.asarray(clinical) if CLINICAL in kinds and clinical is not None else None,
+    )
+    out.inputs(architecture)  # DataError naming what the model reads and the split lacks
+    return out
+
+
+def _take(*parts: tuple[SplitArrays, np.ndarray]) -> SplitArrays:
+    """The rows `index` of each (split, index) pair, concatenated."""
+
+    def pick(field: str) -> np.ndarray | None:
+        if getattr(parts[0][0], field) is None:
+            return None
+        return np.concatenate([getattr(split, field)[index] for split, index in parts])
+
+    return SplitArrays(x=pick("x"), y=pick("y"), ids=[], clinical=pick("clinical"))
+
+
+def _schema(arrays: Mapping[str, Any], architecture: Mapping[str, Any]) -> list[dict] | None:
+    """The clinical schema the train split was encoded with, for a model that reads records."""
+    if CLINICAL not in input_kinds(architecture["name"]):
+        return None
+    return getattr(arrays.get("train"), "schema", None)
 
 
 def array_fingerprint(parts: list[np.ndarray]) -> str:
@@ -132,6 +160,10 @@ def prepare_federation(
     """Validate, partition and write a federated run under `root`.
 
     `arrays` maps "train"/"val"/"test" to `SplitArrays` (or (x, y) pairs, x uint8 N,C,H,W).
+    For a model that reads clinical records (fusion, tabular) the splits' encoded records
+    are written to the sites and the server's test file, and the schema (`SplitArrays.schema`)
+    goes into the run spec, so every site and the server build the same model; nothing
+    is fitted on the records here (`ModelSpec.build`).
     `site_groups` gives, for partition=given, the site of every train/val image
     ({"train": [...], "val": [...]}, e.g. from `partition.site_column(manifest, ids)`).
     `threads` caps torch threads per site (default: federation.simulation.threads_per_site
@@ -147,15 +179,22 @@ def prepare_federation(
     if threads is None and settings.engine == "simulation":
         threads = settings.simulation.threads_per_site
     root = Path(root).resolve()
-    x_train, y_train = _xy(arrays.get("train"), "train")
-    x_val, y_val = _xy(arrays.get("val"), "validation")
-    x_test, y_test = _xy(arrays.get("test"), "test")
-    if not len(y_test):
+    architecture = architecture_from_config(cfg, len(class_names), privacy=privacy)
+    model = ModelSpec(
+        architecture=architecture,
+        preprocessing=preprocessing.to_dict(),
+        class_names=list(class_names),
+        schema=_schema(arrays, architecture) or None,
+    )
+    train = _split(arrays.get("train"), "train", architecture["name"])
+    val = _split(arrays.get("val"), "validation", architecture["name"])
+    test = _split(arrays.get("test"), "test", architecture["name"])
+    if not len(test.y):
         raise DataError("the test split is empty: the server has nothing to evaluate on")
     groups = site_groups or {}
     sites = partition_splits(
-        y_train,
-        y_val,
+        train.y,
+        val.y,
         settings.partition,
         settings.num_sites,
         alpha=settings.alpha,
@@ -166,39 +205,35 @@ def prepare_federation(
         min_samples=settings.min_site_samples,
     )
     report = site_report(
-        sites, y_train, y_val, class_names, scheme=settings.partition, alpha=settings.alpha
+        sites, train.y, val.y, class_names, scheme=settings.partition, alpha=settings.alpha
     )
     attacks = attacker_sites(settings.attack, list(sites))
     site_dirs: dict[str, Path] = {}
     used: set[str] = set()
-    fingerprint_parts: list[np.ndarray] = [x_test, y_test]
+    fingerprint_parts: list[np.ndarray] = [*test.inputs(), test.y]
     for name, parts in sites.items():
         dirname = safe_site_name(name)
         while dirname in used:
             dirname += "_"
         used.add(dirname)
-        val_x = np.concatenate([x_val[parts.val], x_train[parts.val_from_train]])
-        val_y = np.concatenate([y_val[parts.val], y_train[parts.val_from_train]])
-        train_x, train_y = x_train[parts.train], y_train[parts.train]
+        site_val = _take((val, parts.val), (train, parts.val_from_train))
+        site_train = _take((train, parts.train))
         site_dirs[name] = write_site(
             root / "sites" / dirname,
             name,
-            (train_x, train_y),
-            (val_x, val_y),
+            site_train,
+            site_val,
             {"class_names": list(class_names), "histogram": report["sites"][name]},
         )
-        fingerprint_parts += [train_y, val_y, train_x[:: max(1, len(train_x) // 64)]]
+        step = max(1, len(site_train.y) // 64)
+        fingerprint_parts += [site_train.y, site_val.y]
+        fingerprint_parts += [a[::step] for a in site_train.inputs()]
     server_dir = root / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
-    write_split(server_dir / "test.npz", x_test, y_test)
-    architecture = architecture_from_config(cfg, len(class_names), privacy=privacy)
+    write_split(server_dir / "test.npz", test.x, test.y, test.clinical)
     spec = RunSpec(
         settings=settings,
-        model=ModelSpec(
-            architecture=architecture,
-            preprocessing=preprocessing.to_dict(),
-            class_names=list(class_names),
-        ),
+        model=model,
         training=local_training(cfg, settings, threads),
         test_path=str(server_dir / "test.npz"),
         out_dir=str(server_dir / "out"),

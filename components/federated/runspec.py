@@ -34,7 +34,7 @@ class ClientSpec:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "model": asdict(self.model),
+                "model": self.model.to_dict(),
                 "training": asdict(self.training),
                 "seed": self.seed,
                 "attacks": self.attacks,
@@ -95,7 +95,7 @@ class RunSpec:
         """What a checkpoint must match to be resumed: settings, model, training and data."""
         payload = {
             "settings": self.settings.fingerprint(),
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "training": {k: v for k, v in asdict(self.training).items() if k != "threads"},
             "sites": sorted(self.sites),
             "data": self.data_fingerprint,
@@ -107,7 +107,7 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "settings": self.settings.to_dict(),
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "training": asdict(self.training),
             "test_path": self.test_path,
             "out_dir": self.out_dir,

@@ -116,11 +116,11 @@ class _TestSet:
     """The server's held-out test split and a model to score global weights on it."""
 
     def __init__(self, spec: RunSpec) -> None:
-        from components.federated.task import read_split
+        from components.federated.task import read_arrays
 
         self.spec = spec
         self.held = bool(spec.test_path)  # a real federation's coordinator may hold none
-        self.x, self.y = read_split(Path(spec.test_path)) if self.held else (None, None)
+        self.split = read_arrays(Path(spec.test_path)) if self.held else None
         self.model = spec.model.build()
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -129,10 +129,13 @@ class _TestSet:
         if not self.held:
             return {}
         load_arrays(self.model, arrays)
-        return evaluate_model(self.model, self.x, self.y, self.spec.model)
+        split = self.split
+        return evaluate_model(self.model, self.spec.model.inputs(split), split.y, self.spec.model)
 
 
 def _initial_arrays(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The first global model (seeded); a clinical model's statistics from the schema alone
+    (`ModelSpec.build`): the server never fits anything on records."""
     import torch
 
     from components.federated.task import state_arrays

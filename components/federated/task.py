@@ -1,6 +1,13 @@
 """What the ServerApp and the ClientApp share: the model spec, weights <-> Flower records,
 site data on disk, and local training / evaluation through the project's one training loop
 (`components.training.loop.fit_local`) and metrics (`components.evaluation`).
+
+A model that reads clinical records (`fusion`, `tabular_mlp`) gets the clinical schema from
+the spec, and its imputation and scaling statistics from that schema alone
+(`fit_normalisation_from_schema`): every site and the server build the same statistics, no
+record leaves a site, and those buffers are not exchanged (`state_arrays` leaves them out), so
+aggregation, update bounds and noise never touch them. A site's split files hold its images
+(`x`), labels (`y`) and, with a clinical table, its encoded records (`c`).
 """
 
 from __future__ import annotations
@@ -13,12 +20,16 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from components.data.inputs import CLINICAL, input_kinds
 from components.data.preprocess import Preprocessing
-from components.errors import DataError, ModelError
+from components.errors import ConfigError, DataError, ModelError
+
+if TYPE_CHECKING:
+    from components.data.cache import SplitArrays
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +43,46 @@ BEST_META = "best.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build the model and see pixels: `build_model` kwargs, preprocessing, classes."""
+    """How to build the model and see pixels: `build_model` kwargs, preprocessing, classes,
+    and for a model reading clinical records the clinical `schema` (the dataset's features)."""
 
     architecture: dict[str, Any]
     preprocessing: dict[str, Any]
     class_names: list[str]
+    schema: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.reads_clinical and not self.schema:
+            raise ConfigError(
+                f"model {self.architecture['name']!r} reads clinical records, but the dataset "
+                "has no clinical schema: use a dataset with `clinical.features` or an image model"
+            )
+
+    @property
+    def reads_clinical(self) -> bool:
+        return CLINICAL in input_kinds(self.architecture["name"])
 
     def build(self):
+        """The model, identical on every site and the server; a clinical model's imputation
+        and scaling statistics come from the schema (never from records)."""
         from components.models import build_model
 
-        return build_model(**self.architecture)
+        if not self.reads_clinical:
+            return build_model(**self.architecture)
+        model = build_model(**self.architecture, tabular_schema=self.schema)
+        model.fit_normalisation_from_schema(self.schema)
+        return model
+
+    def inputs(self, split: SplitArrays) -> tuple[np.ndarray, ...]:
+        """The arrays of `split` this model reads, in `model(*inputs)` order."""
+        return split.inputs(self.architecture["name"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (an image model's has no `schema` key, as specs always had)."""
+        data = asdict(self)
+        if self.schema is None:
+            data.pop("schema")
+        return data
 
     def prep(self) -> Preprocessing:
         return Preprocessing.from_dict(self.preprocessing)
@@ -56,6 +97,7 @@ class ModelSpec:
             architecture=dict(data["architecture"]),
             preprocessing=dict(data["preprocessing"]),
             class_names=[str(c) for c in data["class_names"]],
+            schema=[dict(e) for e in data["schema"]] if data.get("schema") else None,
         )
 
 
@@ -81,16 +123,36 @@ class LocalTraining:
 # --------------------------------------------------------------------------- weights
 
 
+def schema_fixed_keys(model) -> frozenset[str]:
+    """State-dict keys the spec fixes and the federation never exchanges: the clinical
+    branch's imputation/scaling buffers (`fill`, `shift`, `scale`, `fitted`), set from the
+    schema when the model is built."""
+    from components.models.tabular import TabularEncoder
+
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, TabularEncoder):
+            for name, _ in module.named_buffers(recurse=False):
+                keys.add(f"{prefix}.{name}" if prefix else name)
+    return frozenset(keys)
+
+
 def state_arrays(model) -> dict[str, np.ndarray]:
-    """The model's state dict as numpy arrays (copies, CPU)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    """The model's exchanged state as numpy arrays (copies, CPU): the state dict without the
+    schema-fixed statistics (`schema_fixed_keys`)."""
+    fixed = schema_fixed_keys(model)
+    return {
+        k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if k not in fixed
+    }
 
 
 def load_arrays(model, arrays: Mapping[str, np.ndarray]):
-    """Load numpy weights into `model` strictly, cast to the model's own dtypes."""
+    """Load numpy weights into `model` strictly, cast to the model's own dtypes. The
+    schema-fixed statistics are the model's own (built from the spec); any sent are ignored."""
     import torch
 
-    own = model.state_dict()
+    fixed = schema_fixed_keys(model)
+    own = {k: v for k, v in model.state_dict().items() if k not in fixed}
     missing = sorted(set(own) - set(arrays))
     if missing:
         raise ModelError(f"weights lack {len(missing)} tensor(s) of the model, e.g. {missing[0]}")
@@ -104,6 +166,7 @@ def load_arrays(model, arrays: Mapping[str, np.ndarray]):
         if not ref.dtype.is_floating_point:
             value = np.rint(value)
         state[key] = torch.as_tensor(value).to(ref.dtype)
+    state.update({k: v for k, v in model.state_dict().items() if k in fixed})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -147,54 +210,106 @@ def local_seed(seed: int, server_round: int, site: str) -> int:
 
 @dataclass
 class SiteData:
-    """One site's images (uint8 N,C,H,W) and labels, read from its own directory only."""
+    """One site's train and validation splits (`SplitArrays`: images uint8 N,C,H,W and/or
+    encoded clinical records, labels), read from its own directory only."""
 
     name: str
     directory: Path
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    train: SplitArrays
+    val: SplitArrays
     meta: dict[str, Any]
 
+    @property
+    def x_train(self) -> np.ndarray | None:
+        return self.train.x
 
-def write_split(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    np.savez(path, x=np.ascontiguousarray(x, dtype=np.uint8), y=np.asarray(y, dtype=np.int64))
+    @property
+    def y_train(self) -> np.ndarray:
+        return self.train.y
+
+    @property
+    def x_val(self) -> np.ndarray | None:
+        return self.val.x
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.val.y
 
 
-def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+Split = Any  # an (x, y) pair of arrays or a `SplitArrays` (images may be None, records too)
+
+
+def _split_parts(split: Split) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(images or None, labels, encoded records or None) of an (x, y) pair or a split."""
+    if hasattr(split, "y"):
+        return split.x, split.y, getattr(split, "clinical", None)
+    x, y = split
+    return x, y, None
+
+
+def write_split(
+    path: Path, x: np.ndarray | None, y: np.ndarray, clinical: np.ndarray | None = None
+) -> None:
+    """One split file: `x` images (uint8), `y` labels, `c` encoded records (float32, NaN =
+    missing); a table-only split has no `x`, an image-only one no `c`."""
+    arrays = {"y": np.asarray(y, dtype=np.int64)}
+    if x is not None:
+        arrays["x"] = np.ascontiguousarray(x, dtype=np.uint8)
+    if clinical is not None:
+        arrays["c"] = np.ascontiguousarray(clinical, dtype=np.float32)
+    if len(arrays) == 1:
+        raise DataError(f"{path.name}: a split needs images or clinical records")
+    np.savez(path, **arrays)
+
+
+def read_arrays(path: Path) -> SplitArrays:
+    """A split file as `SplitArrays` (no row ids: they never leave the coordinator's run)."""
+    from components.data.cache import SplitArrays
+
     try:
         with np.load(path, allow_pickle=False) as data:
-            return data["x"], data["y"].astype(np.int64)
+            y = data["y"].astype(np.int64)
+            x = data["x"] if "x" in data.files else None
+            clinical = data["c"] if "c" in data.files else None
     except FileNotFoundError as exc:
         raise DataError(f"missing data file {path}") from exc
     except (KeyError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not an oncoflow split file (x, y arrays): {exc}") from exc
+    if x is None and clinical is None:
+        raise DataError(f"{path} holds neither images nor clinical records")
+    return SplitArrays(x=x, y=y, ids=[], clinical=clinical)
+
+
+def read_split(path: Path) -> tuple[np.ndarray | None, np.ndarray]:
+    """(images, labels) of a split file (images None for a table-only split)."""
+    split = read_arrays(path)
+    return split.x, split.y
 
 
 def write_site(
     directory: Path,
     name: str,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: Split,
+    val: Split,
     meta: Mapping[str, Any] | None = None,
-    test: tuple[np.ndarray, np.ndarray] | None = None,
+    test: Split | None = None,
 ) -> Path:
     """Write one site's partition to `directory` (train.npz, val.npz, site.json; test.npz,
-    the split only the site's final evaluation reads, when `test` is given)."""
+    the split only the site's final evaluation reads, when `test` is given). Each split is an
+    (x, y) pair or a `SplitArrays` (its clinical records are written too)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_split(directory / TRAIN_FILE, *train)
-    write_split(directory / VAL_FILE, *val)
-    info = {"site": name, "num_train": len(train[1]), "num_val": len(val[1])}
-    if test is not None:
-        write_split(directory / TEST_FILE, *test)
-        info["num_test"] = len(test[1])
+    splits = {TRAIN_FILE: train, VAL_FILE: val} | ({TEST_FILE: test} if test is not None else {})
+    info: dict[str, Any] = {"site": name}
+    for filename, split in splits.items():
+        x, y, clinical = _split_parts(split)
+        write_split(directory / filename, x, y, clinical)
+        info[f"num_{filename.split('.')[0]}"] = len(y)
     (directory / SITE_META).write_text(json.dumps({**info, **(meta or {})}, indent=1))
     return directory
 
 
-def load_site_test(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def site_test_split(directory: str | Path) -> SplitArrays:
     """The site's held-out test split (`DataError` when the site has none)."""
     path = check_site_dir(directory) / TEST_FILE
     if not path.is_file():
@@ -202,7 +317,13 @@ def load_site_test(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
             "this site holds no test split; prepare it with `oncoflow site prepare` "
             "(components.federated.site_prepare)"
         )
-    return read_split(path)
+    return read_arrays(path)
+
+
+def load_site_test(directory: str | Path) -> tuple[np.ndarray | None, np.ndarray]:
+    """(images, labels) of the site's held-out test split (`site_test_split`)."""
+    split = site_test_split(directory)
+    return split.x, split.y
 
 
 def check_site_dir(directory: str | Path) -> Path:
@@ -220,15 +341,11 @@ def check_site_dir(directory: str | Path) -> Path:
 def load_site(directory: str | Path) -> SiteData:
     path = check_site_dir(directory)
     meta = json.loads((path / SITE_META).read_text())
-    x_train, y_train = read_split(path / TRAIN_FILE)
-    x_val, y_val = read_split(path / VAL_FILE)
     return SiteData(
         name=str(meta["site"]),
         directory=path,
-        x_train=x_train,
-        y_train=y_train,
-        x_val=x_val,
-        y_val=y_val,
+        train=read_arrays(path / TRAIN_FILE),
+        val=read_arrays(path / VAL_FILE),
         meta=meta,
     )
 
@@ -245,7 +362,7 @@ def set_threads(threads: int | None) -> None:
 
 def train_local(
     model,
-    x: np.ndarray,
+    x: np.ndarray | tuple[np.ndarray, ...],
     y: np.ndarray,
     spec: ModelSpec,
     training: LocalTraining,
@@ -253,7 +370,8 @@ def train_local(
     dp: Any = None,
     label: str | None = None,
 ) -> dict[str, Any]:
-    """Local epochs on one site with the project's one training loop (`fit_local`).
+    """Local epochs on one site with the project's one training loop (`fit_local`); `x` is
+    the image array or the tuple of arrays the model reads (`ModelSpec.inputs`).
 
     `dp`: a `components.privacy.dp.DPSGD` hook pair making the fit DP-SGD (closed after).
     `label` (e.g. "site-a round 3") prefixes the per-epoch progress lines, logged at INFO."""
@@ -282,8 +400,9 @@ def train_local(
             dp.close()
 
 
-def evaluate_model(model, x: np.ndarray, y: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
-    """`components.evaluation.metrics.evaluate` plus the mean cross-entropy `loss`."""
+def evaluate_model(model, x: Any, y: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
+    """`components.evaluation.metrics.evaluate` plus the mean cross-entropy `loss`; `x` is an
+    image array, a tuple of the model's arrays or a `SplitArrays`."""
     from components.evaluation.metrics import evaluate
     from components.evaluation.predict import predict_proba
 
@@ -332,6 +451,7 @@ def keep_best(
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         metrics={"site_validation": dict(metrics)},
         extra={"site": site, "round": server_round, "source": source},
+        tabular_schema=spec.schema,
     )
     tmp = Path(site_dir) / f".tmp-best-{os.getpid()}"
     if tmp.exists():
@@ -369,7 +489,10 @@ __all__ = [
     "load_site_test",
     "local_seed",
     "match_dtypes",
+    "read_arrays",
     "read_split",
+    "schema_fixed_keys",
+    "site_test_split",
     "state_arrays",
     "to_record",
     "train_local",

@@ -1,0 +1,193 @@
+"""Federated training of models that read clinical records (fusion, tabular) on the inline
+engine: the sites hold their own encoded records, the spec carries the schema, the global
+model's imputation and scaling come from the schema alone and are never exchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_config import tiny_cfg
+
+from components.data.cache import SplitArrays
+from components.data.preprocess import Preprocessing
+from components.data.synthetic import make_synthetic
+from components.errors import ConfigError
+from components.evaluation.predict import predict_proba
+from components.federated.engines import run_prepared
+from components.federated.layout import prepare_federation
+from components.federated.task import load_site, read_arrays, schema_fixed_keys, state_arrays
+from components.models.tabular import TabularLayout
+
+SIZE = 16
+PREP = Preprocessing(size=SIZE, channels=3)
+SCHEMA = [
+    {"name": "score", "type": "float", "min": -5.0, "max": 15.0},
+    {"name": "smoker", "type": "bool", "required": False},
+    {"name": "site", "type": "category", "allowed": ["arm", "face", "back"]},
+]
+FUSION = ("model=fusion", "model.image_architecture=small_cnn", "model.pretrained=false")
+
+
+def _split(n_per_class: int, seed: int, images: bool) -> SplitArrays:
+    """Synthetic images (3 classes) and records whose `score` follows the class."""
+    data = make_synthetic(n_per_class, size=SIZE, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    records = [
+        {
+            "score": float(label * 5 + rng.normal(0, 0.5)),
+            "smoker": None if rng.random() < 0.3 else bool(rng.random() < 0.5),
+            "site": str(rng.choice(["arm", "face", "back"])),
+        }
+        for label in data.labels
+    ]
+    return SplitArrays(
+        x=data.images.transpose(0, 3, 1, 2).copy() if images else None,
+        y=data.labels.astype(np.int64),
+        ids=[f"{seed}-{i}" for i in range(len(data.labels))],
+        clinical=TabularLayout.from_schema(SCHEMA).encode_rows(records),
+        schema=SCHEMA,
+    )
+
+
+def _arrays(images: bool = True) -> dict[str, SplitArrays]:
+    return {
+        name: _split(n, seed, images)
+        for name, n, seed in (("train", 24, 1), ("val", 6, 2), ("test", 8, 3))
+    }
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _arrays(), make_synthetic(1, size=SIZE, seed=0).class_names
+
+
+def _cfg(*overrides: str, **federation) -> dict:
+    fed = {"engine": "inline", "num_sites": 3, "partition": "iid", "rounds": 1, "local_epochs": 1}
+    return tiny_cfg(
+        "training=federated",
+        "seed=3",
+        "model.norm=group",
+        *overrides,
+        trainer={"batch_size": 8, "lr": 0.01, "imbalance": "none", "augment": False},
+        federation=fed | federation,
+    )
+
+
+def test_fusion_federation_reads_each_sites_records(data, tmp_path):
+    arrays, classes = data
+    layout = prepare_federation(
+        _cfg(*FUSION, rounds=2), arrays, classes, PREP, tmp_path / "fed", threads=1
+    )
+    # the spec carries the schema; each site holds its own images and encoded records
+    assert layout.spec.model.schema == SCHEMA
+    sent = json.loads(layout.spec.client_spec.to_json())
+    assert sent["model"]["schema"] == SCHEMA
+    sizes = []
+    for site_dir in layout.sites.values():
+        site = load_site(site_dir)
+        assert site.train.x.shape[0] == site.train.clinical.shape[0] == len(site.train.y)
+        assert site.train.clinical.shape[1] == 5 and site.val.clinical is not None
+        sizes.append(len(site.train.y))
+    val_sizes = [len(load_site(d).val.y) for d in layout.sites.values()]
+    assert sum(sizes) + sum(val_sizes) == len(arrays["train"]) + len(arrays["val"])
+
+    result = run_prepared(layout)
+    assert [row["accepted"] for row in result.history] == [3, 3]
+    model = result.model
+    assert model.architecture == "fusion"
+    # the global model's normalisation is the schema's, not fitted on any record
+    encoder = model.tabular
+    assert float(encoder.fill[0]) == pytest.approx(5.0) and float(encoder.scale[0]) == 10.0
+    assert bool(encoder.fitted)
+    # its server score is the final model's score on the server's test file
+    test = read_arrays(layout.spec.test_path)
+    probs = predict_proba(model, (test.x, test.clinical), PREP)
+    accuracy = float((probs.argmax(1) == test.y).mean())
+    assert accuracy == pytest.approx(result.history[-1]["server"]["accuracy"])
+    # the model reads the record: changing it changes the prediction
+    shifted = test.clinical.copy()
+    shifted[:, 0] += 10.0
+    assert np.abs(predict_proba(model, (test.x, shifted), PREP) - probs).max() > 1e-4
+
+
+def test_tabular_only_federation(tmp_path):
+    arrays = _arrays(images=False)
+    classes = make_synthetic(1, size=SIZE, seed=0).class_names
+    cfg = _cfg("model=tabular", rounds=2, local_epochs=3)
+    layout = prepare_federation(cfg, arrays, classes, PREP, tmp_path / "fed", threads=1)
+    for site_dir in layout.sites.values():
+        site = load_site(site_dir)
+        assert site.train.x is None and site.train.clinical is not None
+    result = run_prepared(layout)
+    assert result.model.architecture == "tabular_mlp"
+    assert result.history[-1]["accepted"] == 3
+    assert result.history[-1]["server"]["accuracy"] > 1 / 3
+
+
+def test_normalisation_buffers_are_fixed_by_the_spec_not_exchanged(data, tmp_path):
+    arrays, classes = data
+    layout = prepare_federation(_cfg(*FUSION), arrays, classes, PREP, tmp_path / "fed", threads=1)
+    model = layout.spec.model.build()
+    fixed = schema_fixed_keys(model)
+    assert fixed == {"tabular.fill", "tabular.shift", "tabular.scale", "tabular.fitted"}
+    sent = state_arrays(model)
+    assert not fixed & set(sent) and "tabular.mlp.0.weight" in sent
+
+
+def test_image_model_sites_get_no_records_and_clinical_model_needs_them(data, tmp_path):
+    arrays, classes = data
+    layout = prepare_federation(_cfg(), arrays, classes, PREP, tmp_path / "img", threads=1)
+    assert layout.spec.model.schema is None
+    assert "schema" not in json.loads(layout.spec.client_spec.to_json())["model"]
+    site = load_site(next(iter(layout.sites.values())))
+    assert site.train.clinical is None and site.train.x is not None
+    images_only = {k: SplitArrays(x=v.x, y=v.y, ids=v.ids) for k, v in arrays.items()}
+    with pytest.raises(ConfigError, match="reads clinical records"):
+        prepare_federation(_cfg(*FUSION), images_only, classes, PREP, tmp_path / "f", threads=1)
+
+
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        {"mode": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon": None},
+        {"mode": "secagg_dp", "epsilon": 8.0, "update_norm_bound": 5.0},
+        {"mode": "central_dp", "epsilon": 8.0},
+    ],
+    ids=["dp_sgd", "secagg_dp", "central_dp"],
+)
+def test_fusion_federation_with_private_training(data, tmp_path, privacy):
+    """DP-SGD (Opacus per-sample gradients through both branches, Poisson batches of image and
+    record tuples) at each site, alone and under SecAgg+; central DP noise on the aggregate.
+    The schema's statistics are never exchanged, so no noise or bound touches them."""
+    arrays, classes = data
+    overrides = {"privacy": privacy}
+    cfg = tiny_cfg(
+        "training=federated",
+        "seed=3",
+        *FUSION,
+        trainer={"batch_size": 8, "lr": 0.05, "imbalance": "none", "augment": False},
+        federation={"engine": "inline", "num_sites": 2, "partition": "iid", "rounds": 1},
+        **overrides,
+    )
+    layout = prepare_federation(cfg, arrays, classes, PREP, tmp_path / "fed", threads=1)
+    result = run_prepared(layout)
+    row = result.history[0]
+    assert row["accepted"] == 2 and row["aggregated"]
+    if privacy["mode"] != "central_dp":
+        assert layout.spec.model.architecture["norm"] == "group"
+        assert all(site["dp_epsilon"] > 0 for site in row["sites"].values())
+    assert result.privacy["epsilon"] > 0
+    encoder = result.model.tabular
+    assert float(encoder.scale[0]) == 10.0 and float(encoder.fill[1]) == 0.5
+
+
+@pytest.mark.parametrize("strategy", ["median", "krum"])
+def test_fusion_federation_under_robust_rules(data, tmp_path, strategy):
+    arrays, classes = data
+    cfg = _cfg(*FUSION, f"federation={strategy}", num_sites=5, partition="iid")
+    result = run_prepared(prepare_federation(cfg, arrays, classes, PREP, tmp_path / "f", threads=1))
+    row = result.history[0]
+    assert row["aggregated"] and row["accepted"] >= 3
+    assert np.isfinite(row["server"]["loss"])
