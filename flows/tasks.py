@@ -66,8 +66,11 @@ class SplitResult:
 @dataclass
 class ValidationResult:
     frame: pd.DataFrame  # the rows that passed (quarantined rows removed)
-    report: dict[str, Any]
+    report: dict[str, Any]  # the manifest suite's; the clinical suite's under "clinical"
     quarantined: int
+    # the clinical schema the run uses (`dataset.clinical.features` less any leaking feature
+    # on_leakage=drop removed); None without a clinical table
+    features: list[dict[str, Any]] | None = None
 
     def fingerprints(self) -> dict[str, str]:
         """Hashes of what the model saw: every split ("data") and the test split ("test")."""
@@ -134,6 +137,10 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
     from components.data.ingest import ingest
 
     ds = ctx.cfg["dataset"]
+    if ds["clinical"]["table"]:  # a wrong schema fails before any image is read
+        from validation.clinical_schema import parse_schema
+
+        parse_schema(ds["clinical"]["features"])
     frame = ingest(
         ds["adapter"],
         ds["root"],
@@ -142,9 +149,10 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
         max_per_class=ds["max_per_class"],
         seed=ctx.cfg["seed"],
         options=ds["synthetic"],
+        clinical=ds["clinical"],
     )
     manifest_io.save(frame, ctx.run_dir / "manifest_raw.parquet")
-    get_run_logger().info("ingested %d images from %s (%s)", len(frame), ds["name"], ds["adapter"])
+    get_run_logger().info("ingested %d rows from %s (%s)", len(frame), ds["name"], ds["adapter"])
     return frame
 
 
@@ -188,6 +196,9 @@ def validate_task(ctx: RunContext, frame: pd.DataFrame) -> ValidationResult:
     from validation import validate_manifest
 
     ds = ctx.cfg["dataset"]
+    clinical = ds["clinical"]
+    images = not (clinical["table"] and clinical["key"] is None)  # tabular-only: no images
+    near = ds["split"]["near_duplicates"] and images
     outcome = validate_manifest(
         frame,
         list(ds["classes"]),
@@ -196,19 +207,68 @@ def validate_task(ctx: RunContext, frame: pd.DataFrame) -> ValidationResult:
         min_per_class=ctx.cfg["validation"]["min_per_class"],
         on_failure=ctx.cfg["validation"]["on_failure"],
         workspace=ctx.workspace,
-        near_similarity=ds["split"]["near_similarity"] if ds["split"]["near_duplicates"] else None,
+        near_similarity=ds["split"]["near_similarity"] if near else None,
+        images=images,
     )
-    manifest_io.save(outcome.validated, ctx.run_dir / "manifest.parquet")
     artifacts.write_json(ctx.run_dir / "validation_report.json", outcome.report)
     artifacts.markdown("validation-report", f"# Validation\n\n```\n{outcome.summary()}\n```")
-    get_run_logger().info(
+    log = get_run_logger()
+    log.info(
         "validation passed=%s, kept %d rows, quarantined %d",
         outcome.passed,
         len(outcome.validated),
         len(outcome.quarantined),
     )
-    return ValidationResult(
+    result = ValidationResult(
         frame=outcome.validated, report=outcome.report, quarantined=len(outcome.quarantined)
+    )
+    if clinical["table"]:
+        result = _validate_clinical(ctx, result)
+    manifest_io.save(result.frame, ctx.run_dir / "manifest.parquet")
+    return result
+
+
+def _validate_clinical(ctx: RunContext, manifest: ValidationResult) -> ValidationResult:
+    """The clinical suite (types, ranges, categories, missing values, label leakage) on the
+    manifest's clinical columns; its report goes beside validation_report.json."""
+    from components.errors import ValidationFailed
+    from validation.clinical_suite import validate_clinical_manifest
+
+    ds = ctx.cfg["dataset"]
+    clinical = ds["clinical"]
+    path = ctx.run_dir / "clinical_validation_report.json"
+    try:
+        outcome = validate_clinical_manifest(
+            manifest.frame,
+            clinical["features"],
+            dangerous=ds["dangerous"],
+            max_score=clinical["leakage_max_score"],
+            on_leakage=clinical["on_leakage"],
+            on_failure=ctx.cfg["validation"]["on_failure"],
+            workspace=ctx.workspace,
+        )
+    except ValidationFailed as exc:
+        artifacts.write_json(path, exc.report)
+        raise
+    artifacts.write_json(path, outcome.report)
+    summary = outcome.summary()
+    artifacts.markdown(
+        "clinical-validation-report", f"# Clinical validation\n\n```\n{summary}\n```"
+    )
+    kept = set(outcome.features or [])
+    get_run_logger().info(
+        "clinical validation passed=%s, kept %d rows and %d of %d features, quarantined %d",
+        outcome.passed,
+        len(outcome.validated),
+        len(kept),
+        len(clinical["features"]),
+        len(outcome.quarantined),
+    )
+    return ValidationResult(
+        frame=outcome.validated,
+        report={**manifest.report, "clinical": outcome.report},
+        quarantined=manifest.quarantined + len(outcome.quarantined),
+        features=[dict(f) for f in clinical["features"] if f["name"] in kept],
     )
 
 
@@ -278,7 +338,12 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
     try:
         with live_federation(client, run_id, out_dir_of(root)) as watcher:
             result = run_federated(
-                cfg, arrays, ctx.class_names, preprocessing_from_config(cfg), root
+                cfg,
+                arrays,
+                ctx.class_names,
+                preprocessing_from_config(cfg),
+                root,
+                site_groups=_site_groups(ctx, arrays),
             )
     except Exception as exc:
         raise federation_failure(out_dir_of(root), exc) from exc
@@ -316,6 +381,18 @@ def federated_task(ctx: RunContext, arrays: dict[str, SplitArrays]) -> TrainedMo
     )
 
 
+def _site_groups(ctx: RunContext, arrays: dict[str, SplitArrays]) -> dict[str, Any] | None:
+    """federation.partition=given: each train/val row's site, the validated manifest's `site`
+    column (a clinical column's value with `dataset.clinical.site`, e.g. PAD's region)."""
+    from components.data import manifest as manifest_io
+    from components.federated.partition import site_column
+
+    if ctx.cfg["federation"]["partition"] != "given":
+        return None
+    frame = manifest_io.load(ctx.run_dir / "manifest.parquet")
+    return {split: site_column(frame, arrays[split].ids) for split in ("train", "val")}
+
+
 def federation_failure(out_dir: Path, exc: Exception) -> Exception:
     """The exception a failed federation ends the task with: the round driver's sanitised
     reason when it recorded one, the original error when it is oncoflow's own."""
@@ -339,7 +416,12 @@ def federation_layout_task(
     from components.federated.layout import prepare_federation
 
     layout = prepare_federation(
-        ctx.cfg, arrays, ctx.class_names, preprocessing_from_config(ctx.cfg), root
+        ctx.cfg,
+        arrays,
+        ctx.class_names,
+        preprocessing_from_config(ctx.cfg),
+        root,
+        site_groups=_site_groups(ctx, arrays),
     )
     artifacts.markdown("site-report", layout.report_markdown)
     get_run_logger().info("prepared %d sites under %s", len(layout.sites), layout.root)

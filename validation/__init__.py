@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from validation.clinical_schema import ClinicalFeature, check_clinical_record, parse_schema
-    from validation.clinical_suite import validate_clinical
+    from validation.clinical_suite import validate_clinical, validate_clinical_manifest
     from validation.manifest_suite import validate_manifest
     from validation.outcome import ValidationOutcome
 
 _EXPORTS = {
     "validate_manifest": "validation.manifest_suite",
     "validate_clinical": "validation.clinical_suite",
+    "validate_clinical_manifest": "validation.clinical_suite",
     "check_clinical_record": "validation.clinical_schema",
     "parse_schema": "validation.clinical_schema",
     "ClinicalFeature": "validation.clinical_schema",
@@ -27,6 +28,7 @@ __all__ = [
     "check_clinical_record",
     "parse_schema",
     "validate_clinical",
+    "validate_clinical_manifest",
     "validate_manifest",
 ]
 

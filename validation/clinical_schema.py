@@ -254,6 +254,8 @@ def _parse_bool(value: Any) -> bool:
             return True
         if text in _FALSE:
             return False
+        if text in ("1.0", "0.0"):  # a 0/1 column written as floats (pandas does)
+            return text == "1.0"
     raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, 1/0)")
 
 

@@ -7,15 +7,22 @@ so the table suite and the single-record check used by the HTTP service agree:
 * ``<f>__wrong_type`` holds the raw value where it cannot be read as the feature's type
   (expected null everywhere);
 * ``<f>__value`` holds the parsed value, checked against ``min``/``max`` or ``allowed``.
+
+With `leakage` settings a third batch, one row per feature (`validation.leakage`), holds each
+feature's label-leakage score, expected at most `max_score`: a feature above it stops the
+run, or with `on_leakage="drop"` is removed from the schema (`features_dropped` in the
+report; the value checks and the typed table then cover the kept features only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
+from components.data.manifest import CLINICAL_PREFIX
 from components.errors import ConfigError, ValidationFailed
 from components.workspace import Workspace
 from validation import gx_engine
@@ -26,6 +33,13 @@ from validation.clinical_schema import (
     parse_value,
 )
 from validation.gx_engine import Check
+from validation.leakage import (
+    ON_LEAKAGE,
+    LeakageSettings,
+    development_rows,
+    leakage_frame,
+    leakage_scores,
+)
 from validation.outcome import CheckResult, ValidationOutcome, section, summarise, timestamp
 from validation.runner import finish, row_reasons
 
@@ -43,6 +57,7 @@ def validate_clinical(
     max_missing_fraction: float | Mapping[str, float] = 0.0,
     id_column: str = "id",
     workspace: Workspace | None = None,
+    leakage: LeakageSettings | None = None,
 ) -> ValidationOutcome:
     """Validate a clinical table against its feature schema with Great Expectations.
 
@@ -51,10 +66,14 @@ def validate_clinical(
     ``max_missing_fraction`` (per feature: the mapping argument, then the schema entry, then
     the float argument). `validated` holds the kept rows with typed feature values (float,
     nullable Int64, boolean, category values) and the table's own index.
-    Stop/quarantine semantics are those of `validate_manifest`.
+    Stop/quarantine semantics are those of `validate_manifest`. With `leakage`, the table
+    also holds the label (and split) column it names, and each feature's leakage score is
+    checked (see the module text); `features` of the outcome are the features kept.
     """
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if leakage is not None and leakage.on_leakage not in ON_LEAKAGE:
+        raise ConfigError(f"on_leakage must be one of {ON_LEAKAGE}, got {leakage.on_leakage!r}")
     features = parse_schema(schema)
     limits = _missing_limits(features, max_missing_fraction)
     stamp = timestamp()
@@ -89,18 +108,30 @@ def validate_clinical(
         finish(report, pd.DataFrame(), session, workspace, "clinical-validation", stamp)
         raise ValidationFailed(summarise(report), report)
 
-    checks = presence + _run_values(session, frame, features, limits, key, f"{stamp}-initial")
+    leaks, leaks_after = [], []
+    if leakage is not None:
+        features, leaks, leaks_after = _check_leakage(session, table, features, leakage, report)
+        if not all(c.success for c in leaks) and not leaks_after:
+            report.update(section(presence + leaks, describe, len(frame)))
+            report["skipped"] = "value checks skipped: a feature gives the label away"
+            finish(report, pd.DataFrame(), session, workspace, "clinical-validation", stamp)
+            raise ValidationFailed(summarise(report), report)
+    values = _run_values(session, frame, features, limits, key, f"{stamp}-initial")
+    checks = presence + leaks + values
     report.update(section(checks, describe, len(frame)))
     kept = frame
     quarantined = table.iloc[0:0].assign(reason=pd.Series(dtype="string"))
-    if not report["passed"] and on_failure == "quarantine":
-        reasons = row_reasons(checks, ROW, _explain(frame))
+    after = presence + leaks_after + values if leaks_after else None
+    if not all(c.success for c in values) and on_failure == "quarantine":
+        reasons = row_reasons(values, ROW, _explain(frame))
         if reasons:
             positions = sorted(reasons)
             quarantined = table.iloc[positions].assign(reason=[reasons[p] for p in positions])
             quarantined = quarantined.astype({"reason": "string"})
             kept = frame[~frame[ROW].isin(positions)]
-        after = presence + _run_values(session, kept, features, limits, key, f"{stamp}-after")
+        values = _run_values(session, kept, features, limits, key, f"{stamp}-after")
+        after = presence + (leaks_after or leaks) + values
+    if after is not None:  # rows quarantined or leaking features dropped
         report["after_quarantine"] = section(after, describe, len(kept))
     report["rows_quarantined"] = len(quarantined)
     report["rows_validated"] = len(kept)
@@ -117,7 +148,73 @@ def validate_clinical(
         quarantined=quarantined,
         report=report,
         data_docs=docs,
+        features=[f.name for f in features],
     )
+
+
+def _check_leakage(
+    session: gx_engine.GxSession,
+    table: pd.DataFrame,
+    features: list[ClinicalFeature],
+    settings: LeakageSettings,
+    report: dict,
+) -> tuple[list[ClinicalFeature], list[CheckResult], list[CheckResult]]:
+    """Score every feature for label leakage and check the scores with GX; returns (features
+    kept, the check's results, its results after dropping leaking features — empty unless
+    `on_leakage="drop"` dropped some)."""
+    if settings.label_column not in table.columns:
+        raise ConfigError(f"the leakage check needs the label column {settings.label_column!r}")
+    rows = development_rows(table, settings)
+    names = [f.name for f in features]
+    scores = leakage_scores(rows[names], rows[settings.label_column], features, settings.dangerous)
+    leaking = {s.feature: s for s in scores if s.score > settings.max_score}
+    report["leakage"] = {
+        "max_score": settings.max_score,
+        "on_leakage": settings.on_leakage,
+        "rows_scored": len(rows),
+        "rows_held_out": len(table) - len(rows),
+        "scores": [s.to_dict() for s in sorted(scores, key=lambda s: -s.score)],
+        "warnings": _missingness_warnings(scores, settings.max_score),
+    }
+    for warning in report["leakage"]["warnings"]:
+        logger.warning("clinical table: %s", warning)
+    reasons = "; ".join(f"{s.feature} (score {s.score:.3f}): {s.reason}" for s in leaking.values())
+    check = Check(
+        "no_label_leakage",
+        gx_engine.expectations().ExpectColumnValuesToBeBetween(
+            column="leakage_score", max_value=settings.max_score
+        ),
+        scope="feature",
+        explanation=(
+            f"no feature may give the label away on its own (leakage score at most "
+            f"{settings.max_score})" + (f": {reasons}" if reasons else "")
+        ),
+    )
+
+    def run(part: list, name: str) -> list[CheckResult]:
+        return session.run(
+            leakage_frame(part),
+            asset="clinical_leakage",
+            suite="clinical_leakage",
+            checks=[check],
+            index_columns=["feature"],
+            run_name=name,
+        )
+
+    stamp = timestamp()
+    results = run(scores, f"{stamp}-leakage")
+    if not leaking or settings.on_leakage == "stop":
+        return features, results, []
+    kept = [f for f in features if f.name not in leaking]
+    if not kept:
+        return features, results, []  # nothing left to drop to: stop
+    report["features_dropped"] = [
+        {"feature": s.feature, "score": round(s.score, 4), "reason": s.reason}
+        for s in leaking.values()
+    ]
+    logger.warning("dropped leaking clinical features: %s", ", ".join(leaking))
+    after = run([s for s in scores if s.feature not in leaking], f"{stamp}-leakage-after-drop")
+    return kept, results, after
 
 
 def typed_table(table: pd.DataFrame, features: list[ClinicalFeature]) -> pd.DataFrame:
@@ -257,6 +354,8 @@ def _keyed(table: pd.DataFrame, key: str) -> pd.DataFrame:
 
 def _describer(key: str):
     def describe(row: dict) -> dict:
+        if "feature" in row:  # the leakage check: one row per feature
+            return {"feature": row["feature"]}
         return {key: row.get(key)}
 
     return describe
@@ -270,3 +369,57 @@ def _explain(frame: pd.DataFrame):
         return f"{check.name} ({column}={value!r})"
 
     return explain
+
+
+def _missingness_warnings(scores: list, max_score: float) -> list[str]:
+    """One warning per pattern of missing values tied to the label (features missing
+    together, as in a collection that did not record them, share one)."""
+    by_reason: dict[str, list] = {}
+    for s in scores:
+        if s.missingness > max_score:
+            by_reason.setdefault(s.missingness_reason, []).append(s)
+    return [
+        f"whether {', '.join(s.feature for s in group)} "
+        f"{'is' if len(group) == 1 else 'are'} missing is tied to the label (score "
+        f"{group[0].missingness:.3f}): {reason}; a model may learn how the data were collected"
+        for reason, group in by_reason.items()
+    ]
+
+
+def validate_clinical_manifest(
+    manifest: pd.DataFrame,
+    features: list[Mapping],
+    *,
+    dangerous: Iterable[str] = (),
+    max_score: float = 0.95,
+    on_leakage: str = "stop",
+    on_failure: str = "stop",
+    workspace: Workspace | None = None,
+) -> ValidationOutcome:
+    """The clinical suite on a split manifest's `clin__<feature>` columns, with the leakage
+    check scored on its development rows (not test or calibration). `validated` is the
+    manifest's kept rows with typed values (None = missing) and without the columns of
+    dropped features; `features` names the features kept."""
+    names = [str(f["name"]) for f in features]
+    columns = {f"{CLINICAL_PREFIX}{n}": n for n in names}
+    absent = sorted(set(columns) - set(manifest.columns))
+    if absent:
+        raise ConfigError(f"the manifest has no clinical columns {absent}; ingest it again")
+    table = manifest[["id", "label", "split", *columns]].rename(columns=columns)
+    settings = LeakageSettings(max_score, on_leakage, tuple(dangerous))
+    outcome = validate_clinical(
+        table.reset_index(drop=True),
+        features,
+        on_failure=on_failure,
+        workspace=workspace,
+        leakage=settings,
+    )
+    typed = outcome.validated.set_index("id")
+    rows = manifest[manifest["id"].isin(typed.index)].copy()
+    for column, name in columns.items():
+        if name in (outcome.features or []):
+            values = typed[name].reindex(rows["id"]).astype(object)
+            rows[column] = values.where(values.notna(), None).to_numpy()
+        else:
+            rows = rows.drop(columns=column)
+    return dataclasses.replace(outcome, validated=rows.reset_index(drop=True))

@@ -8,9 +8,15 @@ Three GX batches are validated:
   ``n_splits_for_hash`` / ``n_labels_for_hash``, computed with pandas per content hash — no
   image in two splits and no image with two labels; with ``near_similarity``, also
   ``n_splits_for_near_group`` (near-duplicate groups recomputed from the thumbnails,
-  independently of the split step): no near-duplicate group in two splits;
+  independently of the split step): no near-duplicate group in two splits; with a patient
+  column (`group`), ``n_splits_for_group``: no patient in two splits;
 * ``manifest_class_counts`` (one row per class): a minimum count per class (in the train split
   once splits are assigned) and every declared class present.
+
+A tabular-only manifest (`images=False`: rows without images) skips the image checks
+(decodability, geometry, channels, near-duplicates); its `sha256` is the record's hash, so
+"in one split" applies to identical records, which may carry different labels (two patients
+with the same answers).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.data.manifest import COLUMNS, SPLITS, conform
+from components.data.manifest import COLUMNS, GROUP, SPLITS, conform, extra_columns
 from components.errors import ConfigError, ValidationFailed
 from components.workspace import Workspace
 from validation import gx_engine
@@ -49,6 +55,7 @@ def validate_manifest(
     on_failure: str = "stop",
     workspace: Workspace | None = None,
     near_similarity: float | None = None,
+    images: bool = True,
 ) -> ValidationOutcome:
     """Validate an image manifest with Great Expectations.
 
@@ -59,6 +66,7 @@ def validate_manifest(
     With a workspace, the report, the quarantined rows and GX Data Docs are written there.
     `near_similarity` (thumbnail correlation, `dataset.split.near_similarity`): also check
     that no near-duplicate group straddles two splits (None: exact copies only).
+    `images=False`: the rows have no images (a tabular-only dataset; see the module text).
     """
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
@@ -84,7 +92,7 @@ def validate_manifest(
         },
     }
     describe = _describer(frame)
-    near = near_similarity
+    near = near_similarity if images else None
 
     schema = session.run(
         frame,
@@ -101,7 +109,7 @@ def validate_manifest(
         raise ValidationFailed(summarise(report), report)
 
     checks = schema + _row_and_count_checks(
-        session, frame, classes, min_side, max_side, min_per_class, f"{stamp}-initial", near
+        session, frame, classes, min_side, max_side, min_per_class, f"{stamp}-initial", near, images
     )
     report.update(section(checks, describe, len(frame)))
     kept, quarantined = frame, frame.iloc[0:0].assign(reason=pd.Series(dtype="string"))
@@ -121,6 +129,7 @@ def validate_manifest(
             min_per_class,
             f"{stamp}-after-quarantine",
             near,
+            images,
         )
         report["after_quarantine"] = section(after, _describer(kept), len(kept))
     report["rows_quarantined"] = len(quarantined)
@@ -149,12 +158,15 @@ def _row_and_count_checks(
     min_per_class: int,
     run_name: str,
     near_similarity: float | None = None,
+    images: bool = True,
 ) -> list[CheckResult]:
     rows = session.run(
         with_derived_columns(frame, near_similarity),
         asset="manifest",
-        suite="manifest_rows",
-        checks=_row_checks(classes, min_side, max_side, near_similarity is not None),
+        suite="manifest_rows" if images else "manifest_records",
+        checks=_row_checks(
+            classes, min_side, max_side, near_similarity is not None, images, GROUP in frame
+        ),
         index_columns=["id", ROW],
         run_name=run_name,
     )
@@ -185,6 +197,10 @@ def with_derived_columns(frame: pd.DataFrame, near_similarity: float | None = No
     out["n_labels_for_hash"] = key.map(n_labels).fillna(0).astype("int64")
     if near_similarity is not None:
         out["near_group"], out["n_splits_for_near_group"] = _near_groups(out, near_similarity)
+    if GROUP in out.columns:
+        patient = out[GROUP].astype(str).where(out[GROUP].astype(str) != "")
+        spans = out["split"].where(out["split"] != "").groupby(patient).nunique()
+        out["n_splits_for_group"] = patient.map(spans).fillna(0).astype("int64")
     return out
 
 
@@ -221,15 +237,16 @@ def class_counts(frame: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame,
 
 def _schema_checks(frame: pd.DataFrame) -> list[Check]:
     e = gx_engine.expectations()
+    extra = extra_columns(frame)  # `group` and `clin__*` of a clinical table
     checks = [
         Check(
             "columns_match_manifest",
-            e.ExpectTableColumnsToMatchSet(column_set=list(COLUMNS), exact_match=True),
+            e.ExpectTableColumnsToMatchSet(column_set=[*COLUMNS, *extra], exact_match=True),
             scope="table",
-            explanation=f"expected exactly {list(COLUMNS)}",
+            explanation=f"expected exactly {list(COLUMNS)} (plus group and clin__ columns)",
         )
     ]
-    for column, dtype in COLUMNS.items():
+    for column, dtype in {**COLUMNS, **({GROUP: "string"} if GROUP in extra else {})}.items():
         if column not in frame.columns:
             continue
         types = INT_TYPES if dtype == "int64" else STR_TYPES
@@ -244,7 +261,14 @@ def _schema_checks(frame: pd.DataFrame) -> list[Check]:
     return checks
 
 
-def _row_checks(classes: list[str], min_side: int, max_side: int, near: bool) -> list[Check]:
+def _row_checks(
+    classes: list[str],
+    min_side: int,
+    max_side: int,
+    near: bool,
+    images: bool = True,
+    patients: bool = False,
+) -> list[Check]:
     e = gx_engine.expectations()
     decoded = {"row_condition": DECODED, "condition_parser": "pandas"}
     near_checks = [
@@ -254,21 +278,29 @@ def _row_checks(classes: list[str], min_side: int, max_side: int, near: bool) ->
             explanation="near-duplicate images (thumbnail similarity) must not straddle splits",
         )
     ]
+    patient_checks = [
+        Check(
+            "patient_in_one_split",
+            e.ExpectColumnValuesToBeBetween(column="n_splits_for_group", max_value=1),
+            explanation="the rows of one patient (group) must not straddle splits",
+        )
+    ]
+    if not images:
+        return [
+            *_label_checks(classes),
+            Check(
+                "record_in_one_split",
+                e.ExpectColumnValuesToBeBetween(column="n_splits_for_hash", max_value=1),
+                explanation="identical records (sha256) must not appear in two splits",
+            ),
+            *(patient_checks if patients else []),
+        ]
     return [
-        Check(
-            "split_values_known",
-            e.ExpectColumnValuesToBeInSet(column="split", value_set=SPLIT_VALUES),
-            explanation=f"split must be one of {SPLIT_VALUES}",
-        ),
-        Check(
-            "labels_in_classes",
-            e.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)),
-        ),
+        *_label_checks(classes),
         Check(
             "images_decodable",
             e.ExpectColumnValuesToBeInSet(column="decode_error", value_set=[""]),
         ),
-        Check("ids_unique", e.ExpectColumnValuesToBeUnique(column="id")),
         Check(
             "width_in_range",
             e.ExpectColumnValuesToBeBetween(
@@ -296,6 +328,23 @@ def _row_checks(classes: list[str], min_side: int, max_side: int, near: bool) ->
             explanation="the same image (sha256) must not carry two labels",
         ),
         *(near_checks if near else []),
+        *(patient_checks if patients else []),
+    ]
+
+
+def _label_checks(classes: list[str]) -> list[Check]:
+    e = gx_engine.expectations()
+    return [
+        Check(
+            "split_values_known",
+            e.ExpectColumnValuesToBeInSet(column="split", value_set=SPLIT_VALUES),
+            explanation=f"split must be one of {SPLIT_VALUES}",
+        ),
+        Check(
+            "labels_in_classes",
+            e.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)),
+        ),
+        Check("ids_unique", e.ExpectColumnValuesToBeUnique(column="id")),
     ]
 
 
@@ -379,6 +428,8 @@ def _explain(frame: pd.DataFrame, near_similarity: float | None = None):
                 f"image_has_one_label (same image labelled {labels}; "
                 f"all {len(group)} rows of this sha256 group quarantined)"
             )
+        if check.name in ("patient_in_one_split", "record_in_one_split"):
+            return f"{check.name} (all rows of the patient or record quarantined)"
         if check.name == "near_duplicates_in_one_split":
             group = derived[derived["near_group"] == row["near_group"]]
             splits = sorted(s for s in group["split"].unique() if s)

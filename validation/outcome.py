@@ -51,6 +51,8 @@ class ValidationOutcome:
     quarantined: pd.DataFrame
     report: dict
     data_docs: Path | None = None
+    # the clinical suite: the features kept (leaking ones dropped with on_leakage=drop)
+    features: list[str] | None = None
 
     def summary(self) -> str:
         return summarise(self.report)
@@ -107,6 +109,10 @@ def summarise(report: dict) -> str:
     head = f"{suite} validation {verdict}: {total - len(failed)}/{total} expectations met"
     lines.append(f"{head} on {first.get('rows', 0)} rows")
     lines.extend(_failure_lines(first))
+    for dropped in report.get("features_dropped", []):
+        lines.append(f"dropped feature {dropped['feature']}: {dropped['reason']}")
+    for warning in (report.get("leakage") or {}).get("warnings", []):
+        lines.append(f"warning: {warning}")
     if report.get("rows_quarantined"):
         lines.append(
             f"quarantined {report['rows_quarantined']} rows; "
@@ -135,7 +141,8 @@ def _failure_lines(part: dict) -> list[str]:
             continue
         if entry.get("scope") == "row" or entry.get("offenders"):
             count = entry.get("unexpected_count", 0)
-            noun = "class" if "class" in (entry.get("offenders") or [{}])[0] else "row"
+            first = (entry.get("offenders") or [{}])[0]
+            noun = next((k for k in ("class", "feature") if k in first), "row")
             plural = ("es" if noun == "class" else "s") if count != 1 else ""
             text = f"  - {name}{where}: {count} offending {noun}{plural}"
             examples = [_offender_text(o) for o in entry.get("offenders", [])[:SUMMARY_OFFENDERS]]
