@@ -683,7 +683,11 @@ class DiagnosisEngine:
         explained = self.explain(case, method=method, target=target, shap=False)
         features = None
         if explained.tabular_shap:
-            features = [f.model_dump() for f in explained.tabular_shap]
+            described = {f["name"]: f.get("description") or "" for f in self.schema or ()}
+            features = [
+                f.model_dump() | {"description": described.get(f.feature, "")}
+                for f in explained.tabular_shap
+            ]
         report = ReportInput(
             image_png=png_bytes(case.picture),
             predicted_label=explained.label,

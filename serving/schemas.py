@@ -199,6 +199,7 @@ class ClinicalFeatureSpec(BaseModel):
     unit: str = ""
     allowed: list[Any] | None = None
     required: bool = True
+    description: str | None = Field(default=None, description="the feature in words (forms show)")
 
 
 class CalibrationInfo(BaseModel):

@@ -17,26 +17,64 @@ from ui.errors import InvalidInput
 YES, NO = "Yes", "No"
 
 
+def readable_name(name: str) -> str:
+    """A feature's column name in words: 'diameter_1' -> 'Diameter 1',
+    'background_father' -> 'Background father'."""
+    words = " ".join(str(name).replace("_", " ").split())
+    return words[:1].upper() + words[1:]
+
+
 def field_label(entry: Mapping[str, Any]) -> str:
-    name = str(entry["name"]).replace("_", " ")
-    name = name[:1].upper() + name[1:]
+    """The input's label: the name in words, with its unit ('Diameter 1 (mm)')."""
+    name = readable_name(entry["name"])
     unit = entry.get("unit")
     return f"{name} ({unit})" if unit else name
 
 
+def _range_text(entry: Mapping[str, Any]) -> str | None:
+    low, high = entry.get("min"), entry.get("max")
+    if low is not None and high is not None:
+        return f"{low:g} to {high:g}"
+    if low is not None:
+        return f"at least {low:g}"
+    if high is not None:
+        return f"at most {high:g}"
+    return None
+
+
 def field_info(entry: Mapping[str, Any]) -> str:
+    """The line under the input: the schema's description, the range, required or optional."""
     parts = []
     if entry.get("description"):
         parts.append(str(entry["description"]))
-    low, high = entry.get("min"), entry.get("max")
-    if low is not None and high is not None:
-        parts.append(f"{low:g} to {high:g}")
-    elif low is not None:
-        parts.append(f"at least {low:g}")
-    elif high is not None:
-        parts.append(f"at most {high:g}")
+    if _range_text(entry):
+        parts.append(str(_range_text(entry)))
     parts.append("required" if entry.get("required", True) else "optional")
     return " · ".join(parts)
+
+
+def clinical_input(entry: Mapping[str, Any]):
+    """The Gradio input for one schema feature: a number box bounded by the feature's range
+    (whole numbers for int), Yes/No for a bool, a dropdown of the allowed values for a
+    category; labelled by `field_label`, described by `field_info`."""
+    import gradio as gr
+
+    label, info, key = field_label(entry), field_info(entry), f"clin-{entry['name']}"
+    kind = entry.get("type")
+    if kind in ("float", "int"):
+        return gr.Number(
+            label=label,
+            info=info,
+            minimum=entry.get("min"),
+            maximum=entry.get("max"),
+            precision=0 if kind == "int" else None,
+            key=key,
+        )
+    if kind == "bool":
+        return gr.Radio([YES, NO], label=label, info=info, key=key)
+    return gr.Dropdown(
+        choices=list(entry.get("allowed") or []), value=None, label=label, info=info, key=key
+    )
 
 
 def _missing(value: Any) -> bool:
@@ -69,7 +107,12 @@ def record_from_fields(schema: Sequence[Mapping[str, Any]], values: Sequence[Any
                 continue
             low, high = entry.get("min"), entry.get("max")
             if (low is not None and number < low) or (high is not None and number > high):
-                problems.append(f"{label} must be between {low:g} and {high:g}")
+                bounds = (
+                    f"between {low:g} and {high:g}"
+                    if low is not None and high is not None
+                    else _range_text(entry)
+                )
+                problems.append(f"{label} must be {bounds}")
                 continue
             record[name] = int(number) if kind == "int" else number
         elif kind == "bool":

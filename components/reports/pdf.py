@@ -35,7 +35,8 @@ _IMAGE_CM = 6.5
 class ReportInput:
     """Everything one report shows. `probabilities` maps class name -> probability in [0, 1].
 
-    `shap_features`: [{feature, value, unit?, shap}] (largest |shap| first); `metrics`,
+    `shap_features`: [{feature, value, unit?, description?, shap}] (largest |shap| first),
+    listed by the feature's name in words with its schema description; `metrics`,
     `privacy`, `data_fingerprint` and `architecture` come from the bundle (see
     `bundle_facts`); `model_version` from the registry.
     """
@@ -152,7 +153,7 @@ def render_report(report: ReportInput) -> bytes:
         story += [para(f"Top SHAP features (towards {target})", h2)]
         rows = [["Feature", "Value", "SHAP"]]
         for item in list(report.shap_features)[:_MAX_SHAP_ROWS]:
-            rows.append([para(item["feature"]), para(_value(item)), f"{float(item['shap']):+.4f}"])
+            rows.append([para(_feature(item)), para(_value(item)), f"{float(item['shap']):+.4f}"])
         story += [Table(rows, colWidths=[7 * cm, 4 * cm, 3 * cm], style=grid)]
         story += [
             para(
@@ -286,6 +287,14 @@ def _plain(colors):
             ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
         ]
     )
+
+
+def _feature(item: Mapping[str, Any]) -> str:
+    """'diameter_1' -> 'Diameter 1'; with the schema's description after it in brackets."""
+    words = " ".join(str(item["feature"]).replace("_", " ").split())
+    name = words[:1].upper() + words[1:]
+    description = str(item.get("description") or "").strip()
+    return f"{name} ({description})" if description else name
 
 
 def _value(item: Mapping[str, Any]) -> str:

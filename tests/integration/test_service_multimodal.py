@@ -181,9 +181,22 @@ BAD_RECORDS = {  # clinical value, phrases the 422 message must contain
     "not an object": (json.dumps([44, True]), ["clinical"]),
     "bad fields": (
         json.dumps({"age": 130, "hpv_positive": "maybe", "contraception": "ring", "name": "x"}),
-        ["age", "above maximum 90", "hpv_positive", "contraception", "name", "unknown field"],
+        [
+            "age: out of range",
+            "above maximum 90",
+            "hpv_positive: wrong type",
+            "contraception: not allowed",
+            "name: unknown field",
+        ],
     ),
-    "required missing": (json.dumps({"age": 44, "contraception": "iud"}), ["hpv_positive"]),
+    "not a number": (
+        json.dumps({"age": "forty", "hpv_positive": True, "contraception": "iud"}),
+        ["age: wrong type", "not a number"],
+    ),
+    "required missing": (
+        json.dumps({"age": 44, "contraception": "iud"}),
+        ["hpv_positive: missing (required)"],
+    ),
 }
 
 
@@ -229,9 +242,11 @@ def test_similar_and_report_with_a_record(client, data):
     pdf = client.report(png_of(images[5]), clinical=RECORD)
     pages = PdfReader(io.BytesIO(pdf)).pages
     text = " ".join(" ".join(page.extract_text() for page in pages).split())
-    assert "Top SHAP features" in text
-    for feature in ("age", "hpv_positive", "contraception"):
+    assert "Image and Grad-CAM" in text and "overlay for" in text  # the image's explanation
+    assert "Top SHAP features" in text  # beside the clinical record's
+    for feature in ("Age", "Hpv positive", "Contraception"):
         assert feature in text
+    assert sum(len(page.images) for page in pages) == 2  # the upload and its Grad-CAM overlay
 
 
 def test_card_and_endpoints_this_model_does_not_offer(client, data):

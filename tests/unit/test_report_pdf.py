@@ -68,6 +68,13 @@ def _report(bundle: ModelBundle, **changes) -> ReportInput:
             {"feature": "age", "value": 61.0, "unit": "years", "shap": 0.0821},
             {"feature": "hpv_positive", "value": True, "unit": "", "shap": -0.0312},
             {"feature": "bmi", "value": None, "unit": "kg/m2", "shap": 0.0011},
+            {
+                "feature": "fitspatrick",
+                "value": 3,
+                "unit": "",
+                "description": "Fitzpatrick skin type",
+                "shap": 0.0004,
+            },
         ],
         "case_id": "case-0042",
         "created_at": datetime(2025, 3, 4, 10, 5, 6, tzinfo=UTC),
@@ -89,8 +96,9 @@ def test_report_contains_what_it_claims(bundle):
     assert "accuracy 0.851" in text and "macro_f1 0.802" in text
     assert "per_class" not in text  # nested metrics stay in the model card
     assert "epsilon = 7.93, delta = 1e-05, accountant: rdp" in text and "rounds: 20" in text
-    assert "age 61 years +0.0821" in text and "hpv_positive True -0.0312" in text
-    assert "bmi missing" in text
+    # features by their names in words, with the schema's description where it has one
+    assert "Age 61 years +0.0821" in text and "Hpv positive True -0.0312" in text
+    assert "Bmi missing" in text and "Fitspatrick (Fitzpatrick skin type) 3 +0.0004" in text
     assert "gradcam++ overlay for malignant" in text
     assert "upper right" in text
     assert "2025-03-04 10:05:06 UTC" in text and "case-0042" in text

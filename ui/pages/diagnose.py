@@ -16,7 +16,7 @@ from PIL import Image
 from ui import html
 from ui.cases import check_case_ref, input_kind
 from ui.charts import pretty_label, probability_chart
-from ui.clinical import NO, YES, field_info, field_label, record_from_fields
+from ui.clinical import clinical_input, readable_name, record_from_fields
 from ui.context import UiContext
 from ui.errors import InvalidInput
 from ui.gateway import (
@@ -256,7 +256,7 @@ class DiagnosePage:
                 inputs = []
                 if schema:
                     gr.HTML('<div class="of-section-title">Clinical information</div>')
-                    inputs = [self._field(entry) for entry in schema]
+                    inputs = [clinical_input(entry) for entry in schema]
                 analyse = self.analyse_button.click(
                     self.analyse,
                     [self.token, self.info, self.upload, self.case_ref, self.schema, *inputs],
@@ -315,24 +315,6 @@ class DiagnosePage:
             [self.token, self.case],
             [self.gallery, self.similar_notice, self.case],
             api_visibility="private",
-        )
-
-    def _field(self, entry: dict):
-        label, info, key = field_label(entry), field_info(entry), f"clin-{entry['name']}"
-        kind = entry.get("type")
-        if kind in ("float", "int"):
-            return gr.Number(
-                label=label,
-                info=info,
-                minimum=entry.get("min"),
-                maximum=entry.get("max"),
-                precision=0 if kind == "int" else None,
-                key=key,
-            )
-        if kind == "bool":
-            return gr.Radio([YES, NO], label=label, info=info, key=key)
-        return gr.Dropdown(
-            choices=list(entry.get("allowed") or []), value=None, label=label, info=info, key=key
         )
 
     def _result_outputs(self) -> list:
@@ -668,7 +650,7 @@ def shap_text(explanation: Explanation) -> str:
             shap = float(f.get("shap", 0.0))
             direction = "towards" if shap > 0 else "away"
             rows.append(
-                f"| {f.get('feature', '')} | {f.get('value', '')}{unit} | "
+                f"| {readable_name(f.get('feature', ''))} | {f.get('value', '')}{unit} | "
                 f"{shap:+.3f} ({direction}) |"
             )
         parts.append("\n".join(rows))
