@@ -161,8 +161,12 @@ def clinical_json_schema(features: Iterable[Mapping[str, Any]]) -> dict[str, Any
             for bound, key in (("min", "minimum"), ("max", "maximum")):
                 if feature.get(bound) is not None:
                     schema[key] = feature[bound]
-        if feature.get("unit"):
-            schema["description"] = f"in {feature['unit']}"
+        words = [
+            str(feature.get("description") or ""),
+            f"in {feature['unit']}" if feature.get("unit") else "",
+        ]
+        if any(words):
+            schema["description"] = ", ".join(w for w in words if w)
         if feature.get("required", True):
             required.append(feature["name"])
         else:

@@ -205,10 +205,17 @@ def test_a_clinical_schema_becomes_the_json_schema_of_the_record():
             {"name": "age", "type": "float", "min": 18, "max": 110, "unit": "years"},
             {"name": "sex", "type": "category", "allowed": ["F", "M"], "required": False},
             {"name": "smoker", "type": "bool"},
+            {"name": "fitspatrick", "type": "int", "description": "Fitzpatrick skin type"},
+            {"name": "diameter_1", "type": "float", "unit": "mm", "description": "longest axis"},
         ]
     )
-    assert schema["required"] == ["age", "smoker"] and schema["additionalProperties"] is False
+    assert (
+        schema["required"] == ["age", "smoker", "fitspatrick", "diameter_1"]
+        and schema["additionalProperties"] is False
+    )
     age, sex, smoker = (schema["properties"][n] for n in ("age", "sex", "smoker"))
     assert age == {"type": "number", "minimum": 18, "maximum": 110, "description": "in years"}
     assert sex == {"enum": ["F", "M"], "nullable": True}
     assert smoker == {"type": "boolean"}
+    assert schema["properties"]["fitspatrick"]["description"] == "Fitzpatrick skin type"
+    assert schema["properties"]["diameter_1"]["description"] == "longest axis, in mm"
