@@ -90,7 +90,8 @@ class ModelBundle:
             "weights": True,
             "background": background,
             "case_index": case_index,
-            "training_images": case_index > 0 or background not in (BACKGROUND_BASELINES, "none"),
+            "training_images": case_index > 0
+            or background not in (BACKGROUND_BASELINES, BACKGROUND_CLINICAL, "none"),
             "ood_statistics": OOD_STATISTICS if self.ood_stats else None,
         }
 

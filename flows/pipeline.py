@@ -43,7 +43,7 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
 
     split = split_task(ctx, ingest_task(ctx))
     validated = validate_task(ctx, split.frame)
-    arrays = arrays_task(ctx, validated.frame)
+    arrays = arrays_task(ctx, validated.frame, validated.features)
     if cfg["training"]["mode"] == "federated":
         trained = federated_task(ctx, arrays)
     else:
@@ -146,7 +146,8 @@ def prepare_federation_data(root: str, overrides: list[str] | None = None) -> di
     ctx = RunContext.create(overrides, "-federation")
     split = split_task(ctx, ingest_task(ctx))
     validated = validate_task(ctx, split.frame)
-    layout = federation_layout_task(ctx, arrays_task(ctx, validated.frame), root)
+    arrays = arrays_task(ctx, validated.frame, validated.features)
+    layout = federation_layout_task(ctx, arrays, root)
     return {
         "root": str(layout.root),
         "sites": {name: str(path) for name, path in layout.sites.items()},

@@ -135,3 +135,53 @@ def write_synthetic_folder(
     )
     log.info("wrote %d synthetic images (%d classes) under %s", len(data), 3, root)
     return data
+
+
+#: the paired synthetic dataset's classes: the image shows whether there is a lesion, only the
+#: clinical record (its `marker`) tells a benign lesion from a malignant one
+CLINICAL_CLASSES = ("no_lesion", "benign", "malignant")
+CLINICAL_TABLE = "clinical.csv"
+
+
+def write_synthetic_clinical_folder(
+    root: str | Path, n_per_class: int, size: int = 32, seed: int = 0
+) -> Path:
+    """Write paired images and a clinical table where neither alone gives the label.
+
+    `<root>/images/case_<i>.png` and `<root>/clinical.csv` with columns `image` (the file
+    name), `patient` (two or three images per patient), `age`, `smoker` (some missing),
+    `site` (a category), `marker` (a lab value) and `diagnosis`. No lesion in the image:
+    `no_lesion`; a lesion and a high marker: `malignant`; a lesion and a low one: `benign`.
+    So an image-only model cannot tell benign from malignant, a record-only model cannot
+    tell a benign lesion from no lesion, and a fusion model can tell all three.
+    """
+    import pandas as pd
+
+    data = make_synthetic(n_per_class * 2, size=size, seed=seed)
+    rng = np.random.default_rng(seed + 7)
+    has_lesion = data.labels > 0
+    high = rng.random(len(data)) < 0.5
+    label = np.where(~has_lesion, 0, np.where(high, 2, 1))
+    keep = np.concatenate([np.flatnonzero(label == c)[:n_per_class] for c in range(3)])
+    keep = keep[rng.permutation(len(keep))]
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, i in enumerate(keep):
+        name = f"case_{n:05d}.png"
+        Image.fromarray(data.images[i]).save(root / "images" / name)
+        marker = rng.normal(7.0, 1.0) if high[i] else rng.normal(3.0, 1.0)
+        rows.append(
+            {
+                "image": name,
+                "patient": f"P{n // 2 + (n % 5 == 0):04d}",
+                "age": int(rng.integers(30, 80)),
+                "smoker": "" if rng.random() < 0.15 else str(bool(rng.random() < 0.3)),
+                "site": str(rng.choice(["arm", "back", "face"])),
+                "marker": round(float(np.clip(marker, 0.0, 12.0)), 2),
+                "diagnosis": CLINICAL_CLASSES[int(label[i])],
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / CLINICAL_TABLE, index=False)
+    log.info("wrote %d paired synthetic cases under %s", len(rows), root)
+    return root / CLINICAL_TABLE
