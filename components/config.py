@@ -82,6 +82,9 @@ class ClinicalConf:
     label_names: dict[str, str] = field(default_factory=dict)
     # the patient column: rows sharing it stay in one split (kept only as a keyed hash)
     group: str | None = None
+    # a column whose value names each row's site (the manifest's `site`: federated
+    # partition=given, e.g. PAD's anatomical `region`); it may also be a feature
+    site: str | None = None
     # the clinical schema: one entry per feature column (validation/clinical_schema.py:
     # name, type float|int|bool|category, min/max, allowed, required, max_missing_fraction)
     features: list[dict[str, Any]] = field(default_factory=list)
@@ -391,11 +394,12 @@ def _check_clinical(ds) -> None:
     """The clinical table's roles: what the table adapter needs, each column in one role.
     (Feature types and bounds are checked by `validation.clinical_schema.parse_schema`.)"""
     clinical = ds.clinical
-    if ds.adapter != "table":
+    paired = ds.adapter == "synthetic" and bool(ds.synthetic.get("paired"))
+    if ds.adapter != "table" and not paired:
         if clinical.table:
             raise ConfigError(
                 f"dataset.clinical.table is set but dataset.adapter={ds.adapter}; a clinical "
-                "table is read by adapter=table"
+                "table is read by adapter=table (or synthetic with synthetic.paired=true)"
             )
         return
     if not clinical.table or not clinical.label:
@@ -428,6 +432,12 @@ def _check_clinical(ds) -> None:
                     "give each column one role: key, label, group, feature or exclude"
                 )
             seen[column] = role
+    if clinical.site is not None and seen.get(clinical.site) in ("key", "label", "group"):
+        # a site name is logged and reported: never an image key, the class or a patient id
+        raise ConfigError(
+            f"dataset.clinical.site={clinical.site!r} is the {seen[clinical.site]} column; "
+            "name the site by a feature or a column of its own (e.g. region)"
+        )
 
 
 def _check_bundle_contents(cfg) -> None:

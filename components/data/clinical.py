@@ -2,7 +2,8 @@
 its rows to their images.
 
 Roles come from `dataset.clinical`: `key` (the column naming each row's image; null for a
-tabular-only dataset), `label`, `group` (the patient), `features` and `exclude`. A column
+tabular-only dataset), `label`, `group` (the patient), `features` and `exclude`; `site` names
+a column (a feature too, or a column of its own) whose value is each row's federated site. A column
 without a role, or a role naming a column the table lacks, is an error that names it. The
 patient id is kept only as a keyed hash (`group_key`); errors name table lines, never ids.
 """
@@ -42,6 +43,7 @@ class TableSpec:
     features: tuple[str, ...]
     exclude: tuple[str, ...]
     missing_values: tuple[str, ...]
+    site: str | None = None
 
     @classmethod
     def from_config(cls, clinical: Mapping, root: str | Path) -> TableSpec:
@@ -60,6 +62,7 @@ class TableSpec:
             features=tuple(str(f["name"]) for f in clinical["features"]),
             exclude=tuple(clinical.get("exclude") or ()),
             missing_values=tuple(str(v) for v in clinical["missing_values"]),
+            site=clinical.get("site"),
         )
 
     @property
@@ -70,6 +73,8 @@ class TableSpec:
             column = getattr(self, role)
             if column:
                 out[column] = role
+        if self.site and self.site not in out:  # a feature may name the site as well
+            out[self.site] = "site"
         return out
 
     def image_path(self, key: str) -> Path:
@@ -122,9 +127,10 @@ def record_hash(values: Sequence) -> str:
 def load_rows(spec: TableSpec, classes: Sequence[str]) -> pd.DataFrame:
     """The table's rows as `line`, `label` (class name), `image` (path, or "" without a key
     column), `group` (keyed hash, "" when the row has no patient id, absent without a group
-    column), `record_sha256` and one `clin__<feature>` column per feature (raw text, None =
-    missing). DataError on a missing label or image, a duplicate key, a label outside
-    `classes` or an image file no row names."""
+    column), `record_sha256`, `site` (with a site column: its value, "" when missing) and one
+    `clin__<feature>` column per feature (raw text, None = missing). DataError on a missing
+    label or image, a duplicate key, a label outside `classes` or an image file no row
+    names."""
     table = read_table(spec.table, spec.missing_values)
     check_roles(list(table.columns), spec)
     if table.empty:
@@ -135,6 +141,8 @@ def load_rows(spec: TableSpec, classes: Sequence[str]) -> pd.DataFrame:
     if spec.group:
         secret = hashlib.sha256(spec.table.read_bytes()).digest()
         out[GROUP] = [group_key(secret, p) if p else "" for p in table[spec.group]]
+    if spec.site:
+        out["site"] = table[spec.site].fillna("").astype(str).to_numpy()
     features = table[list(spec.features)]
     out["record_sha256"] = [record_hash(row) for row in features.itertuples(index=False)]
     for name in spec.features:

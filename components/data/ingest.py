@@ -576,13 +576,33 @@ def ingest_synthetic(
     cache_dir: Path | None = None,
     max_per_class: int | None = None,
     seed: int = 0,
+    clinical: Mapping | None = None,
 ) -> pd.DataFrame:
-    """Generate synthetic images into `root` unless it already has content, then ingest it."""
-    from components.data.synthetic import DEFAULT_CLASSES, write_synthetic_folder
+    """Generate synthetic images into `root` unless it already has content, then ingest it.
+    With `paired` (dataset=synthetic_clinical): images and a clinical table, ingested by the
+    table adapter with `clinical`."""
+    from components.data.synthetic import (
+        DEFAULT_CLASSES,
+        write_synthetic_clinical_folder,
+        write_synthetic_folder,
+    )
 
     root = Path(root)
     options = dict(options or {})
-    if not root.exists() or not any(root.iterdir()):
+    empty = not root.exists() or not any(root.iterdir())
+    if options.get("paired"):
+        if not clinical:
+            raise DataError("paired synthetic data needs dataset.clinical (its table and roles)")
+        if empty:
+            write_synthetic_clinical_folder(
+                root,
+                n_per_class=int(options.get("n_per_class", 40)),
+                size=int(options.get("size", 32)),
+                seed=int(options.get("seed", seed)),
+            )
+        common = {"cache_dir": cache_dir, "max_per_class": max_per_class, "seed": seed}
+        return ingest_table(root, clinical, list(classes or []), **common)
+    if empty:
         write_synthetic_folder(
             root,
             n_per_class=int(options.get("n_per_class", 40)),
@@ -608,15 +628,17 @@ def ingest_table(
     under `root`: the image columns as the other adapters describe them (decode cache,
     thumbnails, content hashes), plus `group` and one `clin__<feature>` column per feature.
     Without a key column (a tabular-only dataset) rows have no image: `source` "", zero
-    geometry, and `sha256` the hash of the record's feature values."""
+    geometry, and `sha256` the hash of the record's feature values. With `clinical.site`,
+    that column's value is each row's `site` (federation.partition=given)."""
     from components.data.clinical import TableSpec, load_rows
 
     spec = TableSpec.from_config(clinical, root)
     rows = load_rows(spec, classes or [])
     rows = _subsample_rows(rows, max_per_class, seed)
+    sites = rows["site"] if "site" in rows.columns else pd.Series("", index=rows.index)
     if spec.key:
-        pairs = zip(rows["image"], rows["label"], strict=True)
-        candidates = [Candidate(image, label) for image, label in pairs]
+        triples = zip(rows["image"], rows["label"], sites, strict=True)
+        candidates = [Candidate(image, label, site=site) for image, label, site in triples]
         frame = describe_all(candidates, cache_dir)
     else:
         frame = pd.DataFrame(
@@ -627,7 +649,7 @@ def ingest_table(
                 "label": rows["label"].to_numpy(),
                 "split": "",
                 "given_split": "",
-                "site": "",
+                "site": sites.to_numpy(),
                 "width": 0,
                 "height": 0,
                 "channels": 0,
@@ -687,7 +709,7 @@ def ingest(
     elif adapter == "dicom":
         frame = ingest_dicom(root, cache_dir / "dicom_deidentified", **common)
     elif adapter == "synthetic":
-        frame = ingest_synthetic(root, classes, options, **common)
+        frame = ingest_synthetic(root, classes, options, clinical=clinical, **common)
     elif adapter == "table":
         if not clinical or not clinical.get("table"):
             raise DataError("the table adapter needs dataset.clinical (its table, label, ...)")

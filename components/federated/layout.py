@@ -139,6 +139,15 @@ def _schema(arrays: Mapping[str, Any], architecture: Mapping[str, Any]) -> list[
     return getattr(arrays.get("train"), "schema", None)
 
 
+def _with_given_sites(cfg: dict[str, Any], site_groups: Mapping[str, Any] | None) -> dict:
+    """partition=given with num_sites null: one site per distinct training `site` value."""
+    fed = cfg["federation"]
+    if fed["partition"] != "given" or fed["num_sites"] is not None or not site_groups:
+        return cfg
+    names = {str(s) for s in site_groups.get("train", ()) if s is not None and str(s) != ""}
+    return {**cfg, "federation": {**fed, "num_sites": len(names)}}
+
+
 def array_fingerprint(parts: list[np.ndarray]) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -173,7 +182,7 @@ def prepare_federation(
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    settings = validate_federation(dict(cfg))
+    settings = validate_federation(_with_given_sites(dict(cfg), site_groups))
     privacy = validate_privacy(cfg["privacy"], settings.to_dict(), cfg["trainer"])
     ServerPrivacy(privacy, settings.rounds, settings.num_sites).wrap(build_strategy(settings))
     if threads is None and settings.engine == "simulation":

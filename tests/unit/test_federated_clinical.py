@@ -27,6 +27,7 @@ SCHEMA = [
     {"name": "smoker", "type": "bool", "required": False},
     {"name": "site", "type": "category", "allowed": ["arm", "face", "back"]},
 ]
+CLASSES = ("healthy", "lesion_left", "lesion_right")  # the default dataset's classes
 FUSION = ("model=fusion", "model.image_architecture=small_cnn", "model.pretrained=false")
 
 
@@ -191,3 +192,80 @@ def test_fusion_federation_under_robust_rules(data, tmp_path, strategy):
     row = result.history[0]
     assert row["aggregated"] and row["accepted"] >= 3
     assert np.isfinite(row["server"]["loss"])
+
+
+def _regional_table(root, rows: int = 90) -> list[str]:
+    """A tabular-only clinical table whose `region` column also names each row's site."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, rows)
+    pd.DataFrame(
+        {
+            "pid": [f"P{i % 40}" for i in range(rows)],
+            "region": rng.choice(["north", "south", "east"], rows),
+            "score": np.round(labels * 5 + rng.normal(0, 0.5, rows), 2),
+            "outcome": [CLASSES[label] for label in labels],
+        }
+    ).to_csv(root / "table.csv", index=False)
+    return list(CLASSES)
+
+
+def test_sites_by_a_clinical_column(tmp_path):
+    """dataset.clinical.site=region: ingest writes each row's region as its manifest `site`;
+    federation.partition=given then makes one site per region, each holding its own records."""
+    from components.data.cache import load_split_arrays
+    from components.data.ingest import ingest_table
+    from components.federated.partition import site_column
+
+    classes = _regional_table(tmp_path)
+    features = (
+        "[{name:score,type:float,min:-5,max:15},"
+        "{name:region,type:category,allowed:[north,south,east]}]"
+    )
+    cfg = _cfg(
+        "model=tabular",
+        "dataset.adapter=table",
+        "dataset.clinical.table=table.csv",
+        "dataset.clinical.key=null",
+        "dataset.clinical.label=outcome",
+        "dataset.clinical.group=pid",
+        f"dataset.clinical.features={features}",
+        "dataset.clinical.site=region",
+        partition="given",
+        num_sites=None,
+    )
+    clinical = cfg["dataset"]["clinical"]
+    frame = ingest_table(tmp_path, clinical, classes)
+    np.testing.assert_array_equal(frame["site"], frame["clin__region"])
+    frame["clin__score"] = frame["clin__score"].astype(float)  # as validation types it
+    frame["split"] = np.where(np.arange(len(frame)) % 5 == 0, "test", "train")
+    frame.loc[np.arange(len(frame)) % 5 == 1, "split"] = "val"
+    arrays = load_split_arrays(
+        frame, classes, PREP, tmp_path / "cache", schema=clinical["features"]
+    )
+    groups = {s: site_column(frame, arrays[s].ids) for s in ("train", "val")}
+    layout = prepare_federation(
+        cfg, arrays, classes, PREP, tmp_path / "fed", site_groups=groups, threads=1
+    )
+    assert sorted(layout.sites) == ["east", "north", "south"]
+    region = TabularLayout.from_schema(clinical["features"]).features[1]
+    for name, site_dir in layout.sites.items():
+        site = load_site(site_dir)
+        hot = site.train.clinical[:, list(region.columns)].argmax(1)
+        assert {region.allowed[i] for i in hot} == {name}  # each site holds its region's rows
+    result = run_prepared(layout)
+    assert set(result.history[0]["sites"]) == {"east", "north", "south"}
+
+
+def test_site_column_may_not_be_the_label_or_the_patient(tmp_path):
+    base = (
+        "dataset.adapter=table",
+        "dataset.clinical.table=t.csv",
+        "dataset.clinical.label=outcome",
+        "dataset.clinical.group=pid",
+        "dataset.clinical.features=[{name:score,type:float}]",
+    )
+    for column in ("outcome", "pid"):
+        with pytest.raises(ConfigError, match="name the site by a feature"):
+            tiny_cfg(*base, f"dataset.clinical.site={column}")
