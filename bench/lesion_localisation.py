@@ -1,4 +1,4 @@
-"""Grad-CAM mass inside the lesion on a run's test images, against random and swapped maps.
+"""Grad-CAM mass inside the lesion on a run's test images, against honest reference maps.
 
 For each model given (a run directory, which holds `manifest.parquet` and `bundle/`, or a bundle
 directory with `--manifest`), every image of the split (`--split`, default test) that has a
@@ -6,15 +6,16 @@ lesion mask is explained as `/explain` explains it (`components.explain.one_pass
 the predicted class, or with `--target true` of the true class). A fusion model's image branch is
 explained with the image's own clinical record held fixed: the manifest's `clin__<feature>`
 columns encoded with the bundle's schema. Each mask (`--masks DIR`, file `--mask-name` from the
-image's file-name stem; default `<dataset.root>/masks/{stem}_mask.png`, PAD-UFES-20's layout) is
+image's file-name stem; default `../masks/{stem}_mask.png` from the image, PAD-UFES-20's layout) is
 decoded (lesion = the brighter of its two colours: PAD's masks are a two-colour viridis
 rendering) and resized to the model's input as preprocessing resizes the image.
 
 `components.explain.localisation` then gives, per model: the mean (median) share of Grad-CAM
 mass inside the lesion, the masks' mean area share, the mean share of smooth random heatmaps
 (smoothing matched to the CAM layer's grid), the mean share of other patients' Grad-CAM maps on
-this image's mask (the method's centre and size bias without this image), and the differences
-with bootstrap intervals over patients (`group` column) or images.
+this image's mask (the method's centre and size bias without this image), the share of the same
+architecture re-initialised (`untrained`: what the image alone draws Grad-CAM to; `--no-control`
+skips it), and the differences with bootstrap intervals over patients (`group` column) or images.
 
     python bench/lesion_localisation.py RUN_DIR [RUN_DIR ...]
     python bench/lesion_localisation.py RUN_DIR OTHER/bundle --masks DATA/pad_ufes_20/masks \\
@@ -84,13 +85,12 @@ def load_mask(path: Path) -> np.ndarray:
     return grey >= (low + high) / 2
 
 
-def mask_path(source: str, masks: Path, pattern: str) -> Path:
-    return masks / pattern.format(stem=Path(source).stem, name=Path(source).name)
-
-
-def default_masks(config: dict) -> Path | None:
-    root = (config.get("dataset") or {}).get("root")
-    return Path(root) / "masks" if root else None
+def mask_path(source: str, masks: Path | None, pattern: str) -> Path:
+    """The mask of the image at `source`: `pattern` (fields {stem}, {name}) in `masks`, by
+    default the `masks` folder beside the image's folder (PAD-UFES-20: images/, masks/)."""
+    image = Path(source)
+    folder = masks if masks is not None else image.parent.parent / "masks"
+    return folder / pattern.format(stem=image.stem, name=image.name)
 
 
 def encode_records(rows, schema: list[dict]) -> np.ndarray:
@@ -103,14 +103,15 @@ def encode_records(rows, schema: list[dict]) -> np.ndarray:
     absent = [f.name for f in features if CLINICAL_PREFIX + f.name not in rows.columns]
     if absent:
         raise SystemExit(f"the manifest has no clinical column for features {absent}")
+    columns = [CLINICAL_PREFIX + f.name for f in features]
+    cells = rows[columns].astype(object)
+    cells = cells.where(cells.notna(), None)  # NaN, NA and None alike: missing
     records = [
         {
-            f.name: None
-            if is_missing(row[CLINICAL_PREFIX + f.name])
-            else parse_value(f, row[CLINICAL_PREFIX + f.name])
-            for f in features
+            f.name: None if is_missing(v) else parse_value(f, v)
+            for f, v in zip(features, values, strict=True)
         }
-        for _, row in rows.iterrows()
+        for values in cells.itertuples(index=False, name=None)
     ]
     return TabularLayout.from_schema(schema).encode_rows(records)
 
@@ -153,15 +154,12 @@ def score_model(source: ModelSource, args) -> dict:
     rows = manifest[manifest["split"] == args.split]
     if rows.empty:
         raise SystemExit(f"{source.manifest} has no {args.split!r} split")
-    masks_dir = args.masks or default_masks(bundle.config)
-    if masks_dir is None:
-        raise SystemExit("the bundle's config names no dataset.root: give --masks DIR")
-    paths = [mask_path(str(s), masks_dir, args.mask_name) for s in rows["source"]]
+    paths = [mask_path(str(s), args.masks, args.mask_name) for s in rows["source"]]
     has_mask = np.array([p.is_file() for p in paths])
+    if not has_mask.any():
+        raise SystemExit(f"no mask found (e.g. {paths[0]}) for the {args.split} images")
     rows = rows[has_mask]
     paths = [p for p, keep in zip(paths, has_mask, strict=True) if keep]
-    if rows.empty:
-        raise SystemExit(f"no mask found under {masks_dir} for the {args.split} images")
     records = encode_records(rows, bundle.tabular_schema or []) if fusion else None
     classes = {name: i for i, name in enumerate(bundle.class_names)}
     size = bundle.preprocessing.size
@@ -205,7 +203,7 @@ def score_model(source: ModelSource, args) -> dict:
     return {
         "model": source.name,
         "architecture": bundle.architecture
-        + (f" ({image_architecture})" if fusion and image_architecture else ""),
+        + (f"+{image_architecture}" if fusion and image_architecture else ""),
         "split": args.split,
         "images_without_mask": int((~has_mask).sum()),
         "target": args.target,
@@ -220,25 +218,27 @@ def score_model(source: ModelSource, args) -> dict:
 
 
 BASELINES = ("area", "random", "swapped", "untrained")
+WIDTH = 56  # the model column
 
 
 def table(results: list[dict]) -> str:
     """Two tables: the means per model, then share − baseline with its bootstrap interval."""
     level = f"{results[0]['level']:.0%}" if results else "95%"
-    names = {r["model"]: f"{r['model']} [{r['architecture']}]"[:40] for r in results}
+    names = {r["model"]: f"{r['model']} [{r['architecture']}]"[:WIDTH] for r in results}
     means = [
-        f"{'model':<40} {'n':>4} {'share':>6} {'median':>6} "
+        f"{'model':<{WIDTH}} {'n':>4} {'share':>6} {'median':>6} "
         + " ".join(f"{b:>9}" for b in BASELINES)
     ]
     gaps = [
-        f"{'share - baseline, ' + level + ' CI':<40} " + " ".join(f"{b:>24}" for b in BASELINES[1:])
+        f"{'share - baseline, ' + level + ' CI':<{WIDTH}} "
+        + " ".join(f"{b:>24}" for b in BASELINES[1:])
     ]
     for r in results:
         if not r.get("n"):
-            means.append(f"{names[r['model']]:<40} {0:>4}  (no image with a non-flat map)")
+            means.append(f"{names[r['model']]:<{WIDTH}} {0:>4}  (no image with a non-flat map)")
             continue
         means.append(
-            f"{names[r['model']]:<40} {r['n']:>4} "
+            f"{names[r['model']]:<{WIDTH}} {r['n']:>4} "
             f"{r['share_mean']:>6.3f} {r['share_median']:>6.3f} "
             + " ".join(
                 f"{r[b + '_mean']:>9.3f}" if b + "_mean" in r else f"{'-':>9}" for b in BASELINES
@@ -249,7 +249,9 @@ def table(results: list[dict]) -> str:
             d = r.get(f"minus_{name}")
             return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "-"
 
-        gaps.append(f"{names[r['model']]:<40} " + " ".join(f"{ci(b):>24}" for b in BASELINES[1:]))
+        gaps.append(
+            f"{names[r['model']]:<{WIDTH}} " + " ".join(f"{ci(b):>24}" for b in BASELINES[1:])
+        )
     notes = [
         f"{r['model']}: {r['flat']} flat map(s) left out, {r['images_without_mask']} image(s) "
         f"without a mask; intervals over {r['groups']} {r['grouped_by']} units"
@@ -262,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="+", help="run directories or bundles")
     parser.add_argument("--manifest", type=Path, help="split to score (default: each run's)")
-    parser.add_argument("--masks", type=Path, help="mask folder (default: <dataset.root>/masks)")
+    parser.add_argument("--masks", type=Path, help="mask folder (default: ../masks of each image)")
     parser.add_argument("--mask-name", default=MASK_NAME, help="file name from {stem} / {name}")
     parser.add_argument("--split", default="test")
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted")
-    parser.add_argument("--draws", type=int, default=200, help="random heatmaps")
+    parser.add_argument("--draws", type=int, default=1000, help="random heatmaps")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
