@@ -25,6 +25,7 @@ skips it), and the differences with bootstrap intervals over patients (`group` c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -205,6 +206,10 @@ def score_model(source: ModelSource, args) -> dict:
         "architecture": bundle.architecture
         + (f"+{image_architecture}" if fusion and image_architecture else ""),
         "split": args.split,
+        # which images were scored: models compared on one split must show the same digest
+        "split_digest": hashlib.sha256(
+            "\n".join(sorted(map(str, rows["id"]))).encode()
+        ).hexdigest()[:16],
         "images_without_mask": int((~has_mask).sum()),
         "target": args.target,
         "correct_share": correct / len(rows) if args.target == "predicted" else None,
@@ -257,6 +262,13 @@ def table(results: list[dict]) -> str:
         f"without a mask; intervals over {r['groups']} {r['grouped_by']} units"
         for r in results
     ]
+    digests = {r.get("split_digest") for r in results}
+    if len(digests) > 1:
+        notes.append(
+            "WARNING: the models were scored on different images (split digests "
+            + ", ".join(f"{r['model']} {r['split_digest']}" for r in results)
+            + "): compare models only on one test split that none of them trained on"
+        )
     return "\n".join([*means, "", *gaps, "", *notes])
 
 

@@ -261,8 +261,9 @@ def test_bench_scores_image_and_fusion_models(bench, pad_like_run, tmp_path, cap
     args = [str(run), str(fusion_bundle), "--manifest", str(run / "manifest.parquet")]
     assert bench.main([*args, "--draws", "50", "--boot", "200", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "share - baseline" in printed and "[fusion]" in printed
+    assert "share - baseline" in printed and "[fusion]" in printed and "WARNING" not in printed
     image, fused = json.loads(out.read_text())["results"]
+    assert image["split_digest"] == fused["split_digest"]  # the same images scored
     test = manifest[manifest["split"] == "test"]
     lesions = int((test["label"] == "lesion").sum())
     for result in (image, fused):
