@@ -49,6 +49,7 @@ def coordinator_layout(
     `test`: an optional coordinator-held test set (x uint8 N,C,H,W, y). `site_dirs` only for a
     federation whose sites live on this machine (`oncoflow fl local`, tests).
     """
+    from components.data.inputs import CLINICAL, input_kinds
     from components.federated.approval import write_request
     from components.federated.attacks import attacker_sites
     from components.federated.settings import validate_federation
@@ -71,12 +72,17 @@ def coordinator_layout(
     if test is not None:
         write_split(server / "test.npz", *test)
         test_path, fingerprint = str(server / "test.npz"), array_fingerprint(list(test))
+    architecture = architecture_from_config(config, len(class_names), privacy=privacy)
+    clinical = config["dataset"]["clinical"]
+    reads_records = CLINICAL in input_kinds(architecture["name"])
     spec = RunSpec(
         settings=settings,
         model=ModelSpec(
-            architecture=architecture_from_config(config, len(class_names), privacy=privacy),
+            architecture=architecture,
             preprocessing=preprocessing_from_config(config).to_dict(),
             class_names=class_names,
+            # the schema every site encoded its records by (`site prepare`, same config)
+            schema=[dict(f) for f in clinical["features"]] if reads_records else None,
         ),
         training=local_training(config, settings, None),
         test_path=test_path,

@@ -6,12 +6,14 @@ partition the ClientApp reads and the statistics that may leave the site:
 
     <site_dir>/            mode 0700: only the site's user reads it
       site.json            name, sizes, class names, approval_required=true
-      train.npz val.npz    what local training reads
+      train.npz val.npz    what local training reads (images and, with a clinical table, the
+                           records encoded by the configured schema)
       test.npz             the held-out test split: only the final federated evaluation reads it
       stats.json           the released statistics (site_stats), what the coordinator may see
       approval.json        the site's decisions and maximum ε (approval), written by `site approve`
       manifest.parquet     the validated manifest (paths of the hospital's files: stays here)
-      validation_report.json, split_report.json, workspace/ (decode cache, GX data docs)
+      validation_report.json, split_report.json, workspace/ (decode cache, GX data docs),
+      clinical_validation_report.json (with a clinical table)
 
 A site whose data fails validation stops with the report in validation_report.json and no
 partition (an earlier one is withdrawn): its SuperNode cannot start, so the coordinator's
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 SITE_MODE = 0o700
 MANIFEST_FILE = "manifest.parquet"
 VALIDATION_REPORT = "validation_report.json"
+CLINICAL_REPORT = "clinical_validation_report.json"
 SPLIT_REPORT = "split_report.json"
 
 
@@ -94,6 +97,7 @@ def ingest_site(ctx: SiteContext) -> pd.DataFrame:
         max_per_class=ds["max_per_class"],
         seed=ctx.cfg["seed"],
         options=ds["synthetic"],
+        clinical=ds["clinical"],
     )
 
 
@@ -114,12 +118,15 @@ def split_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
-    """The pipeline's GX suite; the full report (and any quarantine) stays in the site dir."""
+    """The pipeline's GX suites (the clinical one too, with a clinical table); the full
+    reports (and any quarantine) stay in the site dir."""
     from components.data import manifest as manifest_io
     from components.errors import ValidationFailed
     from validation import validate_manifest
 
     ds = ctx.cfg["dataset"]
+    images = not (ds["clinical"]["table"] and ds["clinical"]["key"] is None)
+    report_file = VALIDATION_REPORT
     try:
         outcome = validate_manifest(
             frame,
@@ -130,20 +137,50 @@ def validate_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
             on_failure=ctx.cfg["validation"]["on_failure"],
             workspace=ctx.workspace,
             near_similarity=(
-                ds["split"]["near_similarity"] if ds["split"]["near_duplicates"] else None
+                ds["split"]["near_similarity"]
+                if ds["split"]["near_duplicates"] and images
+                else None
             ),
+            images=images,
         )
+        _write_json(ctx.site_dir / VALIDATION_REPORT, outcome.report)
+        validated = outcome.validated
+        if ds["clinical"]["table"]:
+            report_file = CLINICAL_REPORT
+            validated = _validate_clinical(ctx, validated)
     except ValidationFailed as exc:  # the site is not ready: report here, nothing to train on
-        _write_json(ctx.site_dir / VALIDATION_REPORT, exc.report)
+        _write_json(ctx.site_dir / report_file, exc.report)
         # `from None`: the suite's own message (offending rows, report paths) stays out of the
         # flow's traceback, which a hospital's Prefect worker may send to the coordinator
-        raise site_not_ready(ctx, exc.report, withdraw_partition(ctx.site_dir)) from None
-    _write_json(ctx.site_dir / VALIDATION_REPORT, outcome.report)
-    manifest_io.save(outcome.validated, ctx.site_dir / MANIFEST_FILE)
+        withdrawn = withdraw_partition(ctx.site_dir)
+        raise site_not_ready(ctx, exc.report, withdrawn, report_file) from None
+    manifest_io.save(validated, ctx.site_dir / MANIFEST_FILE)
+    return validated
+
+
+def _validate_clinical(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
+    """The clinical suite on the site's records (typed values out). A leaking feature stops
+    the site: every site and the coordinator encode records by one schema (the config's
+    features), so a site never drops a feature on its own."""
+    from validation.clinical_suite import validate_clinical_manifest
+
+    ds = ctx.cfg["dataset"]
+    outcome = validate_clinical_manifest(
+        frame,
+        ds["clinical"]["features"],
+        dangerous=ds["dangerous"],
+        max_score=ds["clinical"]["leakage_max_score"],
+        on_leakage="stop",
+        on_failure=ctx.cfg["validation"]["on_failure"],
+        workspace=ctx.workspace,
+    )
+    _write_json(ctx.site_dir / CLINICAL_REPORT, outcome.report)
     return outcome.validated
 
 
-def site_not_ready(ctx: SiteContext, report: dict, withdrawn: list[str]):
+def site_not_ready(
+    ctx: SiteContext, report: dict, withdrawn: list[str], report_file: str = VALIDATION_REPORT
+):
     """The error a failed validation ends the site's flow with. Its message names the failed
     expectations only: no offending row, path or image id (a hospital's Prefect worker may
     report the flow's state to the coordinator's API); the full report stays at the site."""
@@ -156,7 +193,7 @@ def site_not_ready(ctx: SiteContext, report: dict, withdrawn: list[str]):
     note = f"; the earlier partition was withdrawn ({', '.join(withdrawn)})" if withdrawn else ""
     return ValidationFailed(
         f"site {ctx.name} is not ready: its data failed validation ({names}); nothing was "
-        f"written to train on{note}. The full report stays at the site: {VALIDATION_REPORT} in "
+        f"written to train on{note}. The full report stays at the site: {report_file} in "
         "the site directory",
         report,
     )
@@ -181,25 +218,28 @@ def site_arrays(ctx: SiteContext, frame: pd.DataFrame) -> dict[str, SplitArrays]
     from components.data.cache import load_split_arrays
     from components.training.assembly import preprocessing_from_config
 
+    clinical = ctx.cfg["dataset"]["clinical"]
     return load_split_arrays(
-        frame, ctx.class_names, preprocessing_from_config(ctx.cfg), ctx.workspace.cache
+        frame,
+        ctx.class_names,
+        preprocessing_from_config(ctx.cfg),
+        ctx.workspace.cache,
+        schema=clinical["features"] if clinical["table"] else None,
     )
 
 
 def write_site_partition(ctx: SiteContext, arrays: Mapping[str, SplitArrays]) -> dict[str, int]:
-    """train/val/test for the ClientApp; the site asks for approval before every run."""
+    """train/val/test for the ClientApp (images and any encoded records); the site asks for
+    approval before every run."""
     from components.federated.task import write_site
-
-    def xy(split: str):
-        return arrays[split].x, arrays[split].y
 
     write_site(
         ctx.site_dir,
         ctx.name,
-        xy("train"),
-        xy("val"),
+        arrays["train"],
+        arrays["val"],
         {"class_names": ctx.class_names, "approval_required": True},
-        test=xy("test"),
+        test=arrays["test"],
     )
     for path in ctx.site_dir.glob("*.npz"):
         path.chmod(0o600)
@@ -220,7 +260,7 @@ def compute_site_stats(
         {split: arrays[split].y for split in ("train", "val", "test")},
         used["width"].to_numpy(),
         used["height"].to_numpy(),
-        [arrays[split].x for split in ("train", "val", "test")],
+        [arrays[s].x for s in ("train", "val", "test") if arrays[s].x is not None],
         settings,
     )
     write_stats(ctx.site_dir, stats)

@@ -269,3 +269,56 @@ def test_site_column_may_not_be_the_label_or_the_patient(tmp_path):
     for column in ("outcome", "pid"):
         with pytest.raises(ConfigError, match="name the site by a feature"):
             tiny_cfg(*base, f"dataset.clinical.site={column}")
+
+
+def test_real_sites_prepare_their_records_and_train_a_fusion_model(tmp_path):
+    """Two hospitals prepare their own paired folders (images + clinical table: ingest, the
+    clinical suite, records encoded by the configured schema); the coordinator's spec carries
+    that schema from the config alone and the federated evaluation runs at the sites."""
+    from components.data.synthetic import write_synthetic_clinical_folder
+    from components.federated import approval, site_prepare
+    from components.federated.coordinator import (
+        FederationConnection,
+        coordinator_layout,
+        request_path,
+    )
+    from components.federated.result import load_result
+    from components.federated.task import site_test_split
+
+    cfg = tiny_cfg(
+        "training=federated",
+        "dataset=synthetic_clinical",
+        "dataset.split.near_duplicates=false",
+        *FUSION,
+        "model.norm=group",
+        validation={"min_per_class": 2},
+        trainer={"batch_size": 8, "imbalance": "none"},
+        federation={"engine": "inline", "rounds": 1, "local_epochs": 1, "min_fit_sites": 2},
+    )
+    dirs = {}
+    for seed, name in enumerate(("north", "south")):
+        folder = tmp_path / "data" / name
+        write_synthetic_clinical_folder(folder, n_per_class=10, size=32, seed=seed)
+        ctx = site_prepare.site_context(cfg, folder, name, tmp_path / "sites" / name)
+        frame = site_prepare.split_site(ctx, site_prepare.ingest_site(ctx))
+        frame = site_prepare.validate_site(ctx, frame)
+        arrays = site_prepare.site_arrays(ctx, frame)
+        site_prepare.write_site_partition(ctx, arrays)
+        stats = site_prepare.compute_site_stats(ctx, frame, arrays)
+        dirs[name] = ctx.site_dir
+        assert (ctx.site_dir / "clinical_validation_report.json").is_file()
+        assert "marker" not in json.dumps(stats)  # no record statistic leaves the site
+        test = site_test_split(ctx.site_dir)
+        assert test.clinical.shape == (len(test.y), 6) and test.x is not None
+
+    layout = coordinator_layout(cfg, list(dirs), tmp_path / "coord", site_dirs=dirs)
+    assert [f["name"] for f in layout.spec.model.schema] == ["age", "smoker", "site", "marker"]
+    request = approval.read_request(request_path(layout))
+    for site_dir in dirs.values():
+        approval.decide(site_dir, request, accept=True)  # no privacy limit at these sites
+    FederationConnection(inline_sites=dict(layout.sites)).run(layout, "federate")
+    result = load_result(layout)
+    assert result.history[0]["accepted"] == 2
+    data = json.loads((layout.out_dir / "result.json").read_text())
+    assert set(data["federated_evaluation"]["sites"]) == set(dirs)
+    assert float(result.model.tabular.fill[0]) == pytest.approx(59.0)  # middle of [18, 100]
