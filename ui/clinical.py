@@ -15,6 +15,8 @@ from typing import Any
 from ui.errors import InvalidInput
 
 YES, NO = "Yes", "No"
+#: the choice an optional yes/no or category input offers for a value nobody knows (sent as missing)
+NOT_KNOWN = "Not known"
 
 
 def readable_name(name: str) -> str:
@@ -56,7 +58,8 @@ def field_info(entry: Mapping[str, Any]) -> str:
 def clinical_input(entry: Mapping[str, Any]):
     """The Gradio input for one schema feature: a number box bounded by the feature's range
     (whole numbers for int), Yes/No for a bool, a dropdown of the allowed values for a
-    category; labelled by `field_label`, described by `field_info`."""
+    category (optional ones also offer `NOT_KNOWN`); labelled by `field_label`, described by
+    `field_info`."""
     import gradio as gr
 
     label, info, key = field_label(entry), field_info(entry), f"clin-{entry['name']}"
@@ -70,17 +73,22 @@ def clinical_input(entry: Mapping[str, Any]):
             precision=0 if kind == "int" else None,
             key=key,
         )
+    unknown = [] if entry.get("required", True) else [NOT_KNOWN]  # a choice can be taken back
     if kind == "bool":
-        return gr.Radio([YES, NO], label=label, info=info, key=key)
+        return gr.Radio([YES, NO, *unknown], label=label, info=info, key=key)
     return gr.Dropdown(
-        choices=list(entry.get("allowed") or []), value=None, label=label, info=info, key=key
+        choices=[*(entry.get("allowed") or []), *unknown],
+        value=None,
+        label=label,
+        info=info,
+        key=key,
     )
 
 
 def _missing(value: Any) -> bool:
     return (
         value is None
-        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, str) and (not value.strip() or value == NOT_KNOWN))
         or (isinstance(value, float) and math.isnan(value))
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from serving.schemas import ClinicalFeatureSpec
-from ui.clinical import NO, YES, clinical_input, readable_name, record_from_fields
+from ui.clinical import NO, NOT_KNOWN, YES, clinical_input, readable_name, record_from_fields
 from ui.errors import InvalidInput
 from validation.clinical_schema import check_clinical_record
 
@@ -31,11 +31,14 @@ def test_the_form_is_generated_from_the_schema(pad_schema):
             assert kind == "Number"
             assert (field.minimum, field.maximum) == (entry.get("min"), entry.get("max"))
             assert field.precision == (0 if entry["type"] == "int" else None)
-        elif entry["type"] == "bool":
-            assert kind == "Radio" and [c[0] for c in field.choices] == [YES, NO]
-        else:
-            assert kind == "Dropdown" and [c[0] for c in field.choices] == entry["allowed"]
-            assert field.value is None  # no category is preselected
+        else:  # an optional choice can be taken back: "Not known" (sent as missing)
+            unknown = [] if entry.get("required", True) else [NOT_KNOWN]
+            choices = [c[0] for c in field.choices]
+            if entry["type"] == "bool":
+                assert kind == "Radio" and choices == [YES, NO, *unknown]
+            else:
+                assert kind == "Dropdown" and choices == [*entry["allowed"], *unknown]
+            assert field.value is None  # nothing is preselected
         assert field.info.endswith("required" if entry.get("required", True) else "optional")
     # PAD's column names read as words; the schema's description and units show
     assert inputs["fitspatrick"].label == "Fitspatrick"
@@ -50,7 +53,15 @@ def test_the_form_is_generated_from_the_schema(pad_schema):
 
 def test_the_form_gives_a_record_the_service_accepts(pad_schema):
     features, schema = pad_schema
-    filled = {"age": 61.0, "region": "FACE", "fitspatrick": 2.0, "diameter_1": 7.5, "itch": YES}
+    filled = {
+        "age": 61.0,
+        "region": "FACE",
+        "fitspatrick": 2.0,
+        "diameter_1": 7.5,
+        "itch": YES,
+        "grew": NOT_KNOWN,
+        "gender": NOT_KNOWN,
+    }
     values = [filled.get(entry["name"]) for entry in schema]
     record = record_from_fields(schema, values)
     assert record == {
@@ -62,7 +73,7 @@ def test_the_form_gives_a_record_the_service_accepts(pad_schema):
     }
     checked = check_clinical_record(record, features)  # what the service runs on it
     assert checked["fitspatrick"] == 2 and checked["grew"] is None
-    bad = filled | {"fitspatrick": 7.0, "diameter_1": -1.0, "region": None}
+    bad = filled | {"fitspatrick": 7.0, "diameter_1": -1.0, "region": NOT_KNOWN}
     with pytest.raises(InvalidInput) as problems:
         record_from_fields(schema, [bad.get(entry["name"]) for entry in schema])
     text = str(problems.value)
