@@ -279,6 +279,18 @@ def test_bench_scores_image_and_fusion_models(bench, pad_like_run, tmp_path, cap
         assert image[f"minus_{baseline}"]["low"] > 0.05, baseline
 
 
+def test_bench_explains_the_true_class_on_request(bench, pad_like_run, tmp_path):
+    import json
+
+    run, _, _ = pad_like_run
+    out = tmp_path / "true.json"
+    argv = [str(run), "--target", "true", "--no-control", "--draws", "20", "--boot", "50"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["target"] == "true" and result["correct_share"] is None
+    assert "untrained_mean" not in result and result["share_mean"] > result["random_mean"]
+
+
 def test_bench_needs_the_fusion_models_clinical_columns(bench, pad_like_run, tmp_path):
     _, fusion_bundle, manifest = pad_like_run
     partial = tmp_path / "manifest.parquet"
