@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny_config import tiny_cfg
 
+from components.bundle import ModelBundle
 from components.data.cache import SplitArrays
 from components.data.preprocess import Preprocessing
 from components.data.synthetic import make_synthetic
@@ -96,6 +97,9 @@ def test_fusion_federation_reads_each_sites_records(data, tmp_path):
 
     result = run_prepared(layout)
     assert [row["accepted"] for row in result.history] == [3, 3]
+    for site_dir in layout.sites.values():  # each site's best model is a loadable bundle
+        best = ModelBundle.load(site_dir / "best_model")
+        assert best.tabular_schema == SCHEMA and best.build_model().architecture == "fusion"
     model = result.model
     assert model.architecture == "fusion"
     # the global model's normalisation is the schema's, not fitted on any record
