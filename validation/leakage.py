@@ -153,7 +153,7 @@ def _score(
         )
     return FeatureLeakage(
         feature=feature.name,
-        score=float(score),
+        score=round(float(score), 4),  # what reports print is what is compared
         measure=measure,
         target=target,
         reason=reason,
