@@ -225,7 +225,10 @@ def _parse_number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is a boolean, expected a number")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float, e.g. 10**400
+            raise ValueError("the number is too large") from None
     elif isinstance(value, str):
         try:
             number = float(value.strip())
@@ -234,8 +237,8 @@ def _parse_number(value: Any) -> float:
     else:
         try:  # numpy scalars
             number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} ({type(value).__name__}) is not a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"a {type(value).__name__} value is not a number") from None
         if type(value).__name__.startswith("bool"):
             raise ValueError(f"{value!r} is a boolean, expected a number")
     if not math.isfinite(number):

@@ -113,6 +113,9 @@ def test_request_path_validates_then_encodes():
     assert row[0] == 41.0 and row[1] == 1.0 and np.isnan(row[2].item())
     with pytest.raises(InputError, match="age"):
         check_clinical_record(raw | {"age": 130}, SCREENING_SCHEMA)
+    # an integer beyond any float is a bad value (4xx), not an OverflowError (500)
+    with pytest.raises(InputError, match="age: wrong type: the number is too large"):
+        check_clinical_record(raw | {"age": 10**400}, SCREENING_SCHEMA)
 
 
 # --- tabular-only model on real data ---------------------------------------------------------
