@@ -387,8 +387,10 @@ def _normalise_string_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _describer(frame: pd.DataFrame):
-    """Offender description: id and the source file's base name (never its full path)."""
-    sources = frame["source"].astype(str).tolist() if "source" in frame.columns else []
+    """Offender description: id and the source file's base name (never its full path); with
+    a patient column only the id (a clinical table's file names may hold patient ids)."""
+    named = "source" in frame.columns and GROUP not in frame.columns
+    sources = frame["source"].astype(str).tolist() if named else []
 
     def describe(row: dict) -> dict:
         if "class" in row:
