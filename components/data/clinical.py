@@ -85,7 +85,7 @@ class TableSpec:
 def read_table(path: Path, missing_values: Sequence[str]) -> pd.DataFrame:
     """Every cell as stripped text; the `missing_values` tokens become None."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise DataError(f"clinical table {path} not found") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -209,12 +209,12 @@ def _check_no_stray_images(spec: TableSpec, named: set[Path]) -> None:
     if "{" in str(pattern.parent):
         return  # one folder per key: nothing to compare against
     folder = spec.root / pattern.parent
-    suffix = pattern.suffix.lower()
-    stray = [p for p in folder.iterdir() if p.suffix.lower() == suffix and p.resolve() not in named]
+    kinds = {p.suffix.lower() for p in named}  # files of the kinds the table names
+    stray = [p for p in folder.iterdir() if p.suffix.lower() in kinds and p.resolve() not in named]
     if stray:  # not named: image file names may hold patient ids
         raise DataError(
-            f"{len(stray)} {suffix} files in {folder} have no row in {spec.table.name}; add "
-            f"their rows or move them out of the folder"
+            f"{len(stray)} {'/'.join(sorted(kinds))} files in {folder} have no row in "
+            f"{spec.table.name}; add their rows or move them out of the folder"
         )
 
 

@@ -191,3 +191,16 @@ def test_the_real_dataset_files_give_every_column_a_role(dataset):
         pytest.skip(f"{spec.table} is not here")
     columns = list(pd.read_csv(spec.table, nrows=0).columns)
     assert sorted(spec.roles) == sorted(columns)
+
+
+def test_keys_naming_files_beside_the_table(tmp_path):
+    """`image_name: {key}`: the images sit beside the table; the table itself is no stray."""
+    rows = [(p, f"{Path(k).stem}.jpg", a, s, d) for p, k, a, s, d in ROWS]
+    _write(tmp_path, rows)
+    for row in rows:
+        (tmp_path / "images" / row[1]).rename(tmp_path / row[1])
+    ds = _clinical(tmp_path, image_name="{key}")
+    assert len(_ingest(tmp_path, ds)) == 5
+    Image.new("RGB", (24, 24)).save(tmp_path / "extra.jpg")
+    with pytest.raises(DataError, match=r"1 \.jpg files in .* have no row"):
+        _ingest(tmp_path, ds)
