@@ -199,7 +199,7 @@ def test_keys_naming_files_beside_the_table(tmp_path):
     _write(tmp_path, rows)
     for row in rows:
         (tmp_path / "images" / row[1]).rename(tmp_path / row[1])
-    ds = _clinical(tmp_path, image_name="{key}")
+    ds = _clinical(tmp_path, "dataset.clinical.image_name='{key}'")
     assert len(_ingest(tmp_path, ds)) == 5
     Image.new("RGB", (24, 24)).save(tmp_path / "extra.jpg")
     with pytest.raises(DataError, match=r"1 \.jpg files in .* have no row"):
