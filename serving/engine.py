@@ -169,21 +169,31 @@ class DiagnosisEngine:
         self.case_library = self._case_library(case_library)
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
+        self.optimise = optimise
         example = self._unpack(self._example_rows(2))
         self.predict_model = (
             for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
         )
-        self.explain_model = (
-            self._explain_copy(example, optimise) if self.kind != "tabular" else None
-        )
+        self._explain_model = None  # built at first use: a server's request worker never does
         self._shap_expected: np.ndarray | None = None  # the background's mean probabilities
 
-    def _explain_copy(self, example: tuple, optimise: bool):
-        """The copy Grad-CAM and image SHAP run on (`components.explain.one_pass`): rewritten
-        like the prediction copy (the folded layers compute the same function, so the same
-        gradients), weights frozen so a backward pass computes input gradients only; its CAM
-        hooks never see a prediction's forward pass."""
-        model = for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
+    @property
+    def explain_model(self):
+        """The copy Grad-CAM and image SHAP run on (`components.explain.one_pass`), None for
+        a tabular model: rewritten like the prediction copy (the folded layers compute the same
+        function, so the same gradients), weights frozen so a backward pass computes input
+        gradients only; its CAM hooks never see a prediction's forward pass. Built on first
+        use (the service explains in its own process, `serving.explainer`)."""
+        if self.kind == "tabular":
+            return None
+        with self._lock:
+            if self._explain_model is None:
+                self._explain_model = self._explain_copy()
+        return self._explain_model
+
+    def _explain_copy(self):
+        example = self._unpack(self._example_rows(2))
+        model = for_inference(self.model, example) if self.optimise else copy.deepcopy(self.model)
         if isinstance(model, FixedInputSize):  # explained images always have the served size
             model = model.model
         for parameter in model.parameters():
@@ -257,12 +267,15 @@ class DiagnosisEngine:
         return rows
 
     def warm_up(self, explainers: bool = False) -> None:
-        """One forward pass (and the explanation imports), so no request pays for them."""
+        """One forward pass (with `explainers`, also the explanation imports, the explanation
+        copy and the SHAP base values), so no request pays for them."""
         self.infer_rows(self._example_rows(1).numpy())
         if explainers and self.kind != "tabular":
             from components.explain import warm_up
 
             warm_up()
+            if self.explain_model is not None:  # built now, and the SHAP base values with it
+                self._background_probabilities(CaseInput())
 
     # -- inputs ----------------------------------------------------------------------------
     @property

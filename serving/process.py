@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import sys
-import threading
 
 from components.config import ServingConf
 from serving.middleware import DropRecords, RedactValidationErrors
@@ -42,15 +40,8 @@ def configure_process(settings: ServingConf) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
-#: Niceness of the explanation threads (predictions run at the process's own, 0).
+#: Niceness of the explanation process (`serving.explainer`; predictions run at the server's).
 EXPLAIN_NICENESS = 10
-
-
-def lower_thread_priority(niceness: int = EXPLAIN_NICENESS) -> None:
-    """Run the calling thread (and the torch worker threads it starts) at a lower CPU priority
-    (Linux: niceness is per thread). Cannot be undone without privileges: for dedicated pools."""
-    with contextlib.suppress(AttributeError, OSError):  # elsewhere: the process's priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def release_free_memory() -> None:

@@ -7,11 +7,12 @@ explain, similar, report, chat and the model card. Predictions are micro-batched
 (`serving.batching.MicroBatcher`): whenever the model is free, every prediction waiting (up to
 ``serving.max_batch``) goes into one forward pass on a dedicated thread, so a lone request is
 never held back and concurrent ones share the model call. They run on a copy of the model
-rewritten for inference (`serving.inference`: BatchNorm folded, channels-last); explanations,
-neighbours and reports use the model as trained. A bad upload is refused before batching, so it
-never fails anyone else's request. (An internal BentoML runner service did the batching before:
-its extra HTTP hop cost 3-5 ms of CPU per prediction, about what batching saved on two cores;
-see bench/serve_throughput.py.)
+rewritten for inference (`serving.inference`: BatchNorm folded, channels-last); neighbours use
+the model as trained. Explanations and reports run in a child process that loads the same
+bundle (`serving.explainer`), so they never hold this process's GIL. A bad upload is refused
+before batching, so it never fails anyone else's request. (An internal BentoML runner service
+did the batching before: its extra HTTP hop cost 3-5 ms of CPU per prediction, about what
+batching saved on two cores; see bench/serve_throughput.py.)
 
 Settings: the ``serving`` section of the run config (`components.config.ServingConf`), which
 ``ONCOFLOW_*`` variables override (the table: `serving.settings`). The other modules it wires
@@ -29,14 +30,11 @@ tabular-only models), ``POST /chat`` ``/chat/stream`` (SSE) ``/chat/history`` ``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +48,7 @@ from components.errors import NotFound
 from serving.api_errors import Overloaded, answers_errors
 from serving.batching import MicroBatcher
 from serving.chat import ChatService, card_facts
+from serving.explainer import ExplainerSpec, ExplanationProcess
 from serving.metrics import batch_size_recorder
 from serving.middleware import (
     ANONYMOUS_USER,
@@ -66,7 +65,7 @@ from serving.middleware import (
     load_api_keys,
 )
 from serving.openapi import OpenApiContract
-from serving.process import configure_process, lower_thread_priority, release_free_memory
+from serving.process import configure_process
 from serving.schemas import (
     ChatCase,
     ChatHistoryResponse,
@@ -180,11 +179,13 @@ class DiagnosisService:
 
         self.engine = load_engine(self.settings)
         self.engine.warm_up()  # the model answers: ready from here
+        # Explanations and reports run in their own process, off this one's GIL; it loads
+        # the same bundle behind the ready model (they wait for it, or get 503).
+        self.explainer = ExplanationProcess(ExplainerSpec.of(self.engine, self.settings)).start()
         self.chat_service: ChatService | None = None
         self.chat_error: str | None = None
         self.chat_loading = self.settings.chat
-        # The explainers' imports and the assistant take most of a start-up; they load behind
-        # the ready model (/chat answers 503 until its assistant is there).
+        # The assistant loads behind the ready model (/chat answers 503 until it is there).
         threading.Thread(target=self._load_extras, name="oncoflow-extras", daemon=True).start()
         self.ref = self.engine.ref
         card = self.engine.card()
@@ -195,11 +196,6 @@ class DiagnosisService:
             classes=list(self.engine.classes),
         )
         self.classes = self.engine.classes
-        self.explain_pool = ThreadPoolExecutor(
-            max_workers=self.settings.explain_concurrency,
-            thread_name_prefix="oncoflow-explain",
-            initializer=lower_thread_priority,
-        )
         self.batcher = MicroBatcher(
             self.engine.infer_rows,
             self.settings.max_batch,
@@ -218,7 +214,6 @@ class DiagnosisService:
 
     def _load_extras(self) -> None:
         try:
-            self.engine.warm_up(explainers=True)
             if self.settings.chat:
                 self.chat_service = ChatService.load(
                     self.engine.model_dir,
@@ -276,18 +271,6 @@ class DiagnosisService:
         probabilities = await self.batcher.submit(row)  # in a batch with concurrent calls
         return self.engine.predict_response(probabilities, started)
 
-    async def _explaining(self, work: Callable[[], Any]) -> Any:
-        """Run `work` (an explanation) on the explanation threads, which run at a lower CPU
-        priority than predictions: a prediction waiting for a core gets it first."""
-
-        def work_then_trim() -> Any:
-            try:
-                return work()
-            finally:
-                release_free_memory()
-
-        return await asyncio.get_running_loop().run_in_executor(self.explain_pool, work_then_trim)
-
     @bentoml.api(route="/explain")
     @answers_errors
     async def explain(
@@ -308,14 +291,16 @@ class DiagnosisService:
         top SHAP features. PNGs are base64."""
         self._images()
         chosen = {} if nsamples is None else {"nsamples": nsamples}
-
-        def work() -> ExplainResponse:
-            case = self.engine.prepare(image.read_bytes(), clinical)
-            return self.engine.explain(
-                case, method=method, target=target, opacity=opacity, shap=shap, **chosen
-            )
-
-        return await self._explaining(work)
+        return await self.explainer.call(
+            "explain",
+            image=image.read_bytes(),
+            clinical=clinical,
+            method=method,
+            target=target,
+            opacity=opacity,
+            shap=shap,
+            **chosen,
+        )
 
     @bentoml.api(route="/similar")
     @answers_errors
@@ -348,12 +333,14 @@ class DiagnosisService:
         """A one-case PDF report (application/pdf): prediction, Grad-CAM overlay, clinical SHAP,
         model facts, privacy and the disclaimer. `case_id`: an optional pseudonymous code."""
         self._images()
-
-        def work() -> bytes:
-            case = self.engine.prepare(image.read_bytes(), clinical)
-            return self.engine.report(case, method=method, target=target, case_id=case_id)
-
-        pdf = await self._explaining(work)
+        pdf = await self.explainer.call(
+            "report",
+            image=image.read_bytes(),
+            clinical=clinical,
+            method=method,
+            target=target,
+            case_id=case_id,
+        )
         return Response(
             pdf,
             media_type="application/pdf",
@@ -380,9 +367,7 @@ class DiagnosisService:
     ) -> ExplainResponse:
         """SHAP value of each clinical feature (tabular-only models)."""
         self._records()
-        return await self._explaining(
-            lambda: self.engine.explain(self.engine.prepare_record(clinical), target=target)
-        )
+        return await self.explainer.call("explain_tabular", clinical=clinical, target=target)
 
     # -- chat ------------------------------------------------------------------------------
     def _chat(self):
