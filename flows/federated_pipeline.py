@@ -14,6 +14,7 @@ The sites are reached through a SuperLink (`superlink` + `root_cert`, or the `fl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def federated_pipeline(
         bundle_dir = bundle_task(
             ctx,
             trained,
-            _NO_TRAINING_IMAGES,
+            _NoTrainingImages(layout.spec.model.schema),
             metrics,
             fingerprints["data"],
             fitted.get("calibration") if fitted.get("fitted") else None,
@@ -243,14 +244,14 @@ def federated_pipeline(
     return summary
 
 
+@dataclass(frozen=True)
 class _NoTrainingImages:
-    """The coordinator holds no training images: the bundle gets none (`bundle_task`)."""
+    """The coordinator holds no training images: the bundle gets none (`bundle_task`), only
+    the clinical schema the spec carries (a model reading records needs it)."""
 
+    schema: list[dict] | None = None
     x = None
     y = None
-
-
-_NO_TRAINING_IMAGES = _NoTrainingImages()
 
 
 __all__ = ["federated_metrics", "federated_pipeline"]
