@@ -10,7 +10,10 @@ every feature on the development rows (all but test and calibration) with
 `validation.leakage.leakage_scores`; `--put-back COLUMN:TYPE` scores an excluded column as if
 it were a feature of that type. Prints one line per feature, highest score first, then the
 reason of every feature above `dataset.clinical.leakage_max_score` and the missingness
-warnings, and returns the scores as a dict.
+warnings, and returns the scores as a dict. `--validate` then runs the clinical suite as the
+pipeline's validate step does (`dataset.clinical.on_leakage=stop|drop`) and prints its summary:
+
+    python bench/clinical_leakage.py dataset=pad_ufes_20 --put-back biopsed:bool --validate
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--workspace", type=Path, default=Path(tempfile.gettempdir()) / "oncoflow-leakage"
     )
+    parser.add_argument("--validate", action="store_true", help="then run the clinical suite")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. dataset=pad_ufes_20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -81,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     for s in sorted(scores, key=lambda s: -s.score):
         flag = "  LEAKS" if s.score > limit else ""
         print(
-            f"{s.feature:40s} {s.score:6.3f} {s.measure:9s} {s.target:10s} "
-            f"{s.missingness:7.3f}{flag}"
+            f"{s.feature:40s} {s.score:6.4f} {s.measure:9s} {s.target:10s} "
+            f"{s.missingness:7.4f}{flag}"
         )
     for s in scores:
         if s.score > limit:
@@ -91,7 +95,33 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [s.feature for s in scores if s.missingness > limit]
     if missing:
         print(f"\nmissingness tied to the label ({', '.join(missing)}): {'; '.join(tied)}")
+    if args.validate:
+        _validate(frame, cfg)
     return {s.feature: s.to_dict() for s in scores}
+
+
+def _validate(frame, cfg: dict) -> None:
+    """The clinical suite on the split manifest, as `validate_task` runs it (no workspace)."""
+    from components.errors import ValidationFailed
+    from validation.clinical_suite import validate_clinical_manifest
+
+    ds = cfg["dataset"]
+    clinical = ds["clinical"]
+    print("\nclinical suite:")
+    try:
+        outcome = validate_clinical_manifest(
+            frame,
+            clinical["features"],
+            dangerous=ds["dangerous"],
+            max_score=clinical["leakage_max_score"],
+            on_leakage=clinical["on_leakage"],
+            on_failure=cfg["validation"]["on_failure"],
+        )
+    except ValidationFailed as exc:
+        print(exc)
+        return
+    print(outcome.summary())
+    print(f"features kept: {len(outcome.features or [])} of {len(clinical['features'])}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def _check_leakage(
     }
     for warning in report["leakage"]["warnings"]:
         logger.warning("clinical table: %s", warning)
-    reasons = "; ".join(f"{s.feature} (score {s.score:.3f}): {s.reason}" for s in leaking.values())
+    reasons = "; ".join(f"{s.feature} (score {s.score:.4f}): {s.reason}" for s in leaking.values())
     check = Check(
         "no_label_leakage",
         gx_engine.expectations().ExpectColumnValuesToBeBetween(

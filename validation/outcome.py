@@ -121,7 +121,10 @@ def summarise(report: dict) -> str:
     after = report.get("after_quarantine")
     if after is not None:
         if after.get("passed"):
-            lines.append("after quarantine: every expectation met")
+            what = "quarantine" if report.get("rows_quarantined") else ""
+            if report.get("features_dropped"):
+                what = f"{what} and dropping features" if what else "dropping features"
+            lines.append(f"after {what or 'quarantine'}: every expectation met")
         else:
             lines.append("after quarantine still failing (cannot be fixed by dropping rows):")
             lines.extend(_failure_lines(after))
