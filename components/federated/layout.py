@@ -142,9 +142,15 @@ def _schema(arrays: Mapping[str, Any], architecture: Mapping[str, Any]) -> list[
 def _with_given_sites(cfg: dict[str, Any], site_groups: Mapping[str, Any] | None) -> dict:
     """partition=given with num_sites null: one site per distinct training `site` value."""
     fed = cfg["federation"]
-    if fed["partition"] != "given" or fed["num_sites"] is not None or not site_groups:
+    if fed["partition"] != "given" or fed["num_sites"] is not None:
         return cfg
-    names = {str(s) for s in site_groups.get("train", ()) if s is not None and str(s) != ""}
+    train = (site_groups or {}).get("train")
+    names = {str(s) for s in (() if train is None else train) if s is not None and str(s) != ""}
+    if not names:
+        raise DataError(
+            "federation.partition=given found no site for any training row: fill the "
+            "manifest's site column (or name a clinical column with dataset.clinical.site)"
+        )
     return {**cfg, "federation": {**fed, "num_sites": len(names)}}
 
 

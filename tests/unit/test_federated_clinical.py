@@ -326,3 +326,11 @@ def test_real_sites_prepare_their_records_and_train_a_fusion_model(tmp_path):
     data = json.loads((layout.out_dir / "result.json").read_text())
     assert set(data["federated_evaluation"]["sites"]) == set(dirs)
     assert float(result.model.tabular.fill[0]) == pytest.approx(59.0)  # middle of [18, 100]
+
+
+def test_given_sites_without_any_site_value_are_refused(tmp_path):
+    from components.errors import DataError
+
+    cfg = _cfg("model=tabular", partition="given", num_sites=None)
+    with pytest.raises(DataError, match="found no site for any training row"):
+        prepare_federation(cfg, _arrays(images=False), list(CLASSES), PREP, tmp_path / "f")
