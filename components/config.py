@@ -127,6 +127,9 @@ class ModelConf:
     tabular_hidden: list[int] = field(default_factory=lambda: [32, 16])  # clinical MLP widths
     fusion_hidden: int = 32  # fusion only: width of the joint layer
     dropout: float = 0.1  # clinical branch and fusion layer
+    # fusion only: the new clinical branch, joint layer and head learn this many times faster
+    # than the (pretrained) image branch
+    clinical_lr_scale: float = 1.0
 
 
 @dataclass

@@ -56,10 +56,10 @@ def train_pipeline(overrides: list[str] | None = None) -> dict[str, Any]:
             calibrated = calibrate_task(ctx, trained.model, arrays)
         evaluation = evaluate_task(ctx, trained.model, arrays["test"], calibrated, split)
         metrics = evaluation.metrics
-        comparison = compare_task(ctx, trained, arrays)
+        fingerprints = validated.fingerprints()
+        comparison = compare_task(ctx, trained, arrays, fingerprints["data"])
         if comparison:
             metrics["comparison"] = comparison
-        fingerprints = validated.fingerprints()
         bundle_dir = bundle_task(
             ctx,
             trained,

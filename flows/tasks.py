@@ -689,7 +689,10 @@ def evaluate_task(
 
 @task(name="compare-baselines")
 def compare_task(
-    ctx: RunContext, trained: TrainedModel, arrays: dict[str, SplitArrays]
+    ctx: RunContext,
+    trained: TrainedModel,
+    arrays: dict[str, SplitArrays],
+    data_fingerprint: str = "",
 ) -> dict[str, Any] | None:
     """For a model reading clinical records: the same test split scored by a clinical-only
     logistic regression and, for fusion, an image-only model of the same backbone trained by
@@ -720,10 +723,10 @@ def compare_task(
     probabilities = {name: predict_proba(trained.model, test, pre)}
     if IMAGE in kinds:
         log.info("comparison: training the image-only baseline (%s)", kinds)
-        baseline = train_central(
-            cfg, arrays, ctx.run_dir / "baseline_image_only", image_only(trained.architecture)
-        )
+        out = ctx.run_dir / "baseline_image_only"
+        baseline = train_central(cfg, arrays, out, image_only(trained.architecture))
         probabilities[IMAGE_ONLY] = predict_proba(baseline.model, test, pre)
+        _baseline_bundle(ctx, baseline, out / "bundle", data_fingerprint)
     probabilities[CLINICAL_ONLY] = logistic_regression_probabilities(
         train.clinical, train.y, test.clinical, len(ctx.class_names), seed=cfg["seed"]
     )
@@ -736,6 +739,25 @@ def compare_task(
         "comparison: %s", result["verdict"]
     )
     return result
+
+
+def _baseline_bundle(ctx: RunContext, baseline: Any, out_dir: Path, data_fingerprint: str) -> None:
+    """The image-only baseline as a model bundle beside the run (never registered): what
+    `bench/lesion_localisation.py` and other inspections load."""
+    from components.bundle_builder import bundle_settings, make_bundle
+
+    make_bundle(
+        baseline.model,
+        architecture=baseline.architecture,
+        privacy=baseline.privacy,
+        class_names=ctx.class_names,
+        preprocessing=preprocessing_from_config(ctx.cfg),
+        metrics={},
+        data_fingerprint=data_fingerprint,
+        config=ctx.cfg,
+        out_dir=out_dir,
+        **bundle_settings(ctx.cfg),
+    )
 
 
 LEAKAGE_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")

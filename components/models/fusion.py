@@ -44,6 +44,7 @@ class FusionModel(nn.Module):
         tabular_hidden: Sequence[int] = (32, 16),
         fusion_hidden: int = 32,
         dropout: float = 0.1,
+        clinical_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         from components.models import build_model
@@ -72,6 +73,9 @@ class FusionModel(nn.Module):
         self.in_channels = int(in_channels)
         self.embed_dim = int(fusion_hidden)
         self.image_architecture = image_architecture
+        if float(clinical_lr_scale) <= 0:
+            raise ConfigError(f"clinical_lr_scale must be positive, got {clinical_lr_scale}")
+        self.clinical_lr_scale = float(clinical_lr_scale)
 
     @property
     def layout(self) -> TabularLayout:
@@ -113,6 +117,18 @@ class FusionModel(nn.Module):
     def cam_target_layers(self) -> list[nn.Module]:
         return self.image.cam_target_layers()
 
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Optimiser groups: the image branch at `lr`, the newly initialised clinical branch,
+        joint layer and head at `lr · clinical_lr_scale` (a pretrained backbone needs small
+        steps; the new layers would otherwise barely move in a short fine-tune)."""
+        image = [p for p in self.image.parameters() if p.requires_grad]
+        ids = {id(p) for p in image}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [
+            {"params": image, "lr": lr},
+            {"params": rest, "lr": lr * self.clinical_lr_scale},
+        ]
+
 
 def build_fusion_model(
     num_classes: int,
@@ -126,6 +142,7 @@ def build_fusion_model(
     tabular_hidden: Sequence[int] = (32, 16),
     fusion_hidden: int = 32,
     dropout: float = 0.1,
+    clinical_lr_scale: float = 1.0,
 ) -> FusionModel:
     """The `fusion` architecture; the kwargs are JSON-safe for a bundle's
     `architecture_kwargs`."""
@@ -141,6 +158,7 @@ def build_fusion_model(
         tabular_hidden=tabular_hidden,
         fusion_hidden=fusion_hidden,
         dropout=dropout,
+        clinical_lr_scale=clinical_lr_scale,
     )
 
 

@@ -72,6 +72,7 @@ def architecture_from_config(
         kwargs["tabular_hidden"] = [int(h) for h in m["tabular_hidden"]]
         kwargs["fusion_hidden"] = int(m["fusion_hidden"])
         kwargs["dropout"] = float(m["dropout"])
+        kwargs["clinical_lr_scale"] = float(m["clinical_lr_scale"])
     return kwargs
 
 

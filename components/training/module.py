@@ -160,7 +160,11 @@ class ClassifierModule(L.LightningModule):
         self.history.append(row)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        inner = getattr(self.model, "_module", self.model)  # through Opacus' wrapper
+        if hasattr(inner, "parameter_groups"):
+            params = inner.parameter_groups(self.lr)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer_hook is not None:
             optimizer = self.optimizer_hook(self, optimizer)
