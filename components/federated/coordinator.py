@@ -94,6 +94,7 @@ def coordinator_layout(
         site_test=True,
         calibration=CalibrationSpec.from_config(config),
     )
+    spec.model.warn_unscaled()
     spec_path = spec.save(server / "spec.json")
     write_request(server / REQUEST_FILE, spec.client_spec.to_json(), federation=root.name)
     dirs = {name: Path(d) for name, d in (site_dirs or {}).items()}

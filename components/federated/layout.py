@@ -201,6 +201,7 @@ def prepare_federation(
         class_names=list(class_names),
         schema=_schema(arrays, architecture) or None,
     )
+    model.warn_unscaled()
     train = _split(arrays.get("train"), "train", architecture["name"])
     val = _split(arrays.get("val"), "validation", architecture["name"])
     test = _split(arrays.get("test"), "test", architecture["name"])

@@ -73,6 +73,18 @@ class ModelSpec:
         model.fit_normalisation_from_schema(self.schema)
         return model
 
+    def warn_unscaled(self) -> None:
+        """Log the numeric features the schema gives no [min, max]: built from the schema
+        alone, the model reads them unscaled (the spec's schema should bound them)."""
+        for entry in self.schema or ():
+            bounded = entry.get("min") is not None and entry.get("max") is not None
+            if entry.get("type") in ("float", "int") and not bounded:
+                log.warning(
+                    "clinical feature %s has no [min, max] in the schema: the federated model "
+                    "reads it unscaled (give it bounds in dataset.clinical.features)",
+                    entry["name"],
+                )
+
     def inputs(self, split: SplitArrays) -> tuple[np.ndarray, ...]:
         """The arrays of `split` this model reads, in `model(*inputs)` order."""
         return split.inputs(self.architecture["name"])

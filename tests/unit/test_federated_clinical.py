@@ -334,3 +334,20 @@ def test_given_sites_without_any_site_value_are_refused(tmp_path):
     cfg = _cfg("model=tabular", partition="given", num_sites=None)
     with pytest.raises(DataError, match="found no site for any training row"):
         prepare_federation(cfg, _arrays(images=False), list(CLASSES), PREP, tmp_path / "f")
+
+
+def test_an_unbounded_numeric_feature_is_named_in_a_warning(caplog):
+    from components.federated.task import ModelSpec
+
+    schema = [
+        {"name": "score", "type": "float"},
+        {"name": "age", "type": "int", "min": 0, "max": 9},
+    ]
+    spec = ModelSpec(
+        {"name": "tabular_mlp", "num_classes": 3}, PREP.to_dict(), ["a", "b", "c"], schema
+    )
+    with caplog.at_level("WARNING"):
+        spec.warn_unscaled()
+    assert "score has no [min, max]" in caplog.text and "age" not in caplog.text
+    model = spec.build()
+    assert float(model.encoder.scale[0]) == 1.0 and float(model.encoder.scale[1]) == 4.5
