@@ -2,10 +2,12 @@
 
 Starts ``oncoflow serve`` (`serving.launch.serve`) on a free port with the given model, lets
 `--clients` clients send ``POST /predict`` back to back (a few distinct images) and, with
-`--explain-clients`, others send ``POST /explain`` at the same time; samples the BentoML
-worker's RSS every few seconds. Prints one JSON summary: the worker RSS at start (ready, before
-load), middle and end of the soak and its maximum, answers by status, /predict and /explain
-latency percentiles and the request rate.
+`--explain-clients`, others send ``POST /explain`` at the same time; samples the RSS of every
+process of the service every few seconds: the launcher (``oncoflow serve``), BentoML's arbiter,
+the request worker and its explanation process (`serving.explainer`). Prints one JSON summary:
+each process's RSS at ready (before load), start, middle and end of the soak and its maximum
+(and the sum over all of them), how many processes of each kind were seen (a restart shows as
+two), answers by status, /predict and /explain latency percentiles and the request rate.
 
     BENTOML_HOME=... python bench/soak.py --model oncoflow-model:TAG               # 10 min
     BENTOML_HOME=... python bench/soak.py --model TAG --duration 120 --explain-clients 4
@@ -76,14 +78,29 @@ def start_server(model: str, port: int, log_path: Path, env_extra: dict[str, str
     )
 
 
-def worker_of(server: subprocess.Popen) -> psutil.Process | None:
+def role(process: psutil.Process) -> str:
+    """What a process of the service is, from its command line."""
+    command = " ".join(process.cmdline())
+    if "_bentoml_impl.worker.service" in command:
+        return "worker"
+    if "serving.explainer" in command:
+        return "explainer"
+    if "serving.lifeline" in command or "bentoml" in command:
+        return "arbiter"
+    return "launcher" if "serving.launch" in command else process.name()
+
+
+def service_rss(server: subprocess.Popen) -> dict[str, tuple[int, int]]:
+    """Role -> (pid, RSS bytes) of the server process and all its descendants."""
+    out: dict[str, tuple[int, int]] = {}
     try:
-        for child in psutil.Process(server.pid).children(recursive=True):
-            if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
-                return child
+        root = psutil.Process(server.pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                out[role(process)] = (process.pid, process.memory_info().rss)
     except psutil.Error:
         pass
-    return None
+    return out
 
 
 def wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> float:
@@ -122,10 +139,7 @@ async def client_loop(http, path, pictures, deadline, statuses, latencies, data=
 
 async def sample_rss(server, samples, deadline, every_s):
     while time.monotonic() < deadline:
-        worker = worker_of(server)
-        if worker is not None:
-            with contextlib.suppress(psutil.Error):
-                samples.append((time.monotonic(), worker.pid, worker.memory_info().rss))
+        samples.append(await asyncio.to_thread(service_rss, server))
         await asyncio.sleep(every_s)
 
 
@@ -134,7 +148,7 @@ async def soak(base, server, args) -> dict:
     statuses: Counter = Counter()
     predict_s: list[float] = []
     explain_s: list[float] = []
-    samples: list[tuple[float, int, int]] = []
+    samples: list[dict[str, tuple[int, int]]] = []
     limits = httpx.Limits(max_connections=args.clients + args.explain_clients + 4)
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(
@@ -176,6 +190,48 @@ def _latency(values: list[float], elapsed: float) -> dict:
     }
 
 
+def explain_ready(base: str, wanted: int, timeout_s: float = 300) -> None:
+    """Wait until /explain answers (its process loads behind the ready model)."""
+    if not wanted:
+        return
+    picture = images(1)[0]
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        response = httpx.post(
+            base + "/explain",
+            files={"image": ("x.png", picture, "image/png")},
+            data={"shap": "false"},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
+        if response.status_code == 200:
+            return
+        time.sleep(1.0)
+    raise SystemExit("/explain did not answer in time")
+
+
+def rss_table(ready: dict, samples: list[dict]) -> dict[str, dict]:
+    """MB per process kind (and their sum): at ready, soak start, middle, end, and the max."""
+    names = sorted({*ready, *(name for s in samples for name in s)})
+
+    def mb(sample: dict, name: str | None) -> float | None:
+        if name is None:
+            return round(sum(rss for _, rss in sample.values()) / 2**20) if sample else None
+        return round(sample[name][1] / 2**20) if name in sample else None
+
+    table = {}
+    for name in [*names, None]:
+        series = [v for v in (mb(s, name) for s in samples) if v is not None]
+        table[name or "all"] = {
+            "ready": mb(ready, name),
+            "start": series[0] if series else None,
+            "middle": series[len(series) // 2] if series else None,
+            "end": series[-1] if series else None,
+            "max": max(series) if series else None,
+        }
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Bento model tag (BENTOML_HOME's store)")
@@ -195,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(args.model, port, Path(args.log), {"ONCOFLOW_CHAT": args.chat})
     try:
         ready_s = wait_ready(base, server)
-        time.sleep(2.0)  # let the extras (explainers, assistant) finish loading
-        worker = worker_of(server)
-        rss_ready = worker.memory_info().rss if worker else 0
+        explain_ready(base, args.explain_clients)
+        time.sleep(2.0)  # let the extras (assistant) finish loading
+        ready = service_rss(server)
         result = asyncio.run(soak(base, server, args))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -206,21 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
     samples = result.pop("rss_samples")
-    mb = [rss / 2**20 for _, _, rss in samples]
-    workers = len({pid for _, pid, _ in samples})
     summary = {
         "model": args.model,
         "clients": args.clients,
         "explain_clients": args.explain_clients,
+        "nsamples": args.nsamples,
         "ready_after_s": round(ready_s, 1),
-        "worker_rss_mb": {
-            "ready": round(rss_ready / 2**20),
-            "start": round(mb[0]) if mb else None,
-            "middle": round(mb[len(mb) // 2]) if mb else None,
-            "end": round(mb[-1]) if mb else None,
-            "max": round(max(mb)) if mb else None,
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "rss_mb": rss_table(ready, samples),
+        "processes_seen": {
+            name: len({s[name][0] for s in samples if name in s})
+            for name in sorted({name for s in samples for name in s})
         },
-        "worker_processes_seen": workers,
         **result,
     }
     print(json.dumps(summary, indent=2))

@@ -267,15 +267,19 @@ class DiagnosisEngine:
         return rows
 
     def warm_up(self, explainers: bool = False) -> None:
-        """One forward pass (with `explainers`, also the explanation imports, the explanation
-        copy and the SHAP base values), so no request pays for them."""
+        """One forward pass; with `explainers`, also what the default explanation needs (the
+        explanation copy, the SHAP base values, shap itself for clinical SHAP), so no request
+        pays for them. pytorch-grad-cam (~300 MB, seconds to import) is left to the first
+        request for another CAM method than Grad-CAM."""
         self.infer_rows(self._example_rows(1).numpy())
-        if explainers and self.kind != "tabular":
-            from components.explain import warm_up
+        if not explainers:
+            return
+        if self.layout is not None:  # clinical SHAP runs shap's explainer
+            from components.explain.shap_image import import_shap
 
-            warm_up()
-            if self.explain_model is not None:  # built now, and the SHAP base values with it
-                self._background_probabilities(CaseInput())
+            import_shap()
+        if self.explain_model is not None and self.kind == "image":  # fusion: per record
+            self._background_probabilities(CaseInput())
 
     # -- inputs ----------------------------------------------------------------------------
     @property

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "serving.service:DiagnosisService"
+#: The file a worker that cannot start writes its error to (set by `serve` for its server).
+STARTUP_REPORT = "ONCOFLOW_STARTUP_REPORT"
 
 
 def serve_command(host: str, port: int) -> list[str]:
@@ -67,7 +72,8 @@ def serve_env(
 def preflight(env: dict[str, str]) -> ServingConf:
     """Check the settings, the keys and that the model exists; return the settings with the
     model tag resolved (``latest`` -> the version it names now) and the case library's path
-    made absolute. Quick (no torch): `check_model` does the rest while the server starts."""
+    made absolute. Quick (no torch): the worker checks the rest (the model builds, the case
+    library fits it) and reports a failure through `report_startup_failure`."""
     settings = load_settings(env)
     load_api_keys(env)
     from serving.packaging import use_bentoml_home
@@ -82,20 +88,34 @@ def preflight(env: dict[str, str]) -> ServingConf:
     return dataclasses.replace(settings, model_tag=str(ref.tag), case_library=library)
 
 
-def check_model(settings: ServingConf) -> None:
-    """The model builds and the case library was built with this very model (raises if not).
+def report_startup_failure(exc: BaseException, environ: dict | None = None) -> None:
+    """In a worker whose service cannot start: write `exc` where `serve` looks for it.
 
-    A worker that fails to start is restarted, so without this check a broken model would
-    crash-loop instead of stopping the server with the reason."""
-    from components.bundle import ModelBundle
-    from serving.model_store import load_model_ref
+    A worker that fails to start is restarted, so without this report a broken model would
+    crash-loop instead of stopping the server with the reason. (The launcher once built the
+    model itself to find out: a second torch import, seconds of CPU beside the starting server,
+    and half a gigabyte it kept for the server's whole life.)"""
+    path = (os.environ if environ is None else environ).get(STARTUP_REPORT)
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
 
-    bundle = ModelBundle.load(load_model_ref(settings.model_tag).path)
-    bundle.build_model()
-    if settings.case_library:
-        from components.case_library import load_case_library
 
-        load_case_library(settings.case_library, bundle)
+def startup_failure(path: Path) -> Exception | None:
+    """The error a worker reported at `path` (its own type when it is an oncoflow error)."""
+    from components import errors
+    from components.errors import ModelError, OncoflowError
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    kind = getattr(errors, str(report.get("type")), None)
+    message = str(report.get("message"))
+    if isinstance(kind, type) and issubclass(kind, OncoflowError):
+        return kind(message)
+    return ModelError(f"the server could not load the model: {report.get('type')}: {message}")
 
 
 def serve(
@@ -124,20 +144,27 @@ def serve(
         port,
         "site-local case library" if settings.case_library else "no case library",
     )
+    private = Path(tempfile.mkdtemp(prefix="oncoflow-serve-"))
+    report = private / "startup-failure.json"
+    env[STARTUP_REPORT] = str(report)
     supervisor = Supervisor(guarded(serve_command(host, port)), env)
-    failed: list[BaseException] = []
+    done = threading.Event()
 
-    def check() -> None:  # alongside the server's start-up, which it stops on failure
-        try:
-            check_model(settings)
-        except Exception as exc:
-            failed.append(exc)
-            supervisor.stop()
+    def watch() -> None:  # a worker that cannot start stops the server with its reason
+        while not done.wait(0.2):
+            if report.exists():
+                supervisor.stop()
+                return
 
-    threading.Thread(target=check, name="oncoflow-check-model", daemon=True).start()
-    code = supervisor.run()
-    if failed:
-        raise failed[0]
+    threading.Thread(target=watch, name="oncoflow-startup-watch", daemon=True).start()
+    try:
+        code = supervisor.run()
+        done.set()
+        failure = startup_failure(report)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    if failure is not None:
+        raise failure
     return code
 
 

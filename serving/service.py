@@ -153,6 +153,18 @@ Clinical = Annotated[
 CaseId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+def _startup_line(marks: list[float]) -> str:
+    """Where this worker's start-up went: its process start to the service class, the settings
+    and torch, loading the bundle (engine, model copies), the warm-up pass (wall seconds)."""
+    import psutil
+
+    created = psutil.Process().create_time()
+    phases = ("imports", "settings+torch", "model", "warm-up")
+    steps = zip(phases, [created, *marks[:-1]], marks, strict=True)
+    parts = ", ".join(f"{name} {end - start:.1f}" for name, start, end in steps)
+    return f"worker start-up {marks[-1] - created:.1f} s ({parts})"
+
+
 def _user(ctx: bentoml.Context) -> str:
     """The authenticated caller (set by ApiKeyAuth from the API key; never from the body)."""
     return str(ctx.request.scope.get(USER_SCOPE_KEY) or ANONYMOUS_USER)
@@ -170,15 +182,28 @@ class DiagnosisService:
     """Loads ONE model bundle at start-up and answers every endpoint with it."""
 
     def __init__(self) -> None:
+        try:
+            self._start()
+        except Exception as exc:  # `oncoflow serve` stops with the reason, no crash loop
+            from serving.launch import report_startup_failure
+
+            report_startup_failure(exc)
+            raise
+
+    def _start(self) -> None:
         # Settings the middleware reads lazily (at the first request) are checked here, at
         # start-up, so a misconfigured service never starts instead of failing per request.
+        began = [time.time()]
         self.settings = current_settings()
         configure_process(self.settings)
         load_api_keys()
         from serving.model_store import load_engine  # torch: only in the worker
 
+        began.append(time.time())
         self.engine = load_engine(self.settings)
+        began.append(time.time())
         self.engine.warm_up()  # the model answers: ready from here
+        began.append(time.time())
         # Explanations and reports run in their own process, off this one's GIL; it loads
         # the same bundle behind the ready model (they wait for it, or get 503).
         self.explainer = ExplanationProcess(ExplainerSpec.of(self.engine, self.settings)).start()
@@ -209,8 +234,9 @@ class DiagnosisService:
             self.engine.bundle.architecture,
             len(self.classes),
             self.ref.version or "-",
-            "on" if self.chat_service else "off",
+            "loading" if self.chat_loading else "off",
         )
+        log.info("%s", _startup_line(began))
 
     def _load_extras(self) -> None:
         try:

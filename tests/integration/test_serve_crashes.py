@@ -1,6 +1,7 @@
 """`oncoflow serve` under kill -9, with real processes (the outside test's faults 3-5).
 
 One tiny model, one server started the way an operator does (`serving.launch.serve`), then:
+the explanation process is killed (it is started again, predictions go on, the worker stays),
 the worker is killed in the middle of an upload (clients get a fast error, not a hang; the
 server comes back by itself; nothing of the upload is on disk), then the `oncoflow serve`
 process itself is killed (no BentoML process stays behind holding the port, and the next
@@ -88,6 +89,20 @@ def workers(server: ServerProcess) -> list[psutil.Process]:
     ]
 
 
+def explainers(server: ServerProcess) -> list[psutil.Process]:
+    """The explanation processes (serving.explainer) under the server, waiting for one."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = [
+            p
+            for p in psutil.Process(server.process.pid).children(recursive=True)
+            if "serving.explainer" in " ".join(p.cmdline())
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -135,8 +150,21 @@ def test_killed_worker_and_killed_launcher(model_tag, spool, tmp_path):
         )
         assert response.status_code == 200, response.text
 
-        # -- the worker dies while an upload streams in ----------------------------------
+        # -- the explanation process is killed: started again, the worker stays --------
         (worker,) = workers(server)
+        explain = {"files": {"image": ("x.png", image, "image/png")}, "headers": auth}
+        assert httpx.post(base + "/explain", timeout=120, **explain).status_code == 200
+        (first,) = explainers(server)
+        os.kill(first.pid, signal.SIGKILL)
+        assert httpx.post(base + "/predict", timeout=60, **explain).status_code == 200
+        answered = httpx.post(base + "/explain", timeout=120, **explain)
+        if answered.status_code == 503:  # sent before the worker saw its child die
+            answered = httpx.post(base + "/explain", timeout=120, **explain)
+        assert answered.status_code == 200, answered.text
+        (second,) = explainers(server)
+        assert second.pid != first.pid and workers(server) == [worker]
+
+        # -- the worker dies while an upload streams in ----------------------------------
         needle = image[-64:]
 
         def slow_body():
@@ -169,6 +197,7 @@ def test_killed_worker_and_killed_launcher(model_tag, spool, tmp_path):
             base + "/predict", files={"image": ("x.png", image, "image/png")}, headers=auth
         ).is_success
         assert not spooled_files(spool, needle), "an upload was left on disk"
+        assert not second.is_running(), "the dead worker's explanation process lives on"
 
         # -- the launcher itself is killed ----------------------------------------------
         children = psutil.Process(server.process.pid).children(recursive=True)

@@ -1,0 +1,97 @@
+"""The explanation process (serving.explainer): same answers as the engine in process, errors
+kept by kind, a model it cannot load turns explanations off with the reason, no process left.
+(Killed children and orphans under `oncoflow serve`: tests/integration/test_serve_crashes.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import ServingConf
+from components.errors import InputError
+from serving.api_errors import Overloaded
+from serving.explainer import ExplainerSpec, ExplanationProcess
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from components.bundle_builder import make_bundle
+    from components.data.preprocess import Preprocessing
+    from components.models import build_model
+    from serving.engine import DiagnosisEngine
+    from serving.schemas import ModelRef
+
+    architecture = {"name": "small_cnn", "num_classes": 2, "in_channels": 3, "width": 4}
+    torch.manual_seed(0)
+    path = make_bundle(
+        build_model(**architecture).eval(),
+        architecture=architecture,
+        class_names=["a", "b"],
+        preprocessing=Preprocessing(size=16, channels=3),
+        metrics={},
+        data_fingerprint="f" * 64,
+        config={},
+        background_size=4,
+        out_dir=tmp_path_factory.mktemp("bundle") / "b",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child (torch_threads=1): the same sums, the same maps
+    yield DiagnosisEngine.from_dir(path, ModelRef(name="m", version="1", tag="m:1"))
+    torch.set_num_threads(threads)
+
+
+def png(seed: int = 0) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_answers_like_the_engine_and_keeps_error_kinds(engine):
+    explainer = ExplanationProcess(ExplainerSpec.of(engine, ServingConf(torch_threads=1)))
+    explainer.start()
+
+    async def calls():
+        answer = await explainer.call("explain", image=png(), clinical=None, target="b")
+        with pytest.raises(InputError, match="not an image"):
+            await explainer.call("explain", image=b"not an image", clinical=None)
+        with pytest.raises(InputError, match="unknown target class"):
+            await explainer.call("explain", image=png(), clinical=None, target="c")
+        both = await asyncio.gather(
+            *(explainer.call("explain", image=png(s), clinical=None) for s in (1, 2))
+        )
+        pdf = await explainer.call("report", image=png(), clinical=None, case_id="C-1")
+        return answer, both, pdf
+
+    try:
+        answer, both, pdf = asyncio.run(calls())
+    finally:
+        explainer.close()
+    local = engine.explain(engine.prepare(png()), target="b")
+    assert answer.heatmap_png == local.heatmap_png and answer.shap_png == local.shap_png
+    assert answer.probabilities == pytest.approx(local.probabilities, abs=1e-6)
+    assert answer.target == "b" and answer.shap_image == local.shap_image
+    for seed, got in zip((1, 2), both, strict=True):  # concurrent calls get their own answers
+        assert got.heatmap_png == engine.explain(engine.prepare(png(seed))).heatmap_png
+    assert pdf.startswith(b"%PDF")
+    explainer.process.wait(timeout=10)  # closed: the child is gone
+    assert explainer.starts == 1
+
+
+def test_a_model_it_cannot_load_turns_explanations_off_with_the_reason(engine, tmp_path):
+    spec = dataclasses.replace(
+        ExplainerSpec.of(engine, ServingConf(torch_threads=1)), model_dir=str(tmp_path)
+    )
+    explainer = ExplanationProcess(spec, start_wait_s=120).start()
+    with pytest.raises(Overloaded, match="could not load the model"):
+        asyncio.run(explainer.call("explain", image=png(), clinical=None))
+    assert explainer.starts == 1 and explainer.process.poll() is not None  # not restarted
+    with pytest.raises(Overloaded, match="could not load the model"):  # at once from now on
+        asyncio.run(explainer.call("explain", image=png(), clinical=None))
