@@ -667,6 +667,7 @@ def evaluate_task(
     set size, referral rate); with the split's result, the leakage certificate and the score
     on the test images without a near-match in training (`metrics["leakage"]`)."""
     from components.calibration.record import Calibration
+    from components.evaluation.leakage import clean_subset_metrics
     from components.evaluation.metrics import evaluate
     from components.evaluation.plots import confusion_matrix_png
     from components.evaluation.predict import predict_proba
@@ -680,7 +681,9 @@ def evaluate_task(
     if calibrated is not None:
         metrics["calibration"] = calibrated.report
     if split is not None and split.certificate is not None:
-        metrics["leakage"] = leakage_metrics(test, probs, classes, split, metrics)
+        metrics["leakage"] = clean_subset_metrics(
+            test.ids, test.y, probs, classes, split.near_matched, metrics, split.certificate
+        )
     png = confusion_matrix_png(metrics["confusion_matrix"], classes, ctx.run_dir / "confusion.png")
     artifacts.write_json(ctx.run_dir / "test_metrics.json", metrics)
     artifacts.metrics_table("test-metrics", metrics)
@@ -758,29 +761,6 @@ def _baseline_bundle(ctx: RunContext, baseline: Any, out_dir: Path, data_fingerp
         out_dir=out_dir,
         **bundle_settings(ctx.cfg),
     )
-
-
-LEAKAGE_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
-
-
-def leakage_metrics(test, probs, classes, split: SplitResult, full: dict[str, Any]) -> dict:
-    """The certificate plus the headline test metrics on all test images and on those without
-    a near-match in training."""
-    import numpy as np
-
-    from components.evaluation.metrics import evaluate
-
-    clean = np.array([i not in split.near_matched for i in test.ids], dtype=bool)
-    out: dict[str, Any] = {
-        **(split.certificate or {}),
-        "test_images": len(clean),
-        "test_near_matched": int((~clean).sum()),
-        "test_full": {k: full.get(k) for k in LEAKAGE_HEADLINE},
-    }
-    if clean.any():
-        subset = evaluate(test.y[clean], probs[clean], classes)
-        out["test_without_near_matches"] = {k: subset.get(k) for k in LEAKAGE_HEADLINE}
-    return out
 
 
 @task(name="bundle")

@@ -445,8 +445,7 @@ def assign_splits(
         _check_no_leak(good, manifest.GROUP, "patients")
         report.patients = _patient_report(good)
     if leakage is not None:
-        report.proximity, near_train = _proximity(good, leakage)
-        report.near_matched_ids = sorted(str(i) for i in good.loc[near_train, "id"])
+        report.proximity, report.near_matched_ids = proximity(good, leakage)
     out = manifest.conform(pd.concat([good, bad]).sort_values("source", kind="stable"))
 
     # 7. report
@@ -571,11 +570,12 @@ def _group_units(good, near, keeping, leakage, report) -> pd.Series:
     return units
 
 
-def _proximity(good: pd.DataFrame, leakage: LeakageSettings) -> tuple[dict, pd.Series]:
-    """Share of each held-out split's images with a training image correlating at least
-    `match_similarity`,
-    a warning when validation is much closer to training than the test split is, and which
-    rows are near-matched."""
+def proximity(good: pd.DataFrame, leakage: LeakageSettings) -> tuple[dict, list[str]]:
+    """Of the decodable rows of a split manifest (`split` set; rows without a thumbnail are
+    left out): the report's `proximity` block (near-duplicate pairs by final split pair, each
+    held-out split's share of images with a training image correlating at least
+    `match_similarity`, a warning when validation is much closer to training than the test
+    split is) and the ids of those near-matched held-out rows, sorted."""
     positions, rows = _signatures(good)
     splits = good["split"].to_numpy()[positions]
     reference = rows[splits == "train"]
@@ -611,4 +611,4 @@ def _proximity(good: pd.DataFrame, leakage: LeakageSettings) -> tuple[dict, pd.S
         "warn_gap": leakage.proximity_warn_gap,
         "splits": shares,
         "warning": warning,
-    }, near_train
+    }, sorted(str(i) for i in good.loc[near_train, "id"])

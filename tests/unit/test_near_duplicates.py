@@ -326,11 +326,9 @@ def test_calibration_carve_is_stratified_seeded_disjoint_and_keeps_groups(folder
 
 
 def test_certificate_scores_the_test_images_without_near_matches_apart(tmp_path):
-    from types import SimpleNamespace
-
+    from components.evaluation.leakage import clean_subset_metrics
     from components.evaluation.metrics import evaluate
     from flows.promote import leakage_lines
-    from flows.tasks import SplitResult, leakage_metrics
 
     scan_folder(tmp_path, patients=8, slices=5)
     frame = ingest_folder(tmp_path)
@@ -340,16 +338,15 @@ def test_certificate_scores_the_test_images_without_near_matches_apart(tmp_path)
     loose = LeakageSettings(True, 0.95, "none", 0.8, 0.1)
     out, report = assign_splits(frame, True, 0.2, 0.3, 0, leakage=loose)
     near_ids = frozenset(report.near_matched_ids)
-    split = SplitResult(out, report.to_dict(), near_ids, report.certificate())
     test = out[out["split"] == "test"]
-    near = test["id"].isin(split.near_matched).to_numpy()
+    near = test["id"].isin(near_ids).to_numpy()
     assert (near.sum(), len(test)) == (2, 12)
     y = (test["label"] == "b").to_numpy().astype(int)
     right = np.eye(2)[y] * 0.8 + 0.1
     probs = np.where(near[:, None], right, right[:, ::-1])  # right only where near-matched
     full = evaluate(y, probs, ["a", "b"])
-    leakage = leakage_metrics(
-        SimpleNamespace(ids=list(test["id"]), y=y), probs, ["a", "b"], split, full
+    leakage = clean_subset_metrics(
+        list(test["id"]), y, probs, ["a", "b"], near_ids, full, report.certificate()
     )
     assert leakage["test_images"] == len(test) and leakage["test_near_matched"] == near.sum()
     assert leakage["test_without_near_matches"]["accuracy"] == 0.0
