@@ -65,13 +65,17 @@ def test_images(run_dir: Path, count: int, seed: int) -> list[bytes]:
     return [Path(source).read_bytes() for source in rows["source"]]
 
 
-def timed(http, base: str, call: str, image: bytes) -> float:
+def timed(http, base: str, call: str, image: bytes, engine: list[float] | None = None) -> float:
+    """Seconds one call takes at the client; `engine` gets the answer's ``latency_ms`` (the
+    time inside the engine: for /explain, from the decoded image to the finished answer)."""
     route, data = CALLS[call]
     started = time.perf_counter()
     response = http.post(f"{base}{route}", files={"image": ("u", image, "image/png")}, data=data)
     elapsed = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"{call}: HTTP {response.status_code} {response.text[:300]}")
+    if engine is not None:
+        engine.append(float(response.json()["latency_ms"]) / 1000.0)
     return elapsed
 
 
@@ -88,13 +92,17 @@ def sequential(base: str, image: bytes, requests: int) -> dict:
     import httpx
 
     times: dict[str, list[float]] = {call: [] for call in CALLS}
+    engine: dict[str, list[float]] = {call: [] for call in CALLS}
     with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=300.0) as http:
         for call in CALLS:  # warm-up, not counted
             timed(http, base, call, image)
         for _ in range(requests):
             for call in CALLS:
-                times[call].append(timed(http, base, call, image))
-    return {call: summary(t) for call, t in times.items()}
+                times[call].append(timed(http, base, call, image, engine[call]))
+    return {
+        call: summary(t) | {"engine_p50_ms": percentile(engine[call], 0.5) * 1000.0}
+        for call, t in times.items()
+    }
 
 
 def concurrent(base: str, image: bytes, requests: int, clients: int) -> dict:
@@ -200,6 +208,11 @@ def latency_report(result: dict) -> str:
                     f"{mode:<16} | {call:<17} | {r['requests']:>4} | {r['p50_ms']:>8.1f} | "
                     f"{r['p95_ms']:>8.1f}"
                 )
+    seq = result["sequential"]
+    lines.append(
+        "sequential, p50 inside the engine (the answer's latency_ms): "
+        + ", ".join(f"{call} {seq[call]['engine_p50_ms']:.1f} ms" for call in CALLS)
+    )
     lines.append(f"explain/predict p50: sequential {result['ratio_p50_sequential']:.2f}x")
     if result["ratio_p50_concurrent"] is not None:
         lines[-1] += f", {conc['clients']} clients {result['ratio_p50_concurrent']:.2f}x"

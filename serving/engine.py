@@ -57,6 +57,10 @@ DISPLAY_MAX_SIDE = 256  # overlays and the report show the upload at most this l
 DEFAULT_SHAP_NSAMPLES = 8  # stratified expected-gradient samples (components/explain/one_pass.py)
 MAX_SHAP_NSAMPLES = 200  # a request may ask for more samples, up to this (latency bound)
 TABULAR_SHAP_NSAMPLES = 200
+# rows per forward/backward pass of an image explanation: bounds its memory (EfficientNet-Lite0
+# at 96 px, 200 samples: peak RSS +0.55 GB in passes of 16 rows, +1.3 GB in passes of 64) at no
+# cost in time (the default 8 samples are one pass of 9 rows either way)
+EXPLAIN_BATCH_ROWS = 16
 TOP_FEATURES = 10
 INTENDED_USE = (
     "Decision support for trained clinicians on images like the training data; "
@@ -525,6 +529,7 @@ class DiagnosisEngine:
                 nsamples=int(nsamples),
                 tabular=case.record,
                 expected=self._background_probabilities(case),
+                batch_size=EXPLAIN_BATCH_ROWS,
             )
         cam = one.cam if one is not None else None
         features = None
