@@ -3,10 +3,10 @@ test split.
 
 A fusion model (image + record) is compared with an image-only model (the same backbone,
 recipe, seed and splits; trained by the caller) and with a clinical-only logistic regression
-on the same encoded features; a tabular MLP with the logistic regression. Metrics are the
-uncalibrated probabilities' (temperature scaling changes no ranking or arg-max, so
-macro-F1, balanced accuracy and AUROC are those served). The verdict says plainly when the
-model does not beat a baseline.
+on the same encoded features; a tabular MLP with the logistic regression. Every model is
+scored on its uncalibrated probabilities (temperature scaling keeps each arg-max, so macro-F1
+and balanced accuracy are those served; one-vs-rest AUROCs can differ slightly from the
+calibrated headline). The verdict says plainly when the model does not beat a baseline.
 """
 
 from __future__ import annotations
