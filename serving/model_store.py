@@ -1,4 +1,7 @@
-"""The served model: its entry in the Bento model store, and the engine built from it."""
+"""The served model: its entry in the Bento model store, and the engine built from it.
+
+`load_model_ref` needs no torch (`oncoflow serve` resolves the tag with it before starting the
+server); `load_engine` imports the engine, and torch with it, in the worker only."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import bentoml
 
 from components.config import ServingConf
 from components.errors import ModelError
-from serving.engine import DiagnosisEngine
 from serving.schemas import ModelRef
 
 
@@ -28,9 +30,11 @@ def load_model_ref(tag: str) -> bentoml.Model:
         ) from exc
 
 
-def load_engine(settings: ServingConf) -> DiagnosisEngine:
-    """The engine for the model `settings.model_tag`, with the site-local case library
-    `settings.case_library` (if any) for similar cases."""
+def load_engine(settings: ServingConf):
+    """The `DiagnosisEngine` for the model `settings.model_tag`, with the site-local case
+    library `settings.case_library` (if any) for similar cases."""
+    from serving.engine import DiagnosisEngine
+
     ref = load_model_ref(settings.model_tag)
     meta = ref.info.metadata or {}
     model_ref = ModelRef(
