@@ -71,6 +71,12 @@ def make_bundle(
             "a differentially private model's bundle may not carry un-noised statistics of "
             "training features (the Mahalanobis OOD check); use calibration.ood=energy"
         )
+    from components.data.inputs import CLINICAL, input_kinds
+
+    if CLINICAL not in input_kinds(architecture["name"]):
+        tabular_schema = None  # an image model reads no record, whatever the dataset holds
+    elif not tabular_schema:
+        raise ConfigError(f"a {architecture['name']} bundle needs the clinical schema it reads")
     kwargs = {k: v for k, v in architecture.items() if k != "name"}
     kwargs["pretrained"] = False  # the weights travel in the bundle; never re-download/reload
     if training_images:

@@ -3,9 +3,9 @@
 shows a lesion, only the record tells benign from malignant).
 
 A fusion run trains, compares itself with its baselines on the same patient-level test split,
-registers and packages; a tabular run on the same data is registered but may not replace the
-fusion champion (it reads different inputs); the served fusion champion answers with a record
-and refuses a malformed one with a 4xx naming the field.
+registers and packages; a tabular run and an image-only run on the same data are registered but
+may not replace the fusion champion (they read other inputs); the served fusion champion answers
+with a record and refuses a malformed one with a 4xx naming the field.
 """
 
 from __future__ import annotations
@@ -74,6 +74,12 @@ def tabular_run(env, fusion_run) -> dict:
     return _run(args, env)
 
 
+@pytest.fixture(scope="module")
+def image_run(env, tabular_run) -> dict:
+    args = ["run", *PAIRED, "model=small_cnn", "model.width=8", "trainer.max_epochs=3"]
+    return _run([*args, "package.build_bento=false"], env)
+
+
 def test_fusion_run_compares_itself_with_both_baselines(fusion_run):
     assert fusion_run["champion"] is True and fusion_run["bento_model"]
     comparison = fusion_run["comparison"]
@@ -112,6 +118,17 @@ def test_a_model_reading_other_inputs_does_not_replace_the_champion(fusion_run, 
         "tabular_mlp",
         "clinical_logistic_regression",
     }
+
+
+def test_an_image_model_on_the_same_data_reads_the_images_only(fusion_run, image_run):
+    assert image_run["model_version"] == "3" and image_run["champion"] is False
+    assert (
+        "not comparable: the candidate reads image, the champion image+clinical"
+        in (image_run["gate_reason"])
+    )
+    assert image_run["comparison"] is None  # an image model has no clinical baselines
+    meta = json.loads((Path(image_run["run_dir"]) / "bundle" / "bundle.json").read_text())
+    assert meta["architecture"] == "small_cnn" and meta["tabular_schema"] is None
 
 
 def test_served_fusion_champion_reads_the_record_and_names_a_bad_field(
