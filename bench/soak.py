@@ -12,9 +12,10 @@ two), answers by status, /predict and /explain latency percentiles and the reque
     BENTOML_HOME=... python bench/soak.py --model oncoflow-model:TAG               # 10 min
     BENTOML_HOME=... python bench/soak.py --model TAG --duration 120 --explain-clients 4
 
-Compare /predict latency with and without `--explain-clients` to see what concurrent
-explanations cost predictions (their number is capped by serving.explain_concurrency; the
-rest are answered 429 at once). The rate limit is switched off for the soak
+What concurrent explanations cost predictions (their number is capped by
+serving.explain_concurrency; the rest are answered 429 at once): `--alternate 30` turns the
+explanation clients off and on every 30 s and reports /predict latency for each phase, on the
+same server under the same background load (a shared machine's load drifts between runs). The rate limit is switched off for the soak
 (``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all clients share one key.
 """
 
@@ -117,11 +118,37 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> f
     raise SystemExit("the server was not ready in time")
 
 
-async def client_loop(http, path, pictures, deadline, statuses, latencies, data=None):
+class Phases:
+    """With `every_s`, explanations alternate: off for `every_s` seconds, on for as long, ...
+    (None: always on). Predictions are told apart by the phase they were sent in."""
+
+    def __init__(self, began: float, every_s: float | None) -> None:
+        self.began, self.every_s = began, every_s
+
+    def explaining(self) -> bool:
+        if not self.every_s:
+            return True
+        return int((time.monotonic() - self.began) / self.every_s) % 2 == 1
+
+    async def wait_for_explaining(self, deadline: float) -> None:
+        while not self.explaining() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+
+async def client_loop(
+    http, path, pictures, deadline, statuses, latencies, data=None, phases=None, explains=False
+):
+    """Requests back to back until `deadline`; latencies[phase] gets each 200's seconds
+    (phase: whether explanations were on when it was sent)."""
     i = 0
     while time.monotonic() < deadline:
+        if explains and phases is not None:
+            await phases.wait_for_explaining(deadline)
+            if time.monotonic() >= deadline:
+                break
         picture = pictures[i % len(pictures)]
         i += 1
+        phase = phases.explaining() if phases is not None else True
         began = time.perf_counter()
         try:
             response = await http.post(
@@ -129,7 +156,7 @@ async def client_loop(http, path, pictures, deadline, statuses, latencies, data=
             )
             statuses[(path, response.status_code)] += 1
             if response.status_code == 200:
-                latencies.append(time.perf_counter() - began)
+                latencies[phase].append(time.perf_counter() - began)
             elif response.status_code == 429:
                 await asyncio.sleep(float(response.headers.get("retry-after", "1")))
         except httpx.HTTPError as exc:
@@ -146,8 +173,8 @@ async def sample_rss(server, samples, deadline, every_s):
 async def soak(base, server, args) -> dict:
     pictures = images()
     statuses: Counter = Counter()
-    predict_s: list[float] = []
-    explain_s: list[float] = []
+    predict_s: dict[bool, list[float]] = {True: [], False: []}
+    explain_s: dict[bool, list[float]] = {True: [], False: []}
     samples: list[dict[str, tuple[int, int]]] = []
     limits = httpx.Limits(max_connections=args.clients + args.explain_clients + 4)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -156,25 +183,32 @@ async def soak(base, server, args) -> dict:
     ) as http:
         began = time.monotonic()
         deadline = began + args.duration
+        phases = Phases(began, args.alternate)
         tasks = [
-            client_loop(http, "/predict", pictures, deadline, statuses, predict_s)
+            client_loop(http, "/predict", pictures, deadline, statuses, predict_s, None, phases)
             for _ in range(args.clients)
         ]
         explain = {"nsamples": str(args.nsamples)}
         tasks += [
-            client_loop(http, "/explain", pictures, deadline, statuses, explain_s, explain)
+            client_loop(
+                http, "/explain", pictures, deadline, statuses, explain_s, explain, phases, True
+            )
             for _ in range(args.explain_clients)
         ]
         tasks.append(sample_rss(server, samples, deadline, args.sample_every))
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - began
-    return {
+    out = {
         "elapsed_s": round(elapsed, 1),
         "statuses": dict(sorted((f"{path} {status}", n) for (path, status), n in statuses.items())),
-        "predict": _latency(predict_s, elapsed),
-        "explain": _latency(explain_s, elapsed),
+        "predict": _latency(predict_s[True] + predict_s[False], elapsed),
+        "explain": _latency(explain_s[True], elapsed),
         "rss_samples": samples,
     }
+    if args.alternate:  # each phase took about half the time
+        out["predict_explanations_off"] = _latency(predict_s[False], elapsed / 2)
+        out["predict_explanations_on"] = _latency(predict_s[True], elapsed / 2)
+    return out
 
 
 def _latency(values: list[float], elapsed: float) -> dict:
@@ -240,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-clients", type=int, default=0, help="/explain clients")
     parser.add_argument("--nsamples", type=int, default=32, help="SHAP samples per /explain")
     parser.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling, s")
+    parser.add_argument(
+        "--alternate",
+        type=float,
+        help="explanation clients off and on in turns of this many seconds; /predict latency "
+        "is reported for each phase (the same server and background load: what explanations "
+        "cost predictions)",
+    )
     parser.add_argument("--chat", default="1", help="ONCOFLOW_CHAT for the server (1/0)")
     parser.add_argument("--log", default="soak-server.log", help="the server's output")
     args = parser.parse_args(argv)

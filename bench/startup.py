@@ -40,9 +40,10 @@ from soak import KEY, images, role, start_server  # noqa: E402
 WORKER_LINE = re.compile(r"worker start-up .*")
 
 
-def processes(server: subprocess.Popen, launched: float) -> dict[str, dict[str, float]]:
-    """Role -> CPU seconds (user + system) so far and the second, after `launched` (epoch),
-    at which it was started, for the server process and its descendants."""
+def processes(server: subprocess.Popen) -> dict[str, dict[str, float]]:
+    """Role -> CPU seconds (user + system) so far and when it started, in seconds after the
+    launcher (process start times share one clock; psutil's is off from time.time() by up to a
+    second), for the server process and its descendants."""
     out: dict[str, dict[str, float]] = {}
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(server.pid)
@@ -50,7 +51,7 @@ def processes(server: subprocess.Popen, launched: float) -> dict[str, dict[str, 
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
                 out[role(process)] = {
-                    "started_s": round(process.create_time() - launched, 2),
+                    "started_s": round(process.create_time() - root.create_time(), 2),
                     "cpu_s": round(times.user + times.system, 2),
                 }
     return out
@@ -62,7 +63,7 @@ def one_start(model: str, log: Path, explain: bool) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     load = os.getloadavg()
-    began, launched = time.monotonic(), time.time()
+    began = time.monotonic()
     server = start_server(model, port, log, {"ONCOFLOW_CHAT": "1"})
     try:
         ready_s = None
@@ -76,7 +77,7 @@ def one_start(model: str, log: Path, explain: bool) -> dict:
             time.sleep(0.05)
         if ready_s is None:
             raise SystemExit("not ready in 300 s")
-        at_ready = processes(server, launched)
+        at_ready = processes(server)
         explain_s = None
         if explain:
             picture = images(1)[0]

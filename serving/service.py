@@ -154,12 +154,13 @@ CaseId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 def _startup_line(marks: list[float]) -> str:
-    """Where this worker's start-up went: its process start to the service class, the settings
-    and torch, loading the bundle (engine, model copies), the warm-up pass (wall seconds)."""
+    """Where this worker's start-up went (wall seconds): its process start to the service class
+    (Python, BentoML and the service module's imports), the settings (torch when they set its
+    threads), the model (torch, the bundle, the engine and its prediction copy), the warm-up."""
     import psutil
 
     created = psutil.Process().create_time()
-    phases = ("imports", "settings+torch", "model", "warm-up")
+    phases = ("imports", "settings", "model", "warm-up")
     steps = zip(phases, [created, *marks[:-1]], marks, strict=True)
     parts = ", ".join(f"{name} {end - start:.1f}" for name, start, end in steps)
     return f"worker start-up {marks[-1] - created:.1f} s ({parts})"
