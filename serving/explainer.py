@@ -13,8 +13,9 @@ model directory, and answers over a socket pair:
 - it runs at a lower CPU priority (niceness `EXPLAIN_NICENESS`): when the cores are busy,
   predictions get them first;
 - up to `threads` explanations run in it at once (``serving.explain_concurrency``; the
-  service's middleware answers 429 beyond that), and it hands freed memory back to the system
-  after each (`release_free_memory`);
+  service's middleware answers 429 beyond that), each on one core unless
+  ``serving.torch_threads`` says otherwise, and it hands freed memory back to the system after
+  each (`release_free_memory`);
 - a child that dies (killed, out of memory) fails the explanations it was computing with 503
   and is started again; after `max_restarts` deaths within `window_s`, or when it cannot load
   the model, explanations answer 503 with the reason while predictions go on.
@@ -58,7 +59,7 @@ class ExplainerSpec:
     max_pixels: int
     optimise: bool
     threads: int = 2  # explanations computed at once
-    torch_threads: int | None = None
+    torch_threads: int = 1  # torch threads per explanation
     niceness: int = EXPLAIN_NICENESS
 
     @classmethod
@@ -72,7 +73,10 @@ class ExplainerSpec:
             max_pixels=engine.max_pixels,
             optimise=engine.optimise,
             threads=settings.explain_concurrency,
-            torch_threads=settings.torch_threads,
+            # one core per explanation unless the operator set torch's threads: with
+            # explain_concurrency explanations at once, that many cores at most (torch's
+            # own choice, every core per explanation, spins them against the predictions)
+            torch_threads=settings.torch_threads or 1,
         )
 
 
@@ -352,8 +356,7 @@ def child_main(parent: int, fd: int) -> None:
         from serving.engine import DiagnosisEngine
         from serving.schemas import ModelRef
 
-        if spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads)
+        torch.set_num_threads(spec.torch_threads)
         engine = DiagnosisEngine.from_dir(
             spec.model_dir, ModelRef(**spec.ref), spec.max_pixels, spec.optimise
         )

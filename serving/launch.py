@@ -191,12 +191,14 @@ class Supervisor:
         max_restarts: int = 5,
         window_s: float = 300.0,
         poll_s: float = 0.2,
+        scan_s: float = 1.0,
     ) -> None:
         self.command = command
         self.env = env
         self.max_restarts = max_restarts
         self.window_s = window_s
-        self.poll_s = poll_s
+        self.poll_s = poll_s  # how often the known workers are checked
+        self.scan_s = scan_s  # how often the server's process tree is searched for workers
         self.stopping = False
         self.stopping_since = 0.0
         self.stop_timeout_s = 30.0
@@ -234,11 +236,16 @@ class Supervisor:
         server = psutil.Process(self.process.pid)
         workers: dict[int, psutil.Process] = {}
         terminated = False
+        scanned = -self.scan_s
         while (code := self.process.poll()) is None:
-            try:
-                current = {p.pid: p for p in server.children(recursive=True) if _is_worker(p)}
-            except psutil.Error:
-                current = {}
+            if time.monotonic() - scanned >= self.scan_s:  # reads every process on the machine
+                try:
+                    current = {p.pid: p for p in server.children(recursive=True) if _is_worker(p)}
+                except psutil.Error:
+                    current = {}
+                scanned = time.monotonic()
+            else:  # cheap: each known worker's own /proc entry
+                current = {pid: p for pid, p in workers.items() if _alive(p)}
             if not self.stopping and set(workers) - set(current):
                 log.error("the server's worker died; stopping the server to restart it")
                 self._kill(server, workers | current)
@@ -274,6 +281,16 @@ class Supervisor:
         except ValueError:  # not the main thread: leave signal handling alone
             pass
         return previous
+
+
+def _alive(process) -> bool:
+    """Running and not a zombie (a killed worker stays one until the arbiter reaps it)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _is_worker(process) -> bool:
