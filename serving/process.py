@@ -50,3 +50,17 @@ def release_free_memory() -> None:
     in the allocator's arenas and the worker's memory keeps the peak of the largest one."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def release_free_memory_every(seconds: float) -> None:
+    """`release_free_memory` every `seconds` on a daemon thread: the request worker's batches
+    and uploads free their buffers, but the heap would keep the high-water mark."""
+    import threading
+    import time
+
+    def loop() -> None:
+        while True:
+            time.sleep(seconds)
+            release_free_memory()
+
+    threading.Thread(target=loop, name="oncoflow-trim", daemon=True).start()

@@ -65,7 +65,7 @@ from serving.middleware import (
     load_api_keys,
 )
 from serving.openapi import OpenApiContract
-from serving.process import configure_process
+from serving.process import configure_process, release_free_memory_every
 from serving.schemas import (
     ChatCase,
     ChatHistoryResponse,
@@ -109,6 +109,8 @@ ROUTES = (*UPLOADS, *JSON_ROUTES, "/model_card", "/docs.json", "/")
 EXPLANATIONS = ("/explain", "/explain_tabular", "/report")
 #: What the published contract (serving.openapi) says about the served model; set at start-up.
 SERVED_MODEL: dict[str, Any] = {}
+#: Seconds between the worker's hand-backs of freed heap memory (`release_free_memory`).
+TRIM_EVERY_S = 5.0
 #: The process that started this one, read at import: a BentoML worker dies with it.
 _PARENT = os.getppid()
 
@@ -205,6 +207,7 @@ class DiagnosisService:
         began.append(time.time())
         self.engine.warm_up()  # the model answers: ready from here
         began.append(time.time())
+        release_free_memory_every(TRIM_EVERY_S)
         # Explanations and reports run in their own process, off this one's GIL; it loads
         # the same bundle behind the ready model (they wait for it, or get 503).
         self.explainer = ExplanationProcess(ExplainerSpec.of(self.engine, self.settings)).start()
