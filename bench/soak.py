@@ -15,8 +15,9 @@ two), answers by status, /predict and /explain latency percentiles and the reque
 What concurrent explanations cost predictions (their number is capped by
 serving.explain_concurrency; the rest are answered 429 at once): `--alternate 30` turns the
 explanation clients off and on every 30 s and reports /predict latency for each phase, on the
-same server under the same background load (a shared machine's load drifts between runs). The rate limit is switched off for the soak
-(``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all clients share one key.
+same server under the same background load (a shared machine's load drifts between runs).
+The rate limit is switched off for the soak (``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all
+clients share one key.
 """
 
 from __future__ import annotations
