@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
+from cli_runs import ONCOFLOW, ROOT, run_oncoflow, workspace_env
 from server_process import free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-ONCOFLOW = [sys.executable, "-m", "flows.cli"]
 PAIRED = [
     "dataset=synthetic_clinical",
     "dataset.synthetic.n_per_class=60",
@@ -42,42 +38,26 @@ FUSION = [
 RECORD = {"age": 50, "smoker": False, "site": "arm", "marker": 7.5}
 
 
-def _run(args: list[str], env: dict[str, str]) -> dict:
-    proc = subprocess.run(
-        [*ONCOFLOW, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    start = proc.stdout.rfind("\n{\n") + 1
-    return json.loads(proc.stdout[start:])
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    workspace = tmp_path_factory.mktemp("clinical-workspace")
-    return {
-        **os.environ,
-        "ONCOFLOW_WORKSPACE": str(workspace),
-        "BENTOML_HOME": str(workspace / "bentoml"),
-        "PREFECT_HOME": str(workspace / "prefect"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    return workspace_env(tmp_path_factory.mktemp("clinical-workspace"))
 
 
 @pytest.fixture(scope="module")
 def fusion_run(env) -> dict:
-    return _run(["run", *PAIRED, *FUSION], env)
+    return run_oncoflow(["run", *PAIRED, *FUSION], env)
 
 
 @pytest.fixture(scope="module")
 def tabular_run(env, fusion_run) -> dict:
     args = ["run", *PAIRED, "model=tabular", "trainer.max_epochs=30", "package.build_bento=false"]
-    return _run(args, env)
+    return run_oncoflow(args, env)
 
 
 @pytest.fixture(scope="module")
 def image_run(env, tabular_run) -> dict:
     args = ["run", *PAIRED, "model=small_cnn", "model.width=8", "trainer.max_epochs=3"]
-    return _run([*args, "package.build_bento=false"], env)
+    return run_oncoflow([*args, "package.build_bento=false"], env)
 
 
 def test_fusion_run_compares_itself_with_both_baselines(fusion_run):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from cli_runs import ONCOFLOW, ROOT, run_oncoflow, workspace_env
 from PIL import Image
 from server_process import free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-ONCOFLOW = [sys.executable, "-m", "flows.cli"]
 SYNTHETIC = [
     "dataset=synthetic",
     "dataset.synthetic.n_per_class=40",
@@ -31,15 +29,6 @@ SYNTHETIC = [
 ]
 
 
-def _run(args: list[str], env: dict[str, str]) -> dict:
-    proc = subprocess.run(
-        [*ONCOFLOW, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    start = proc.stdout.rfind("\n{\n") + 1
-    return json.loads(proc.stdout[start:])
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("workspace")
@@ -47,18 +36,12 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env(workspace) -> dict[str, str]:
-    return {
-        **os.environ,
-        "ONCOFLOW_WORKSPACE": str(workspace),
-        "BENTOML_HOME": str(workspace / "bentoml"),
-        "PREFECT_HOME": str(workspace / "prefect"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    return workspace_env(workspace)
 
 
 @pytest.fixture(scope="module")
 def first_run(env) -> dict:
-    return _run(["run", *SYNTHETIC, "trainer.max_epochs=6"], env)
+    return run_oncoflow(["run", *SYNTHETIC, "trainer.max_epochs=6"], env)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +56,7 @@ def second_run(env, first_run) -> dict:
         "trainer.lr=0.00001",
         "package.build_bento=false",
     ]
-    return _run(args, env)
+    return run_oncoflow(args, env)
 
 
 def test_first_run_trains_registers_and_packages(first_run, workspace):
@@ -180,7 +163,7 @@ def test_served_champion_answers_predict(first_run, second_run, env, start_serve
 
 
 def test_federated_training_runs_through_the_same_pipeline(second_run, env):
-    summary = _run(
+    summary = run_oncoflow(
         [
             "run",
             *SYNTHETIC,
@@ -248,7 +231,7 @@ def test_federated_training_runs_through_the_same_pipeline(second_run, env):
 
 def test_fl_prepare_writes_one_directory_per_site_and_the_run_spec(env, tmp_path):
     root = tmp_path / "federation"
-    summary = _run(
+    summary = run_oncoflow(
         [
             "fl",
             "prepare",
