@@ -203,7 +203,10 @@ class ServingConf:
     chat: bool = True  # serve the chat assistant
     assistant_config: str | None = None  # JSON file with the assistant settings
     background_size: int = 32  # SHAP reference images packaged with the model
-    explain_concurrency: int = 2  # explanations/reports computed at once; beyond: 429
+    explain_concurrency: int = 2  # explanations/reports accepted at once; beyond: 429
+    # torch threads of the explanation process, which computes one explanation at a time at
+    # the lowest CPU priority; null: every core this server may use
+    explain_threads: int | None = None
     rate_limit_per_minute: int = 1200  # requests per API key a minute (0: no limit); then 429
     rate_limit_burst: int = 100  # requests one API key may send at once before the rate counts
     # the site-local similar-case library `/similar` answers from (`oncoflow case-library

@@ -10,12 +10,17 @@ model directory, and answers over a socket pair:
 - the child dies with the worker: the kernel kills it when the thread that started it ends
   (`serving.lifeline.die_with_parent`; that thread lives as long as the worker), and it exits
   when the socket closes;
-- it runs at a lower CPU priority (niceness `EXPLAIN_NICENESS`): when the cores are busy,
+- it runs at the lowest CPU priority (niceness `EXPLAIN_NICENESS`): when the cores are busy,
   predictions get them first;
-- up to `threads` explanations run in it at once (``serving.explain_concurrency``; the
-  service's middleware answers 429 beyond that), each on one core unless
-  ``serving.torch_threads`` says otherwise, and it hands freed memory back to the system after
-  each (`release_free_memory`);
+- it computes one explanation at a time on every core the server may use
+  (``serving.explain_threads`` to use fewer): one explanation is a batch of some twenty
+  images forward and backward, which two cores finish in about half the time one takes, while
+  two at once on one core each would both wait that long. The service admits up to
+  ``serving.explain_concurrency`` at once (its middleware answers 429 beyond), the rest of them
+  queue here;
+- it hands freed memory back to the system (`release_free_memory`) once it has had nothing to
+  do for `IDLE_TRIM_S`: after every explanation instead, the next one would pay to fault the
+  same pages in again (+50 ms on a 90 ms explanation);
 - a child that dies (killed, out of memory) fails the explanations it was computing with 503
   and is started again; after `max_restarts` deaths within `window_s`, or when it cannot load
   the model, explanations answer 503 with the reason while predictions go on.
@@ -31,6 +36,7 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -42,12 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ModelError, OncoflowError
-from serving.process import EXPLAIN_NICENESS, release_free_memory
+from serving.process import EXPLAIN_NICENESS, release_free_memory, single_threaded_blas
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ("explain", "explain_tabular", "report")
+IDLE_TRIM_S = 1.0  # the child trims its heap after this long without a request
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,7 @@ class ExplainerSpec:
     ref: dict[str, Any]
     max_pixels: int
     optimise: bool
-    threads: int = 2  # explanations computed at once
-    torch_threads: int = 1  # torch threads per explanation
+    torch_threads: int = 1  # torch threads of the one explanation computed at a time
     niceness: int = EXPLAIN_NICENESS
 
     @classmethod
@@ -72,11 +78,7 @@ class ExplainerSpec:
             ref=engine.ref.model_dump(),
             max_pixels=engine.max_pixels,
             optimise=engine.optimise,
-            threads=settings.explain_concurrency,
-            # one core per explanation unless the operator set torch's threads: with
-            # explain_concurrency explanations at once, that many cores at most (torch's
-            # own choice, every core per explanation, spins them against the predictions)
-            torch_threads=settings.torch_threads or 1,
+            torch_threads=settings.explain_threads or len(os.sched_getaffinity(0)),
         )
 
 
@@ -339,8 +341,6 @@ def _warm(engine) -> None:
 
 def child_main(parent: int, fd: int) -> None:
     """The explanation process: build the engine the spec names, then answer requests."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from serving.lifeline import die_with_parent
 
     die_with_parent(parent)
@@ -357,6 +357,7 @@ def child_main(parent: int, fd: int) -> None:
         from serving.schemas import ModelRef
 
         torch.set_num_threads(spec.torch_threads)
+        single_threaded_blas()  # torch's threads do the heavy work; numpy's would spin
         engine = DiagnosisEngine.from_dir(
             spec.model_dir, ModelRef(**spec.ref), spec.max_pixels, spec.optimise
         )
@@ -371,27 +372,40 @@ def child_main(parent: int, fd: int) -> None:
         conn.send(("failed", type(exc).__name__))
         return
     conn.send(("ready", None))
-    sending = threading.Lock()
+    requests: queue.Queue = queue.Queue()
+    threading.Thread(target=_receive, args=(conn, requests), name="receive", daemon=True).start()
+    _compute(engine, conn, requests)  # on the main thread, whose torch settings were made
 
-    def answer(rid: int, op: str, kwargs: dict[str, Any]) -> None:
+
+def _receive(conn: Connection, requests: queue.Queue) -> None:
+    """Queue the worker's requests; exit the process when the worker closes its end."""
+    while True:
+        try:
+            requests.put(conn.recv())
+        except (EOFError, OSError):
+            os._exit(0)
+
+
+def _compute(engine, conn: Connection, requests: queue.Queue) -> None:
+    """Answer `requests` one at a time; trim the heap once idle for `IDLE_TRIM_S`."""
+    trimmed = True
+    while True:
+        try:
+            rid, op, kwargs = requests.get(timeout=IDLE_TRIM_S)
+        except queue.Empty:
+            if not trimmed:
+                release_free_memory()
+                trimmed = True
+            continue
+        trimmed = False
         try:
             reply = (rid, True, _run(engine, op, kwargs))
         except BaseException as exc:  # every failure goes back to the worker
             reply = (rid, False, _sendable(exc))
         try:
-            with sending:
-                conn.send(reply)
+            conn.send(reply)
         except OSError:  # the worker is gone: so is this process, shortly
             os._exit(0)
-        release_free_memory()
-
-    pool = ThreadPoolExecutor(max_workers=spec.threads, thread_name_prefix="explain")
-    while True:
-        try:
-            rid, op, kwargs = conn.recv()
-        except (EOFError, OSError):  # the worker closed its end
-            os._exit(0)
-        pool.submit(answer, rid, op, kwargs)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,26 @@ def configure_process(settings: ServingConf) -> None:
     # `ONCOFLOW_GIL_SWITCH_US=5000 python bench/serve_throughput.py`.
     sys.setswitchinterval(settings.gil_switch_us / 1e6)
     keep_uploads_in_memory(request_limit_bytes(settings))
+    single_threaded_blas()
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
 
 
-#: Niceness of the explanation process (`serving.explainer`; predictions run at the server's).
-EXPLAIN_NICENESS = 10
+#: Niceness of the explanation process (`serving.explainer`; predictions run at the server's):
+#: the lowest priority, so that explanations take only the CPU predictions leave.
+EXPLAIN_NICENESS = 19
+
+
+def single_threaded_blas() -> None:
+    """numpy's BLAS (OpenBLAS) on one thread in this process. Its helper threads spin for about
+    0.1 s after each call before they sleep: after every prediction batch (the OOD score's
+    matrix products) that took a core for ~110 ms of CPU, from the explanation process and the
+    next batch alike, for products of a few hundred numbers that one thread does at once."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def release_free_memory() -> None:

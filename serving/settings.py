@@ -19,6 +19,7 @@ empty, overrides its key:
     ONCOFLOW_ASSISTANT_CONFIG       assistant_config       a JSON file (backend, ...)
     ONCOFLOW_CASE_LIBRARY           case_library           the site's case library directory
     ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency    ``2`` (then /explain answers 429)
+    ONCOFLOW_EXPLAIN_THREADS        explain_threads        ``1`` (unset: every core)
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute  ``1200`` per API key (``0``: off)
     ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst       ``100``
     ONCOFLOW_AUDIT_DB               audit_db               the service's audit log (SQLite)
@@ -52,6 +53,7 @@ _AT_LEAST = {
     "torch_threads": 1,
     "background_size": 1,
     "explain_concurrency": 1,
+    "explain_threads": 1,
     "rate_limit_per_minute": 0,
     "rate_limit_burst": 1,
 }
@@ -147,6 +149,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_ASSISTANT_CONFIG": "assistant_config",
     "ONCOFLOW_CASE_LIBRARY": "case_library",
     "ONCOFLOW_EXPLAIN_CONCURRENCY": "explain_concurrency",
+    "ONCOFLOW_EXPLAIN_THREADS": "explain_threads",
     "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
     "ONCOFLOW_RATE_LIMIT_BURST": "rate_limit_burst",
     "ONCOFLOW_AUDIT_DB": "audit_db",
@@ -164,6 +167,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "assistant_config": _text,
     "case_library": _text,
     "explain_concurrency": _integer,
+    "explain_threads": _integer,
     "rate_limit_per_minute": _integer,
     "rate_limit_burst": _integer,
     "audit_db": _text,

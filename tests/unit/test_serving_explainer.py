@@ -40,7 +40,7 @@ def engine(tmp_path_factory):
         out_dir=tmp_path_factory.mktemp("bundle") / "b",
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the child (torch_threads=1): the same sums, the same maps
+    torch.set_num_threads(1)  # as the child (explain_threads=1): the same sums, the same maps
     yield DiagnosisEngine.from_dir(path, ModelRef(name="m", version="1", tag="m:1"))
     torch.set_num_threads(threads)
 
@@ -55,7 +55,7 @@ def png(seed: int = 0) -> bytes:
 
 
 def test_answers_like_the_engine_and_keeps_error_kinds(engine):
-    explainer = ExplanationProcess(ExplainerSpec.of(engine, ServingConf(torch_threads=1)))
+    explainer = ExplanationProcess(ExplainerSpec.of(engine, ServingConf(explain_threads=1)))
     explainer.start()
 
     async def calls():
@@ -87,7 +87,7 @@ def test_answers_like_the_engine_and_keeps_error_kinds(engine):
 
 def test_a_model_it_cannot_load_turns_explanations_off_with_the_reason(engine, tmp_path):
     spec = dataclasses.replace(
-        ExplainerSpec.of(engine, ServingConf(torch_threads=1)), model_dir=str(tmp_path)
+        ExplainerSpec.of(engine, ServingConf(explain_threads=1)), model_dir=str(tmp_path)
     )
     explainer = ExplanationProcess(spec, start_wait_s=120).start()
     with pytest.raises(Overloaded, match="could not load the model"):
@@ -95,3 +95,14 @@ def test_a_model_it_cannot_load_turns_explanations_off_with_the_reason(engine, t
     assert explainer.starts == 1 and explainer.process.poll() is not None  # not restarted
     with pytest.raises(Overloaded, match="could not load the model"):  # at once from now on
         asyncio.run(explainer.call("explain", image=png(), clinical=None))
+
+
+def test_the_child_takes_every_core_at_the_lowest_priority_unless_told(engine):
+    import os
+
+    from serving.process import EXPLAIN_NICENESS
+
+    default = ExplainerSpec.of(engine, ServingConf())
+    assert default.torch_threads == len(os.sched_getaffinity(0))
+    assert default.niceness == EXPLAIN_NICENESS == 19
+    assert ExplainerSpec.of(engine, ServingConf(explain_threads=1)).torch_threads == 1
