@@ -15,10 +15,26 @@ def configure(monkeypatch):
     from serving.process import configure_process
     from serving.settings import load_settings
 
+    from threadpoolctl import threadpool_limits
+
     before = sys.getswitchinterval()
     monkeypatch.delenv("ONCOFLOW_TORCH_THREADS", raising=False)
-    yield lambda: configure_process(load_settings())
+    with threadpool_limits(limits=None):  # the BLAS limits as they were, afterwards
+        yield lambda: configure_process(load_settings())
     sys.setswitchinterval(before)
+
+
+def test_numpy_blas_runs_on_one_thread_in_a_server_process(configure):
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas, "numpy's BLAS is not visible to threadpoolctl"
+    configure()
+    np.ones((64, 64)) @ np.ones((64, 64))
+    assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == [
+        1
+    ] * len(blas)
 
 
 def test_the_thread_switch_interval_defaults_to_half_a_millisecond(configure, monkeypatch):
