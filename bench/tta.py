@@ -1,0 +1,140 @@
+"""Test-time augmentation (TTA) on a finished run's validation split; the test split is not read.
+
+Scores the run's bundle (uncalibrated, as model selection sees it) on its validation images as
+they are and averaged over augmented views, and prints macro-F1, macro AUROC, balanced accuracy
+and ECE for each scheme:
+
+- ``none``: the image as it is (what the pipeline and the service do);
+- ``hflip``: the image and its mirror image (only where the dataset allows flips, its
+  ``dataset.hflip``);
+- ``crops``: the image and a centre crop of ``--crop`` of its side, resized back (the
+  training recipe's random-resized crops at test time), and with ``hflip`` their mirror images.
+
+Each view costs one more forward pass per image at serving time: a scheme is worth keeping only
+if validation says so by more than its noise (bootstrap CI of the macro-F1 difference).
+
+    python bench/tta.py RUN_DIR [--crop 0.875] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def views(x: np.ndarray, scheme: str, crop: float, hflip: bool) -> list[np.ndarray]:
+    """The uint8 (N, C, H, W) views of `x` that `scheme` averages over."""
+    import torch
+    import torch.nn.functional as F
+
+    base = [x]
+    if scheme == "crops":
+        side = x.shape[-1]
+        keep = max(1, round(side * crop))
+        start = (side - keep) // 2
+        centre = torch.from_numpy(x[..., start : start + keep, start : start + keep]).float()
+        resized = F.interpolate(centre, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        base.append(resized.round().clamp(0, 255).to(torch.uint8).numpy())
+    if scheme in ("hflip", "crops") and hflip:
+        base += [np.ascontiguousarray(v[..., ::-1]) for v in base]
+    return base
+
+
+def macro_f1_gain_ci(y, p_base, p_tta, classes, rounds: int = 1000, seed: int = 0) -> list[float]:
+    """95 % bootstrap interval of macro-F1(tta) - macro-F1(base) over resampled images."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(seed)
+    labels = list(range(len(classes)))
+    gains = []
+    for _ in range(rounds):
+        i = rng.integers(0, len(y), len(y))
+        gains.append(
+            f1_score(y[i], p_tta[i].argmax(1), labels=labels, average="macro", zero_division=0)
+            - f1_score(y[i], p_base[i].argmax(1), labels=labels, average="macro", zero_division=0)
+        )
+    return [float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))]
+
+
+def measure(run_dir: Path, crop: float, cache: Path) -> dict:
+    from dataclasses import replace
+
+    from components.bundle import ModelBundle
+    from components.data import manifest
+    from components.data.cache import load_split_arrays
+    from components.evaluation.metrics import evaluate
+    from components.evaluation.predict import predict_proba
+
+    bundle = ModelBundle.load(run_dir / "bundle")
+    dataset = (bundle.config or {}).get("dataset", {})
+    hflip = bool(dataset.get("hflip", True))
+    frame = manifest.load(run_dir / "manifest.parquet")
+    val_rows = frame[(frame["split"] == "val") & (frame["decode_error"] == "")]
+    val = load_split_arrays(
+        val_rows, bundle.class_names, bundle.preprocessing, cache, schema=bundle.tabular_schema
+    )["val"]
+    if val.x is None or not len(val):
+        raise SystemExit(f"{run_dir} has no validation images")
+    model = bundle.build_model()
+    classes = list(bundle.class_names)
+    out: dict = {"run": str(run_dir), "val_images": len(val), "hflip_allowed": hflip, "crop": crop}
+    probs = {}
+    for scheme in ("none", "hflip", "crops"):
+        if scheme == "hflip" and not hflip:
+            continue
+        stack = [
+            predict_proba(model, replace(val, x=v), bundle.preprocessing)
+            for v in views(val.x, scheme, crop, hflip)
+        ]
+        probs[scheme] = np.mean(stack, axis=0)
+        metrics = evaluate(val.y, probs[scheme], classes)
+        out[scheme] = {
+            "views": len(stack),
+            **{k: metrics[k] for k in ("macro_f1", "macro_auroc", "balanced_accuracy", "ece")},
+        }
+        if scheme != "none":
+            out[scheme]["macro_f1_gain_ci95"] = macro_f1_gain_ci(
+                val.y, probs["none"], probs[scheme], classes
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("--crop", type=float, default=0.875, help="centre crop, share of side")
+    parser.add_argument("--cache", type=Path, default=None, help="decode cache (default: temp)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    if not 0.5 <= args.crop < 1.0:
+        parser.error("--crop must lie in [0.5, 1)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args.run_dir, args.crop, args.cache or Path(tmp))
+    print(f"{result['run']}: {result['val_images']} validation images (test split not read)")
+    header = ("scheme", "views", "macro-F1", "AUROC", "bal.acc", "ECE")
+    print("{:8} {:>5} {:>9} {:>7} {:>8} {:>6}  gain CI95".format(*header))
+    for scheme in ("none", "hflip", "crops"):
+        if scheme in result:
+            r = result[scheme]
+            ci = r.get("macro_f1_gain_ci95")
+            print(
+                f"{scheme:8} {r['views']:>5} {r['macro_f1']:>9.4f} {r['macro_auroc']:>7.4f} "
+                f"{r['balanced_accuracy']:>8.4f} {r['ece']:>6.4f}  "
+                + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+            )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
