@@ -138,6 +138,9 @@ class TrainerConf:
     batch_size: int = 32
     lr: float = 0.003
     weight_decay: float = 1e-4
+    # central training: epochs (fractions allowed) of linear learning-rate warm-up, step by
+    # step, before the cosine decay; 0: the cosine decay from the first epoch
+    warmup_epochs: float = 0.0
     early_stopping_patience: int = 3
     # model selection: `best` (the epoch with the best `monitor`) | `last` (the last epoch run)
     select: str = "best"

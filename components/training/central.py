@@ -92,6 +92,7 @@ def train_classifier(
     loader_hook: LoaderHook | None = None,
     progress_interval_s: float | None = 30.0,
     selection: SelectionRule | None = None,
+    warmup_epochs: float = 0.0,
 ) -> TrainResult:
     """Train `model` on `train` and keep the epoch `selection` chooses (default: the schema's
     `trainer` rule, the best validation macro-F1, later epoch on a tie).
@@ -110,6 +111,10 @@ def train_classifier(
     check_fit_settings(max_epochs, batch_size, lr)
     if early_stopping_patience < 1:
         raise ConfigError("early_stopping_patience must be at least 1")
+    if not 0.0 <= warmup_epochs < max_epochs:
+        raise ConfigError(
+            f"trainer.warmup_epochs must lie in [0, max_epochs={max_epochs}), got {warmup_epochs}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, module = seeded_data_and_module(
@@ -126,6 +131,7 @@ def train_classifier(
         weight_decay=weight_decay,
         max_epochs=max_epochs,
         optimizer_hook=optimizer_hook,
+        warmup_epochs=warmup_epochs,
     )
     rule = selection or SelectionRule.schema_default()
     checkpoint = ModelCheckpoint(
@@ -259,6 +265,7 @@ def train_central(
             (_inputs(val, architecture), val.y),
             preprocessing_from_config(cfg),
             max_epochs=tr["max_epochs"],
+            warmup_epochs=tr["warmup_epochs"],
             early_stopping_patience=tr["early_stopping_patience"],
             augment=augmentation_from_config(cfg),
             seed=cfg["seed"],

@@ -142,6 +142,7 @@ def seeded_data_and_module(
     optimizer_hook: OptimizerHook | None,
     proximal_mu: float = 0.0,
     global_params: Any = None,
+    warmup_epochs: float = 0.0,
 ) -> tuple[ArrayDataModule, ClassifierModule]:
     """Seed everything, then the data module and the LightningModule every fit uses."""
     num_classes = model_num_classes(model)
@@ -163,6 +164,7 @@ def seeded_data_and_module(
         lr=lr,
         weight_decay=weight_decay,
         max_epochs=max_epochs,
+        warmup_epochs=warmup_epochs,
         class_weights=data.class_weights,
         proximal_mu=proximal_mu,
         global_params=global_params,

@@ -39,6 +39,7 @@ class ClassifierModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         max_epochs: int = 10,
+        warmup_epochs: float = 0.0,
         class_weights: torch.Tensor | None = None,
         proximal_mu: float = 0.0,
         global_params: Iterable[torch.Tensor] | None = None,
@@ -52,6 +53,9 @@ class ClassifierModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.max_epochs = max(1, int(max_epochs))
+        if not 0.0 <= float(warmup_epochs) < self.max_epochs:
+            raise ValueError("warmup_epochs must lie in [0, max_epochs)")
+        self.warmup_epochs = float(warmup_epochs)
         self.proximal_mu = float(proximal_mu)
         self.optimizer_hook = optimizer_hook
         if class_weights is not None:
@@ -168,8 +172,26 @@ class ClassifierModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.optimizer_hook is not None:
             optimizer = self.optimizer_hook(self, optimizer)
+        if self.warmup_epochs:
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self._warmup_cosine(optimizer), "interval": "step"},
+            }
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+    def _warmup_cosine(self, optimizer):
+        """Per step: the rate rises linearly over `warmup_epochs`, then decays as a cosine to
+        zero at the last step of `max_epochs`."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = max(1, round(total * self.warmup_epochs / self.max_epochs))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -3,6 +3,8 @@ local (federated) fits with the FedProx term."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -209,6 +211,31 @@ def test_bad_settings_are_refused(tmp_path):
         ArrayDataModule(data, None, PREP, num_classes=2, imbalance="oversample")
     with pytest.raises(ConfigError):
         _train(_model(), tmp_path, data, data, max_epochs=0)
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        _train(_model(), tmp_path, data, data, max_epochs=2, warmup_epochs=2)
+
+
+def test_warm_up_rises_step_by_step_then_the_cosine_decays_to_zero():
+    from types import SimpleNamespace
+
+    from components.training.module import ClassifierModule
+
+    module = ClassifierModule(_model(), 2, lr=0.01, max_epochs=4, warmup_epochs=1)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=40)  # 10 steps an epoch
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.001) and rates[9] == pytest.approx(0.01)
+    assert all(a < b for a, b in pairwise(rates[:10]))
+    assert all(a >= b for a, b in pairwise(rates[9:]))
+    assert rates[-1] < 0.0002
+    plain = ClassifierModule(_model(), 2, lr=0.01, max_epochs=4).configure_optimizers()
+    assert plain["lr_scheduler"]["interval"] == "epoch"  # no warm-up: as before
 
 
 def _distance(model, reference):
