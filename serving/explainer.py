@@ -10,8 +10,8 @@ model directory, and answers over a socket pair:
 - the child dies with the worker: the kernel kills it when the thread that started it ends
   (`serving.lifeline.die_with_parent`; that thread lives as long as the worker), and it exits
   when the socket closes;
-- it runs at the lowest CPU priority (niceness `EXPLAIN_NICENESS`): when the cores are busy,
-  predictions get them first;
+- it runs at the lowest CPU priority (niceness `EXPLAIN_NICENESS`, Linux's ``SCHED_IDLE``
+  class): when the cores are busy, predictions get them first;
 - it computes one explanation at a time on every core the server may use
   (``serving.explain_threads`` to use fewer): one explanation is a batch of some twenty
   images forward and backward, which two cores finish in about half the time one takes, while
@@ -48,7 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ModelError, OncoflowError
-from serving.process import EXPLAIN_NICENESS, release_free_memory, single_threaded_blas
+from serving.process import (
+    EXPLAIN_NICENESS,
+    lowest_cpu_priority,
+    release_free_memory,
+    single_threaded_blas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +351,7 @@ def child_main(parent: int, fd: int) -> None:
     die_with_parent(parent)
     conn = Connection(fd)
     spec = ExplainerSpec(**conn.recv())
-    os.setpriority(os.PRIO_PROCESS, 0, spec.niceness)  # threads started from here inherit it
+    lowest_cpu_priority(spec.niceness)  # threads started from here inherit it
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s explainer %(levelname)s %(name)s: %(message)s"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import sys
 
 from components.config import ServingConf
@@ -44,6 +45,15 @@ def configure_process(settings: ServingConf) -> None:
 #: Niceness of the explanation process (`serving.explainer`; predictions run at the server's):
 #: the lowest priority, so that explanations take only the CPU predictions leave.
 EXPLAIN_NICENESS = 19
+
+
+def lowest_cpu_priority(niceness: int = EXPLAIN_NICENESS) -> None:
+    """This thread, and the threads it starts from now on, at `niceness` and, on Linux, in the
+    ``SCHED_IDLE`` class: a woken prediction thread preempts them at once, where a nice-19
+    thread of the normal class may finish its time slice first."""
+    os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: niceness alone
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def single_threaded_blas() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
 
 import numpy as np
 import pytest
@@ -72,6 +73,9 @@ def test_answers_like_the_engine_and_keeps_error_kinds(engine):
 
     try:
         answer, both, pdf = asyncio.run(calls())
+        pid = explainer.process.pid  # the lowest priority: predictions preempt it at once
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
     finally:
         explainer.close()
     local = engine.explain(engine.prepare(png()), target="b")
@@ -98,8 +102,6 @@ def test_a_model_it_cannot_load_turns_explanations_off_with_the_reason(engine, t
 
 
 def test_the_child_takes_every_core_at_the_lowest_priority_unless_told(engine):
-    import os
-
     from serving.process import EXPLAIN_NICENESS
 
     default = ExplainerSpec.of(engine, ServingConf())
