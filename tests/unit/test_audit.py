@@ -239,3 +239,27 @@ def test_cli_verify_and_export(site, tmp_path, capsys):
     tamper(db, "UPDATE audit_log SET action = 'login.success' WHERE seq = 2")
     assert main(["audit", "verify", "--db", str(db.path)]) == 1
     assert "broken at entry 2" in capsys.readouterr().out
+
+
+def test_the_service_log_keeps_one_chain_under_concurrent_calls_and_sees_outside_edits(tmp_path):
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.audit import open_log
+    from serving.middleware import API_CLIENT
+
+    path = tmp_path / "audit" / "service.db"
+    log = open_log(path)
+    details = {"key": "k", "status": 200, "request": "r1"}
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda _: log.record(API_CLIENT, "service.predict", details=details), range(64)
+            )
+        )
+    assert log.verify().ok and len(log.entries()) == 64
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with sqlite3.connect(path) as outside:  # an edit through another connection is seen
+        outside.execute("DROP TRIGGER audit_log_no_update")
+        outside.execute("UPDATE audit_log SET details = '{}' WHERE seq = 5")
+    assert log.verify().broken_seq == 5
