@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "dp_overhead.py"
 DP_VARIANTS = ("dp_hooks", "dp_functorch", "dp_ghost")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_dp_overhead", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_module("dp_overhead") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

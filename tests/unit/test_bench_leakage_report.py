@@ -3,15 +3,14 @@ without a near-match in training, recomputed from its manifest and bundle (a tin
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_modules import bench_module
 from PIL import Image, ImageFilter
 
 from components.bundle import ModelBundle
@@ -25,18 +24,13 @@ from components.evaluation.metrics import evaluate
 from components.evaluation.predict import predict_proba
 from components.models import build_model
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "leakage_report.py"
 CLASSES = ["healthy", "lesion_left", "lesion_right"]  # the synthetic preset's (tiny_cfg)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_leakage_report", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_module("leakage_report") as module:
+        yield module
 
 
 def scan(seed: int) -> Image.Image:

@@ -3,20 +3,15 @@ end on a synthetic run (drawn lesions, their masks, image-only and fusion bundle
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_modules import bench_module
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from components.data.preprocess import Preprocessing
 from components.errors import InputError
 from components.explain import localisation as loc
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "lesion_localisation.py"
 
 
 def disc(shape: tuple[int, int], cy: float, cx: float, radius: float) -> np.ndarray:
@@ -146,12 +141,8 @@ SCHEMA = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lesion_localisation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_module("lesion_localisation") as module:
+        yield module
 
 
 def _viridis_mask(mask: np.ndarray) -> Image.Image:
