@@ -12,10 +12,10 @@ from components.errors import ConfigError
 
 @pytest.fixture
 def configure(monkeypatch):
+    from threadpoolctl import threadpool_limits
+
     from serving.process import configure_process
     from serving.settings import load_settings
-
-    from threadpoolctl import threadpool_limits
 
     before = sys.getswitchinterval()
     monkeypatch.delenv("ONCOFLOW_TORCH_THREADS", raising=False)
