@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.5 <= args.crop < 1.0:
         parser.error("--crop must lie in [0.5, 1)")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.run_dir, args.crop, args.cache or Path(tmp))
     print(f"{result['run']}: {result['val_images']} validation images (test split not read)")

@@ -216,23 +216,16 @@ def open_log(path: str | Path) -> AuditLog:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         path.touch(mode=0o600)
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")  # appends do not block readers
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
     lock = threading.Lock()
-    opened: list[sqlite3.Connection] = []
-
-    def connection() -> sqlite3.Connection:
-        if not opened:
-            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")  # appends do not block readers
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-            opened.append(conn)
-        return opened[0]
 
     @contextmanager
     def connect() -> Iterator[sqlite3.Connection]:
         with lock:
-            conn = connection()
             try:
                 yield conn
                 if conn.in_transaction:

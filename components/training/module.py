@@ -53,8 +53,6 @@ class ClassifierModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.max_epochs = max(1, int(max_epochs))
-        if not 0.0 <= float(warmup_epochs) < self.max_epochs:
-            raise ValueError("warmup_epochs must lie in [0, max_epochs)")
         self.warmup_epochs = float(warmup_epochs)
         self.proximal_mu = float(proximal_mu)
         self.optimizer_hook = optimizer_hook
