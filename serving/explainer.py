@@ -14,13 +14,13 @@ model directory, and answers over a socket pair:
   class): when the cores are busy, predictions get them first;
 - it computes one explanation at a time on every core the server may use
   (``serving.explain_threads`` to use fewer): one explanation is a batch of some twenty
-  images forward and backward, which two cores finish in about half the time one takes, while
-  two at once on one core each would both wait that long. The service admits up to
+  images forward and backward that parallelises across cores, so the first of two queued
+  finishes sooner than if the two shared the cores one each. The service admits up to
   ``serving.explain_concurrency`` at once (its middleware answers 429 beyond), the rest of them
   queue here;
 - it hands freed memory back to the system (`release_free_memory`) once it has had nothing to
   do for `IDLE_TRIM_S`: after every explanation instead, the next one would pay to fault the
-  same pages in again (+50 ms on a 90 ms explanation);
+  same pages in again;
 - a child that dies (killed, out of memory) fails the explanations it was computing with 503
   and is started again; after `max_restarts` deaths within `window_s`, or when it cannot load
   the model, explanations answer 503 with the reason while predictions go on.

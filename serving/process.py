@@ -57,10 +57,10 @@ def lowest_cpu_priority(niceness: int = EXPLAIN_NICENESS) -> None:
 
 
 def single_threaded_blas() -> None:
-    """numpy's BLAS (OpenBLAS) on one thread in this process. Its helper threads spin for about
-    0.1 s after each call before they sleep: after every prediction batch (the OOD score's
-    matrix products) that took a core for ~110 ms of CPU, from the explanation process and the
-    next batch alike, for products of a few hundred numbers that one thread does at once."""
+    """numpy's BLAS (OpenBLAS) on one thread in this process. Its helper threads spin for a
+    while after each call before they sleep: after every prediction batch (the OOD score's
+    matrix products) that kept a core busy, taken from the explanation process and the next
+    batch alike, for products of a few hundred numbers that one thread does at once."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")
