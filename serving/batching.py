@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from components.errors import OncoflowError
+from serving.prediction_load import PredictionLoad
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class MicroBatcher:
     """Run `infer` (rows (N, D) -> outputs (N, ...)) on batches of concurrently submitted rows.
 
     `on_batch(n)` is called with the size of every batch run (for metrics). At most
-    `max_queue` rows may wait; `submit` refuses more with `QueueFull`.
+    `max_queue` rows may wait; `submit` refuses more with `QueueFull`. `load`, when given,
+    counts the rows in flight (submitted, not yet answered) for the explanation process.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class MicroBatcher:
         max_batch: int = 32,
         max_queue: int = 1024,
         on_batch: Callable[[int], None] | None = None,
+        load: PredictionLoad | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
@@ -47,6 +50,7 @@ class MicroBatcher:
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.on_batch = on_batch
+        self.load = load
         self._waiting: list[tuple[np.ndarray, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncoflow-batch")
@@ -60,7 +64,13 @@ class MicroBatcher:
         self._waiting.append((row, future))
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
-        return await future
+        if self.load is None:
+            return await future
+        self.load.enter()
+        try:
+            return await future
+        finally:
+            self.load.leave()
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

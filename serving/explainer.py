@@ -11,7 +11,10 @@ model directory, and answers over a socket pair:
   (`serving.lifeline.die_with_parent`; that thread lives as long as the worker), and it exits
   when the socket closes;
 - it runs at the lowest CPU priority (niceness `EXPLAIN_NICENESS`, Linux's ``SCHED_IDLE``
-  class): when the cores are busy, predictions get them first;
+  class): when the cores are busy, predictions get them first; and while predictions are in
+  flight it computes for at most ``serving.explain_share_under_load`` of the time
+  (`serving.prediction_load`), so that it does not crowd their caches and memory bandwidth
+  either;
 - it computes one explanation at a time on every core the server may use
   (``serving.explain_threads`` to use fewer): one explanation is a batch of some twenty
   images forward and backward that parallelises across cores, so the first of two queued
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ModelError, OncoflowError
+from serving.prediction_load import ExplanationPacer, PredictionLoad
 from serving.process import (
     EXPLAIN_NICENESS,
     lowest_cpu_priority,
@@ -72,6 +76,7 @@ class ExplainerSpec:
     optimise: bool
     torch_threads: int = 1  # torch threads of the one explanation computed at a time
     niceness: int = EXPLAIN_NICENESS
+    share_under_load: float = 1.0  # of the wall time, while predictions are in flight
 
     @classmethod
     def of(cls, engine, settings) -> ExplainerSpec:
@@ -84,6 +89,7 @@ class ExplainerSpec:
             max_pixels=engine.max_pixels,
             optimise=engine.optimise,
             torch_threads=settings.explain_threads or len(os.sched_getaffinity(0)),
+            share_under_load=settings.explain_share_under_load,
         )
 
 
@@ -100,11 +106,13 @@ class ExplanationProcess:
         self,
         spec: ExplainerSpec,
         *,
+        load: PredictionLoad | None = None,
         max_restarts: int = 5,
         window_s: float = 300.0,
         start_wait_s: float = 90.0,
     ) -> None:
         self.spec = spec
+        self.load = load  # the worker's predictions in flight: the child paces itself by it
         self.max_restarts = max_restarts
         self.window_s = window_s
         self.start_wait_s = start_wait_s
@@ -178,9 +186,11 @@ class ExplanationProcess:
             filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])
         )
         command = [sys.executable, "-m", "serving.explainer", str(os.getpid()), str(fd)]
-        self.process = process = subprocess.Popen(
-            command, pass_fds=(fd,), cwd=PROJECT_ROOT, env=env
-        )
+        fds = (fd,)
+        if self.load is not None and self.load.shared:
+            command.append(str(self.load.fd))
+            fds += (self.load.fd,)
+        self.process = process = subprocess.Popen(command, pass_fds=fds, cwd=PROJECT_ROOT, env=env)
         self.starts += 1
         child_end.close()
         try:
@@ -344,8 +354,9 @@ def _warm(engine) -> None:
     engine.report(case)
 
 
-def child_main(parent: int, fd: int) -> None:
-    """The explanation process: build the engine the spec names, then answer requests."""
+def child_main(parent: int, fd: int, load_fd: int | None = None) -> None:
+    """The explanation process: build the engine the spec names, then answer requests
+    (paced by the worker's predictions in flight, shared as `load_fd`, when given)."""
     from serving.lifeline import die_with_parent
 
     die_with_parent(parent)
@@ -379,7 +390,9 @@ def child_main(parent: int, fd: int) -> None:
     conn.send(("ready", None))
     requests: queue.Queue = queue.Queue()
     threading.Thread(target=_receive, args=(conn, requests), name="receive", daemon=True).start()
-    _compute(engine, conn, requests)  # on the main thread, whose torch settings were made
+    load = PredictionLoad.attach(load_fd) if load_fd is not None else PredictionLoad()
+    pacer = ExplanationPacer(load, spec.share_under_load)
+    _compute(engine, conn, requests, pacer)  # on the main thread, whose torch settings were made
 
 
 def _receive(conn: Connection, requests: queue.Queue) -> None:
@@ -391,8 +404,9 @@ def _receive(conn: Connection, requests: queue.Queue) -> None:
             os._exit(0)
 
 
-def _compute(engine, conn: Connection, requests: queue.Queue) -> None:
-    """Answer `requests` one at a time; trim the heap once idle for `IDLE_TRIM_S`."""
+def _compute(engine, conn: Connection, requests: queue.Queue, pacer: ExplanationPacer) -> None:
+    """Answer `requests` one at a time, each when `pacer` gives its turn; trim the heap once
+    idle for `IDLE_TRIM_S`."""
     trimmed = True
     while True:
         try:
@@ -403,10 +417,13 @@ def _compute(engine, conn: Connection, requests: queue.Queue) -> None:
                 trimmed = True
             continue
         trimmed = False
+        pacer.wait_turn()
+        began = time.monotonic()
         try:
             reply = (rid, True, _run(engine, op, kwargs))
         except BaseException as exc:  # every failure goes back to the worker
             reply = (rid, False, _sendable(exc))
+        pacer.done(time.monotonic() - began)
         try:
             conn.send(reply)
         except OSError:  # the worker is gone: so is this process, shortly
@@ -414,4 +431,4 @@ def _compute(engine, conn: Connection, requests: queue.Queue) -> None:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]))
+    child_main(*(int(arg) for arg in sys.argv[1:4]))

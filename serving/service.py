@@ -65,6 +65,7 @@ from serving.middleware import (
     load_api_keys,
 )
 from serving.openapi import OpenApiContract
+from serving.prediction_load import PredictionLoad
 from serving.process import configure_process, release_free_memory_every
 from serving.schemas import (
     ChatCase,
@@ -210,7 +211,11 @@ class DiagnosisService:
         release_free_memory_every(TRIM_EVERY_S)
         # Explanations and reports run in their own process, off this one's GIL; it loads
         # the same bundle behind the ready model (they wait for it, or get 503).
-        self.explainer = ExplanationProcess(ExplainerSpec.of(self.engine, self.settings)).start()
+        # predictions in flight, counted by the batcher: the explanation process paces by it
+        self.prediction_load = PredictionLoad()
+        self.explainer = ExplanationProcess(
+            ExplainerSpec.of(self.engine, self.settings), load=self.prediction_load
+        ).start()
         self.chat_service: ChatService | None = None
         self.chat_error: str | None = None
         self.chat_loading = self.settings.chat
@@ -230,6 +235,7 @@ class DiagnosisService:
             self.settings.max_batch,
             self.settings.max_queue,
             on_batch=batch_size_recorder(),
+            load=self.prediction_load,
         )
         log.info(
             "serving %s (%s %s, %d classes, registry version %s, chat %s)",

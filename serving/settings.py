@@ -4,26 +4,27 @@ One source: `components.config.ServingConf` holds each key's type, default and m
 ``conf/serving/*.yaml`` sets only what differs; an ``ONCOFLOW_*`` variable, when set and not
 empty, overrides its key:
 
-    ==============================  =====================  ====================================
-    variable                        key (``serving.``)     example
-    ==============================  =====================  ====================================
-    ONCOFLOW_MODEL_TAG              model_tag              ``oncoflow-model:abc123``
-    ONCOFLOW_MAX_REQUEST_MB         max_request_mb         ``20`` (chat bodies: always 64 KB)
-    ONCOFLOW_MAX_PIXELS             max_pixels             ``50000000``
-    ONCOFLOW_MAX_BATCH              max_batch              ``32``
-    ONCOFLOW_MAX_QUEUE              max_queue              ``1024`` (then /predict answers 503)
-    ONCOFLOW_OPTIMISE_MODEL         optimise_model         ``0``: the model exactly as trained
-    ONCOFLOW_GIL_SWITCH_US          gil_switch_us          ``500`` (Python's own: 5000)
-    ONCOFLOW_TORCH_THREADS          torch_threads          ``2`` (unset: torch's choice)
-    ONCOFLOW_CHAT                   chat                   ``0``: serve without the assistant
-    ONCOFLOW_ASSISTANT_CONFIG       assistant_config       a JSON file (backend, ...)
-    ONCOFLOW_CASE_LIBRARY           case_library           the site's case library directory
-    ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency    ``2`` (then /explain answers 429)
-    ONCOFLOW_EXPLAIN_THREADS        explain_threads        ``1`` (unset: every core)
-    ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute  ``1200`` per API key (``0``: off)
-    ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst       ``100``
-    ONCOFLOW_AUDIT_DB               audit_db               the service's audit log (SQLite)
-    ==============================  =====================  ====================================
+    ==============================  ========================  ====================================
+    variable                        key (``serving.``)        example
+    ==============================  ========================  ====================================
+    ONCOFLOW_MODEL_TAG              model_tag                 ``oncoflow-model:abc123``
+    ONCOFLOW_MAX_REQUEST_MB         max_request_mb            ``20`` (chat bodies: always 64 KB)
+    ONCOFLOW_MAX_PIXELS             max_pixels                ``50000000``
+    ONCOFLOW_MAX_BATCH              max_batch                 ``32``
+    ONCOFLOW_MAX_QUEUE              max_queue                 ``1024`` (then /predict answers 503)
+    ONCOFLOW_OPTIMISE_MODEL         optimise_model            ``0``: the model exactly as trained
+    ONCOFLOW_GIL_SWITCH_US          gil_switch_us             ``500`` (Python's own: 5000)
+    ONCOFLOW_TORCH_THREADS          torch_threads             ``2`` (unset: torch's choice)
+    ONCOFLOW_CHAT                   chat                      ``0``: serve without the assistant
+    ONCOFLOW_ASSISTANT_CONFIG       assistant_config          a JSON file (backend, ...)
+    ONCOFLOW_CASE_LIBRARY           case_library              the site's case library directory
+    ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency       ``2`` (then /explain answers 429)
+    ONCOFLOW_EXPLAIN_THREADS        explain_threads           ``1`` (unset: every core)
+    ONCOFLOW_EXPLAIN_SHARE          explain_share_under_load  ``0.1`` (``1``: no pacing)
+    ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute     ``1200`` per API key (``0``: off)
+    ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst          ``100``
+    ONCOFLOW_AUDIT_DB               audit_db                  the service's audit log (SQLite)
+    ==============================  ========================  ====================================
 
 Booleans take 1/0, true/false or yes/no. Two variables have no config key, on purpose: the
 secrets ``ONCOFLOW_API_KEYS`` (comma-separated keys, each ``secret`` or ``name:secret``) and
@@ -102,6 +103,9 @@ def check(conf: ServingConf, sources: Mapping[str, str] | None = None) -> None:
     if not conf.max_request_mb > 0:
         where = sources.get("max_request_mb", "max_request_mb")
         raise ConfigError(f"{where} must be positive, not {conf.max_request_mb}")
+    if not 0.0 < conf.explain_share_under_load <= 1.0:
+        where = sources.get("explain_share_under_load", "explain_share_under_load")
+        raise ConfigError(f"{where} must lie in (0, 1], not {conf.explain_share_under_load}")
     if not conf.model_tag.strip():
         raise ConfigError(f"{sources.get('model_tag', 'model_tag')} is empty")
 
@@ -150,6 +154,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_CASE_LIBRARY": "case_library",
     "ONCOFLOW_EXPLAIN_CONCURRENCY": "explain_concurrency",
     "ONCOFLOW_EXPLAIN_THREADS": "explain_threads",
+    "ONCOFLOW_EXPLAIN_SHARE": "explain_share_under_load",
     "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
     "ONCOFLOW_RATE_LIMIT_BURST": "rate_limit_burst",
     "ONCOFLOW_AUDIT_DB": "audit_db",
@@ -168,6 +173,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "case_library": _text,
     "explain_concurrency": _integer,
     "explain_threads": _integer,
+    "explain_share_under_load": _number,
     "rate_limit_per_minute": _integer,
     "rate_limit_burst": _integer,
     "audit_db": _text,

@@ -17,6 +17,7 @@ from components.config import ServingConf
 from components.errors import InputError
 from serving.api_errors import Overloaded
 from serving.explainer import ExplainerSpec, ExplanationProcess
+from serving.prediction_load import PredictionLoad
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,35 @@ def test_the_child_takes_every_core_at_the_lowest_priority_unless_told(engine):
     assert default.torch_threads == len(os.sched_getaffinity(0))
     assert default.niceness == EXPLAIN_NICENESS == 19
     assert ExplainerSpec.of(engine, ServingConf(explain_threads=1)).torch_threads == 1
+
+
+def test_while_predictions_are_in_flight_the_child_waits_its_turn(engine):
+    """Wired end to end: the worker's count reaches the child, which holds the next explanation
+    back while predictions run (share 0.001: ~1000 times the last one's time) and starts it
+    as soon as they stop."""
+    import time
+
+    load = PredictionLoad()
+    spec = dataclasses.replace(
+        ExplainerSpec.of(engine, ServingConf(explain_threads=1)), share_under_load=0.001
+    )
+    explainer = ExplanationProcess(spec, load=load).start()
+
+    async def calls() -> tuple[bool, float]:
+        await explainer.call("explain", image=png(), clinical=None)  # warm, not paced
+        load.enter()  # a prediction is in flight from here on
+        await explainer.call("explain", image=png(1), clinical=None)  # ran at once; now due
+        held = asyncio.ensure_future(explainer.call("explain", image=png(2), clinical=None))
+        await asyncio.sleep(1.0)  # > 1000 x the 1+ ms an explanation takes
+        waited = not held.done()
+        load.leave()  # predictions stopped
+        began = time.monotonic()
+        await held
+        return waited, time.monotonic() - began
+
+    try:
+        waited, after = asyncio.run(calls())
+    finally:
+        explainer.close()
+    assert waited, "the explanation did not wait for the predictions in flight"
+    assert after < 5.0  # it started once they stopped, not after the whole pause

@@ -48,6 +48,8 @@ def test_environment_variables_override_with_the_key_type():
         ({"ONCOFLOW_MAX_BATCH": "many"}, "ONCOFLOW_MAX_BATCH='many' is not an integer"),
         ({"ONCOFLOW_MAX_QUEUE": "0"}, "ONCOFLOW_MAX_QUEUE must be at least 1"),
         ({"ONCOFLOW_EXPLAIN_THREADS": "0"}, "ONCOFLOW_EXPLAIN_THREADS must be at least 1"),
+        ({"ONCOFLOW_EXPLAIN_SHARE": "0"}, r"ONCOFLOW_EXPLAIN_SHARE must lie in \(0, 1\]"),
+        ({"ONCOFLOW_EXPLAIN_SHARE": "1.5"}, r"ONCOFLOW_EXPLAIN_SHARE must lie in \(0, 1\]"),
         ({"ONCOFLOW_OPTIMISE_MODEL": "2"}, "ONCOFLOW_OPTIMISE_MODEL='2': use 1 or 0"),
         ({"ONCOFLOW_MAX_REQUEST_MB": "-1"}, "ONCOFLOW_MAX_REQUEST_MB must be positive"),
         ({"ONCOFLOW_MAX_REQUEST_MB": "lots"}, "ONCOFLOW_MAX_REQUEST_MB='lots' is not a number"),
