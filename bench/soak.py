@@ -14,8 +14,11 @@ two), answers by status, /predict and /explain latency percentiles and the reque
 
 What concurrent explanations cost predictions (their number is capped by
 serving.explain_concurrency; the rest are answered 429 at once): `--alternate 30` turns the
-explanation clients off and on every 30 s and reports /predict latency for each phase, on the
-same server under the same background load (a shared machine's load drifts between runs).
+explanation clients off and on every 30 s and reports /predict latency with them off and on,
+and for each phase (phases of the same kind differ too: that is the noise to judge the
+difference by), on the same server under the same background load (a shared machine's load
+drifts between runs). With `--explain-clients 0` the two kinds of phase are alike: what that
+run reports as their difference is the measurement's own bias.
 The rate limit is switched off for the soak (``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all
 clients share one key.
 """
@@ -32,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
@@ -126,10 +129,14 @@ class Phases:
     def __init__(self, began: float, every_s: float | None) -> None:
         self.began, self.every_s = began, every_s
 
-    def explaining(self) -> bool:
+    def index(self) -> int:
+        """The phase now: 0, 1, 2, ... (always 0 without alternation); odd ones explain."""
         if not self.every_s:
-            return True
-        return int((time.monotonic() - self.began) / self.every_s) % 2 == 1
+            return 0
+        return int((time.monotonic() - self.began) / self.every_s)
+
+    def explaining(self) -> bool:
+        return not self.every_s or self.index() % 2 == 1
 
     async def wait_for_explaining(self, deadline: float) -> None:
         while not self.explaining() and time.monotonic() < deadline:
@@ -140,7 +147,7 @@ async def client_loop(
     http, path, pictures, deadline, statuses, latencies, data=None, phases=None, explains=False
 ):
     """Requests back to back until `deadline`; latencies[phase] gets each 200's seconds
-    (phase: whether explanations were on when it was sent)."""
+    (phase: the `Phases.index` it was sent in)."""
     i = 0
     while time.monotonic() < deadline:
         if explains and phases is not None:
@@ -149,7 +156,7 @@ async def client_loop(
                 break
         picture = pictures[i % len(pictures)]
         i += 1
-        phase = phases.explaining() if phases is not None else True
+        phase = phases.index() if phases is not None else 0
         began = time.perf_counter()
         try:
             response = await http.post(
@@ -174,8 +181,8 @@ async def sample_rss(server, samples, deadline, every_s):
 async def soak(base, server, args) -> dict:
     pictures = images()
     statuses: Counter = Counter()
-    predict_s: dict[bool, list[float]] = {True: [], False: []}
-    explain_s: dict[bool, list[float]] = {True: [], False: []}
+    predict_s: defaultdict[int, list[float]] = defaultdict(list)
+    explain_s: defaultdict[int, list[float]] = defaultdict(list)
     samples: list[dict[str, tuple[int, int]]] = []
     limits = httpx.Limits(max_connections=args.clients + args.explain_clients + 4)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -202,14 +209,26 @@ async def soak(base, server, args) -> dict:
     out = {
         "elapsed_s": round(elapsed, 1),
         "statuses": dict(sorted((f"{path} {status}", n) for (path, status), n in statuses.items())),
-        "predict": _latency(predict_s[True] + predict_s[False], elapsed),
-        "explain": _latency(explain_s[True], elapsed),
+        "predict": _latency(_joined(predict_s), elapsed),
+        "explain": _latency(_joined(explain_s), elapsed),
         "rss_samples": samples,
     }
     if args.alternate:  # each phase took about half the time
-        out["predict_explanations_off"] = _latency(predict_s[False], elapsed / 2)
-        out["predict_explanations_on"] = _latency(predict_s[True], elapsed / 2)
+        off = {i: v for i, v in predict_s.items() if i % 2 == 0}
+        on = {i: v for i, v in predict_s.items() if i % 2 == 1}
+        out["predict_explanations_off"] = _latency(_joined(off), elapsed / 2)
+        out["predict_explanations_on"] = _latency(_joined(on), elapsed / 2)
+        # each phase on its own: how much phases of the same kind differ (the noise)
+        out["predict_by_phase"] = [
+            {"phase": i, "explaining": i % 2 == 1}
+            | _latency(predict_s[i], min(args.alternate, elapsed - i * args.alternate))
+            for i in sorted(predict_s)
+        ]
     return out
+
+
+def _joined(by_phase: dict[int, list[float]]) -> list[float]:
+    return [value for values in by_phase.values() for value in values]
 
 
 def _latency(values: list[float], elapsed: float) -> dict:

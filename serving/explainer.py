@@ -12,7 +12,7 @@ model directory, and answers over a socket pair:
   when the socket closes;
 - it runs at the lowest CPU priority (niceness `EXPLAIN_NICENESS`, Linux's ``SCHED_IDLE``
   class): when the cores are busy, predictions get them first; and while predictions are in
-  flight it computes for at most ``serving.explain_share_under_load`` of the time
+  flight it uses at most ``serving.explain_share_under_load`` CPU-seconds a second
   (`serving.prediction_load`), so that it does not crowd their caches and memory bandwidth
   either;
 - it computes one explanation at a time on every core the server may use
@@ -418,12 +418,12 @@ def _compute(engine, conn: Connection, requests: queue.Queue, pacer: Explanation
             continue
         trimmed = False
         pacer.wait_turn()
-        began = time.monotonic()
+        began, began_cpu = time.monotonic(), time.process_time()
         try:
             reply = (rid, True, _run(engine, op, kwargs))
         except BaseException as exc:  # every failure goes back to the worker
             reply = (rid, False, _sendable(exc))
-        pacer.done(time.monotonic() - began)
+        pacer.done(time.process_time() - began_cpu, time.monotonic() - began)
         try:
             conn.send(reply)
         except OSError:  # the worker is gone: so is this process, shortly

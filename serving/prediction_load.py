@@ -8,10 +8,12 @@ throughput (`bench/soak.py --alternate`). Here the two processes share one numbe
 
 - the request worker counts the predictions in flight (submitted to the model's batcher and
   not yet answered) in eight bytes of shared memory (`PredictionLoad`, a ``memfd``);
-- the explanation process reads it (`PredictionLoad.attach`) and, while it is not zero, lets
-  explanations compute for at most `share` of the wall time (`ExplanationPacer`): after an
-  explanation of d seconds it waits d (1 - share) / share before the next, and starts at once
-  when predictions stop. On an idle server nothing waits.
+- the explanation process reads it (`PredictionLoad.attach`) and, while it is not zero, uses
+  at most `share` CPU-seconds a second (0.1: a tenth of one core; `ExplanationPacer`): an
+  explanation that took c CPU-seconds (all its threads) starts the next no sooner than c /
+  share seconds after it began, or at once when predictions stop. On an idle server nothing
+  waits. CPU time, not wall time: under load the lowest-priority process is preempted often,
+  and its wall time would count the predictions' work against it.
 
 So explanations are slower under a full prediction load (by design: predictions first), never
 starved (each still gets its share), and as fast as ever when predictions are not running.
@@ -69,10 +71,10 @@ class PredictionLoad:
 
 
 class ExplanationPacer:
-    """While predictions are in flight, explanations take at most `share` of the wall time.
+    """While predictions are in flight, explanations use at most `share` CPU-seconds a second.
 
-    Call `wait_turn()` before each explanation and `done(seconds)` after it. `share` 1.0
-    turns pacing off.
+    Call `wait_turn()` before each explanation and `done(cpu_s, wall_s)` after it. `share`
+    1.0 paces only an explanation that kept more than one core busy.
     """
 
     def __init__(
@@ -101,9 +103,10 @@ class ExplanationPacer:
             self._sleep(self.poll_s)
         return self._clock() - began
 
-    def done(self, seconds: float) -> None:
-        """An explanation took `seconds`: pause the next one for its due while predictions run."""
-        pause = seconds * (1.0 - self.share) / self.share
+    def done(self, cpu_s: float, wall_s: float) -> None:
+        """An explanation used `cpu_s` CPU-seconds in `wall_s`: while predictions run, the next
+        starts `cpu_s / share` after this one began."""
+        pause = max(0.0, cpu_s / self.share - wall_s)
         self._resume_at = self._clock() + pause if self.load.in_flight > 0 else 0.0
 
 

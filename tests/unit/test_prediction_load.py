@@ -62,16 +62,16 @@ def test_under_load_an_explanation_waits_for_its_share():
     paced, load, _ = pacer(0.2)
     load.enter()
     assert paced.wait_turn() == 0  # the first one starts at once
-    paced.done(0.1)  # 0.1 s of explaining at a share of 0.2: 0.4 s before the next
-    assert paced.wait_turn() == pytest.approx(0.4, abs=0.006)
+    paced.done(0.1, 0.2)  # 0.1 CPU-s at 0.2 CPU-s a second: the next 0.5 s after its start
+    assert paced.wait_turn() == pytest.approx(0.3, abs=0.006)
 
 
 def test_without_predictions_nothing_waits():
     paced, load, _ = pacer(0.2)
-    paced.done(0.1)  # nothing in flight when it ended
+    paced.done(0.1, 0.1)  # nothing in flight when it ended
     load.enter()
     assert paced.wait_turn() == 0
-    paced.done(0.1)
+    paced.done(0.1, 0.1)
     load.leave()  # predictions stopped meanwhile
     assert paced.wait_turn() == 0
 
@@ -79,16 +79,18 @@ def test_without_predictions_nothing_waits():
 def test_the_wait_ends_when_predictions_stop():
     paced, load, fake = pacer(0.01)
     load.enter()
-    paced.done(1.0)  # 99 s due
+    paced.done(1.0, 1.0)  # 99 s due
     fake.on_sleep = lambda: load.leave() if fake.now > 102.0 and load.in_flight else None
     assert paced.wait_turn() == pytest.approx(2.0, abs=0.006)
 
 
-def test_share_one_never_paces_and_a_bad_share_is_refused():
+def test_share_one_paces_only_beyond_one_core_and_a_bad_share_is_refused():
     paced, load, _ = pacer(1.0)
     load.enter()
-    paced.done(5.0)
+    paced.done(5.0, 5.0)  # one core's worth
     assert paced.wait_turn() == 0
+    paced.done(4.0, 2.0)  # two cores for 2 s: 2 s more at one core a second
+    assert paced.wait_turn() == pytest.approx(2.0, abs=0.006)
     for share in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="share must lie in"):
             ExplanationPacer(load, share)
