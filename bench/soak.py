@@ -17,8 +17,14 @@ serving.explain_concurrency; the rest are answered 429 at once): `--alternate 30
 explanation clients off and on every 30 s and reports /predict latency with them off and on,
 and for each phase (phases of the same kind differ too: that is the noise to judge the
 difference by), on the same server under the same background load (a shared machine's load
-drifts between runs). With `--explain-clients 0` the two kinds of phase are alike: what that
-run reports as their difference is the measurement's own bias.
+drifts between runs). `explanations_cost` compares each explaining phase with the mean of
+the phases either side of it (a steady drift cancels) and gives the mean change with a 95 %
+t-interval. With `--explain-clients 0` the two kinds of phase are alike: that run shows the
+measurement's own noise. `--warmup 60` loads the server with predictions before measuring.
+
+    BENTOML_HOME=... python bench/soak.py --model TAG --duration 480 --alternate 30 \
+        --warmup 60 --explain-clients 4
+
 The rate limit is switched off for the soak (``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): all
 clients share one key.
 """
@@ -189,6 +195,15 @@ async def soak(base, server, args) -> dict:
     async with httpx.AsyncClient(
         base_url=base, headers=headers, timeout=120, limits=limits
     ) as http:
+        if args.warmup:  # predictions only, not counted: a fresh server speeds up at first
+            until = time.monotonic() + args.warmup
+            unused: defaultdict[int, list[float]] = defaultdict(list)
+            await asyncio.gather(
+                *(
+                    client_loop(http, "/predict", pictures, until, Counter(), unused)
+                    for _ in range(args.clients)
+                )
+            )
         began = time.monotonic()
         deadline = began + args.duration
         phases = Phases(began, args.alternate)
@@ -224,6 +239,34 @@ async def soak(base, server, args) -> dict:
             | _latency(predict_s[i], min(args.alternate, elapsed - i * args.alternate))
             for i in sorted(predict_s)
         ]
+        out["explanations_cost"] = phase_effect(out["predict_by_phase"])
+    return out
+
+
+def phase_effect(phases: list[dict]) -> dict:
+    """Each explaining phase against the mean of the phases before and after it (which cancels
+    a steady drift, e.g. a server still warming up): the relative change of /predict throughput
+    and p50, their mean over phases and a 95 % t-interval of that mean."""
+    from scipy import stats
+
+    by_index = {p["phase"]: p for p in phases if p.get("ok")}
+    changes: dict[str, list[float]] = {"per_s": [], "p50_ms": []}
+    for i, phase in by_index.items():
+        if i % 2 == 1 and i - 1 in by_index and i + 1 in by_index:
+            for key, values in changes.items():
+                around = (by_index[i - 1][key] + by_index[i + 1][key]) / 2
+                values.append(phase[key] / around - 1)
+    out: dict = {"pairs": len(changes["per_s"])}
+    for key, values in changes.items():
+        if len(values) < 2:
+            continue
+        mean, sem = float(np.mean(values)), float(stats.sem(values))
+        half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
+        out[key] = {
+            "mean": round(mean, 4),
+            "ci95": [round(mean - half, 4), round(mean + half, 4)],
+            "each": [round(v, 4) for v in values],
+        }
     return out
 
 
@@ -300,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         help="explanation clients off and on in turns of this many seconds; /predict latency "
         "is reported for each phase (the same server and background load: what explanations "
         "cost predictions)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, help="seconds of /predict load before the soak"
     )
     parser.add_argument("--chat", default="1", help="ONCOFLOW_CHAT for the server (1/0)")
     parser.add_argument("--log", default="soak-server.log", help="the server's output")

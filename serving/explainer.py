@@ -185,6 +185,7 @@ class ExplanationProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])
         )
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep: CPU time is work (pacing)
         command = [sys.executable, "-m", "serving.explainer", str(os.getpid()), str(fd)]
         fds = (fd,)
         if self.load is not None and self.load.shared:

@@ -9,11 +9,13 @@ throughput (`bench/soak.py --alternate`). Here the two processes share one numbe
 - the request worker counts the predictions in flight (submitted to the model's batcher and
   not yet answered) in eight bytes of shared memory (`PredictionLoad`, a ``memfd``);
 - the explanation process reads it (`PredictionLoad.attach`) and, while it is not zero, uses
-  at most `share` CPU-seconds a second (0.1: a tenth of one core; `ExplanationPacer`): an
+  at most `share` CPU-seconds a second (0.2: a fifth of one core; `ExplanationPacer`): an
   explanation that took c CPU-seconds (all its threads) starts the next no sooner than c /
   share seconds after it began, or at once when predictions stop. On an idle server nothing
   waits. CPU time, not wall time: under load the lowest-priority process is preempted often,
-  and its wall time would count the predictions' work against it.
+  and its wall time would count the predictions' work against it. (For the same reason the
+  explanation process's OpenMP threads sleep when idle, ``OMP_WAIT_POLICY=PASSIVE``: spinning
+  they would count CPU time that does no work.)
 
 So explanations are slower under a full prediction load (by design: predictions first), never
 starved (each still gets its share), and as fast as ever when predictions are not running.
@@ -74,7 +76,7 @@ class ExplanationPacer:
     """While predictions are in flight, explanations use at most `share` CPU-seconds a second.
 
     Call `wait_turn()` before each explanation and `done(cpu_s, wall_s)` after it. `share`
-    1.0 paces only an explanation that kept more than one core busy.
+    1.0 turns pacing off.
     """
 
     def __init__(
@@ -106,8 +108,10 @@ class ExplanationPacer:
     def done(self, cpu_s: float, wall_s: float) -> None:
         """An explanation used `cpu_s` CPU-seconds in `wall_s`: while predictions run, the next
         starts `cpu_s / share` after this one began."""
-        pause = max(0.0, cpu_s / self.share - wall_s)
-        self._resume_at = self._clock() + pause if self.load.in_flight > 0 else 0.0
+        if self.share >= 1.0 or self.load.in_flight == 0:
+            self._resume_at = 0.0
+            return
+        self._resume_at = self._clock() + max(0.0, cpu_s / self.share - wall_s)
 
 
 __all__ = ["ExplanationPacer", "PredictionLoad"]

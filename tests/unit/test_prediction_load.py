@@ -84,16 +84,15 @@ def test_the_wait_ends_when_predictions_stop():
     assert paced.wait_turn() == pytest.approx(2.0, abs=0.006)
 
 
-def test_share_one_paces_only_beyond_one_core_and_a_bad_share_is_refused():
+def test_cpu_time_beyond_the_share_is_paid_for_and_share_one_turns_pacing_off():
+    paced, load, _ = pacer(0.5)
+    load.enter()
+    paced.done(2.0, 2.0)  # one core for 2 s at half a core a second: 2 s more
+    assert paced.wait_turn() == pytest.approx(2.0, abs=0.006)
     paced, load, _ = pacer(1.0)
     load.enter()
-    paced.done(5.0, 5.0)  # one core's worth
+    paced.done(4.0, 2.0)  # two cores for 2 s: no pacing all the same
     assert paced.wait_turn() == 0
-    paced.done(4.0, 2.0)  # two cores for 2 s: 2 s more at one core a second
-    assert paced.wait_turn() == pytest.approx(2.0, abs=0.006)
-    for share in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="share must lie in"):
-            ExplanationPacer(load, share)
 
 
 def test_the_batcher_counts_rows_from_submission_to_answer():
@@ -119,3 +118,9 @@ def test_the_batcher_counts_rows_from_submission_to_answer():
 
     asyncio.run(run())
     assert seen[0] == 3 and seen[-1] == 1  # all three were in flight during their batch
+
+
+def test_a_bad_share_is_refused():
+    for share in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="share must lie in"):
+            ExplanationPacer(PredictionLoad(), share)
