@@ -211,9 +211,9 @@ class ServingConf:
     # the lowest CPU priority; null: every core this server may use
     explain_threads: int | None = None
     # while predictions are in flight, the explanation process uses at most this many
-    # CPU-seconds a second (0.2: a fifth of one core; 1.0: no pacing), so that predictions
+    # CPU-seconds a second (0.05: a twentieth of one core; 1.0: no pacing), so that predictions
     # keep their speed
-    explain_share_under_load: float = 0.2
+    explain_share_under_load: float = 0.05
     rate_limit_per_minute: int = 1200  # requests per API key a minute (0: no limit); then 429
     rate_limit_burst: int = 100  # requests one API key may send at once before the rate counts
     # the site-local similar-case library `/similar` answers from (`oncoflow case-library

@@ -9,7 +9,7 @@ throughput (`bench/soak.py --alternate`). Here the two processes share one numbe
 - the request worker counts the predictions in flight (submitted to the model's batcher and
   not yet answered) in eight bytes of shared memory (`PredictionLoad`, a ``memfd``);
 - the explanation process reads it (`PredictionLoad.attach`) and, while it is not zero, uses
-  at most `share` CPU-seconds a second (0.2: a fifth of one core; `ExplanationPacer`): an
+  at most `share` CPU-seconds a second (0.05: a twentieth of one core; `ExplanationPacer`): an
   explanation that took c CPU-seconds (all its threads) starts the next no sooner than c /
   share seconds after it began, or at once when predictions stop. On an idle server nothing
   waits. CPU time, not wall time: under load the lowest-priority process is preempted often,

@@ -20,7 +20,7 @@ empty, overrides its key:
     ONCOFLOW_CASE_LIBRARY           case_library              the site's case library directory
     ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency       ``2`` (then /explain answers 429)
     ONCOFLOW_EXPLAIN_THREADS        explain_threads           ``1`` (unset: every core)
-    ONCOFLOW_EXPLAIN_SHARE          explain_share_under_load  ``0.2`` (``1``: no pacing)
+    ONCOFLOW_EXPLAIN_SHARE          explain_share_under_load  ``0.05`` (``1``: no pacing)
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute     ``1200`` per API key (``0``: off)
     ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst          ``100``
     ONCOFLOW_AUDIT_DB               audit_db                  the service's audit log (SQLite)
