@@ -76,7 +76,7 @@ class ExplainerSpec:
     optimise: bool
     torch_threads: int = 1  # torch threads of the one explanation computed at a time
     niceness: int = EXPLAIN_NICENESS
-    share_under_load: float = 1.0  # of the wall time, while predictions are in flight
+    share_under_load: float = 1.0  # CPU-seconds a second while predictions run (1: no pacing)
 
     @classmethod
     def of(cls, engine, settings) -> ExplainerSpec:

@@ -3,8 +3,8 @@
 The explanation process already runs in Linux's ``SCHED_IDLE`` class, so a prediction thread
 that wakes takes the core from it at once. That is not enough on a small machine: an
 explanation that runs whenever a core is idle for a moment still shares the caches and memory
-bandwidth with the predictions, and under a 32-client soak it cost /predict 2-15 % of its
-throughput (`bench/soak.py --alternate`). Here the two processes share one number:
+bandwidth with the predictions: under a 32-client soak it cost /predict 12 % of its throughput
+(95 % interval 7-17 %; `bench/soak.py --alternate`). Here the two processes share one number:
 
 - the request worker counts the predictions in flight (submitted to the model's batcher and
   not yet answered) in eight bytes of shared memory (`PredictionLoad`, a ``memfd``);
