@@ -113,13 +113,13 @@ def test_the_child_takes_every_core_at_the_lowest_priority_unless_told(engine):
 
 def test_while_predictions_are_in_flight_the_child_waits_its_turn(engine):
     """Wired end to end: the worker's count reaches the child, which holds the next explanation
-    back while predictions run (share 0.001: 1000 times the CPU time the last one used) and
+    back while predictions run (share 0.0001: 10,000 times the CPU time the last one used) and
     starts it as soon as they stop."""
     import time
 
     load = PredictionLoad()
     spec = dataclasses.replace(
-        ExplainerSpec.of(engine, ServingConf(explain_threads=1)), share_under_load=0.001
+        ExplainerSpec.of(engine, ServingConf(explain_threads=1)), share_under_load=0.0001
     )
     explainer = ExplanationProcess(spec, load=load).start()
 
@@ -128,7 +128,7 @@ def test_while_predictions_are_in_flight_the_child_waits_its_turn(engine):
         load.enter()  # a prediction is in flight from here on
         await explainer.call("explain", image=png(1), clinical=None)  # ran at once; now due
         held = asyncio.ensure_future(explainer.call("explain", image=png(2), clinical=None))
-        await asyncio.sleep(1.0)  # < 1000 x the 1+ ms of CPU an explanation takes
+        await asyncio.sleep(1.0)  # < 10,000 x the 0.1+ ms of CPU an explanation takes
         waited = not held.done()
         load.leave()  # predictions stopped
         began = time.monotonic()
