@@ -67,7 +67,13 @@ def stack(workspace, port):
 
 
 def _post(api: str, path: str, body: dict | None = None) -> list | dict:
-    response = httpx.post(f"{api}{path}", json=body or {}, timeout=30)
+    """POST to the Prefect API; a 503 (the server's SQLite busy for a moment, as when a worker
+    and a deploy write at once) is retried, as Prefect's own client does."""
+    for attempt in range(5):
+        response = httpx.post(f"{api}{path}", json=body or {}, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(2.0 * (attempt + 1))
     assert response.status_code < 300, response.text
     return response.json()
 
