@@ -141,8 +141,13 @@ class Phases:
             return 0
         return int((time.monotonic() - self.began) / self.every_s)
 
+    @staticmethod
+    def explains(index: int) -> bool:
+        """Whether phase `index` is one with the explanation clients on (the odd ones)."""
+        return index % 2 == 1
+
     def explaining(self) -> bool:
-        return not self.every_s or self.index() % 2 == 1
+        return not self.every_s or self.explains(self.index())
 
     async def wait_for_explaining(self, deadline: float) -> None:
         while not self.explaining() and time.monotonic() < deadline:
@@ -229,13 +234,13 @@ async def soak(base, server, args) -> dict:
         "rss_samples": samples,
     }
     if args.alternate:  # each phase took about half the time
-        off = {i: v for i, v in predict_s.items() if i % 2 == 0}
-        on = {i: v for i, v in predict_s.items() if i % 2 == 1}
+        off = {i: v for i, v in predict_s.items() if not Phases.explains(i)}
+        on = {i: v for i, v in predict_s.items() if Phases.explains(i)}
         out["predict_explanations_off"] = _latency(_joined(off), elapsed / 2)
         out["predict_explanations_on"] = _latency(_joined(on), elapsed / 2)
         # each phase on its own: how much phases of the same kind differ (the noise)
         out["predict_by_phase"] = [
-            {"phase": i, "explaining": i % 2 == 1}
+            {"phase": i, "explaining": Phases.explains(i)}
             | _latency(predict_s[i], min(args.alternate, elapsed - i * args.alternate))
             for i in sorted(predict_s)
         ]
@@ -252,7 +257,7 @@ def phase_effect(phases: list[dict]) -> dict:
     by_index = {p["phase"]: p for p in phases if p.get("ok")}
     changes: dict[str, list[float]] = {"per_s": [], "p50_ms": []}
     for i, phase in by_index.items():
-        if i % 2 == 1 and i - 1 in by_index and i + 1 in by_index:
+        if Phases.explains(i) and i - 1 in by_index and i + 1 in by_index:
             for key, values in changes.items():
                 around = (by_index[i - 1][key] + by_index[i + 1][key]) / 2
                 values.append(phase[key] / around - 1)
