@@ -1,14 +1,16 @@
 """Test-time augmentation (TTA) on a finished run's validation split; the test split is not read.
 
 Scores the run's bundle (uncalibrated, as model selection sees it) on its validation images as
-they are and averaged over augmented views, and prints macro-F1, macro AUROC, balanced accuracy
-and ECE for each scheme:
+they are and with the logits averaged over test-time views (`dataset.tta`, the code the
+pipeline and the service run), and prints macro-F1, macro AUROC, balanced accuracy and ECE for
+each scheme:
 
-- ``none``: the image as it is (what the pipeline and the service do);
-- ``hflip``: the image and its mirror image (only where the dataset allows flips, its
-  ``dataset.hflip``);
+- ``none``: the image as it is (``dataset.tta=[]``);
+- ``hflip``: the image and its mirror image (``[hflip]``, only where the dataset allows
+  flips, its ``dataset.hflip``);
 - ``crops``: the image and a centre crop of ``--crop`` of its side, resized back (the
-  training recipe's random-resized crops at test time), and with ``hflip`` their mirror images.
+  training recipe's random-resized crops at test time), and where flips are allowed their
+  mirror images (``[crop, hflip]``).
 
 Each view costs one more forward pass per image at serving time: a scheme is worth keeping only
 if validation says so by more than its noise (bootstrap CI of the macro-F1 difference).
@@ -30,22 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def views(x: np.ndarray, scheme: str, crop: float, hflip: bool) -> list[np.ndarray]:
-    """The uint8 (N, C, H, W) views of `x` that `scheme` averages over."""
-    import torch
-    import torch.nn.functional as F
+SCHEMES = {"none": (), "hflip": ("hflip",), "crops": ("crop", "hflip")}
 
-    base = [x]
-    if scheme == "crops":
-        side = x.shape[-1]
-        keep = max(1, round(side * crop))
-        start = (side - keep) // 2
-        centre = torch.from_numpy(x[..., start : start + keep, start : start + keep]).float()
-        resized = F.interpolate(centre, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        base.append(resized.round().clamp(0, 255).to(torch.uint8).numpy())
-    if scheme in ("hflip", "crops") and hflip:
-        base += [np.ascontiguousarray(v[..., ::-1]) for v in base]
-    return base
+
+def scheme_views(scheme: str, hflip: bool) -> tuple[str, ...]:
+    """The `dataset.tta` list a scheme stands for, without mirror images where not allowed."""
+    return tuple(v for v in SCHEMES[scheme] if hflip or v != "hflip")
 
 
 def macro_f1_gain_ci(y, p_base, p_tta, classes, rounds: int = 1000, seed: int = 0) -> list[float]:
@@ -87,17 +79,15 @@ def measure(run_dir: Path, crop: float, cache: Path) -> dict:
     classes = list(bundle.class_names)
     out: dict = {"run": str(run_dir), "val_images": len(val), "hflip_allowed": hflip, "crop": crop}
     probs = {}
-    for scheme in ("none", "hflip", "crops"):
+    for scheme in SCHEMES:
         if scheme == "hflip" and not hflip:
             continue
-        stack = [
-            predict_proba(model, replace(val, x=v), bundle.preprocessing)
-            for v in views(val.x, scheme, crop, hflip)
-        ]
-        probs[scheme] = np.mean(stack, axis=0)
+        pre = replace(bundle.preprocessing, tta=scheme_views(scheme, hflip), tta_crop=crop)
+        probs[scheme] = predict_proba(model, val, pre)
         metrics = evaluate(val.y, probs[scheme], classes)
         out[scheme] = {
-            "views": len(stack),
+            "views": pre.view_count,
+            "dataset.tta": list(pre.tta),
             **{k: metrics[k] for k in ("macro_f1", "macro_auroc", "balanced_accuracy", "ece")},
         }
         if scheme != "none":

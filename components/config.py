@@ -106,6 +106,11 @@ class DatasetConf:
     limits: LimitsConf = field(default_factory=LimitsConf)
     max_per_class: int | None = None  # cap per class (quick runs); null: all images
     hflip: bool = True  # may training flip images left-right? (off when laterality matters)
+    # test-time augmentation: every prediction (evaluation, calibration, the service) averages
+    # the logits over the image and its views: "crop" (the centre tta_crop of each side,
+    # resized back), "hflip" (mirror images, only where hflip is allowed); [] = the image alone
+    tta: list[str] = field(default_factory=list)
+    tta_crop: float = 0.875
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic adapter
     # classes a clinician must not miss (tumours, malignant, ...): a case whose conformal
     # prediction set holds one of them while another class is top is referred (with its name)
@@ -369,6 +374,7 @@ def check(cfg) -> None:
     unknown = sorted(set(ds.dangerous) - set(ds.classes))
     if unknown:
         raise ConfigError(f"dataset.dangerous names {unknown}, which are not in dataset.classes")
+    _check_tta(ds)
     if not 0.0 < cfg.calibration.coverage < 1.0:
         raise ConfigError("calibration.coverage must lie in (0, 1), e.g. 0.9")
     if not 0.0 < cfg.calibration.target_sensitivity <= 1.0:
@@ -401,6 +407,21 @@ def check(cfg) -> None:
     if cfg.training.mode == "federated":
         federation = validate_federation(cfg).to_dict()
     validate_privacy(cfg.privacy, federation, cfg.trainer)
+
+
+def _check_tta(ds) -> None:
+    from components.data.preprocess import TTA_VIEWS
+
+    unknown = sorted(set(ds.tta) - set(TTA_VIEWS))
+    if unknown:
+        raise ConfigError(f"dataset.tta names {unknown}; choose from {list(TTA_VIEWS)}")
+    if "hflip" in ds.tta and not ds.hflip:
+        raise ConfigError(
+            "dataset.tta names hflip but dataset.hflip is false: mirror images are not this "
+            "dataset's images"
+        )
+    if not 0.5 <= ds.tta_crop < 1.0:
+        raise ConfigError("dataset.tta_crop must lie in [0.5, 1), e.g. 0.875")
 
 
 def _check_clinical(ds) -> None:

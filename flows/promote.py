@@ -162,6 +162,7 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         f"- Architecture: `{meta.get('architecture')}`",
         f"- Classes (output order): {', '.join(meta.get('class_names', []))}",
         f"- Input: {pre.get('size')}px, {pre.get('channels')} channel(s)",
+        f"- Test-time views: {_views_text(pre)}",
         f"- Data fingerprint: `{meta.get('data_fingerprint', '')}`",
         f"- Test-set fingerprint: `{info.get('test_set_fingerprint', '')}`",
         f"- Gate: {info.get('gate_decision', '')} — {info.get('gate_reason', '')}",
@@ -180,6 +181,22 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         *faithfulness_lines(bundle_dir),
     ]
     return "\n".join(lines)
+
+
+def _views_text(pre: dict[str, Any]) -> str:
+    """What every prediction averages its logits over (`Preprocessing.tta`)."""
+    from components.data.preprocess import Preprocessing
+
+    views = pre.get("tta") or []
+    if not views:
+        return "none (the image itself)"
+    count = Preprocessing(tta=tuple(views)).view_count
+    parts = ["the image"]
+    if "crop" in views:
+        parts.append(f"its centre {float(pre.get('tta_crop', 0.875)):.1%} of each side, resized")
+    if "hflip" in views:
+        parts.append("the mirror image of each")
+    return f"{count} views, logits averaged: {'; '.join(parts)}"
 
 
 def comparison_lines(comparison: dict[str, Any] | None) -> list[str]:

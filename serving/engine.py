@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from components.errors import ConfigError, InputError, ModelError, NotFound
+from components.evaluation.predict import mean_over_views
 from serving.inference import FixedInputSize, for_inference
 from serving.schemas import (
     STATUS_OOD,
@@ -391,12 +392,13 @@ class DiagnosisEngine:
         if x.ndim != 2 or x.shape[1] != self.row_width:
             expected = f"(N, {self.row_width})"
             raise ModelError(f"input rows of shape {tuple(x.shape)}; expected {expected}")
+        prep = self.bundle.preprocessing
         with torch.inference_mode():
             inputs = self._unpack(x)
             if self.ood is not None and self.ood.needs_features:
-                features, logits = _features_and_logits(self.predict_model, inputs)
+                features, logits = _features_and_logits(self.predict_model, inputs, prep)
             else:
-                features, logits = None, self.predict_model(*inputs)
+                features, logits = None, mean_over_views(self.predict_model, inputs, prep)
             probs = torch.softmax(logits.float() / self.temperature, dim=1).numpy()
         if self.ood is None:
             return probs
@@ -493,7 +495,11 @@ class DiagnosisEngine:
         shap: bool = True,
         nsamples: int = DEFAULT_SHAP_NSAMPLES,
     ) -> ExplainResponse:
-        """Grad-CAM (+ image SHAP, + clinical SHAP when a record is given) for one case."""
+        """Grad-CAM (+ image SHAP, + clinical SHAP when a record is given) for one case.
+
+        The maps explain the model on the image itself. With test-time views the answer's
+        probabilities, label and default class are those `/predict` gives (averaged over the
+        views), so an explanation never names another diagnosis than the prediction."""
         started = time.perf_counter()
         target_index = self.class_index(target)
         if not 0.0 <= float(opacity) <= 1.0:
@@ -518,6 +524,10 @@ class DiagnosisEngine:
             warnings.append(
                 "no image SHAP map: this model bundle has no background set; re-package it with one"
             )
+        served = None  # with test-time views, the probabilities /predict gives, and its class
+        if self.bundle.preprocessing.tta:
+            served = [float(p) for p in self.infer_rows(self.pack(case))[0][: len(self.classes)]]
+            target_index = int(np.argmax(served)) if target_index is None else target_index
         one = None
         if method == "gradcam" or image_shap:  # Grad-CAM and SHAP from one batched pass
             one = explain_image(  # thread-safe on the frozen eval copy: no lock
@@ -548,9 +558,11 @@ class DiagnosisEngine:
         shap_png_b64, shap_summary = None, None
         if one is not None and one.shap is not None:
             shap_png_b64, shap_summary = self._shap_answer(one.shap, case)
-        probabilities = dict(zip(self.classes, self.calibrated(cam.probabilities), strict=True))
+        if served is None:
+            served = self.calibrated(cam.probabilities)
+        probabilities = dict(zip(self.classes, served, strict=True))
         return ExplainResponse(
-            label=self.classes[int(np.argmax(cam.probabilities))],
+            label=self.classes[int(np.argmax(served))],
             probabilities=probabilities,
             target=self.classes[cam.target_class],
             method=cam.method,
@@ -806,10 +818,11 @@ class DiagnosisEngine:
         return out
 
 
-def _features_and_logits(model, inputs: tuple):
-    """Penultimate features and logits of one forward pass: every served architecture computes
-    its logits as `head(embed(...))` (the classifier's dropout between them is off in eval
-    mode). A model rewritten for one input size is unwrapped after checking the size."""
+def _features_and_logits(model, inputs: tuple, preprocessing):
+    """Penultimate features of the image itself and the logits averaged over its test-time
+    views, from one forward pass a view: every served architecture computes its logits as
+    `head(embed(...))` (the classifier's dropout between them is off in eval mode). A model
+    rewritten for one input size is unwrapped after checking the size."""
     from serving.inference import FixedInputSize
 
     if isinstance(model, FixedInputSize):
@@ -819,8 +832,11 @@ def _features_and_logits(model, inputs: tuple):
                 f"{tuple(inputs[0].shape)}"
             )
         model = model.model
-    features = model.embed(*inputs)
-    return features, model.head(features)
+    image, rest = inputs[0], inputs[1:]
+    views = preprocessing.views(image) if preprocessing.tta and image.ndim == 4 else [image]
+    features = [model.embed(view, *rest) for view in views]
+    logits = sum(model.head(f).float() for f in features) / len(features)
+    return features[0], logits
 
 
 def _blank(picture) -> bool:

@@ -2,7 +2,9 @@
 stores), encoded clinical records, or both (`components.data.inputs`).
 
 `data` is an image array, a tuple of the model's input arrays, or a split (`SplitArrays`),
-from which the arrays the model reads are taken.
+from which the arrays the model reads are taken. Logits and probabilities average the logits
+over the preprocessing's test-time views (`Preprocessing.tta`), as the service does;
+embeddings are of the image itself.
 """
 
 from __future__ import annotations
@@ -64,12 +66,28 @@ def _batched(model: nn.Module, fn, data: Any, preprocessing: Preprocessing, batc
     return torch.cat(outputs).numpy()
 
 
+def mean_over_views(fn, inputs: tuple, preprocessing: Preprocessing) -> torch.Tensor:
+    """Mean of `fn(*inputs)` over the test-time views of the image input (the 4-D one) that
+    `preprocessing.tta` names; `fn(*inputs)` itself without views or without an image."""
+    at = next((i for i, t in enumerate(inputs) if t.ndim == 4), None)
+    if not preprocessing.tta or at is None:
+        return fn(*inputs)
+    views = preprocessing.views(inputs[at])
+    total = sum(fn(*inputs[:at], view, *inputs[at + 1 :]).float() for view in views)
+    return total / len(views)
+
+
 def predict_proba(
     model: nn.Module, data: Any, preprocessing: Preprocessing, batch_size: int = 256
 ) -> np.ndarray:
-    """Softmax probabilities (N, K) as float32, computed in eval mode without gradients."""
+    """Softmax probabilities (N, K) as float32 (of the logits averaged over the test-time
+    views), computed in eval mode without gradients."""
     out = _batched(
-        model, lambda *t: torch.softmax(model(*t), dim=1), data, preprocessing, batch_size
+        model,
+        lambda *t: torch.softmax(mean_over_views(model, t, preprocessing), dim=1),
+        data,
+        preprocessing,
+        batch_size,
     )
     if out is None:
         return np.zeros((0, int(getattr(model, "num_classes", 0))), dtype=np.float32)
@@ -79,8 +97,11 @@ def predict_proba(
 def predict_logits(
     model: nn.Module, data: Any, preprocessing: Preprocessing, batch_size: int = 256
 ) -> np.ndarray:
-    """Logits (N, K) as float32 (what calibration is fitted on), eval mode, no gradients."""
-    out = _batched(model, model, data, preprocessing, batch_size)
+    """Logits (N, K) as float32, averaged over the test-time views (what calibration is fitted
+    on), eval mode, no gradients."""
+    out = _batched(
+        model, lambda *t: mean_over_views(model, t, preprocessing), data, preprocessing, batch_size
+    )
     if out is None:
         return np.zeros((0, int(getattr(model, "num_classes", 0))), dtype=np.float32)
     return out
@@ -89,7 +110,8 @@ def predict_logits(
 def embed_arrays(
     model: nn.Module, data: Any, preprocessing: Preprocessing, batch_size: int = 256
 ) -> np.ndarray:
-    """Penultimate features (N, D) from `model.embed`, float32, eval mode, no gradients."""
+    """Penultimate features (N, D) from `model.embed` of the images themselves (no test-time
+    views), float32, eval mode, no gradients."""
     if not hasattr(model, "embed"):
         raise ModelError("model has no embed(); build it with components.models.build_model")
     out = _batched(model, model.embed, data, preprocessing, batch_size)

@@ -17,9 +17,14 @@ if TYPE_CHECKING:  # importing it needs torch and Lightning; this module stays l
 
 
 def preprocessing_from_config(cfg: Mapping[str, Any]) -> Preprocessing:
-    """Input size and channels from the `dataset` section."""
+    """Input size, channels and test-time views from the `dataset` section."""
     dataset = cfg["dataset"]
-    return Preprocessing(size=dataset["image_size"], channels=dataset["channels"])
+    return Preprocessing(
+        size=dataset["image_size"],
+        channels=dataset["channels"],
+        tta=tuple(dataset.get("tta") or ()),
+        tta_crop=float(dataset.get("tta_crop", 0.875)),
+    )
 
 
 def augmentation_from_config(cfg: Mapping[str, Any]) -> Augmentation | bool:

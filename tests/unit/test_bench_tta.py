@@ -1,4 +1,4 @@
-"""bench/tta.py: the views each test-time augmentation scheme averages over."""
+"""bench/tta.py: the views each test-time augmentation scheme names, and its interval."""
 
 from __future__ import annotations
 
@@ -13,18 +13,11 @@ def bench():
         yield module
 
 
-def test_views_are_the_image_its_mirror_and_a_centre_crop(bench):
-    x = np.zeros((2, 3, 8, 8), dtype=np.uint8)
-    x[..., :, :4] = 200  # left half bright
-    (same,) = bench.views(x, "none", 0.75, hflip=True)
-    assert same is x
-    _, mirror = bench.views(x, "hflip", 0.75, hflip=True)
-    assert (mirror[..., :, 4:] == 200).all() and (mirror[..., :, :4] == 0).all()
-    crops = bench.views(x, "crops", 0.5, hflip=True)
-    assert len(crops) == 4 and all(v.shape == x.shape and v.dtype == np.uint8 for v in crops)
-    # the centre half (columns 2..5) stretched: its left half bright, its right half dark
-    assert crops[1][0, 0, 0, 0] == 200 and crops[1][0, 0, 0, -1] == 0
-    assert len(bench.views(x, "crops", 0.5, hflip=False)) == 2  # no mirror where laterality counts
+def test_each_scheme_is_a_dataset_tta_list_without_mirrors_where_laterality_counts(bench):
+    assert bench.scheme_views("none", hflip=True) == ()
+    assert bench.scheme_views("hflip", hflip=True) == ("hflip",)
+    assert bench.scheme_views("crops", hflip=True) == ("crop", "hflip")
+    assert bench.scheme_views("crops", hflip=False) == ("crop",)
 
 
 def test_the_gain_interval_holds_zero_for_identical_predictions(bench):
