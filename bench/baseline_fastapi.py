@@ -1,8 +1,9 @@
 """The baseline for bench/serve_throughput.py: plain FastAPI + torch, one request at a time.
 
 Serves the same model bundle the same way the BentoML service does (safe decode, the bundle's
-preprocessing, softmax), but without batching: a process-wide lock lets one request at a time
-decode and run the model (uvicorn still reads the next upload meanwhile). No auth.
+preprocessing and test-time views, softmax), but without batching: a process-wide lock lets one
+request at a time decode and run the model (uvicorn still reads the next upload meanwhile). No
+auth.
 
     ONCOFLOW_BASELINE_BUNDLE=/path/to/bundle ONCOFLOW_TORCH_THREADS=1 \\
         uvicorn --factory --app-dir bench baseline_fastapi:create_app --port 3001
@@ -31,6 +32,7 @@ def create_app():
     from components.bundle import ModelBundle
     from components.data.images import decode_bytes
     from components.errors import InputError
+    from components.evaluation.predict import mean_over_views
 
     threads = os.environ.get("ONCOFLOW_TORCH_THREADS", "").strip()
     if threads:
@@ -56,7 +58,8 @@ def create_app():
                 raise HTTPException(422, str(exc)) from exc
             x = bundle.preprocessing.to_tensor(picture).unsqueeze(0)
             with torch.inference_mode():
-                probs = torch.softmax(model(x), dim=1)[0].tolist()
+                logits = mean_over_views(model, (x,), bundle.preprocessing)
+                probs = torch.softmax(logits, dim=1)[0].tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         return {
             "label": classes[best],

@@ -31,6 +31,7 @@ the figures are noisy, so the load average is printed with them.
 
     python bench/serve_throughput.py                       # ~2-3 minutes
     python bench/serve_throughput.py --arch resnet18 --json /tmp/serve.json
+    python bench/serve_throughput.py --tta crop,hflip      # 4 views a prediction (brain MRI)
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def percentile(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------ set-up
 
 
-def make_bench_bundle(out: Path, arch: str, size: int, classes: int) -> Path:
-    """A randomly initialised bundle (with SHAP background and case index) for timing."""
+def make_bench_bundle(
+    out: Path, arch: str, size: int, classes: int, tta: tuple[str, ...] = ()
+) -> Path:
+    """A randomly initialised bundle (with SHAP background and case index) for timing; `tta`:
+    its test-time views (`dataset.tta`)."""
     import numpy as np
     import torch
 
@@ -97,7 +101,7 @@ def make_bench_bundle(out: Path, arch: str, size: int, classes: int) -> Path:
         model,
         architecture=architecture,
         class_names=[f"class_{i}" for i in range(classes)],
-        preprocessing=Preprocessing(size=size, channels=3),
+        preprocessing=Preprocessing(size=size, channels=3, tta=tta),
         train_x=x,
         train_y=y,
         metrics={},
@@ -327,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="oncoflow-serve-bench-"))
     bento_home = workdir / "bentoml"
-    bundle = make_bench_bundle(workdir / "bundle", args.arch, args.size, args.classes)
+    bundle = make_bench_bundle(workdir / "bundle", args.arch, args.size, args.classes, args.tta)
     from serving.packaging import import_bundle
 
     tag = import_bundle(bundle, bentoml_home=bento_home, assistant_index=False)
@@ -426,6 +430,7 @@ def run(args: argparse.Namespace) -> dict:
         return {
             "arch": args.arch,
             "size": args.size,
+            "tta": list(args.tta),
             "torch_threads": args.threads,
             "max_batch": args.max_batch,
             "cpus": os.cpu_count(),
@@ -447,8 +452,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict) -> str:
+    views = "+".join(result.get("tta") or []) or "none"
     lines = [
-        f"model {result['arch']} at {result['size']} px, torch threads {result['torch_threads']}, "
+        f"model {result['arch']} at {result['size']} px, test-time views {views}, "
+        f"torch threads {result['torch_threads']}, "
         f"{result['cpus']} CPUs, load average {result['loadavg_start'][0]:.2f} at start, "
         f"{result['loadavg_end'][0]:.2f} at end",
         "",
@@ -498,9 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         help="requests per concurrency level, split between its clients",
     )
     parser.add_argument("--explain-requests", type=int, default=5)
+    parser.add_argument(
+        "--tta",
+        default="",
+        help="test-time views of the bundle, both servers (dataset.tta), e.g. crop,hflip",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir and server logs")
     args = parser.parse_args(argv)
+    args.tta = tuple(v for v in args.tta.split(",") if v)
     args.totals = parse_totals(args.requests)
     result = run(args)
     print(report(result))

@@ -1,4 +1,4 @@
-"""Test-time augmentation (TTA) on a finished run's validation split; the test split is not read.
+"""Test-time augmentation (TTA) on a finished run's validation split (test: only when asked).
 
 Scores the run's bundle (uncalibrated, as model selection sees it) on its validation images as
 they are and with the logits averaged over test-time views (`dataset.tta`, the code the
@@ -14,8 +14,10 @@ each scheme:
 
 Each view costs one more forward pass per image at serving time: a scheme is worth keeping only
 if validation says so by more than its noise (bootstrap CI of the macro-F1 difference).
+``--split test`` reports, once a scheme has been chosen on validation, what it does on the
+run's test split (uncalibrated); it is not for choosing.
 
-    python bench/tta.py RUN_DIR [--crop 0.875] [--json out.json]
+    python bench/tta.py RUN_DIR [--crop 0.875] [--split val|test] [--json out.json]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def macro_f1_gain_ci(y, p_base, p_tta, classes, rounds: int = 1000, seed: int = 
     return [float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))]
 
 
-def measure(run_dir: Path, crop: float, cache: Path) -> dict:
+def measure(run_dir: Path, crop: float, cache: Path, split: str = "val") -> dict:
     from dataclasses import replace
 
     from components.bundle import ModelBundle
@@ -69,15 +71,21 @@ def measure(run_dir: Path, crop: float, cache: Path) -> dict:
     dataset = (bundle.config or {}).get("dataset", {})
     hflip = bool(dataset.get("hflip", True))
     frame = manifest.load(run_dir / "manifest.parquet")
-    val_rows = frame[(frame["split"] == "val") & (frame["decode_error"] == "")]
+    rows = frame[(frame["split"] == split) & (frame["decode_error"] == "")]
     val = load_split_arrays(
-        val_rows, bundle.class_names, bundle.preprocessing, cache, schema=bundle.tabular_schema
-    )["val"]
-    if val.x is None or not len(val):
-        raise SystemExit(f"{run_dir} has no validation images")
+        rows, bundle.class_names, bundle.preprocessing, cache, schema=bundle.tabular_schema
+    ).get(split)
+    if val is None or val.x is None or not len(val):
+        raise SystemExit(f"{run_dir} has no {split} images")
     model = bundle.build_model()
     classes = list(bundle.class_names)
-    out: dict = {"run": str(run_dir), "val_images": len(val), "hflip_allowed": hflip, "crop": crop}
+    out: dict = {
+        "run": str(run_dir),
+        "split": split,
+        "images": len(val),
+        "hflip_allowed": hflip,
+        "crop": crop,
+    }
     probs = {}
     for scheme in SCHEMES:
         if scheme == "hflip" and not hflip:
@@ -103,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=float, default=0.875, help="centre crop, share of side")
     parser.add_argument("--cache", type=Path, default=None, help="decode cache (default: temp)")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--split", choices=("val", "test"), default="val", help="test: report a choice only"
+    )
     args = parser.parse_args(argv)
     if not 0.5 <= args.crop < 1.0:
         parser.error("--crop must lie in [0.5, 1)")
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args.run_dir, args.crop, args.cache or Path(tmp))
-    print(f"{result['run']}: {result['val_images']} validation images (test split not read)")
+        result = measure(args.run_dir, args.crop, args.cache or Path(tmp), args.split)
+    note = "(test split not read)" if args.split == "val" else "(report only: choose on val)"
+    print(f"{result['run']}: {result['images']} {args.split} images {note}")
     header = ("scheme", "views", "macro-F1", "AUROC", "bal.acc", "ECE")
     print("{:8} {:>5} {:>9} {:>7} {:>8} {:>6}  gain CI95".format(*header))
     for scheme in ("none", "hflip", "crops"):
