@@ -158,6 +158,7 @@ def serve_and_time(args: argparse.Namespace) -> dict:
             "ONCOFLOW_API_KEYS": KEY,
             "ONCOFLOW_TORCH_THREADS": str(args.threads),
             "ONCOFLOW_CHAT": "0",
+            "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "0",  # one key sends the whole load
             "PYTHONPATH": str(ROOT),
         }
         server = Server("oncoflow", serve_command("127.0.0.1", port), env, workdir / "serve.log")

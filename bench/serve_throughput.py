@@ -25,6 +25,10 @@ request's own cost. Then the latency of ``POST /explain`` (Grad-CAM + image SHAP
 only), sequential requests. The model is randomly initialised (speed does not depend on the
 weights): by default EfficientNet-Lite0 at 96 px, the platform's default model.
 
+The service's per-key rate limit is off (``ONCOFLOW_RATE_LIMIT_PER_MINUTE=0``): one key sends
+the whole load, which the limit would otherwise answer with 429s. Failed requests are counted
+with their HTTP status.
+
 The load generator runs in this process (asyncio + aiohttp, every request body encoded once)
 and shares the CPU with both servers, so it is kept cheap (see `drive`); on a shared machine
 the figures are noisy, so the load average is printed with them.
@@ -201,6 +205,7 @@ async def drive(
     per_client = max(1, total // clients)
     latencies: list[float] = []
     errors = 0
+    statuses: dict[str, int] = {}  # what the failed requests got: HTTP status or exception
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=120.0)
     async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as http:
@@ -215,11 +220,13 @@ async def drive(
                         url, data=body, headers={"Content-Type": content_type}
                     ) as response:
                         await response.read()
-                        ok = response.status == 200
-                except (TimeoutError, aiohttp.ClientError):
-                    ok = False
+                        ok, what = response.status == 200, str(response.status)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    ok, what = False, type(exc).__name__
                 latencies.append(time.perf_counter() - started)
                 errors += not ok
+                if not ok:
+                    statuses[what] = statuses.get(what, 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
@@ -227,6 +234,7 @@ async def drive(
     return {
         "requests": per_client * clients,
         "errors": errors,
+        "error_statuses": statuses,
         "seconds": elapsed,
         "latencies": latencies,
     }
@@ -257,6 +265,14 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _summed(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, n in count.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 def merge(clients: int, runs: list[dict]) -> dict:
     """One row from several runs of a level: total requests over total time, pooled latency."""
     latencies = [t for run in runs for t in run["latencies"]]
@@ -266,6 +282,7 @@ def merge(clients: int, runs: list[dict]) -> dict:
         "clients": clients,
         "requests": done,
         "errors": sum(run["errors"] for run in runs),
+        "error_statuses": _summed(run.get("error_statuses", {}) for run in runs),
         "seconds": seconds,
         "throughput_rps": done / seconds,
         "p50_ms": percentile(latencies, 0.5) * 1000.0,
@@ -349,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
                 "ONCOFLOW_TORCH_THREADS": threads,
                 "ONCOFLOW_CHAT": "0",
                 "ONCOFLOW_MAX_BATCH": str(args.max_batch),
+                "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "0",  # one key sends the whole load
                 "PYTHONPATH": str(ROOT),
             },
             workdir / "bento.log",
@@ -471,6 +489,7 @@ def report(result: dict) -> str:
                 f"{row['clients']:>7} | {name:<9} | {r['throughput_rps']:>7.1f} | "
                 f"{r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['server_cpu_ms']:>10.2f} | "
                 f"{r['client_cpu_ms']:>6.2f} | {r['errors']}/{r['requests']}"
+                + (f" {r['error_statuses']}" if r.get("error_statuses") else "")
             )
         lines.append(
             f"{row['clients']:>7} | ratio     | {row['throughput_ratio']:>6.2f}x | "
