@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +206,7 @@ async def drive(
     per_client = max(1, total // clients)
     latencies: list[float] = []
     errors = 0
-    statuses: dict[str, int] = {}  # what the failed requests got: HTTP status or exception
+    statuses: Counter[str] = Counter()  # what the failed requests got: status or exception
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=120.0)
     async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as http:
@@ -226,7 +227,7 @@ async def drive(
                 latencies.append(time.perf_counter() - started)
                 errors += not ok
                 if not ok:
-                    statuses[what] = statuses.get(what, 0) + 1
+                    statuses[what] += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
@@ -265,14 +266,6 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _summed(counts) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for count in counts:
-        for key, n in count.items():
-            total[key] = total.get(key, 0) + n
-    return total
-
-
 def merge(clients: int, runs: list[dict]) -> dict:
     """One row from several runs of a level: total requests over total time, pooled latency."""
     latencies = [t for run in runs for t in run["latencies"]]
@@ -282,7 +275,7 @@ def merge(clients: int, runs: list[dict]) -> dict:
         "clients": clients,
         "requests": done,
         "errors": sum(run["errors"] for run in runs),
-        "error_statuses": _summed(run.get("error_statuses", {}) for run in runs),
+        "error_statuses": dict(sum((Counter(run["error_statuses"]) for run in runs), Counter())),
         "seconds": seconds,
         "throughput_rps": done / seconds,
         "p50_ms": percentile(latencies, 0.5) * 1000.0,

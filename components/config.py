@@ -410,18 +410,19 @@ def check(cfg) -> None:
 
 
 def _check_tta(ds) -> None:
-    from components.data.preprocess import TTA_VIEWS
+    """The views and crop as `Preprocessing` checks them (its message names the key), and no
+    mirror images where the dataset forbids flips."""
+    from components.data.preprocess import Preprocessing
 
-    unknown = sorted(set(ds.tta) - set(TTA_VIEWS))
-    if unknown:
-        raise ConfigError(f"dataset.tta names {unknown}; choose from {list(TTA_VIEWS)}")
+    try:
+        Preprocessing(tta=tuple(ds.tta), tta_crop=float(ds.tta_crop))
+    except ValueError as exc:
+        raise ConfigError(f"dataset.{exc}") from exc
     if "hflip" in ds.tta and not ds.hflip:
         raise ConfigError(
             "dataset.tta names hflip but dataset.hflip is false: mirror images are not this "
             "dataset's images"
         )
-    if not 0.5 <= ds.tta_crop < 1.0:
-        raise ConfigError("dataset.tta_crop must lie in [0.5, 1), e.g. 0.875")
 
 
 def _check_clinical(ds) -> None:

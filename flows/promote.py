@@ -187,16 +187,15 @@ def _views_text(pre: dict[str, Any]) -> str:
     """What every prediction averages its logits over (`Preprocessing.tta`)."""
     from components.data.preprocess import Preprocessing
 
-    views = pre.get("tta") or []
-    if not views:
+    if not pre.get("tta"):  # also a bundle without image preprocessing
         return "none (the image itself)"
-    count = Preprocessing(tta=tuple(views)).view_count
+    spec = Preprocessing.from_dict(pre)
     parts = ["the image"]
-    if "crop" in views:
-        parts.append(f"its centre {float(pre.get('tta_crop', 0.875)):.1%} of each side, resized")
-    if "hflip" in views:
+    if "crop" in spec.tta:
+        parts.append(f"its centre {spec.tta_crop:.1%} of each side, resized")
+    if "hflip" in spec.tta:
         parts.append("the mirror image of each")
-    return f"{count} views, logits averaged: {'; '.join(parts)}"
+    return f"{spec.view_count} views, logits averaged: {'; '.join(parts)}"
 
 
 def comparison_lines(comparison: dict[str, Any] | None) -> list[str]:

@@ -11,6 +11,7 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TTA_VIEWS = ("crop", "hflip")  # what `Preprocessing.tta` may name
+DEFAULT_TTA_CROP = 0.875  # share of each side the "crop" view keeps
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Preprocessing:
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     tta: tuple[str, ...] = ()
-    tta_crop: float = 0.875
+    tta_crop: float = DEFAULT_TTA_CROP
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -37,7 +38,9 @@ class Preprocessing:
             object.__setattr__(self, "std", tuple(self.std[: self.channels]) or (0.25,))
         unknown = sorted(set(self.tta) - set(TTA_VIEWS))
         if unknown:
-            raise ValueError(f"unknown test-time views {unknown}; choose from {list(TTA_VIEWS)}")
+            raise ValueError(
+                f"tta names unknown test-time views {unknown}; choose from {list(TTA_VIEWS)}"
+            )
         object.__setattr__(self, "tta", tuple(v for v in TTA_VIEWS if v in self.tta))
         if not 0.5 <= float(self.tta_crop) < 1.0:
             raise ValueError(f"tta_crop must lie in [0.5, 1), got {self.tta_crop}")
@@ -58,7 +61,7 @@ class Preprocessing:
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
             tta=tuple(data.get("tta", ())),
-            tta_crop=float(data.get("tta_crop", 0.875)),
+            tta_crop=float(data.get("tta_crop", DEFAULT_TTA_CROP)),
         )
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from components.data.preprocess import Preprocessing
+from components.data.preprocess import DEFAULT_TTA_CROP, Preprocessing
 
 if TYPE_CHECKING:  # importing it needs torch and Lightning; this module stays light
     from components.training.datamodule import Augmentation
@@ -23,7 +23,7 @@ def preprocessing_from_config(cfg: Mapping[str, Any]) -> Preprocessing:
         size=dataset["image_size"],
         channels=dataset["channels"],
         tta=tuple(dataset.get("tta") or ()),
-        tta_crop=float(dataset.get("tta_crop", 0.875)),
+        tta_crop=float(dataset.get("tta_crop", DEFAULT_TTA_CROP)),
     )
 
 

@@ -176,3 +176,12 @@ def test_an_explanation_names_what_the_prediction_says(tmp_path):
     assert explained.target == predicted.label
     for name, p in predicted.probabilities.items():
         assert explained.probabilities[name] == pytest.approx(p, abs=1e-5)
+
+
+def test_the_model_card_says_which_views_a_prediction_averages():
+    from flows.promote import _views_text
+
+    card = _views_text(Preprocessing(size=96, tta=BOTH, tta_crop=0.8).to_dict())
+    assert card.startswith("4 views, logits averaged")
+    assert "centre 80.0%" in card and "mirror image" in card
+    assert _views_text(Preprocessing(size=96).to_dict()) == "none (the image itself)"
