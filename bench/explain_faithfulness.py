@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from components.bundle import ModelBundle
+    from components.config import ServingConf
     from components.explain.faithfulness import evaluate_faithfulness
-    from serving.engine import DEFAULT_SHAP_NSAMPLES
 
     torch.set_num_threads(args.threads)
     bundle = ModelBundle.load(args.run_dir / "bundle")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle.build_model().eval(),
         images,
         bundle.background,
-        nsamples=args.nsamples or DEFAULT_SHAP_NSAMPLES,
+        nsamples=args.nsamples or ServingConf.shap_nsamples,
         steps=args.steps,
         seed=args.seed,
         progress=lambda done, total: (

@@ -194,6 +194,10 @@ class PackageConf:
     training_images: bool = False
 
 
+#: The most image-SHAP samples one explanation may use (its cost grows linearly with them).
+SHAP_NSAMPLES_LIMIT = 200
+
+
 @dataclass
 class ServingConf:
     """The diagnosis service (serving/settings.py: ONCOFLOW_* variables override each key)."""
@@ -211,6 +215,9 @@ class ServingConf:
     chat: bool = True  # serve the chat assistant
     assistant_config: str | None = None  # JSON file with the assistant settings
     background_size: int = 32  # SHAP reference images packaged with the model
+    # image-SHAP samples of an /explain that names none (1..SHAP_NSAMPLES_LIMIT): more give a
+    # steadier map at about one backward pass each (bench/explain_latency.py --accuracy)
+    shap_nsamples: int = 8
     explain_concurrency: int = 2  # explanations/reports accepted at once; beyond: 429
     # torch threads of the explanation process, which computes one explanation at a time at
     # the lowest CPU priority; null: every core this server may use

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from components.config import SHAP_NSAMPLES_LIMIT, ServingConf
 from components.errors import ConfigError, InputError, ModelError, NotFound
 from components.evaluation.predict import mean_over_views
 from serving.inference import FixedInputSize, for_inference
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 KINDS = ("image", "fusion", "tabular")
 DEFAULT_MAX_PIXELS = 50_000_000
 DISPLAY_MAX_SIDE = 256  # overlays and the report show the upload at most this large
-DEFAULT_SHAP_NSAMPLES = 8  # stratified expected-gradient samples (components/explain/one_pass.py)
-MAX_SHAP_NSAMPLES = 200  # a request may ask for more samples, up to this (latency bound)
 TABULAR_SHAP_NSAMPLES = 200
 # rows per forward/backward pass of an image explanation: bounds its memory (EfficientNet-Lite0
 # at 96 px, 200 samples: peak RSS +0.55 GB in passes of 16 rows, +1.3 GB in passes of 64) at no
@@ -143,6 +142,8 @@ class DiagnosisEngine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         optimise: bool = True,
         case_library: str | Path | None = None,
+        *,
+        shap_nsamples: int = ServingConf.shap_nsamples,
     ) -> None:
         from components.explain.background import split_background
 
@@ -175,6 +176,7 @@ class DiagnosisEngine:
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
         self.optimise = optimise
+        self.shap_nsamples = _checked_nsamples(shap_nsamples)  # an /explain naming none
         example = self._unpack(self._example_rows(2))
         self.predict_model = (
             for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
@@ -214,10 +216,13 @@ class DiagnosisEngine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         optimise: bool = True,
         case_library: str | Path | None = None,
+        *,
+        shap_nsamples: int = ServingConf.shap_nsamples,
     ):
         from components.bundle import ModelBundle
 
-        engine = cls(ModelBundle.load(path), ref, max_pixels, optimise, case_library)
+        bundle = ModelBundle.load(path)
+        engine = cls(bundle, ref, max_pixels, optimise, case_library, shap_nsamples=shap_nsamples)
         engine.model_dir = Path(path)
         return engine
 
@@ -493,19 +498,19 @@ class DiagnosisEngine:
         target: str | None = None,
         opacity: float = 0.45,
         shap: bool = True,
-        nsamples: int = DEFAULT_SHAP_NSAMPLES,
+        nsamples: int | None = None,
     ) -> ExplainResponse:
         """Grad-CAM (+ image SHAP, + clinical SHAP when a record is given) for one case.
 
         The maps explain the model on the image itself. With test-time views the answer's
         probabilities, label and default class are those `/predict` gives (averaged over the
-        views), so an explanation never names another diagnosis than the prediction."""
+        views), so an explanation never names another diagnosis than the prediction.
+        `nsamples`: image-SHAP samples (None: the engine's `shap_nsamples`)."""
         started = time.perf_counter()
         target_index = self.class_index(target)
         if not 0.0 <= float(opacity) <= 1.0:
             raise InputError(f"opacity must lie in [0, 1], got {opacity}")
-        if not 1 <= int(nsamples) <= MAX_SHAP_NSAMPLES:
-            raise InputError(f"nsamples must lie in 1..{MAX_SHAP_NSAMPLES}, got {nsamples}")
+        nsamples = self.shap_nsamples if nsamples is None else _checked_nsamples(nsamples)
         if self.kind == "tabular":
             return self._explain_record(case, target_index, started)
         from components.explain.gradcam import (
@@ -844,6 +849,13 @@ def _blank(picture) -> bool:
     extrema = picture.getextrema()
     bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
     return all(float(high) - float(low) <= BLANK_LEVELS for low, high in bands)
+
+
+def _checked_nsamples(nsamples) -> int:
+    """`nsamples` as an int in 1..SHAP_NSAMPLES_LIMIT, else InputError."""
+    if isinstance(nsamples, bool) or not 1 <= int(nsamples) <= SHAP_NSAMPLES_LIMIT:
+        raise InputError(f"nsamples must lie in 1..{SHAP_NSAMPLES_LIMIT}, got {nsamples}")
+    return int(nsamples)
 
 
 def _min_side(config: dict[str, Any] | None) -> int:

@@ -50,6 +50,7 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
 
+from components.config import ServingConf
 from components.errors import ModelError, OncoflowError
 from serving.prediction_load import ExplanationPacer, PredictionLoad
 from serving.process import (
@@ -77,6 +78,7 @@ class ExplainerSpec:
     torch_threads: int = 1  # torch threads of the one explanation computed at a time
     niceness: int = EXPLAIN_NICENESS
     share_under_load: float = 1.0  # CPU-seconds a second while predictions run (1: no pacing)
+    shap_nsamples: int = ServingConf.shap_nsamples  # image-SHAP samples of an /explain naming none
 
     @classmethod
     def of(cls, engine, settings) -> ExplainerSpec:
@@ -90,6 +92,7 @@ class ExplainerSpec:
             optimise=engine.optimise,
             torch_threads=settings.explain_threads or len(os.sched_getaffinity(0)),
             share_under_load=settings.explain_share_under_load,
+            shap_nsamples=settings.shap_nsamples,
         )
 
 
@@ -379,7 +382,11 @@ def child_main(parent: int, fd: int, load_fd: int | None = None) -> None:
         torch.set_num_threads(spec.torch_threads)
         single_threaded_blas()  # torch's threads do the heavy work; numpy's would spin
         engine = DiagnosisEngine.from_dir(
-            spec.model_dir, ModelRef(**spec.ref), spec.max_pixels, spec.optimise
+            spec.model_dir,
+            ModelRef(**spec.ref),
+            spec.max_pixels,
+            spec.optimise,
+            shap_nsamples=spec.shap_nsamples,
         )
         _warm(engine)
         release_free_memory()

@@ -44,6 +44,7 @@ from fastapi import FastAPI
 from pydantic import BeforeValidator, Field
 from starlette.responses import Response, StreamingResponse
 
+from components.config import SHAP_NSAMPLES_LIMIT
 from components.errors import NotFound
 from serving.api_errors import Overloaded, answers_errors
 from serving.batching import MicroBatcher
@@ -85,8 +86,6 @@ from serving.uploads import Upload
 log = logging.getLogger(__name__)
 
 JSON_BODY_LIMIT = 64 * 1024
-#: The most SHAP samples one /explain may ask for (its cost grows linearly with them).
-MAX_SHAP_NSAMPLES = 200
 UPLOADS = {
     "/predict": UploadSpec.of("image", ["clinical"]),
     "/explain": UploadSpec.of(
@@ -319,7 +318,12 @@ class DiagnosisService:
         shap: Annotated[bool, Field(strict=True)] = True,
         nsamples: Annotated[
             int | None,
-            Field(ge=1, le=MAX_SHAP_NSAMPLES, strict=True, description="null: the server default"),
+            Field(
+                ge=1,
+                le=SHAP_NSAMPLES_LIMIT,
+                strict=True,
+                description="null: the server default (serving.shap_nsamples)",
+            ),
         ] = None,
     ) -> ExplainResponse:
         """Grad-CAM overlay and heatmap (`method`: gradcam, gradcam++, ...; `target`: a class

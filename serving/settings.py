@@ -21,6 +21,7 @@ empty, overrides its key:
     ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency       ``2`` (then /explain answers 429)
     ONCOFLOW_EXPLAIN_THREADS        explain_threads           ``1`` (unset: every core)
     ONCOFLOW_EXPLAIN_SHARE          explain_share_under_load  ``0.05`` (``1``: no pacing)
+    ONCOFLOW_SHAP_NSAMPLES          shap_nsamples             ``8`` SHAP samples per /explain
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute     ``1200`` per API key (``0``: off)
     ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst          ``100``
     ONCOFLOW_AUDIT_DB               audit_db                  the service's audit log (SQLite)
@@ -40,7 +41,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from components.config import ServingConf
+from components.config import SHAP_NSAMPLES_LIMIT, ServingConf
 from components.errors import ConfigError
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -55,6 +56,7 @@ _AT_LEAST = {
     "background_size": 1,
     "explain_concurrency": 1,
     "explain_threads": 1,
+    "shap_nsamples": 1,
     "rate_limit_per_minute": 0,
     "rate_limit_burst": 1,
 }
@@ -106,6 +108,10 @@ def check(conf: ServingConf, sources: Mapping[str, str] | None = None) -> None:
     if not 0.0 < conf.explain_share_under_load <= 1.0:
         where = sources.get("explain_share_under_load", "explain_share_under_load")
         raise ConfigError(f"{where} must lie in (0, 1], not {conf.explain_share_under_load}")
+    if conf.shap_nsamples > SHAP_NSAMPLES_LIMIT:
+        where = sources.get("shap_nsamples", "shap_nsamples")
+        limit = SHAP_NSAMPLES_LIMIT
+        raise ConfigError(f"{where} must be at most {limit}, not {conf.shap_nsamples}")
     if not conf.model_tag.strip():
         raise ConfigError(f"{sources.get('model_tag', 'model_tag')} is empty")
 
@@ -155,6 +161,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONCOFLOW_EXPLAIN_CONCURRENCY": "explain_concurrency",
     "ONCOFLOW_EXPLAIN_THREADS": "explain_threads",
     "ONCOFLOW_EXPLAIN_SHARE": "explain_share_under_load",
+    "ONCOFLOW_SHAP_NSAMPLES": "shap_nsamples",
     "ONCOFLOW_RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
     "ONCOFLOW_RATE_LIMIT_BURST": "rate_limit_burst",
     "ONCOFLOW_AUDIT_DB": "audit_db",
@@ -174,6 +181,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "explain_concurrency": _integer,
     "explain_threads": _integer,
     "explain_share_under_load": _number,
+    "shap_nsamples": _integer,
     "rate_limit_per_minute": _integer,
     "rate_limit_burst": _integer,
     "audit_db": _text,

@@ -57,7 +57,8 @@ def png(seed: int = 0) -> bytes:
 
 
 def test_answers_like_the_engine_and_keeps_error_kinds(engine):
-    explainer = ExplanationProcess(ExplainerSpec.of(engine, ServingConf(explain_threads=1)))
+    settings = ServingConf(explain_threads=1, shap_nsamples=3)  # the server's SHAP default
+    explainer = ExplanationProcess(ExplainerSpec.of(engine, settings))
     explainer.start()
 
     async def calls():
@@ -79,15 +80,31 @@ def test_answers_like_the_engine_and_keeps_error_kinds(engine):
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
     finally:
         explainer.close()
-    local = engine.explain(engine.prepare(png()), target="b")
+    local = engine.explain(engine.prepare(png()), target="b", nsamples=3)
     assert answer.heatmap_png == local.heatmap_png and answer.shap_png == local.shap_png
     assert answer.probabilities == pytest.approx(local.probabilities, abs=1e-6)
     assert answer.target == "b" and answer.shap_image == local.shap_image
+    assert answer.shap_image.nsamples == 3
     for seed, got in zip((1, 2), both, strict=True):  # concurrent calls get their own answers
         assert got.heatmap_png == engine.explain(engine.prepare(png(seed))).heatmap_png
     assert pdf.startswith(b"%PDF")
     explainer.process.wait(timeout=10)  # closed: the child is gone
     assert explainer.starts == 1
+
+
+def test_an_explanation_takes_the_server_s_sample_count_unless_it_names_one(engine):
+    from serving.engine import DiagnosisEngine
+
+    five = DiagnosisEngine.from_dir(engine.model_dir, engine.ref, shap_nsamples=5)
+    case = five.prepare(png())
+    assert engine.explain(case).shap_image.nsamples == ServingConf().shap_nsamples == 8
+    assert five.explain(case).shap_image.nsamples == 5
+    assert five.explain(case, nsamples=2).shap_image.nsamples == 2
+    for bad in (0, 201, True):
+        with pytest.raises(InputError, match=r"nsamples must lie in 1\.\.200"):
+            five.explain(case, nsamples=bad)
+    with pytest.raises(InputError, match="nsamples"):
+        DiagnosisEngine.from_dir(engine.model_dir, engine.ref, shap_nsamples=0)
 
 
 def test_a_model_it_cannot_load_turns_explanations_off_with_the_reason(engine, tmp_path):

@@ -31,6 +31,7 @@ def test_environment_variables_override_with_the_key_type():
         "ONCOFLOW_CHAT": "false",
         "ONCOFLOW_CASE_LIBRARY": "/srv/oncoflow/case-library",
         "ONCOFLOW_MAX_QUEUE": "  ",  # empty: not set
+        "ONCOFLOW_SHAP_NSAMPLES": "32",
     }
     settings = with_environment(ServingConf(), env)
     assert settings.model_tag == "oncoflow-model:abc"
@@ -39,6 +40,7 @@ def test_environment_variables_override_with_the_key_type():
     assert settings.case_library == "/srv/oncoflow/case-library"
     assert ServingConf().case_library is None  # no library unless the site builds one
     assert settings.max_queue == ServingConf().max_queue
+    assert settings.shap_nsamples == 32
     assert request_limit_bytes(settings) == int(1.5 * 1024 * 1024)
 
 
@@ -50,6 +52,8 @@ def test_environment_variables_override_with_the_key_type():
         ({"ONCOFLOW_EXPLAIN_THREADS": "0"}, "ONCOFLOW_EXPLAIN_THREADS must be at least 1"),
         ({"ONCOFLOW_EXPLAIN_SHARE": "0"}, r"ONCOFLOW_EXPLAIN_SHARE must lie in \(0, 1\]"),
         ({"ONCOFLOW_EXPLAIN_SHARE": "1.5"}, r"ONCOFLOW_EXPLAIN_SHARE must lie in \(0, 1\]"),
+        ({"ONCOFLOW_SHAP_NSAMPLES": "0"}, "ONCOFLOW_SHAP_NSAMPLES must be at least 1"),
+        ({"ONCOFLOW_SHAP_NSAMPLES": "201"}, "ONCOFLOW_SHAP_NSAMPLES must be at most 200"),
         ({"ONCOFLOW_OPTIMISE_MODEL": "2"}, "ONCOFLOW_OPTIMISE_MODEL='2': use 1 or 0"),
         ({"ONCOFLOW_MAX_REQUEST_MB": "-1"}, "ONCOFLOW_MAX_REQUEST_MB must be positive"),
         ({"ONCOFLOW_MAX_REQUEST_MB": "lots"}, "ONCOFLOW_MAX_REQUEST_MB='lots' is not a number"),
