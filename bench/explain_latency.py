@@ -18,7 +18,9 @@ random image (speed does not depend on the weights).
 converged reference (shap's own `GradientExplainer` at ``--reference-samples`` samples) for
 shap's estimator at its former default (32 random samples) and for the one-pass stratified
 estimator `/explain` uses (components/explain/one_pass.py) at several sample counts: relative
-L2 error and Pearson correlation per image, mean over ``--images`` test images.
+L2 error and Pearson correlation per image, mean over ``--images`` test images. It also gives
+the correlation of region sums (square blocks of ``BLOCKS`` pixels: what a coarser map would
+show) and the share of the reference map's energy those region sums hold.
 
     python bench/explain_latency.py RUN_DIR --json /tmp/explain.json
     python bench/explain_latency.py                       # random model, ~1 minute
@@ -46,6 +48,7 @@ from serve_throughput import KEY, Server, make_bench_bundle, percentile, png_ima
 
 from components.net import free_port  # noqa: E402
 
+BLOCKS = (4, 8)  # --accuracy: side of the square regions whose SHAP sums are also compared
 CALLS = {
     "predict": ("/predict", {}),
     "explain": ("/explain", {}),  # the service's default SHAP settings (or --nsamples)
@@ -248,14 +251,21 @@ def shap_accuracy(args: argparse.Namespace) -> dict:
     ]
     settings = [("shap GradientExplainer, 32 random", None, 32)]
     settings += [(f"one pass, {n} stratified", "one_pass", n) for n in args.samples]
+    regions = [f"r_{k}px" for k in BLOCKS]
     rows: dict[str, dict[str, list[float]]] = {
-        name: {"rel_l2": [], "r": []} for name, *_ in settings
+        name: {"rel_l2": [], "r": []} | {key: [] for key in regions} for name, *_ in settings
     }
+    energy: dict[str, list[float]] = {f"{k}px": [] for k in BLOCKS}
     for i, x in enumerate(images):
         reference = explain_shap_image(
             model, x, background, nsamples=args.reference_samples, seed=10_000 + i
         )
-        ref = reference.attribution.ravel().astype(np.float64)
+        ref_map = reference.attribution.astype(np.float64)
+        ref = ref_map.ravel()
+        for k in BLOCKS:  # the region means, spread over their pixels, against the map
+            spread = np.kron(region_sums(ref_map, k) / (k * k), np.ones((k, k)))
+            cropped = ref_map[: spread.shape[0], : spread.shape[1]]
+            energy[f"{k}px"].append(float((spread**2).sum() / (cropped**2).sum()))
         for name, kind, n in settings:
             for rep in range(args.repeats):
                 seed = 100 * i + rep
@@ -282,12 +292,16 @@ def shap_accuracy(args: argparse.Namespace) -> dict:
                 est = got.ravel().astype(np.float64)
                 rows[name]["rel_l2"].append(float(np.linalg.norm(est - ref) / np.linalg.norm(ref)))
                 rows[name]["r"].append(float(np.corrcoef(est, ref)[0, 1]))
+                for k, key in zip(BLOCKS, regions, strict=True):
+                    pair = region_sums(got, k).ravel(), region_sums(ref_map, k).ravel()
+                    rows[name][key].append(float(np.corrcoef(*pair)[0, 1]))
         print(f"  image {i + 1}/{len(images)} done", flush=True)
     return {
         "reference": f"shap.GradientExplainer, {args.reference_samples} samples",
         "images": len(images),
         "repeats": args.repeats,
         "background": f"{len(background)} images ({bundle.background_source or 'unrecorded'})",
+        "region_energy_share": {k: float(np.mean(v)) for k, v in energy.items()},
         "estimators": {
             name: {k: float(np.mean(v)) for k, v in r.items()}
             | {f"{k}_sd": float(np.std(v)) for k, v in r.items()}
@@ -296,14 +310,31 @@ def shap_accuracy(args: argparse.Namespace) -> dict:
     }
 
 
+def region_sums(attribution, k: int):
+    """Sums of `attribution` (H, W) over k x k blocks (the edge rows and columns that do not
+    fill a block are left out): the SHAP values of those regions."""
+    import numpy as np
+
+    a = np.asarray(attribution, dtype=np.float64)
+    h, w = a.shape[0] // k, a.shape[1] // k
+    return a[: h * k, : w * k].reshape(h, k, w, k).sum(axis=(1, 3))
+
+
 def accuracy_report(result: dict) -> str:
+    regions = [f"r_{k}px" for k in BLOCKS]
     lines = [
         f"reference: {result['reference']}; {result['images']} test images x "
         f"{result['repeats']} seeds; background {result['background']}",
-        f"{'estimator':<34} | {'rel. L2 error':>13} | {'Pearson r':>9}",
+        "share of the reference map's energy in its region sums: "
+        + ", ".join(f"{k} blocks {v:.3f}" for k, v in result["region_energy_share"].items()),
+        f"{'estimator':<34} | {'rel. L2 error':>13} | {'Pearson r':>9} | "
+        + " | ".join(f"{key:>7}" for key in regions),
     ]
     for name, r in result["estimators"].items():
-        lines.append(f"{name:<34} | {r['rel_l2']:>13.3f} | {r['r']:>9.3f}")
+        lines.append(
+            f"{name:<34} | {r['rel_l2']:>13.3f} | {r['r']:>9.3f} | "
+            + " | ".join(f"{r[key]:>7.3f}" for key in regions)
+        )
     return "\n".join(lines)
 
 
