@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Libraries whose INFO lines are internal housekeeping (Great Expectations registers ~200
+#: functions on import; httpx logs every call Prefect's client makes): WARNING and up only,
+#: unless --verbose.
+CHATTY_LOGGERS = ("great_expectations", "httpx", "httpcore")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -82,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the run's own progress, not each library's housekeeping
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     from components.errors import OncoflowError
     from components.telemetry import quiet_environment
 

@@ -66,16 +66,20 @@ def _serve_service_and_ui(model_tag: str | None, workspace: Path) -> int:
         "ONCOFLOW_UI_ADMIN_USER": admin,
         "ONCOFLOW_UI_ADMIN_PASSWORD": password,
     }
+    from serving.launch import guarded
+
     cli = [sys.executable, "-m", "flows.cli"]
     service_cmd = [*cli, "serve", "--port", str(service_port)]
     if model_tag:
         service_cmd += ["--model", model_tag]
-    service = subprocess.Popen(service_cmd, env=env)
+    # SIGTERM stops the demo as Ctrl-C does; a demo killed outright takes both children along
+    signal.signal(signal.SIGTERM, _interrupt)
+    service = subprocess.Popen(guarded(service_cmd), env=env)
     if not _wait_ready(f"{url}/readyz", service):
         service.terminate()
         print("oncoflow: the service did not become ready; see its log above.", file=sys.stderr)
         return 1
-    ui = subprocess.Popen([*cli, "ui", "--port", str(ui_port)], env=env)
+    ui = subprocess.Popen(guarded([*cli, "ui", "--port", str(ui_port)]), env=env)
     print(
         "\n".join(
             [
@@ -108,6 +112,10 @@ def _serve_service_and_ui(model_tag: str | None, workspace: Path) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return 0
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300) -> bool:

@@ -89,3 +89,22 @@ def test_fl_request_writes_the_spec_the_coordinator_flow_will_run(tmp_path, monk
         == approval.read_request(request_path(flow_side))["spec_fingerprint"]
     )
     assert json.loads(capsys.readouterr().out)["sites"] == ["a", "b"]
+
+
+def test_library_housekeeping_stays_out_of_the_terminal_unless_verbose():
+    code = (
+        "import logging, sys; from flows.cli import main; main(sys.argv[1:]);"
+        "logging.getLogger('great_expectations._docs_decorators').info('gx housekeeping');"
+        "logging.getLogger('httpx').info('HTTP Request: GET');"
+        "logging.getLogger('httpx').warning('httpx trouble');"
+        "logging.getLogger('components.training.progress').info('epoch 1/3')"
+    )
+
+    def logged(*argv: str) -> str:
+        run = [sys.executable, "-c", code, *argv, "config"]
+        return subprocess.run(run, capture_output=True, text=True, check=True).stderr
+
+    quiet, verbose = logged(), logged("--verbose")
+    assert "epoch 1/3" in quiet and "httpx trouble" in quiet
+    assert "gx housekeeping" not in quiet and "HTTP Request" not in quiet
+    assert "gx housekeeping" in verbose and "HTTP Request" in verbose
