@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,4 +68,14 @@ class ServerProcess:
         self._log.close()
 
 
-__all__ = ["TELEMETRY_OFF", "ServerProcess", "free_port"]
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind 127.0.0.1:`port` now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+__all__ = ["TELEMETRY_OFF", "ServerProcess", "free_port", "port_is_free"]

@@ -64,6 +64,33 @@ def import_bundle_tag():
 
 
 @pytest.fixture(scope="module")
+def tiny_model_tag(tmp_path_factory) -> tuple[str, Path]:
+    """(Bento model tag, BENTOML_HOME) of a tiny two-class image model ("a", "b"; 32 px, four
+    SHAP references, no assistant index): for tests of server processes, not of predictions."""
+    import torch
+
+    from components.bundle_builder import make_bundle
+    from components.data.preprocess import Preprocessing
+    from components.models import build_model
+
+    architecture = {"name": "small_cnn", "num_classes": 2, "in_channels": 3, "width": 4}
+    torch.manual_seed(0)
+    bundle = make_bundle(
+        build_model(**architecture).eval(),
+        architecture=architecture,
+        class_names=["a", "b"],
+        preprocessing=Preprocessing(size=32, channels=3),
+        metrics={},
+        data_fingerprint="c" * 64,
+        config={},
+        background_size=4,
+        out_dir=tmp_path_factory.mktemp("bundle") / "b",
+    )
+    home = tmp_path_factory.mktemp("bentoml")
+    return _import_bundle_tag(bundle, home, assistant_index=False), home
+
+
+@pytest.fixture(scope="module")
 def serve_bundle(start_server, port):
     """``serve_bundle(bundle_dir, bento_home, env) -> (base_url, process)``: import the bundle
     (no assistant index) and `bentoml serve` it on this module's port with `env` added; returns

@@ -10,56 +10,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 
 import psutil
 import pytest
-from server_process import TELEMETRY_OFF, ServerProcess, free_port
+from server_process import TELEMETRY_OFF, ServerProcess, free_port, port_is_free
 
 # a service and a UI start per case (about a minute on two busy cores): `make test-slow`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def model_tag(tmp_path_factory, import_bundle_tag):
-    import torch
-
-    from components.bundle_builder import make_bundle
-    from components.data.preprocess import Preprocessing
-    from components.models import build_model
-
-    architecture = {"name": "small_cnn", "num_classes": 2, "in_channels": 3, "width": 4}
-    torch.manual_seed(0)
-    bundle = make_bundle(
-        build_model(**architecture).eval(),
-        architecture=architecture,
-        class_names=["a", "b"],
-        preprocessing=Preprocessing(size=32, channels=3),
-        metrics={},
-        data_fingerprint="d" * 64,
-        config={},
-        background_size=4,
-        out_dir=tmp_path_factory.mktemp("bundle") / "b",
-    )
-    home = tmp_path_factory.mktemp("bentoml")
-    return import_bundle_tag(bundle, home, assistant_index=False), home
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def serving_demo(model_tag, tmp_path) -> tuple[ServerProcess, int, int]:
+def serving_demo(tiny_model_tag, tmp_path) -> tuple[ServerProcess, int, int]:
     from serving.launch import PROJECT_ROOT
 
-    tag, home = model_tag
+    tag, home = tiny_model_tag
     service_port, ui_port = free_port(), free_port()
     workspace = tmp_path / "workspace"
     code = (
@@ -85,8 +50,8 @@ def serving_demo(model_tag, tmp_path) -> tuple[ServerProcess, int, int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_stopped_demo_leaves_no_process_and_frees_its_ports(model_tag, tmp_path, sig):
-    demo, service_port, ui_port = serving_demo(model_tag, tmp_path)
+def test_a_stopped_demo_leaves_no_process_and_frees_its_ports(tiny_model_tag, tmp_path, sig):
+    demo, service_port, ui_port = serving_demo(tiny_model_tag, tmp_path)
     tree = psutil.Process(demo.process.pid).children(recursive=True)
     try:
         commands = [" ".join(p.cmdline()) for p in tree]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,38 +20,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from server_process import TELEMETRY_OFF, ServerProcess, free_port
+from server_process import TELEMETRY_OFF, ServerProcess, free_port, port_is_free
 
 # three server starts (about 20 s each on two busy cores): `make test-slow`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KEY = "crash-key-1"
-CLASSES = ["a", "b"]
-
-
-@pytest.fixture(scope="module")
-def model_tag(tmp_path_factory, import_bundle_tag):
-    import torch
-
-    from components.bundle_builder import make_bundle
-    from components.data.preprocess import Preprocessing
-    from components.models import build_model
-
-    architecture = {"name": "small_cnn", "num_classes": 2, "in_channels": 3, "width": 4}
-    torch.manual_seed(0)
-    bundle = make_bundle(
-        build_model(**architecture).eval(),
-        architecture=architecture,
-        class_names=CLASSES,
-        preprocessing=Preprocessing(size=32, channels=3),
-        metrics={},
-        data_fingerprint="c" * 64,
-        config={},
-        background_size=4,
-        out_dir=tmp_path_factory.mktemp("bundle") / "b",
-    )
-    home = tmp_path_factory.mktemp("bentoml")
-    return import_bundle_tag(bundle, home, assistant_index=False), home
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +34,10 @@ def spool(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-tmp")
 
 
-def start(model_tag, spool: Path, port: int, log: Path) -> ServerProcess:
+def start(tiny_model_tag, spool: Path, port: int, log: Path) -> ServerProcess:
     from serving.launch import PROJECT_ROOT
 
-    tag, home = model_tag
+    tag, home = tiny_model_tag
     code = f"from serving.launch import serve; raise SystemExit(serve({tag!r}, port={port}))"
     env = {
         **os.environ,
@@ -103,15 +76,6 @@ def explainers(server: ServerProcess) -> list[psutil.Process]:
         time.sleep(0.2)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def png() -> bytes:
     from PIL import Image
 
@@ -135,11 +99,11 @@ def spooled_files(spool: Path, needle: bytes) -> list[Path]:
     return found
 
 
-def test_killed_worker_and_killed_launcher(model_tag, spool, tmp_path):
+def test_killed_worker_and_killed_launcher(tiny_model_tag, spool, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {KEY}"}
-    server = start(model_tag, spool, port, tmp_path / "serve-1.log")
+    server = start(tiny_model_tag, spool, port, tmp_path / "serve-1.log")
     try:
         image = png()
         response = httpx.post(
@@ -213,7 +177,7 @@ def test_killed_worker_and_killed_launcher(model_tag, spool, tmp_path):
     finally:
         server.stop()
 
-    again = start(model_tag, spool, port, tmp_path / "serve-2.log")  # the same port
+    again = start(tiny_model_tag, spool, port, tmp_path / "serve-2.log")  # the same port
     try:
         assert httpx.get(base + "/readyz", timeout=10).status_code == 200
     finally:
