@@ -853,8 +853,9 @@ def _blank(picture) -> bool:
 
 def _checked_nsamples(nsamples) -> int:
     """`nsamples` as an int in 1..SHAP_NSAMPLES_LIMIT, else InputError."""
-    if isinstance(nsamples, bool) or not 1 <= int(nsamples) <= SHAP_NSAMPLES_LIMIT:
-        raise InputError(f"nsamples must lie in 1..{SHAP_NSAMPLES_LIMIT}, got {nsamples}")
+    whole = isinstance(nsamples, int | np.integer) and not isinstance(nsamples, bool)
+    if not whole or not 1 <= int(nsamples) <= SHAP_NSAMPLES_LIMIT:
+        raise InputError(f"nsamples must lie in 1..{SHAP_NSAMPLES_LIMIT}, got {nsamples!r}")
     return int(nsamples)
 
 

@@ -100,7 +100,7 @@ def test_an_explanation_takes_the_server_s_sample_count_unless_it_names_one(engi
     assert engine.explain(case).shap_image.nsamples == ServingConf().shap_nsamples == 8
     assert five.explain(case).shap_image.nsamples == 5
     assert five.explain(case, nsamples=2).shap_image.nsamples == 2
-    for bad in (0, 201, True):
+    for bad in (0, 201, True, 2.5, "8"):
         with pytest.raises(InputError, match=r"nsamples must lie in 1\.\.200"):
             five.explain(case, nsamples=bad)
     with pytest.raises(InputError, match="nsamples"):
