@@ -262,10 +262,10 @@ def shap_accuracy(args: argparse.Namespace) -> dict:
         )
         ref_map = reference.attribution.astype(np.float64)
         ref = ref_map.ravel()
-        for k in BLOCKS:  # the region means, spread over their pixels, against the map
-            spread = np.kron(region_sums(ref_map, k) / (k * k), np.ones((k, k)))
-            cropped = ref_map[: spread.shape[0], : spread.shape[1]]
-            energy[f"{k}px"].append(float((spread**2).sum() / (cropped**2).sum()))
+        for k in BLOCKS:  # the region means spread over their k * k pixels, against the map
+            sums = region_sums(ref_map, k)
+            covered = ref_map[: sums.shape[0] * k, : sums.shape[1] * k]
+            energy[f"{k}px"].append(float((sums**2).sum() / (k * k) / (covered**2).sum()))
         for name, kind, n in settings:
             for rep in range(args.repeats):
                 seed = 100 * i + rep

@@ -81,23 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from components.bundle import ModelBundle
-    from components.data.images import decode_bytes
-    from serving.inference import FixedInputSize, for_inference
+    from serving.engine import DiagnosisEngine
+    from serving.schemas import ModelRef
 
     torch.set_num_threads(args.threads)
-    bundle = ModelBundle.load(args.run_dir / "bundle")
-    if bundle.background is None or getattr(bundle.background, "ndim", None) != 4:
+    engine = DiagnosisEngine.from_dir(
+        args.run_dir / "bundle", ModelRef(name="bench", version="", tag="")
+    )
+    if engine.image_background is None:
         raise SystemExit("the bundle has no image SHAP background")
-    background = torch.as_tensor(bundle.background).float()
-    model = for_inference(bundle.build_model().eval(), (background[:2],))
-    model = model.model if isinstance(model, FixedInputSize) else model
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    background = torch.as_tensor(engine.image_background).float()
+    model = engine.explain_model  # the frozen, rewritten copy /explain runs on
     print(f"{args.run_dir.name}: {len(background)} references x {args.positions} positions")
     print("image | noise/signal | lag-1 corr | between refs | between positions | control variate")
     for i, raw in enumerate(test_images(args.run_dir, args.images, args.seed)):
-        x = bundle.preprocessing.to_tensor(decode_bytes(raw))
+        x = engine.prepare(raw).image
         with torch.no_grad():
             target = int(model(x[None]).argmax())
         grid = integrand_grid(model, x, background, target, args.positions)

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from components.errors import ConfigError
+from components.explain.one_pass import DEFAULT_NSAMPLES
 from components.federated.settings import FederationSettings, validate_federation
 from components.privacy.settings import PrivacySettings, validate_privacy
 from components.typed_config import config_error, schema
@@ -217,7 +218,7 @@ class ServingConf:
     background_size: int = 32  # SHAP reference images packaged with the model
     # image-SHAP samples of an /explain that names none (1..SHAP_NSAMPLES_LIMIT): more give a
     # steadier map at about one backward pass each (bench/explain_latency.py --accuracy)
-    shap_nsamples: int = 8
+    shap_nsamples: int = DEFAULT_NSAMPLES
     explain_concurrency: int = 2  # explanations/reports accepted at once; beyond: 429
     # torch threads of the explanation process, which computes one explanation at a time at
     # the lowest CPU priority; null: every core this server may use
