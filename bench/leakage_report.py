@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     from components.config import compose, to_container
     from components.data.ingest import ingest_folder
     from components.data.near_duplicates import example_montage
-    from components.data.splits import LeakageSettings, assign_splits
+    from components.data.patients import with_name_patients
+    from components.data.splits import split_by_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="<class>/ or <split>/<class>/ folders")
@@ -259,15 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.data or Path(cfg["dataset"]["root"])
     started = time.perf_counter()
     frame = ingest_folder(data, cache_dir=args.cache)
+    if cfg["dataset"]["patient_from_name"]:
+        frame = with_name_patients(frame, cfg["dataset"]["patient_from_name"])
     ingested = time.perf_counter()
     held_out = calibration["fit_on"] == "held_out"
-    _, report = assign_splits(
+    _, report = split_by_config(
         frame,
-        keep_given=split["keep_given"],
-        val_fraction=split["val_fraction"],
-        test_fraction=split["test_fraction"],
-        seed=cfg["seed"],
-        leakage=LeakageSettings.from_config(split),
+        split,
+        cfg["seed"],
         calibration_fraction=calibration["held_out_fraction"] if held_out else 0.0,
     )
     done = time.perf_counter()

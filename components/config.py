@@ -38,6 +38,10 @@ class PathsConf:
 @dataclass
 class SplitConf:
     keep_given: bool = True
+    # a given validation split with fewer images than this of some class is too small to
+    # select, calibrate and set thresholds on: it joins train, and validation is carved from
+    # train instead (the Kaggle chest X-ray `val` folder holds 8 images per class)
+    min_val_per_class: int = 20
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     # near-duplicates (the same frame resized, re-encoded, with calipers or text drawn on):
@@ -117,6 +121,10 @@ class DatasetConf:
     # prediction set holds one of them while another class is top is referred (with its name)
     dangerous: list[str] = field(default_factory=list)
     clinical: ClinicalConf = field(default_factory=ClinicalConf)  # the clinical table, if any
+    # a regular expression finding the patient in each image's file name (its first group
+    # that matched, else the whole match; components/data/patients.py), e.g. "^(person\d+)_":
+    # images of one patient stay in one split. "" = file names name no patient
+    patient_from_name: str = ""
 
 
 @dataclass
@@ -400,6 +408,9 @@ def check(cfg) -> None:
         )
     if not 0 <= split.proximity_warn_gap <= 1:
         raise ConfigError("dataset.split.proximity_warn_gap must be in [0, 1]")
+    if split.min_val_per_class < 0:
+        raise ConfigError("dataset.split.min_val_per_class must be >= 0")
+    _check_patient_from_name(ds)
     if cfg.trainer.select_tolerance < 0:
         raise ConfigError("trainer.select_tolerance must be >= 0")
     if not 0 < cfg.calibration.held_out_fraction < 1:
@@ -415,6 +426,23 @@ def check(cfg) -> None:
     if cfg.training.mode == "federated":
         federation = validate_federation(cfg).to_dict()
     validate_privacy(cfg.privacy, federation, cfg.trainer)
+
+
+def _check_patient_from_name(ds) -> None:
+    if not ds.patient_from_name:
+        return
+    from components.data.patients import ADAPTERS, compile_pattern
+
+    compile_pattern(ds.patient_from_name)
+    if ds.adapter not in ADAPTERS:
+        raise ConfigError(
+            f"dataset.patient_from_name needs image files by name (adapter one of "
+            f"{list(ADAPTERS)}), not adapter={ds.adapter}"
+        )
+    if ds.clinical.group:
+        raise ConfigError(
+            "dataset.patient_from_name and dataset.clinical.group both name patients; keep one"
+        )
 
 
 def _check_tta(ds) -> None:

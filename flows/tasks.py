@@ -150,6 +150,7 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
         seed=ctx.cfg["seed"],
         options=ds["synthetic"],
         clinical=ds["clinical"],
+        patient_from_name=ds["patient_from_name"],
     )
     manifest_io.save(frame, ctx.run_dir / "manifest_raw.parquet")
     get_run_logger().info("ingested %d rows from %s (%s)", len(frame), ds["name"], ds["adapter"])
@@ -159,17 +160,14 @@ def ingest_task(ctx: RunContext) -> pd.DataFrame:
 @task(name="split")
 def split_task(ctx: RunContext, frame: pd.DataFrame) -> SplitResult:
     from components.data.near_duplicates import example_montage
-    from components.data.splits import LeakageSettings, assign_splits
+    from components.data.splits import split_by_config
 
-    split, calibration = ctx.cfg["dataset"]["split"], ctx.cfg["calibration"]
+    calibration = ctx.cfg["calibration"]
     held_out = calibration["fit_on"] == "held_out"
-    frame, report = assign_splits(
+    frame, report = split_by_config(
         frame,
-        keep_given=split["keep_given"],
-        val_fraction=split["val_fraction"],
-        test_fraction=split["test_fraction"],
-        seed=ctx.cfg["seed"],
-        leakage=LeakageSettings.from_config(split),
+        ctx.cfg["dataset"]["split"],
+        ctx.cfg["seed"],
         calibration_fraction=calibration["held_out_fraction"] if held_out else 0.0,
     )
     summary = report.summary()

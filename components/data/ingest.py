@@ -690,12 +690,14 @@ def ingest(
     *,
     options: Mapping | None = None,
     clinical: Mapping | None = None,
+    patient_from_name: str = "",
 ) -> pd.DataFrame:
     """Run the named adapter; the decode cache and DICOM copies live under `workspace.cache`.
 
     `options` are adapter options; the synthetic adapter reads n_per_class, size, seed,
     channels and with_splits from them. `clinical` is the `dataset.clinical` section the
-    table adapter reads.
+    table adapter reads. `patient_from_name`: a regular expression finding the patient in
+    each file name (components/data/patients.py), "" for none.
     """
     cache_dir = workspace.cache
     common = {"cache_dir": cache_dir, "max_per_class": max_per_class, "seed": seed}
@@ -716,6 +718,10 @@ def ingest(
         frame = ingest_table(root, clinical, classes, **common)
     else:
         raise DataError(f"unknown ingest adapter {adapter!r}; choose one of {list(ADAPTERS)}")
+    if patient_from_name:
+        from components.data.patients import with_name_patients
+
+        frame = with_name_patients(frame, patient_from_name)
     log.info(
         "ingest (%s) produced %d rows in %.1f s", adapter, len(frame), time.perf_counter() - started
     )

@@ -15,7 +15,8 @@ Columns (all always present):
                   computed; optional on input, `conform` adds it empty)
     decode_error  "" when the image decodes, otherwise why not
 
-A dataset with a clinical table (`adapter: table`) adds `group` (patient key, a keyed hash)
+A dataset with a clinical table (`adapter: table`) adds `group` (patient key, a keyed hash;
+a dataset whose file names name the patient, `dataset.patient_from_name`, adds it too)
 and one `clin__<feature>` column per schema feature (raw values, None = missing). Its rows
 without an image (a tabular-only dataset) have `source` "", zero geometry, no thumbnail, and
 `sha256` = the hash of the canonical record.

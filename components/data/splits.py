@@ -7,7 +7,10 @@ Order of work on the decodable rows (rows with `decode_error` keep split "" for 
    the highest precedence, test > val > train, so a published test set stays intact.
 3. Splits: with `keep_given` and a given split, keep it and carve what is missing (val, and
    test if none was given) out of train, stratified (rows without a given split join
-   train); otherwise a stratified, seeded
+   train). A given val split too small to select and calibrate on (`min_val_per_class`)
+   joins train first, and val is carved. A patient (`group`) found in several kept given
+   splits keeps only the rows of the split of highest precedence, like an image. Otherwise
+   a stratified, seeded
    train/val/test split over unique images. Rows of one sha256 always move together, so
    conflicting labels (same pixels, different labels: reported, not resolved) never straddle.
 4. Postcondition: no sha256 in two splits (checked, not assumed).
@@ -89,6 +92,10 @@ class SplitReport:
     near_duplicates: dict = field(default_factory=dict)  # empty: not looked for
     grouping: dict = field(default_factory=dict)  # empty: no grouping beyond near-duplicates
     patients: dict = field(default_factory=dict)  # empty: no patient column
+    # patients in several kept given splits: rows outside the split of highest precedence
+    # dropped (empty: no patient column or no given splits kept)
+    cross_split_patients: dict = field(default_factory=dict)
+    folded_val: dict = field(default_factory=dict)  # a given val too small: joined train
     carved: dict[str, int] = field(default_factory=dict)
     rows_out: int = 0
     final_counts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -111,6 +118,7 @@ class SplitReport:
             "near_duplicates": self.near_duplicates,
             "grouping": self.grouping or {"method": "none"},
             "patients": self.patients or {"column": None},
+            "patients_across_given_splits": self.cross_split_patients,
             "proximity": self.proximity,
             "strategy": self.strategy,
         }
@@ -134,6 +142,21 @@ class SplitReport:
                 f"Found {cross['groups']} images in more than one given split ({pairs}); "
                 f"kept in the split of highest precedence (test > val > train), "
                 f"{cross['rows_dropped']} rows dropped."
+            )
+        patients = self.cross_split_patients
+        if patients.get("patients"):
+            pairs = ", ".join(f"{p}: {n}" for p, n in patients["pairs"].items())
+            parts.append(
+                f"WARNING: {patients['patients']} patients have images in more than one given "
+                f"split ({pairs}); kept in the split of highest precedence, "
+                f"{patients['rows_dropped']} rows dropped."
+            )
+        if self.folded_val:
+            f = self.folded_val
+            parts.append(
+                f"The given val split ({f['rows']} images, {f['smallest_class']} of the "
+                f"smallest class) is under {f['min_per_class']} images per class: it joined "
+                "train, and val was carved instead."
             )
         if self.conflicting_labels["groups"]:
             parts.append(
@@ -329,12 +352,14 @@ def assign_splits(
     *,
     leakage: LeakageSettings | None = None,
     calibration_fraction: float = 0.0,
+    min_val_per_class: int = 0,
 ) -> tuple[pd.DataFrame, SplitReport]:
     """Deduplicate and split the manifest (see module docstring); returns (manifest, report).
 
     `leakage`: near-duplicate detection, grouping and the proximity check (None: exact copies
     only). `calibration_fraction` > 0 moves that share of the test split (whole groups) to
-    the `calibration` split.
+    the `calibration` split. A kept given val split with fewer than `min_val_per_class`
+    images of some class joins train, and val is carved instead.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
         raise DataError("val_fraction and test_fraction must be in [0, 1)")
@@ -387,6 +412,11 @@ def assign_splits(
     good = good[keep_mask].reset_index(drop=True)
     given = [s for s in report.given_splits if s]
     keeping = bool(keep_given and given)
+    if keeping and "val" in given:
+        good = _fold_small_val(good, min_val_per_class, report)
+        given = [s for s in given if s != "val" or not report.folded_val]
+    if keeping and manifest.GROUP in good.columns:
+        good = _resolve_patients(good, report)
 
     # 3. near-duplicates, likely-same-patient groups and patients: the units that move together
     units = pd.Series(good.groupby("sha256", sort=False).ngroup().to_numpy(), good.index)
@@ -460,6 +490,72 @@ def assign_splits(
     }
     log.info("splits: %s", report.summary())
     return out, report
+
+
+def split_by_config(
+    frame: pd.DataFrame, split: Mapping[str, Any], seed: int, calibration_fraction: float = 0.0
+) -> tuple[pd.DataFrame, SplitReport]:
+    """`assign_splits` with the settings of a composed `dataset.split` section."""
+    return assign_splits(
+        frame,
+        keep_given=bool(split["keep_given"]),
+        val_fraction=float(split["val_fraction"]),
+        test_fraction=float(split["test_fraction"]),
+        seed=int(seed),
+        leakage=LeakageSettings.from_config(split),
+        calibration_fraction=calibration_fraction,
+        min_val_per_class=int(split["min_val_per_class"]),
+    )
+
+
+def _fold_small_val(good: pd.DataFrame, min_per_class: int, report: SplitReport) -> pd.DataFrame:
+    """`good` with a given val split under `min_per_class` images of some class moved to
+    train (recorded in `report.folded_val`); unchanged otherwise."""
+    val = good["given_split"] == "val"
+    counts = good.loc[val, "label"].value_counts()
+    smallest = min(int(counts.get(label, 0)) for label in good["label"].unique())
+    if smallest >= min_per_class:
+        return good
+    report.folded_val = {
+        "rows": int(val.sum()),
+        "smallest_class": smallest,
+        "min_per_class": int(min_per_class),
+    }
+    log.warning(
+        "the given val split (%d images, %d of the smallest class) is too small to select and "
+        "calibrate on: it joins train, and val is carved from train",
+        int(val.sum()),
+        smallest,
+    )
+    return good.assign(given_split=good["given_split"].mask(val, "train"))
+
+
+def _resolve_patients(good: pd.DataFrame, report: SplitReport) -> pd.DataFrame:
+    """Kept given splits: a patient with rows in several keeps only those of the split of
+    highest precedence (test > val > train; no given split counts as train), so a published
+    test set stays whole and no patient straddles it."""
+    patient = good[manifest.GROUP].astype(str)
+    named = patient != ""
+    split = good["given_split"].where(good["given_split"] != "", "train")
+    rank = split.map(PRECEDENCE)
+    best = rank[named].groupby(patient[named]).transform("max")
+    drop = pd.Series(False, good.index)
+    drop[named] = rank[named] < best
+    spans = split[named].groupby(patient[named]).unique()
+    crossing = [tuple(sorted(s)) for s in spans if len(s) > 1]
+    report.cross_split_patients = {
+        "patients": len(crossing),
+        "rows_dropped": int(drop.sum()),
+        "pairs": {"/".join(k): int(v) for k, v in sorted(Counter(crossing).items())},
+    }
+    if crossing:
+        log.warning(
+            "%d patients have images in more than one given split; %d rows outside the split "
+            "of highest precedence dropped",
+            len(crossing),
+            int(drop.sum()),
+        )
+    return good[~drop].reset_index(drop=True)
 
 
 def _patient_keys(good: pd.DataFrame) -> pd.Series | None:

@@ -98,21 +98,14 @@ def ingest_site(ctx: SiteContext) -> pd.DataFrame:
         seed=ctx.cfg["seed"],
         options=ds["synthetic"],
         clinical=ds["clinical"],
+        patient_from_name=ds["patient_from_name"],
     )
 
 
 def split_site(ctx: SiteContext, frame: pd.DataFrame) -> pd.DataFrame:
-    from components.data.splits import LeakageSettings, assign_splits
+    from components.data.splits import split_by_config
 
-    split = ctx.cfg["dataset"]["split"]
-    frame, report = assign_splits(
-        frame,
-        keep_given=split["keep_given"],
-        val_fraction=split["val_fraction"],
-        test_fraction=split["test_fraction"],
-        seed=ctx.cfg["seed"],
-        leakage=LeakageSettings.from_config(split),
-    )
+    frame, report = split_by_config(frame, ctx.cfg["dataset"]["split"], ctx.cfg["seed"])
     _write_json(ctx.site_dir / SPLIT_REPORT, report.to_dict())
     return frame
 
