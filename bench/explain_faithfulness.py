@@ -47,6 +47,8 @@ def test_tensors(run_dir: Path, bundle, count: int, seed: int):
 
 
 def table(result: dict) -> str:
+    from components.explain.faithfulness import against_random_lines
+
     lines = [
         f"{result['images']} test images, seed {result['seed']}, {result['steps']} steps, "
         f"baseline: {result['baseline']}; SHAP {result['shap']['nsamples']} samples over "
@@ -58,6 +60,7 @@ def table(result: dict) -> str:
         lines.append(
             f"{name:<8} | {d['mean']:>19.3f} ± {d['sd']:.3f} | {i['mean']:>21.3f} ± {i['sd']:.3f}"
         )
+    lines += [line for line in against_random_lines(result) if line]
     lines.append("model randomisation, Spearman correlation trained vs re-initialised (mean ± SD)")
     for scope, found in result["randomisation_spearman"].items():
         cells = ", ".join(

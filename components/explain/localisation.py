@@ -25,15 +25,19 @@ to the heatmap's geometry by `resize_mask`, which resizes as `Preprocessing` res
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from components.errors import InputError
+from components.explain.intervals import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_LEVEL,
+    Interval,
+    group_resampler,
+    interval_of,
+)
 
 DEFAULT_DRAWS = 200
-DEFAULT_BOOTSTRAP = 2000
-DEFAULT_LEVEL = 0.95
 
 
 def mask_share(heatmap: np.ndarray, mask: np.ndarray) -> float:
@@ -126,18 +130,6 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return resized >= 128
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A mean with its bootstrap confidence interval."""
-
-    mean: float
-    low: float
-    high: float
-
-    def as_dict(self) -> dict:
-        return {"mean": self.mean, "low": self.low, "high": self.high}
-
-
 def summarise(
     shares: Sequence[float],
     baselines: Mapping[str, Sequence[float]],
@@ -177,34 +169,11 @@ def summarise(
     share, labels = share[keep], labels[keep]
     out["share_mean"] = float(share.mean())
     out["share_median"] = float(np.median(share))
-    resample = _group_resampler(labels, boot, seed)
+    resample = group_resampler(labels, boot, seed)
     for name, column in values.items():
         out[f"{name}_mean"] = float(column[keep].mean())
-        out[f"minus_{name}"] = _interval(share - column[keep], resample, level).as_dict()
+        out[f"minus_{name}"] = interval_of(share - column[keep], resample, level).as_dict()
     return out
-
-
-def _group_resampler(labels: np.ndarray, boot: int, seed: int):
-    """A function mapping per-image values to `boot` bootstrap means (whole groups drawn)."""
-    if boot < 1:
-        raise InputError(f"bootstrap needs at least one resample, got {boot}")
-    _, index = np.unique(labels, return_inverse=True)
-    n_groups = int(index.max()) + 1
-    counts = np.bincount(index, minlength=n_groups).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(int(boot), n_groups))
-
-    def means(values: np.ndarray) -> np.ndarray:
-        sums = np.bincount(index, weights=values, minlength=n_groups)
-        return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-
-    return means
-
-
-def _interval(diff: np.ndarray, resample, level: float) -> Interval:
-    means = resample(diff)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return Interval(mean=float(diff.mean()), low=float(low), high=float(high))
 
 
 def _check_heatmap(heatmap: np.ndarray) -> np.ndarray:

@@ -134,3 +134,37 @@ def test_model_card_shows_faithfulness_when_the_bundle_holds_it(tmp_path):
     (tmp_path / "faithfulness.json").write_text(json.dumps(result))
     card = model_card(info, tmp_path, "tag", None)
     assert "## Explanation faithfulness" in card and "| gradcam |" in card
+
+
+def test_each_map_is_compared_with_the_random_map_image_by_image():
+    """The paired block is the per-image difference: its mean is the difference of the AUC
+    means, its interval holds the mean, and the card and bench print it."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=2, width=8).eval()
+    background = grey_levels(Preprocessing(size=SIZE, channels=3), 4)
+    images = torch.stack([_patch_image(s) for s in range(4)])
+    result = evaluate_faithfulness(model, images, background, nsamples=4, steps=5)
+    for name in ("gradcam", "shap"):
+        for kind in ("deletion", "insertion"):
+            paired = result["against_random"][name][kind]
+            expected = result[f"{kind}_auc"][name]["mean"] - result[f"{kind}_auc"]["random"]["mean"]
+            assert paired["mean"] == pytest.approx(expected)
+            assert paired["low"] <= paired["mean"] <= paired["high"]
+    card = "\n".join(card_lines(result))
+    assert "| map | deletion − random | insertion − random |" in card
+    older = {k: v for k, v in result.items() if k != "against_random"}
+    assert "− random" not in "\n".join(card_lines(older))  # a bundle measured before
+
+
+def test_mean_interval_resamples_whole_groups():
+    from components.explain.intervals import mean_interval
+
+    values = [1.0, 1.0, 1.0, 0.0]
+    alone = mean_interval(values, boot=500, seed=0)
+    assert alone.mean == pytest.approx(0.75) and alone.low < 0.75 < alone.high
+    tied = mean_interval(values, groups=["a", "a", "a", "b"], boot=500, seed=0)
+    assert tied.low == pytest.approx(0.0) and tied.high == pytest.approx(1.0)
+    with pytest.raises(InputError):
+        mean_interval([np.nan])
+    with pytest.raises(InputError, match="groups"):
+        mean_interval([1.0, 2.0], groups=["a"])
