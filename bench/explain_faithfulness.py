@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from components.bundle import ModelBundle
-    from components.config import ServingConf
     from components.explain.faithfulness import evaluate_faithfulness
 
     torch.set_num_threads(args.threads)
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle.build_model().eval(),
         images,
         bundle.background,
-        nsamples=args.nsamples or ServingConf.shap_nsamples,
+        nsamples=args.nsamples or bundle.shap_nsamples,
         steps=args.steps,
         seed=args.seed,
         progress=lambda done, total: (

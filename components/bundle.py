@@ -75,6 +75,16 @@ class ModelBundle:
     # the Mahalanobis OOD check's aggregate statistics {"means", "precision"}; None: none
     ood_stats: dict[str, Any] | None = None
 
+    @property
+    def shap_nsamples(self) -> int:
+        """The image-SHAP samples an /explain of this model uses unless the request or the
+        server names others: its run's `package.shap_nsamples` (the default for a bundle
+        made before the setting)."""
+        from components.explain.one_pass import DEFAULT_NSAMPLES
+
+        package = (self.config or {}).get("package") or {}
+        return int(package.get("shap_nsamples", DEFAULT_NSAMPLES))
+
     def contents(self) -> dict[str, Any]:
         """What the bundle holds besides the weights, from the data itself (so it cannot
         drift): SHAP background kind, size of its own case index, whether any training

@@ -201,6 +201,12 @@ class PackageConf:
     # uses constant grey baselines; similar cases come from the serving site's own case
     # library). Only a central run without differential privacy may switch it on (`check`).
     training_images: bool = False
+    # image-SHAP samples an /explain of this model uses when neither the request nor the
+    # server (serving.shap_nsamples) names a count: it travels with the model in the bundle's
+    # config. More give a steadier map at about one backward pass each; a model whose
+    # predictions average test-time views can afford more within the same explain/predict
+    # ratio (bench/explain_latency.py, bench/explain_faithfulness.py)
+    shap_nsamples: int = DEFAULT_NSAMPLES
 
 
 #: The most image-SHAP samples one explanation may use (its cost grows linearly with them).
@@ -224,9 +230,9 @@ class ServingConf:
     chat: bool = True  # serve the chat assistant
     assistant_config: str | None = None  # JSON file with the assistant settings
     background_size: int = 32  # SHAP reference images packaged with the model
-    # image-SHAP samples of an /explain that names none (1..SHAP_NSAMPLES_LIMIT): more give a
-    # steadier map at about one backward pass each (bench/explain_latency.py --accuracy)
-    shap_nsamples: int = DEFAULT_NSAMPLES
+    # image-SHAP samples of an /explain that names none, for every model this server serves
+    # (1..SHAP_NSAMPLES_LIMIT); null: each model's own (its run's package.shap_nsamples)
+    shap_nsamples: int | None = None
     explain_concurrency: int = 2  # explanations/reports accepted at once; beyond: 429
     # torch threads of the explanation process, which computes one explanation at a time at
     # the lowest CPU priority; null: every core this server may use
@@ -408,6 +414,8 @@ def check(cfg) -> None:
         )
     if not 0 <= split.proximity_warn_gap <= 1:
         raise ConfigError("dataset.split.proximity_warn_gap must be in [0, 1]")
+    if not 1 <= cfg.package.shap_nsamples <= SHAP_NSAMPLES_LIMIT:
+        raise ConfigError(f"package.shap_nsamples must lie in 1..{SHAP_NSAMPLES_LIMIT}")
     if split.min_val_per_class < 0:
         raise ConfigError("dataset.split.min_val_per_class must be >= 0")
     _check_patient_from_name(ds)

@@ -143,7 +143,7 @@ class DiagnosisEngine:
         optimise: bool = True,
         case_library: str | Path | None = None,
         *,
-        shap_nsamples: int = ServingConf.shap_nsamples,
+        shap_nsamples: int | None = ServingConf.shap_nsamples,
     ) -> None:
         from components.explain.background import split_background
 
@@ -176,7 +176,10 @@ class DiagnosisEngine:
         self.model_dir: Path | None = None  # the bundle's directory, when loaded from one
         self._lock = threading.Lock()
         self.optimise = optimise
-        self.shap_nsamples = _checked_nsamples(shap_nsamples)  # an /explain naming none
+        # the image-SHAP samples of an /explain naming none: the server's, else the model's
+        self.shap_nsamples = _checked_nsamples(
+            bundle.shap_nsamples if shap_nsamples is None else shap_nsamples
+        )
         example = self._unpack(self._example_rows(2))
         self.predict_model = (
             for_inference(self.model, example) if optimise else copy.deepcopy(self.model)
@@ -217,7 +220,7 @@ class DiagnosisEngine:
         optimise: bool = True,
         case_library: str | Path | None = None,
         *,
-        shap_nsamples: int = ServingConf.shap_nsamples,
+        shap_nsamples: int | None = ServingConf.shap_nsamples,
     ):
         from components.bundle import ModelBundle
 

@@ -78,7 +78,8 @@ class ExplainerSpec:
     torch_threads: int = 1  # torch threads of the one explanation computed at a time
     niceness: int = EXPLAIN_NICENESS
     share_under_load: float = 1.0  # CPU-seconds a second while predictions run (1: no pacing)
-    shap_nsamples: int = ServingConf.shap_nsamples  # image-SHAP samples of an /explain naming none
+    # image-SHAP samples of an /explain naming none (None: the model's own)
+    shap_nsamples: int | None = ServingConf.shap_nsamples
 
     @classmethod
     def of(cls, engine, settings) -> ExplainerSpec:

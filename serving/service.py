@@ -322,7 +322,10 @@ class DiagnosisService:
                 ge=1,
                 le=SHAP_NSAMPLES_LIMIT,
                 strict=True,
-                description="null: the server default (serving.shap_nsamples)",
+                description=(
+                    "null: the server's default (serving.shap_nsamples), else the model's "
+                    "(its run's package.shap_nsamples)"
+                ),
             ),
         ] = None,
     ) -> ExplainResponse:

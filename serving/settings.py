@@ -21,7 +21,7 @@ empty, overrides its key:
     ONCOFLOW_EXPLAIN_CONCURRENCY    explain_concurrency       ``2`` (then /explain answers 429)
     ONCOFLOW_EXPLAIN_THREADS        explain_threads           ``1`` (unset: every core)
     ONCOFLOW_EXPLAIN_SHARE          explain_share_under_load  ``0.05`` (``1``: no pacing)
-    ONCOFLOW_SHAP_NSAMPLES          shap_nsamples             ``8`` SHAP samples per /explain
+    ONCOFLOW_SHAP_NSAMPLES          shap_nsamples             ``24`` (unset: each model's own)
     ONCOFLOW_RATE_LIMIT_PER_MINUTE  rate_limit_per_minute     ``1200`` per API key (``0``: off)
     ONCOFLOW_RATE_LIMIT_BURST       rate_limit_burst          ``100``
     ONCOFLOW_AUDIT_DB               audit_db                  the service's audit log (SQLite)
@@ -108,7 +108,7 @@ def check(conf: ServingConf, sources: Mapping[str, str] | None = None) -> None:
     if not 0.0 < conf.explain_share_under_load <= 1.0:
         where = sources.get("explain_share_under_load", "explain_share_under_load")
         raise ConfigError(f"{where} must lie in (0, 1], not {conf.explain_share_under_load}")
-    if conf.shap_nsamples > SHAP_NSAMPLES_LIMIT:
+    if conf.shap_nsamples is not None and conf.shap_nsamples > SHAP_NSAMPLES_LIMIT:
         where = sources.get("shap_nsamples", "shap_nsamples")
         limit = SHAP_NSAMPLES_LIMIT
         raise ConfigError(f"{where} must be at most {limit}, not {conf.shap_nsamples}")

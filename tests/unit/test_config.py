@@ -44,6 +44,25 @@ def test_every_dataset_composes(dataset):
     assert cfg.registry.model_name == f"oncoflow-{dataset}"
 
 
+def test_the_model_s_shap_samples_travel_in_its_bundle_config(tmp_path):
+    """Brain MRI's recipe raises the SHAP samples its 4 test-time views pay for; the bundle
+    carries the run's count (bundles made before it: 8), and the server names none."""
+    from components.bundle import ModelBundle
+    from components.bundle_builder import shareable_config
+    from components.config import to_container
+
+    brain = to_container(compose(["dataset=brain_tumor_mri"]))
+    assert brain["package"]["shap_nsamples"] == 24 and brain["dataset"]["tta"]
+    assert compose(["dataset=busi"]).package.shap_nsamples == 8
+    assert compose([]).serving.shap_nsamples is None
+
+    def bundle(config):
+        return ModelBundle("small_cnn", {}, ["a", "b"], None, {}, config=config)
+
+    assert bundle(shareable_config(brain)).shap_nsamples == 24
+    assert bundle({}).shap_nsamples == 8
+
+
 def test_overrides_reach_nested_keys_and_keep_types():
     cfg = compose(["dataset=busi", "model=resnet18", "trainer.max_epochs=3", "trainer.lr=0.01"])
     assert cfg.model.name == "resnet18"
@@ -69,6 +88,8 @@ def test_data_root_comes_from_environment(monkeypatch, tmp_path):
         ("dataset.split.test_fraction=0.9", "split fractions"),
         ("dataset.channels=2", "channels"),
         ("trainer.lr=0", "positive"),
+        ("package.shap_nsamples=0", r"package.shap_nsamples must lie in 1\.\.200"),
+        ("package.shap_nsamples=201", r"package.shap_nsamples must lie in 1\.\.200"),
     ],
 )
 def test_bad_overrides_fail_with_a_clear_message(override, message):

@@ -93,11 +93,18 @@ def test_answers_like_the_engine_and_keeps_error_kinds(engine):
 
 
 def test_an_explanation_takes_the_server_s_sample_count_unless_it_names_one(engine):
+    from components.bundle import ModelBundle
     from serving.engine import DiagnosisEngine
 
     five = DiagnosisEngine.from_dir(engine.model_dir, engine.ref, shap_nsamples=5)
     case = five.prepare(png())
-    assert engine.explain(case).shap_image.nsamples == ServingConf().shap_nsamples == 8
+    assert ServingConf().shap_nsamples is None  # by default each model's own count
+    assert engine.explain(case).shap_image.nsamples == 8  # a bundle that names none
+    bundle = ModelBundle.load(engine.model_dir)
+    bundle.config = {**bundle.config, "package": {"shap_nsamples": 12}}
+    assert DiagnosisEngine(bundle, engine.ref).explain(case).shap_image.nsamples == 12
+    server = DiagnosisEngine(bundle, engine.ref, shap_nsamples=5)  # the server's count wins
+    assert server.explain(case).shap_image.nsamples == 5
     assert five.explain(case).shap_image.nsamples == 5
     assert five.explain(case, nsamples=2).shap_image.nsamples == 2
     for bad in (0, 201, True, 2.5, "8"):
