@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from components.config import compose, to_container
     from components.data.ingest import ingest
     from components.data.manifest import CLINICAL_PREFIX
-    from components.data.splits import LeakageSettings, assign_splits
+    from components.data.splits import split_by_config
     from components.workspace import Workspace
     from validation.clinical_schema import parse_schema
     from validation.leakage import LeakageSettings as Leakage
@@ -65,15 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=cfg["seed"],
         clinical=clinical,
     )
-    split = ds["split"]
-    frame, _ = assign_splits(
-        frame,
-        split["keep_given"],
-        split["val_fraction"],
-        split["test_fraction"],
-        cfg["seed"],
-        leakage=LeakageSettings.from_config(split),
-    )
+    frame, _ = split_by_config(frame, ds["split"], cfg["seed"])
     rows = development_rows(frame, Leakage())
     features = parse_schema(clinical["features"])
     table = rows[[f"{CLINICAL_PREFIX}{f.name}" for f in features]]
