@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds["classes"],
         Workspace(args.workspace),
         seed=cfg["seed"],
+        options=ds["synthetic"],
         clinical=clinical,
     )
     frame, _ = split_by_config(frame, ds["split"], cfg["seed"])
