@@ -165,3 +165,14 @@ def test_while_predictions_are_in_flight_the_child_waits_its_turn(engine):
         explainer.close()
     assert waited, "the explanation did not wait for the predictions in flight"
     assert after < 5.0  # it started once they stopped, not after the whole pause
+
+
+def test_an_explanation_pass_holds_a_bounded_number_of_pixels():
+    """32 rows at 96 px (brain MRI's 24 samples and the image in one pass), fewer for larger
+    images, never under 2 (the image and one sample)."""
+    from serving.engine import explain_rows
+
+    assert explain_rows((96, 96)) == 32
+    assert explain_rows((224, 224)) == 5
+    assert explain_rows((1024, 1024)) == 2
+    assert explain_rows((32, 32)) == 288
