@@ -146,10 +146,11 @@ class SplitReport:
         patients = self.cross_split_patients
         if patients.get("patients"):
             pairs = ", ".join(f"{p}: {n}" for p, n in patients["pairs"].items())
+            count = patients["patients"]
+            who = "1 patient has" if count == 1 else f"{count} patients have"
             parts.append(
-                f"WARNING: {patients['patients']} patients have images in more than one given "
-                f"split ({pairs}); kept in the split of highest precedence, "
-                f"{patients['rows_dropped']} rows dropped."
+                f"WARNING: {who} images in more than one given split ({pairs}); kept in the "
+                f"split of highest precedence, {patients['rows_dropped']} rows dropped."
             )
         if self.folded_val:
             f = self.folded_val

@@ -114,7 +114,7 @@ def test_kaggle_layout_split_by_child_with_the_tiny_val_folded(tmp_path, chest):
     }
     assert len(out) == sum(map(len, names.values())) - dropped
     assert "person3" not in report.summary()  # ids stay out of the report
-    assert "1 patients have images in more than one given split" in report.summary()
+    assert "1 patient has images in more than one given split" in report.summary()
 
 
 def test_a_large_enough_given_val_is_kept(tmp_path, chest):
