@@ -78,12 +78,8 @@ class ModelBundle:
     @property
     def shap_nsamples(self) -> int:
         """The image-SHAP samples an /explain of this model uses unless the request or the
-        server names others: its run's `package.shap_nsamples` (the default for a bundle
-        made before the setting)."""
-        from components.explain.one_pass import DEFAULT_NSAMPLES
-
-        package = (self.config or {}).get("package") or {}
-        return int(package.get("shap_nsamples", DEFAULT_NSAMPLES))
+        server names others (`shap_nsamples_of` its config)."""
+        return shap_nsamples_of(self.config)
 
     def contents(self) -> dict[str, Any]:
         """What the bundle holds besides the weights, from the data itself (so it cannot
@@ -202,6 +198,15 @@ class ModelBundle:
         return model.eval()
 
 
+def shap_nsamples_of(config: dict[str, Any] | None) -> int:
+    """A bundle's image-SHAP sample count from its run config: `package.shap_nsamples` (the
+    default for a bundle made before the setting)."""
+    from components.explain.one_pass import DEFAULT_NSAMPLES
+
+    package = (config or {}).get("package") or {}
+    return int(package.get("shap_nsamples", DEFAULT_NSAMPLES))
+
+
 def model_fingerprint(bundle: ModelBundle) -> str:
     """sha256 of what makes the model's features: architecture, its arguments, classes,
     preprocessing and every weight (names, shapes, dtypes, bytes). A case library built with
@@ -244,4 +249,5 @@ __all__ = [
     "ModelBundle",
     "bundle_summary",
     "model_fingerprint",
+    "shap_nsamples_of",
 ]

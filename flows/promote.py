@@ -163,6 +163,7 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         f"- Classes (output order): {', '.join(meta.get('class_names', []))}",
         f"- Input: {pre.get('size')}px, {pre.get('channels')} channel(s)",
         f"- Test-time views: {_views_text(pre)}",
+        *explanation_lines(meta),
         f"- Data fingerprint: `{meta.get('data_fingerprint', '')}`",
         f"- Test-set fingerprint: `{info.get('test_set_fingerprint', '')}`",
         f"- Gate: {info.get('gate_decision', '')} — {info.get('gate_reason', '')}",
@@ -181,6 +182,20 @@ def model_card(info: dict[str, Any], bundle_dir: Path, bento_model: str, bento: 
         *faithfulness_lines(bundle_dir),
     ]
     return "\n".join(lines)
+
+
+def explanation_lines(meta: dict[str, Any]) -> list[str]:
+    """What `/explain` computes for an image model by default (none for a tabular one)."""
+    from components.bundle import shap_nsamples_of
+    from components.data.inputs import IMAGE, input_kinds
+    from components.explain.one_pass import ESTIMATOR
+
+    if IMAGE not in input_kinds(str(meta.get("architecture", ""))):
+        return []
+    return [
+        f"- Explanations: Grad-CAM, and image SHAP with {shap_nsamples_of(meta.get('config'))} "
+        f"samples unless the server or the request names another count ({ESTIMATOR})"
+    ]
 
 
 def _views_text(pre: dict[str, Any]) -> str:

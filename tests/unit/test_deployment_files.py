@@ -295,6 +295,20 @@ def test_model_card_reports_the_bundle_and_registry_facts(tmp_path):
     assert "balanced_accuracy" not in card  # absent metrics are not invented
     assert '"epsilon": 8.0' in card
     assert "Aliases: champion" in card
+    assert "image SHAP with 8 samples unless" in card and "(expected gradients" in card
+
+
+def test_model_card_states_the_model_s_shap_samples_and_none_for_a_record_model(tmp_path):
+    from flows.promote import model_card
+
+    info = {"name": "m", "version": "1", "run_id": "r"}
+    meta = {"architecture": "efficientnet_lite0", "config": {"package": {"shap_nsamples": 24}}}
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    assert "SHAP with 24 samples unless the server or the request" in model_card(
+        info, tmp_path, "t", None
+    )
+    (tmp_path / "bundle.json").write_text(json.dumps({"architecture": "tabular_mlp"}))
+    assert "image SHAP" not in model_card(info, tmp_path, "t", None)
 
 
 def test_down_without_a_stack_does_nothing(tmp_path):
