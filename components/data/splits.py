@@ -415,7 +415,8 @@ def assign_splits(
     keeping = bool(keep_given and given)
     if keeping and "val" in given:
         good = _fold_small_val(good, min_val_per_class, report)
-        given = [s for s in given if s != "val" or not report.folded_val]
+        if report.folded_val:
+            given.remove("val")  # now carved like a missing one
     if keeping and manifest.GROUP in good.columns:
         good = _resolve_patients(good, report)
 
